@@ -1,0 +1,167 @@
+"""Request state, sampling parameters and the messages that cross the engine boundary.
+
+Text never enters the engine: a request is token ids + SamplingParams, an output is new token ids + a
+finish reason. Stop *strings* are matched by the front end's detokenizer, which then aborts the request.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"        # EOS, a stop token id or a stop string
+    LENGTH = "length"    # max_tokens reached
+    ABORT = "abort"      # cancelled by the client, a timeout or a disconnect
+    ERROR = "error"      # rejected or failed in the engine
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings, the names vLLM users know (seed names in comments)."""
+
+    max_tokens: int = 16                 # max_dec_len
+    min_tokens: int = 0                  # min_dec_len: EOS / stop ids masked until reached
+    temperature: float = 1.0             # 0 means greedy
+    top_p: float = 1.0                   # topp
+    top_k: int = 0                       # 0 (or -1) disables
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0      # penalty_score
+    frequency_penalty: float = 0.0       # frequency_score
+    presence_penalty: float = 0.0        # presence_score
+    seed: int | None = None              # infer_seed
+    stop: list[str] = field(default_factory=list)           # stop strings (front end)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None          # number of top logprobs to return per token (0: only the sampled)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.top_k < 0:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        need(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        need(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        need(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        need(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+        return cls(**d)
+
+
+class RequestStatus(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+class Request:
+    """The engine's view of one request: its tokens, its blocks and how far the KV cache has got."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_ids: frozenset[int] = frozenset(), arrival_time: float | None = None):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self.status = RequestStatus.WAITING
+        self.block_ids: list[int] = []
+        # Tokens whose K/V are in the cache. A preempted request starts again from 0 and recomputes
+        # prompt + output so far, so its later tokens are exactly those it would have produced.
+        self.num_computed_tokens = 0
+        self.finish_reason: FinishReason | None = None
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.first_scheduled_time: float | None = None
+        self.num_preemptions = 0
+        self.generator = None  # torch.Generator for seeded sampling, made by the sampler on first use
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def stop_ids(self) -> frozenset[int]:
+        ids = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            ids |= self.eos_token_ids
+        return frozenset(ids)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, prompt={self.num_prompt_tokens}, out={len(self.output_token_ids)}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, {self.status.name})")
+
+
+@dataclass
+class EngineOutput:
+    """New tokens of one request after one engine step (or its end)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None       # FinishReason value
+    num_prompt_tokens: int = 0
+    # per new token: (sampled token logprob, [(token_id, logprob), ...] top-n) when logprobs were asked
+    logprobs: list[Any] | None = None
+    error: str | None = None               # set with finish_reason "error"
+    error_code: int = 0                    # seed-style code: 200 validation/admission, 500 internal
+
+    def to_wire(self) -> list[Any]:
+        return [self.request_id, self.new_token_ids, self.finished, self.finish_reason, self.num_prompt_tokens,
+                self.logprobs, self.error, self.error_code]
+
+    @classmethod
+    def from_wire(cls, w: list[Any]) -> "EngineOutput":
+        return cls(*w)
+
+
+@dataclass
+class EngineStats:
+    """Snapshot the engine core publishes every step (and at least every heartbeat interval when idle)."""
+
+    timestamp: float = 0.0             # time.time() of the snapshot: health uses it as the heartbeat
+    num_running: int = 0
+    num_waiting: int = 0
+    max_batch_size: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    block_size: int = 0
+    num_preemptions_total: int = 0
+    num_steps_total: int = 0
+    ready: bool = False                # model loaded and warm-up done
+
+    def to_wire(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> "EngineStats":
+        return cls(**d)
