@@ -89,6 +89,7 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.status = RequestStatus.WAITING
         self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []  # prefix-cache hashes of the full blocks, filled incrementally
         # Tokens whose K/V are in the cache. A preempted request starts again from 0 and recomputes
         # prompt + output so far, so its later tokens are exactly those it would have produced.
         self.num_computed_tokens = 0
@@ -97,6 +98,10 @@ class Request:
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
         self.generator = None  # torch.Generator for seeded sampling, made by the sampler on first use
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids |= set(eos_token_ids)
+        self.stop_token_set = frozenset(ids)   # ids that end the request (after min_tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -109,12 +114,6 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    def stop_ids(self) -> frozenset[int]:
-        ids = set(self.params.stop_token_ids)
-        if not self.params.ignore_eos:
-            ids |= self.eos_token_ids
-        return frozenset(ids)
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, prompt={self.num_prompt_tokens}, out={len(self.output_token_ids)}, "
@@ -134,10 +133,13 @@ class EngineOutput:
     logprobs: list[Any] | None = None
     error: str | None = None               # set with finish_reason "error"
     error_code: int = 0                    # seed-style code: 200 validation/admission, 500 internal
+    # machine-readable kind of error, for the front ends' HTTP/gRPC status: "queue_full", "duplicate_id",
+    # "too_long" (can never fit the cache / model length), "invalid", "internal"
+    error_type: str | None = None
 
     def to_wire(self) -> list[Any]:
         return [self.request_id, self.new_token_ids, self.finished, self.finish_reason, self.num_prompt_tokens,
-                self.logprobs, self.error, self.error_code]
+                self.logprobs, self.error, self.error_code, self.error_type]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> "EngineOutput":

@@ -1,0 +1,320 @@
+"""The engine core: scheduler + runner in a loop, in-process (EngineCore) or as its own process over ZMQ.
+
+Wire protocol (msgpack over a ZMQ ROUTER socket; each front end is a DEALER):
+  front end -> engine: ["hello"] | ["add", request_id, prompt_ids, params_dict, eos_ids] | ["abort", [ids]]
+  engine -> front end: ["out", [EngineOutput.to_wire(), ...]] | ["stats", EngineStats.to_wire()]
+Stats go to every front end that said hello, at least every HEARTBEAT_S: health checks read them.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+
+from kiln.engine.config import EngineConfig
+from kiln.engine.kv_cache import KVCacheManager
+from kiln.engine.request import EngineOutput, EngineStats, FinishReason, Request, SamplingParams
+from kiln.engine.scheduler import Scheduler
+
+log = logging.getLogger("kiln.engine")
+
+HEARTBEAT_S = 0.5
+GiB = 1 << 30
+
+
+class EngineCore:
+    """Owns the model runner and the scheduler; `step()` runs one batch and returns the new tokens."""
+
+    def __init__(self, cfg: EngineConfig):
+        from kiln.engine.runner import ModelRunner
+        from kiln.models.default_model import resolve_model_path
+
+        self.cfg = cfg
+        self.model_dir = str(resolve_model_path(cfg.model))
+        self.runner = ModelRunner(cfg, self.model_dir)
+        mc = self.runner.model_config
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_num_batched_tokens = cfg.max_num_batched_tokens or max(2048, cfg.max_num_seqs)
+        cfg.max_num_batched_tokens = self.max_num_batched_tokens
+        num_blocks, why = self.runner.decide_num_blocks(self.max_model_len)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.num_steps = 0
+        self.eos_token_ids = list(mc.eos_token_ids)
+        self._log_budget(why)
+        if cfg.warmup:
+            self.warmup()
+
+    def _log_budget(self, why: str) -> None:
+        r, bs = self.runner, self.cfg.block_size
+        tokens = self.kv.num_blocks * bs
+        per_seq = -(-self.max_model_len // bs)
+        log.info("model %s (%s) on %s, %s, loaded in %.1f s; weights %.2f GiB", self.model_dir,
+                 r.model_config.architecture, r.device, r.dtype, r.load_seconds, r.weight_bytes / GiB)
+        act = getattr(r, "activation_peak_bytes", None)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s, %s); activation peak %s; "
+                 "fits %d sequences of max length %d; batch %d, %d tokens per step",
+                 self.kv.num_blocks, bs, tokens, self.kv.num_blocks * r.bytes_per_block() / GiB,
+                 "int8" if r.kv_int8 else str(r.dtype).replace("torch.", ""), why,
+                 "n/a" if act is None else f"{act / GiB:.2f} GiB", self.kv.num_blocks // per_seq,
+                 self.max_model_len, self.cfg.max_num_seqs, self.max_num_batched_tokens)
+
+    # -- requests ------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    eos_token_ids: list[int] | None = None) -> EngineOutput | None:
+        """Queue a request; returns an error output instead when it is rejected."""
+        def reject(msg, kind, code=200):
+            return EngineOutput(request_id, [], True, FinishReason.ERROR.value, len(prompt_token_ids),
+                                error=msg, error_code=code, error_type=kind)
+
+        if request_id in self.requests:
+            return reject(f"The req_id {request_id} already exists in the current batch, "
+                          f"the current request will be ignored.", "duplicate_id")
+        if len(self.scheduler.waiting) >= self.cfg.max_waiting:
+            return reject(f"cached task num ({len(self.scheduler.waiting)}) exceeds the limit "
+                          f"({self.cfg.max_waiting})", "queue_full")
+        if not prompt_token_ids:
+            return reject("the prompt is empty: give at least one token", "invalid")
+        vocab = self.runner.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not (0 <= t < vocab)]
+        if bad:
+            return reject(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}", "invalid")
+        if len(prompt_token_ids) >= self.max_model_len:
+            return reject(f"Length of input token({len(prompt_token_ids)}) exceeds the limit of the model "
+                          f"length ({self.max_model_len}); leave room for at least one new token", "too_long")
+        eos = frozenset(self.eos_token_ids if eos_token_ids is None else set(eos_token_ids) | set(self.eos_token_ids))
+        req = Request(request_id, prompt_token_ids, params, eos)
+        if self.scheduler.max_blocks_needed(req) > self.kv.num_blocks:
+            return reject(f"The input task required resources is exceed the limit: {req.num_prompt_tokens} prompt + "
+                          f"{params.max_tokens} max new tokens need {self.scheduler.max_blocks_needed(req)} KV blocks, "
+                          f"the cache has {self.kv.num_blocks}", "too_long")
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return None
+
+    def abort(self, request_ids: list[str]) -> list[EngineOutput]:
+        outs = []
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            self.scheduler.finish(req)
+            outs.append(EngineOutput(rid, [], True, FinishReason.ABORT.value, req.num_prompt_tokens))
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ------------------------------------------------------------------------------------
+    def step(self) -> list[EngineOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.num_steps += 1
+        try:
+            sampling, sample_out = self.runner.execute(batch)
+        except Exception as e:  # a failed step must not hang anyone: fail the batch's requests, keep serving
+            log.error("engine step failed: %s\n%s", e, traceback.format_exc())
+            outs = []
+            for req in batch.requests:
+                self.scheduler.finish(req)
+                self.requests.pop(req.request_id, None)
+                outs.append(EngineOutput(req.request_id, [], True, FinishReason.ERROR.value, req.num_prompt_tokens,
+                                         error=f"internal error in the engine: {e}", error_code=500,
+                                         error_type="internal"))
+            return outs
+        sampled = {}
+        lps = {}
+        if sample_out is not None:
+            for req, tok, lp in zip(sampling, sample_out.token_ids, sample_out.logprobs):
+                sampled[req.request_id] = tok
+                lps[req.request_id] = lp
+        finished = {r.request_id for r in self.scheduler.update(batch, sampled)}
+        outs = []
+        for req in sampling:
+            rid = req.request_id
+            fin = rid in finished
+            lp = lps.get(rid)
+            outs.append(EngineOutput(rid, [sampled[rid]], fin, req.finish_reason.value if fin else None,
+                                     req.num_prompt_tokens, None if lp is None else [lp]))
+            if fin:
+                del self.requests[rid]
+        return outs
+
+    def stats(self, ready: bool = True) -> EngineStats:
+        return EngineStats(time.time(), len(self.scheduler.running), len(self.scheduler.waiting),
+                           self.cfg.max_num_seqs, self.kv.num_free_blocks, self.kv.num_blocks, self.cfg.block_size,
+                           self.scheduler.num_preemptions, self.num_steps, ready)
+
+    def warmup(self) -> None:
+        """Run a max-length prefill and a full-batch decode once, so the first user request is not the slow one."""
+        t0 = time.monotonic()
+        n = min(self.max_num_batched_tokens, self.max_model_len - 1, self.kv.num_blocks * self.cfg.block_size - 1)
+        p = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        self.add_request("__warmup_prefill", [0] * max(1, n), p)
+        for i in range(min(self.cfg.max_num_seqs, self.kv.num_blocks)):
+            self.add_request(f"__warmup_{i}", [0], p)
+        while self.has_unfinished():
+            self.step()
+        self.kv.reset_prefix_cache()
+        log.info("warm-up done in %.1f s", time.monotonic() - t0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The engine-core process
+# ------------------------------------------------------------------------------------------------------
+
+def _parent_alive(ppid: int) -> bool:
+    return os.getppid() == ppid
+
+
+def run_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") -> None:
+    """Process entry: load the model, then serve the ROUTER socket until SIGTERM/SIGINT or the parent dies."""
+    import msgpack
+    import zmq
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = {"flag": False}
+
+    def on_signal(*_):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; Ctrl-C reaches the whole group
+    ppid = os.getppid()
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(address)
+    clients: set[bytes] = set()
+    owner: dict[str, bytes] = {}
+    pack, unpack = msgpack.packb, msgpack.unpackb
+
+    def send(ident: bytes, msg) -> None:
+        try:
+            sock.send_multipart([ident, pack(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def broadcast_stats(stats: EngineStats) -> None:
+        w = stats.to_wire()
+        for c in list(clients):
+            send(c, ["stats", w])
+
+    # Front ends can connect (and see "not ready") while the model loads.
+    load_error = None
+    core = None
+    try:
+        import threading
+        done = threading.Event()
+        box = {}
+
+        def load():
+            try:
+                box["core"] = EngineCore(cfg)
+            except BaseException as e:  # noqa: BLE001 - reported to the front ends and the log
+                box["error"] = e
+                log.error("engine failed to start: %s\n%s", e, traceback.format_exc())
+            done.set()
+
+        threading.Thread(target=load, daemon=True).start()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not done.is_set():
+            if stop["flag"] or not _parent_alive(ppid):
+                return
+            if poller.poll(100):
+                while True:
+                    try:
+                        ident, raw = sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    msg = unpack(raw)
+                    clients.add(ident)
+                    if msg[0] == "add":
+                        send(ident, ["out", [EngineOutput(msg[1], [], True, "error", 0, error="the engine is starting, try again shortly",
+                                                          error_code=500, error_type="not_ready").to_wire()]])
+            broadcast_stats(EngineStats(timestamp=time.time(), max_batch_size=cfg.max_num_seqs, ready=False))
+        core = box.get("core")
+        load_error = box.get("error")
+    finally:
+        pass
+
+    if core is None:
+        # stay up long enough to tell the front ends why, then exit non-zero
+        for c in list(clients):
+            send(c, ["fatal", f"engine failed to start: {load_error}"])
+        time.sleep(0.5)
+        sock.close()
+        ctx.term()
+        raise SystemExit(3)
+
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    last_stats = 0.0
+    while not stop["flag"]:
+        busy = core.has_unfinished()
+        if poller.poll(0 if busy else int(HEARTBEAT_S * 1000)):
+            while True:
+                try:
+                    ident, raw = sock.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                msg = unpack(raw)
+                kind = msg[0]
+                if kind == "hello":
+                    clients.add(ident)
+                    send(ident, ["stats", core.stats().to_wire()])
+                elif kind == "add":
+                    clients.add(ident)
+                    _, rid, prompt, params, eos = msg
+                    try:
+                        err = core.add_request(rid, prompt, SamplingParams.from_dict(params), eos)
+                    except (ValueError, TypeError) as e:
+                        err = EngineOutput(rid, [], True, "error", len(prompt), error=str(e), error_code=200,
+                                           error_type="invalid")
+                    if err is not None:
+                        send(ident, ["out", [err.to_wire()]])
+                    else:
+                        owner[rid] = ident
+                elif kind == "abort":
+                    ids = [r for r in msg[1] if owner.get(r) == ident]
+                    for out in core.abort(ids):
+                        owner.pop(out.request_id, None)
+                        send(ident, ["out", [out.to_wire()]])
+        if core.has_unfinished():
+            outs = core.step()
+            per_client: dict[bytes, list] = {}
+            for out in outs:
+                ident = owner.get(out.request_id)
+                if out.finished:
+                    owner.pop(out.request_id, None)
+                if ident is not None:
+                    per_client.setdefault(ident, []).append(out.to_wire())
+            for ident, batch in per_client.items():
+                send(ident, ["out", batch])
+        now = time.monotonic()
+        if now - last_stats >= HEARTBEAT_S / 2:
+            last_stats = now
+            broadcast_stats(core.stats())
+            if not _parent_alive(ppid):
+                break
+    sock.close()
+    ctx.term()
+
+
+def launch_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") -> mp.Process:
+    """Start the engine core in its own (spawned) process; talk to it with kiln.engine.client."""
+    proc = mp.get_context("spawn").Process(target=run_engine_core, args=(cfg, address, log_level),
+                                           name="kiln-engine-core", daemon=False)
+    proc.start()
+    return proc

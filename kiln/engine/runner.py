@@ -1,0 +1,185 @@
+"""Model runner: a scheduled batch -> input tensors -> model -> logits -> sampled tokens.
+
+Owns the model, the KV cache tensors and the attention backend. Sizing the cache is done here because only
+the runner knows the bytes per block and what the model left free.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from kiln import distributed as tpd
+from kiln.engine.config import EngineConfig
+from kiln.engine.request import Request
+from kiln.engine.sampler import Sampler, SamplerOutput
+from kiln.engine.scheduler import ScheduledBatch
+from kiln.layers.attention import AttentionMetadata, LayerKVCache, make_attention_backend
+from kiln.models.config import ModelConfig, resolve_dtype
+from kiln.models.loader import load_model
+
+log = logging.getLogger("kiln.runner")
+
+GiB = 1 << 30
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible")
+    return dev
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_dir: str):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.dtype = resolve_dtype(cfg.dtype, self.device, self.model_config)
+        torch.manual_seed(cfg.seed)
+        t0 = time.monotonic()
+        self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, cfg.quantization, cfg.seed)
+        self.load_seconds = time.monotonic() - t0
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
+            m.qweight.numel() + m.scale.numel() * 4 for m in self.model.modules() if getattr(m, "qweight", None) is not None)
+        self.backend = make_attention_backend(cfg.attention_backend, self.device)
+        for layer in self.model.model.layers:
+            layer.self_attn.backend = self.backend
+        self.sampler = Sampler()
+        self.kv_caches: list[LayerKVCache] = []
+        self.num_blocks = 0
+
+    # -- KV cache ----------------------------------------------------------------------------------
+    @property
+    def kv_int8(self) -> bool:
+        return self.cfg.kv_cache_dtype == "int8"
+
+    def bytes_per_block(self) -> int:
+        mc = self.model_config
+        kv_heads = max(1, mc.num_kv_heads // tpd.tp_size())
+        per_token_head = mc.head_dim * (1 if self.kv_int8 else torch.finfo(self.dtype).bits // 8)
+        if self.kv_int8:
+            per_token_head += 4  # float32 scale
+        return 2 * mc.num_layers * self.cfg.block_size * kv_heads * per_token_head
+
+    def decide_num_blocks(self, max_model_len: int) -> tuple[int, str]:
+        cfg, bs = self.cfg, self.cfg.block_size
+        if cfg.num_gpu_blocks:
+            return cfg.num_gpu_blocks, "num_gpu_blocks setting"
+        if cfg.block_bs:
+            # the seed's formula: BLOCK_BS max-length sequences
+            return int(cfg.block_bs * math.ceil(max_model_len / bs)), f"BLOCK_BS={cfg.block_bs} x {max_model_len} tokens"
+        per_block = self.bytes_per_block()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            peak = self.profile_activation_bytes()
+            used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+            budget = total * cfg.gpu_memory_utilization - torch.cuda.memory_allocated(self.device) - peak - used_by_others
+            self.activation_peak_bytes = peak
+            n = int(budget // per_block)
+            if n < 1:
+                raise RuntimeError(
+                    f"the model does not fit: weights {self.weight_bytes / GiB:.2f} GiB + activations "
+                    f"{peak / GiB:.2f} GiB leave no room for a KV cache under gpu_memory_utilization="
+                    f"{cfg.gpu_memory_utilization} of {total / GiB:.1f} GiB; lower MAX_SEQ_LEN / BATCH_SIZE, use "
+                    f"quantization or more GPUs")
+            return n, f"gpu_memory_utilization={cfg.gpu_memory_utilization} of {total / GiB:.1f} GiB"
+        return max(1, int(cfg.cpu_kv_cache_gib * GiB // per_block)), f"cpu_kv_cache_gib={cfg.cpu_kv_cache_gib}"
+
+    def profile_activation_bytes(self) -> int:
+        """Peak extra memory of a forward pass at the full token budget (on GPU)."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        n = self.cfg.max_num_batched_tokens or 2048
+        self._dummy_forward(n)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+    def _dummy_forward(self, num_tokens: int) -> None:
+        mc = self.model_config
+        bs = self.cfg.block_size
+        nblk = -(-num_tokens // bs)
+        kvh = max(1, mc.num_kv_heads // tpd.tp_size())
+        k = torch.zeros(nblk, bs, kvh, mc.head_dim, dtype=self.dtype, device=self.device)
+        caches = [LayerKVCache(k, torch.zeros_like(k)) for _ in range(mc.num_layers)]
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            block_tables=torch.arange(nblk, dtype=torch.int32, device=self.device)[None],
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens_list=[num_tokens], query_lens_list=[num_tokens], max_query_len=num_tokens,
+            max_seq_len=num_tokens)
+        with torch.inference_mode():
+            h = self.model(ids, torch.arange(num_tokens, device=self.device), caches, meta)
+            self.model.compute_logits(h[-self.cfg.max_num_seqs:])
+        del caches, k
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        mc = self.model_config
+        kvh = max(1, mc.num_kv_heads // tpd.tp_size())
+        shape = (mc.num_layers, 2, num_blocks, self.cfg.block_size, kvh, mc.head_dim)
+        dtype = torch.int8 if self.kv_int8 else self.dtype
+        self.kv_tensor = torch.zeros(shape, dtype=dtype, device=self.device)
+        scales = None
+        if self.kv_int8:
+            scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
+        self.kv_caches = [
+            LayerKVCache(self.kv_tensor[i, 0], self.kv_tensor[i, 1],
+                         None if scales is None else scales[i, 0], None if scales is None else scales[i, 1])
+            for i in range(mc.num_layers)
+        ]
+        self.num_blocks = num_blocks
+
+    # -- one step ----------------------------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Request]]:
+        bs = self.cfg.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qlens, slens, logits_idx, sampling = [], [], [], []
+        max_blocks = max(len(r.block_ids) for r in batch.requests)
+        table = torch.zeros(len(batch.requests), max_blocks, dtype=torch.int32)
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
+            start = req.num_computed_tokens
+            end = start + n
+            toks = req.all_token_ids[start:end] if start < req.num_prompt_tokens else req.output_token_ids[
+                start - req.num_prompt_tokens:end - req.num_prompt_tokens]
+            ids.extend(toks)
+            pos.extend(range(start, end))
+            blocks = req.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            qlens.append(n)
+            slens.append(end)
+            if end == req.num_tokens:  # caught up with all known tokens: the model's output is a new token
+                logits_idx.append(len(ids) - 1)
+                sampling.append(req)
+        dev = self.device
+        qsl = [0]
+        for q in qlens:
+            qsl.append(qsl[-1] + q)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            block_tables=table.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(slens, dtype=torch.int32).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens_list=slens, query_lens_list=qlens, max_query_len=max(qlens), max_seq_len=max(slens))
+        return (torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+                torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True), meta, logits_idx, sampling)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
+        ids, pos, meta, logits_idx, sampling = self.prepare(batch)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        if not sampling:
+            return sampling, None
+        logits = self.model.compute_logits(hidden[torch.tensor(logits_idx, device=self.device)])
+        return sampling, self.sampler(logits, sampling)

@@ -1,0 +1,119 @@
+"""Offline API, the shape vLLM users know:
+
+    from kiln import LLM, SamplingParams
+    llm = LLM("path/to/model", dtype="float32")
+    outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=32))
+    print(outs[0].text, outs[0].token_ids, outs[0].finish_reason)
+
+The engine core runs in this process (no ZMQ): tokenization, detokenization and stop strings happen here,
+exactly as a front end does them.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from kiln.engine.config import EngineConfig
+from kiln.engine.core import EngineCore
+from kiln.engine.request import EngineOutput, FinishReason, SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class LLM:
+    def __init__(self, model: str | None = None, dtype: str = "auto", **engine_config):
+        from kiln.tokenizer import Tokenizer
+
+        cfg = EngineConfig(model=model, dtype=dtype, **engine_config)
+        self.engine = EngineCore(cfg)
+        self.tokenizer = Tokenizer.from_dir(self.engine.model_dir)
+        self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(self.engine.eos_token_ids))
+        self._ids = itertools.count()
+
+    # -- prompts ---------------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> list[CompletionOutput]:
+        """Generate for every prompt in one continuous batch; outputs come back in prompt order.
+        on_text(index, delta) is called as text streams (used by `kiln generate`)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        return self._run([self._prompt_ids(p) for p in prompts], params, on_text)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             on_text: Callable[[int, str], None] | None = None, **template_kwargs) -> list[CompletionOutput]:
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        ids = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, **template_kwargs) for c in convs]
+        sp = sampling_params or SamplingParams()
+        return self._run(ids, [sp] * len(ids), on_text)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def _run(self, prompt_ids: list[list[int]], params: list[SamplingParams],
+             on_text: Callable[[int, str], None] | None) -> list[CompletionOutput]:
+        from kiln.tokenizer import IncrementalDetokenizer
+
+        results: list[CompletionOutput] = []
+        index: dict[str, int] = {}
+        detok: dict[str, IncrementalDetokenizer] = {}
+        for i, (ids, sp) in enumerate(zip(prompt_ids, params)):
+            rid = f"llm-{next(self._ids)}"
+            out = CompletionOutput(rid, ids, logprobs=[] if sp.logprobs is not None else None)
+            results.append(out)
+            err = self.engine.add_request(rid, ids, sp, self.eos_token_ids)
+            if err is not None:
+                raise ValueError(f"prompt {i}: {err.error}")
+            index[rid] = i
+            detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, stop=sp.stop)
+        while self.engine.has_unfinished():
+            for eo in self.engine.step():
+                self._absorb(eo, results[index[eo.request_id]], detok[eo.request_id], on_text, index[eo.request_id])
+        return results
+
+    def _absorb(self, eo: EngineOutput, out: CompletionOutput, dt, on_text, i: int) -> None:
+        out.token_ids.extend(eo.new_token_ids)
+        if eo.logprobs and out.logprobs is not None:
+            out.logprobs.extend(eo.logprobs)
+        delta = dt.add(eo.new_token_ids)
+        if dt.stopped:
+            # a stop string ended it: the engine still holds the request, drop it there
+            self.engine.abort([eo.request_id])
+            out.finish_reason = FinishReason.STOP.value
+            out.stop_reason = dt.stop_reason
+        elif eo.finished:
+            out.finish_reason = eo.finish_reason
+            out.error = eo.error
+            delta += dt.flush()
+            if eo.finish_reason == FinishReason.STOP.value and eo.new_token_ids:
+                out.stop_reason = eo.new_token_ids[-1]
+        out.text = dt.text
+        if on_text and delta:
+            on_text(i, delta)
+
+    def get_tokenizer(self):
+        return self.tokenizer

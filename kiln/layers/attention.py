@@ -1,0 +1,139 @@
+"""Attention over the paged KV cache, behind a small backend interface.
+
+Layout (shared with the Triton kernels): per layer K and V of [num_blocks, block_size, kv_heads, head_dim],
+or int8 with float32 scales [num_blocks, block_size, kv_heads] (symmetric, per token and head).
+A token's slot is block_id * block_size + offset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """What one step's attention needs; built by the model runner."""
+
+    slot_mapping: torch.Tensor      # [T] int64: cache slot of each new token (-1: padding)
+    block_tables: torch.Tensor      # [B, max_blocks] int32
+    seq_lens: torch.Tensor          # [B] int32: context length incl. this step's tokens
+    query_start_loc: torch.Tensor   # [B+1] int32
+    seq_lens_list: list[int]
+    query_lens_list: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class LayerKVCache:
+    """One layer's K/V blocks (views into the engine's single cache allocation)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None):
+        self.k, self.v, self.k_scale, self.v_scale = k, v, k_scale, v_scale
+
+    @property
+    def is_int8(self) -> bool:
+        return self.k.dtype == torch.int8
+
+
+def quantize_int8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H, D] -> int8 values and float32 scales [T, H]."""
+    scale = x.float().abs().amax(dim=-1).clamp(min=1e-8) / 127.0
+    q = torch.round(x.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class TorchAttention:
+    """Reference backend in plain PyTorch: runs anywhere, the yardstick for the Triton kernels."""
+
+    name = "torch"
+
+    def write_kv(self, cache: LayerKVCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        nb, bs, h, d = cache.k.shape
+        valid = slot_mapping >= 0
+        if not bool(valid.all()):
+            k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+        kf, vf = cache.k.view(nb * bs, h, d), cache.v.view(nb * bs, h, d)
+        if cache.is_int8:
+            kq, ks = quantize_int8_per_head(k)
+            vq, vs = quantize_int8_per_head(v)
+            kf.index_copy_(0, slot_mapping, kq)
+            vf.index_copy_(0, slot_mapping, vq)
+            cache.k_scale.view(nb * bs, h).index_copy_(0, slot_mapping, ks)
+            cache.v_scale.view(nb * bs, h).index_copy_(0, slot_mapping, vs)
+        else:
+            kf.index_copy_(0, slot_mapping, k.to(kf.dtype))
+            vf.index_copy_(0, slot_mapping, v.to(vf.dtype))
+
+    def _gather(self, cache: LayerKVCache, block_row: torch.Tensor, n: int, dtype: torch.dtype):
+        nb, bs, h, d = cache.k.shape
+        nblk = (n + bs - 1) // bs
+        blocks = block_row[:nblk].long()
+        k = cache.k[blocks].reshape(nblk * bs, h, d)[:n]
+        v = cache.v[blocks].reshape(nblk * bs, h, d)[:n]
+        if cache.is_int8:
+            k = k.float() * cache.k_scale[blocks].reshape(nblk * bs, h)[:n, :, None]
+            v = v.float() * cache.v_scale[blocks].reshape(nblk * bs, h)[:n, :, None]
+        return k.float(), v.float()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] (this step's tokens) -> [T, Hq, D]."""
+        self.write_kv(cache, k, v, meta.slot_mapping)
+        hq, hkv = q.shape[1], k.shape[1]
+        group = hq // hkv
+        out = torch.empty_like(q)
+        start = 0
+        for b, (qlen, slen) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
+            if qlen == 0:
+                continue
+            kb, vb = self._gather(cache, meta.block_tables[b], slen, q.dtype)      # [S, Hkv, D]
+            qb = q[start:start + qlen].float()                                       # [Q, Hq, D]
+            qb = qb.view(qlen, hkv, group, -1)
+            scores = torch.einsum("qhgd,shd->hgqs", qb, kb) * scale                  # [Hkv, G, Q, S]
+            if qlen > 1:
+                qpos = torch.arange(slen - qlen, slen, device=q.device)
+                mask = torch.arange(slen, device=q.device)[None, :] > qpos[:, None]
+                scores.masked_fill_(mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            ob = torch.einsum("hgqs,shd->qhgd", probs, vb).reshape(qlen, hq, -1)
+            out[start:start + qlen] = ob.to(q.dtype)
+            start += qlen
+        return out
+
+
+class TritonAttention(TorchAttention):
+    """GPU backend: the Triton kernels of kiln/kernels (same cache layout, same metadata)."""
+
+    name = "triton"
+
+    def __init__(self):
+        from kiln import kernels
+        self.k = kernels
+
+    def write_kv(self, cache, k, v, slot_mapping):
+        self.k.reshape_and_cache(k, v, cache.k, cache.v, slot_mapping, cache.k_scale, cache.v_scale)
+
+    def forward(self, q, k, v, cache, meta, scale):
+        self.write_kv(cache, k, v, meta.slot_mapping)
+        if meta.decode_only:
+            return self.k.paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.seq_lens, scale,
+                                                 cache.k_scale, cache.v_scale)
+        return self.k.paged_prefill_attention(q, cache.k, cache.v, meta.block_tables, meta.query_start_loc,
+                                              meta.seq_lens, scale, meta.max_query_len,
+                                              cache.k_scale, cache.v_scale)
+
+
+def make_attention_backend(name: str, device: torch.device):
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttention()
+    if name == "triton":
+        return TritonAttention()
+    raise ValueError(f"unknown attention backend {name!r} (torch | triton | auto)")

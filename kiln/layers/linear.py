@@ -1,0 +1,134 @@
+"""Linear layers: tensor-parallel sharding on load, fused projections, weight-only int8 (W8A16).
+
+Each weight parameter carries a `weight_loader(param, tensor, shard_id)` so the model loader can hand it
+a full Hugging Face tensor and the layer takes its rank's slice (and, for fused projections, places it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln import distributed as tpd
+
+
+def _w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.is_cuda:
+        from kiln.kernels import w8a16_matmul
+        return w8a16_matmul(x, qweight, scale, bias)
+    # reference path: dequantize then matmul (same numbers as the kernel, slower)
+    return F.linear(x, qweight.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), W stored [out, in]. Subclasses decide how a checkpoint tensor is sharded."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.load_weight
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
+            self.bias.weight_loader = self.load_weight
+        self.qweight: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+
+    def load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if param.shape != loaded.shape:
+            raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)} vs model {tuple(param.shape)}")
+        param.data.copy_(loaded)
+
+    def quantize_int8(self) -> None:
+        """Per-output-channel symmetric int8; the bf16 weight is dropped (half the bytes per decode step)."""
+        w = self.weight.data.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.scale = scale
+        self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return _w8a16(x, self.qweight, self.scale, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split across ranks. `output_sizes` lists fused sub-projections (e.g. q, k, v)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+        tp = tpd.tp_size()
+        for s in output_sizes:
+            if s % tp:
+                raise ValueError(f"output size {s} is not divisible by the tensor-parallel size {tp}")
+        self.output_sizes = [s // tp for s in output_sizes]
+        super().__init__(in_features, sum(self.output_sizes), bias)
+
+    def load_weight(self, param, loaded, shard_id=None):
+        idx = 0 if shard_id is None else shard_id
+        size = self.output_sizes[idx]
+        offset = sum(self.output_sizes[:idx])
+        full = size * tpd.tp_size()
+        if loaded.shape[0] != full or loaded.shape[1:] != param.shape[1:]:
+            raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected ({full}, "
+                             f"{', '.join(map(str, param.shape[1:]))})")
+        shard = loaded.narrow(0, tpd.tp_rank() * size, size)
+        param.data.narrow(0, offset, size).copy_(shard)
+
+
+class RowParallelLinear(Linear):
+    """Input features split across ranks; partial outputs summed with an all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        tp = tpd.tp_size()
+        if in_features % tp:
+            raise ValueError(f"input size {in_features} is not divisible by the tensor-parallel size {tp}")
+        super().__init__(in_features // tp, out_features, bias)
+
+    def load_weight(self, param, loaded, shard_id=None):
+        if param.dim() == 1:  # bias: added once, on rank 0
+            data = loaded if tpd.tp_rank() == 0 else torch.zeros_like(loaded)
+            return super().load_weight(param, data)
+        size = self.in_features
+        if loaded.shape[0] != param.shape[0] or loaded.shape[1] != size * tpd.tp_size():
+            raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected "
+                             f"({param.shape[0]}, {size * tpd.tp_size()})")
+        param.data.copy_(loaded.narrow(1, tpd.tp_rank() * size, size))
+
+    def forward(self, x):
+        return tpd.all_reduce(super().forward(x))
+
+
+class VocabEmbedding(nn.Module):
+    """Embedding (and LM head) split along the vocabulary across ranks."""
+
+    def __init__(self, vocab_size: int, hidden: int):
+        super().__init__()
+        tp = tpd.tp_size()
+        self.vocab_size = vocab_size
+        self.shard = (vocab_size + tp - 1) // tp
+        self.start = tpd.tp_rank() * self.shard
+        self.weight = nn.Parameter(torch.zeros(self.shard, hidden), requires_grad=False)
+        self.weight.weight_loader = self.load_weight
+
+    def load_weight(self, param, loaded, shard_id=None):
+        if loaded.shape[0] != self.vocab_size or loaded.shape[1] != param.shape[1]:
+            raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected "
+                             f"({self.vocab_size}, {param.shape[1]})")
+        part = loaded[self.start:self.start + self.shard]
+        param.data[: part.shape[0]].copy_(part)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if tpd.tp_size() == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        valid = (local >= 0) & (local < self.shard)
+        out = F.embedding(local.clamp(0, self.shard - 1), self.weight) * valid[:, None].to(self.weight.dtype)
+        return tpd.all_reduce(out)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = F.linear(hidden, self.weight).float()
+        if tpd.tp_size() > 1:
+            out = tpd.all_gather_last_dim(out)
+        return out[:, : self.vocab_size]

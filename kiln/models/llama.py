@@ -1,0 +1,133 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3): they differ by a few flags of ModelConfig.
+
+The batch is flattened: input_ids/positions are [T] over all sequences of the step; attention metadata says
+where each sequence's tokens start and how long its context is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln import distributed as tpd
+from kiln.layers.attention import AttentionMetadata, LayerKVCache
+from kiln.layers.linear import ColumnParallelLinear, RowParallelLinear, VocabEmbedding
+from kiln.layers.norm import RMSNorm
+from kiln.layers.rope import RotaryEmbedding
+from kiln.models.config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+        super().__init__()
+        tp = tpd.tp_size()
+        if cfg.num_heads % tp or (cfg.num_kv_heads % tp and tp % cfg.num_kv_heads):
+            raise ValueError(f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads cannot be split over {tp} ranks")
+        self.num_heads = cfg.num_heads // tp
+        self.num_kv_heads = max(1, cfg.num_kv_heads // tp)
+        self.head_dim = cfg.head_dim
+        d = cfg.head_dim
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.num_heads * d, cfg.num_kv_heads * d,
+                                                               cfg.num_kv_heads * d], bias=cfg.qkv_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rope = rope
+        self.scale = d ** -0.5
+        self.backend = None  # set by the runner
+
+    def forward(self, positions, x, cache: LayerKVCache, meta: AttentionMetadata):
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q = qkv[:, :nq].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, nq:nq + nkv].view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, nq + nkv:].view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q, k)
+        o = self.backend.forward(q, k, v.contiguous(), cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, nq))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.inter = cfg.intermediate_size // tpd.tp_size()
+
+    def forward(self, x):
+        gu = self.gate_up_proj(x)
+        if gu.is_cuda:
+            from kiln.kernels import silu_and_mul
+            return self.down_proj(silu_and_mul(gu))
+        return self.down_proj(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = Attention(cfg, rope)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, x, residual, cache, meta):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rope) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, positions, caches: list[LayerKVCache], meta: AttentionMetadata):
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer, cache in zip(self.layers, caches):
+            x, residual = layer(positions, x, residual, cache, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (our fragment, shard id within the fused projection)
+    fused = {
+        ".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
+        ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = self.model.embed_tokens if cfg.tie_word_embeddings else VocabEmbedding(cfg.vocab_size,
+                                                                                              cfg.hidden_size)
+
+    def forward(self, input_ids, positions, caches, meta):
+        return self.model(input_ids, positions, caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.logits(hidden)
+
+    def map_checkpoint_name(self, name: str) -> tuple[str, int | None] | None:
+        """HF tensor name -> (our parameter name, shard id), or None for tensors we do not use."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return None
+        for frag, (ours, shard) in self.fused.items():
+            if frag in name:
+                return name.replace(frag, ours), shard
+        return name, None

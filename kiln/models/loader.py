@@ -1,0 +1,120 @@
+"""Build a model from a Hugging Face directory (config.json + *.safetensors) or with random weights."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kiln.layers.linear import Linear
+from kiln.models.config import ModelConfig
+from kiln.models.llama import LlamaForCausalLM
+
+log = logging.getLogger("kiln.loader")
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"model.safetensors.index.json names missing files: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[tuple[str, int | None]] = set()
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                target = model.map_checkpoint_name(name)
+                if target is None:
+                    continue
+                pname, shard = target
+                param = params.get(pname)
+                if param is None:
+                    raise ValueError(f"checkpoint tensor {name!r} ({path.name}) has no place in {model.config.architecture}")
+                tensor = f.get_tensor(name)
+                try:
+                    param.weight_loader(param, tensor.to(param.dtype), shard) if hasattr(param, "weight_loader") \
+                        else _copy(param, tensor)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+                loaded.add((pname, shard))
+    expected = _expected_loads(model)
+    missing = sorted(f"{p}" + ("" if s is None else f"[{s}]") for p, s in expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint in {model_dir} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+def _copy(param, tensor):
+    if param.shape != tensor.shape:
+        raise ValueError(f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}")
+    param.data.copy_(tensor)
+
+
+def _expected_loads(model: LlamaForCausalLM) -> set[tuple[str, int | None]]:
+    out = set()
+    for name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            n_shards = len(getattr(module, "output_sizes", [])) if pname == "weight" or pname == "bias" else 0
+            if n_shards > 1:
+                out |= {(full, i) for i in range(n_shards)}
+            elif n_shards == 1:
+                out.add((full, 0))
+            else:
+                out.add((full, None))
+    if model.config.tie_word_embeddings:
+        out = {x for x in out if not x[0].startswith("lm_head.")}
+    return out
+
+
+def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
+    """Random weights of the right shapes: for benchmarks of real model shapes with no checkpoint."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        elif name.endswith("bias"):
+            p.data.zero_()
+        else:
+            std = 0.02
+            # fill in float32 chunks on CPU: deterministic whatever the device
+            cpu = torch.empty(p.shape, dtype=torch.float32).normal_(0, std, generator=g)
+            p.data.copy_(cpu.to(p.dtype))
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, load_format: str = "auto",
+               quantization: str | None = None, seed: int = 0) -> LlamaForCausalLM:
+    model_dir = Path(model_dir)
+    cfg = ModelConfig.from_dir(model_dir)
+    model = build_model(cfg, dtype, device)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    elif load_format in ("auto", "safetensors"):
+        load_weights(model, model_dir)
+    else:
+        raise ValueError(f"unknown load format {load_format!r} (auto | safetensors | dummy)")
+    if quantization == "w8a16":
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.quantize_int8()
+    elif quantization not in (None, "", "none"):
+        raise ValueError(f"unknown quantization {quantization!r} (w8a16)")
+    return model
