@@ -1,0 +1,181 @@
+"""Each sampling parameter changes what comes out, the way it says (engine level, tiny random Llama)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from kiln.engine.config import EngineConfig
+from kiln.engine.core import EngineCore
+from kiln.engine.request import Request, SamplingParams
+from kiln.engine.sampler import Sampler
+from tests.helpers.tiny_models import write_tiny_model
+
+PROMPT = [11, 12, 13, 14, 15, 16]
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    d = write_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+    return EngineCore(EngineConfig(model=str(d), dtype="float32", block_size=16, num_gpu_blocks=256, max_num_seqs=16))
+
+
+_n = iter(range(10**9))
+
+
+def run(core, sp, prompt=PROMPT, eos=None, n=1):
+    ids = [f"r{next(_n)}" for _ in range(n)]
+    for rid in ids:
+        assert core.add_request(rid, prompt, sp, eos) is None
+    toks = {rid: [] for rid in ids}
+    reasons = {}
+    while core.has_unfinished():
+        for o in core.step():
+            toks[o.request_id] += o.new_token_ids
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+    res = [(toks[r], reasons[r]) for r in ids]
+    return res[0] if n == 1 else res
+
+
+def greedy(core, max_tokens=16):
+    return run(core, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))[0]
+
+
+def test_top_k_1_equals_greedy(core):
+    assert run(core, SamplingParams(max_tokens=16, temperature=1.0, top_k=1, ignore_eos=True))[0] == greedy(core)
+
+
+def test_tiny_top_p_and_full_min_p_equal_greedy(core):
+    g = greedy(core)
+    assert run(core, SamplingParams(max_tokens=16, temperature=1.5, top_p=1e-6, ignore_eos=True))[0] == g
+    assert run(core, SamplingParams(max_tokens=16, temperature=1.5, min_p=1.0, ignore_eos=True))[0] == g
+
+
+def test_temperature_sampling_differs_from_greedy_and_seed_repeats(core):
+    sp = SamplingParams(max_tokens=16, temperature=1.5, seed=1234, ignore_eos=True)
+    a, b = run(core, sp)[0], run(core, sp)[0]
+    assert a == b
+    c = run(core, SamplingParams(max_tokens=16, temperature=1.5, seed=999, ignore_eos=True))[0]
+    assert c != a
+    assert a != greedy(core)
+
+
+def test_seeded_output_is_independent_of_batch_mates(core):
+    sp = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    alone = run(core, sp)[0]
+    others = [SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)] * 3
+    ids = ["mix0", "mix1", "mix2", "mix3"]
+    core.add_request(ids[0], PROMPT, sp)
+    for rid, p in zip(ids[1:], others):
+        core.add_request(rid, [1, 2, 3], p)
+    toks = {r: [] for r in ids}
+    while core.has_unfinished():
+        for o in core.step():
+            toks[o.request_id] += o.new_token_ids
+    assert toks["mix0"] == alone
+
+
+def _repeats(tokens):
+    return sum(c - 1 for c in Counter(tokens).values())
+
+
+def test_frequency_and_presence_penalties_lower_repeats(core):
+    base = greedy(core, 48)
+    assert _repeats(base) > 5, "the tiny model should loop without penalties"
+    freq = run(core, SamplingParams(max_tokens=48, temperature=0, frequency_penalty=2.0, ignore_eos=True))[0]
+    pres = run(core, SamplingParams(max_tokens=48, temperature=0, presence_penalty=2.0, ignore_eos=True))[0]
+    rep = run(core, SamplingParams(max_tokens=48, temperature=0, repetition_penalty=3.0, ignore_eos=True))[0]
+    assert _repeats(freq) < _repeats(base)
+    assert _repeats(pres) < _repeats(base)
+    assert _repeats(rep) < _repeats(base)
+
+
+def test_min_tokens_delays_eos_and_eos_stops(core):
+    g = greedy(core, 16)
+    eos = g[2]
+    first = g.index(eos)
+    toks, reason = run(core, SamplingParams(max_tokens=16, temperature=0), eos=[eos])
+    assert reason == "stop" and toks == g[:first + 1]
+    toks, reason = run(core, SamplingParams(max_tokens=16, temperature=0, min_tokens=first + 3), eos=[eos])
+    assert eos not in toks[:first + 2]
+    assert len(toks) >= first + 3
+
+
+def test_ignore_eos_and_max_tokens(core):
+    g = greedy(core, 10)
+    toks, reason = run(core, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), eos=[g[0]])
+    assert toks == g and reason == "length"
+
+
+def test_stop_token_ids(core):
+    g = greedy(core, 16)
+    stop = g[4]
+    toks, reason = run(core, SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[stop]))
+    assert reason == "stop" and toks == g[:g.index(stop) + 1]
+
+
+def test_logprobs_are_the_model_distribution(core):
+    from kiln.engine.request import EngineOutput  # noqa: F401
+    core.add_request("lp", PROMPT, SamplingParams(max_tokens=3, temperature=0, logprobs=5, ignore_eos=True))
+    outs = []
+    while core.has_unfinished():
+        outs += [o for o in core.step() if o.request_id == "lp"]
+    for o in outs:
+        chosen, top = o.logprobs[0]
+        assert len(top) == 5
+        assert top[0][0] == o.new_token_ids[0]          # greedy picks the most likely token
+        assert abs(top[0][1] - chosen) < 1e-5
+        assert all(top[i][1] >= top[i + 1][1] for i in range(4))
+        assert chosen <= 0
+
+
+# -- the sampler alone, on logits we control ------------------------------------------------------------
+
+def _req(**kw):
+    return Request("x", [1, 2, 3], SamplingParams(**kw))
+
+
+def test_sampled_frequencies_follow_temperature():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-9]]))
+    s = Sampler()
+    counts = Counter()
+    for _ in range(3000):
+        counts[s(logits.clone(), [_req(temperature=1.0)]).token_ids[0]] += 1
+    for tok, p in [(0, 0.5), (1, 0.3), (2, 0.2)]:
+        assert abs(counts[tok] / 3000 - p) < 0.04
+    assert counts[3] == 0
+    hot = Counter(s(logits.clone(), [_req(temperature=5.0)]).token_ids[0] for _ in range(3000))
+    assert hot[2] / 3000 > 0.25                           # flatter at high temperature
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {Sampler()(logits.clone(), [_req(top_p=0.7)]).token_ids[0] for _ in range(500)}
+    assert seen == {0, 1}
+
+
+def test_top_k_limits_candidates():
+    logits = torch.zeros(1, 10)
+    logits[0, :3] = 1.0
+    seen = {Sampler()(logits.clone(), [_req(top_k=2)]).token_ids[0] for _ in range(500)}
+    assert len(seen) == 2 and seen <= {0, 1, 2}
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50)
+    r = _req(repetition_penalty=1.7, temperature=0)
+    r.output_token_ids = [4, 9]
+    ours = Sampler._apply_penalties(logits.clone(), [r], 50)
+    ref = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([[1, 2, 3, 4, 9]]), logits.clone())
+    assert torch.allclose(ours, ref)
+
+
+def test_presence_penalty_flips_a_close_call():
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    r = _req(temperature=0, presence_penalty=0.5)
+    r.output_token_ids = [0]
+    assert Sampler()(logits, [r]).token_ids == [1]
