@@ -41,6 +41,7 @@ class EngineCore:
         cfg.max_num_batched_tokens = self.max_num_batched_tokens
         num_blocks, why = self.runner.decide_num_blocks(self.max_model_len)
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_cuda_graphs(self.max_model_len)
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
         self.requests: dict[str, Request] = {}

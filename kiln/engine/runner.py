@@ -54,6 +54,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[LayerKVCache] = []
         self.num_blocks = 0
+        self.graphs = None
 
     # -- KV cache ----------------------------------------------------------------------------------
     @property
@@ -175,9 +176,21 @@ class ModelRunner:
         return (torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
                 torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True), meta, logits_idx, sampling)
 
+    def capture_cuda_graphs(self, max_model_len: int) -> None:
+        """Decode graphs need the Triton backend (the torch one loops over Python lists)."""
+        if not (self.cfg.use_cuda_graph and self.device.type == "cuda" and self.backend.name == "triton"):
+            return
+        from kiln.engine.cuda_graph import DecodeGraphs
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.device, self.cfg.max_num_seqs,
+                                   -(-max_model_len // self.cfg.block_size))
+        self.graphs.capture()
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
         ids, pos, meta, logits_idx, sampling = self.prepare(batch)
+        if self.graphs is not None and meta.decode_only and self.graphs.fits(len(ids), meta.block_tables.shape[1]):
+            logits = self.graphs.run(ids, pos, meta)  # every decode row samples, in order
+            return sampling, self.sampler(logits, sampling)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         if not sampling:
             return sampling, None

@@ -93,15 +93,16 @@ class TorchAttention:
             if qlen == 0:
                 continue
             kb, vb = self._gather(cache, meta.block_tables[b], slen, q.dtype)      # [S, Hkv, D]
-            qb = q[start:start + qlen].float()                                       # [Q, Hq, D]
-            qb = qb.view(qlen, hkv, group, -1)
-            scores = torch.einsum("qhgd,shd->hgqs", qb, kb) * scale                  # [Hkv, G, Q, S]
+            qb = q[start:start + qlen].float().view(qlen, hkv, group, -1)
+            qb = qb.permute(1, 2, 0, 3).reshape(hkv, group * qlen, -1)                # [Hkv, G*Q, D]
+            scores = torch.bmm(qb, kb.permute(1, 2, 0)).mul_(scale)                  # [Hkv, G*Q, S]
             if qlen > 1:
                 qpos = torch.arange(slen - qlen, slen, device=q.device)
-                mask = torch.arange(slen, device=q.device)[None, :] > qpos[:, None]
-                scores.masked_fill_(mask, float("-inf"))
+                mask = torch.arange(slen, device=q.device)[None, :] > qpos[:, None]  # [Q, S]
+                scores = scores.view(hkv, group, qlen, slen).masked_fill(mask, float("-inf")).view(hkv, group * qlen, slen)
             probs = torch.softmax(scores, dim=-1)
-            ob = torch.einsum("hgqs,shd->qhgd", probs, vb).reshape(qlen, hq, -1)
+            ob = torch.bmm(probs, vb.permute(1, 0, 2))                               # [Hkv, G*Q, D]
+            ob = ob.view(hkv, group, qlen, -1).permute(2, 0, 1, 3).reshape(qlen, hq, -1)
             out[start:start + qlen] = ob.to(q.dtype)
             start += qlen
         return out

@@ -1,0 +1,84 @@
+"""CUDA graphs for decode steps: one graph per batch size of a ladder, inputs in persistent buffers.
+
+A decode step of batch n replays the graph of the smallest captured size >= n; the padded rows write no KV
+(slot -1) and their logits are dropped. Prefill and mixed steps, and batches above the ladder, run eagerly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from kiln.layers.attention import AttentionMetadata
+
+log = logging.getLogger("kiln.cuda_graph")
+
+
+def batch_size_ladder(max_bs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
+    return [s for s in sizes if s < max_bs] + [max_bs]
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches, device, max_bs: int, max_blocks_per_seq: int):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = batch_size_ladder(max_bs)
+        self.max_bs = max_bs
+        self.ids = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.pos = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.slots = torch.full((max_bs,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
+        self.qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(self.slots[:bs], self.block_tables[:bs], self.seq_lens[:bs], self.qsl[:bs + 1],
+                                 seq_lens_list=None, query_lens_list=[1] * bs, max_query_len=1, max_seq_len=None)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden = self.model(self.ids[:bs], self.pos[:bs], self.kv_caches, self._meta(bs))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        t0 = time.monotonic()
+        mem0 = torch.cuda.memory_allocated()
+        for bs in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
+            self._forward(bs)            # warm-up: Triton compiles / autotunes outside the capture
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self.logits[bs] = self._forward(bs)
+            if self.pool is None:
+                self.pool = g.pool()
+            self.graphs[bs] = g
+        torch.cuda.synchronize()
+        self.graph_bytes = torch.cuda.memory_allocated() - mem0
+        secs = time.monotonic() - t0
+        log.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s", len(self.sizes), self.sizes[0],
+                 self.sizes[-1], secs)
+        return secs
+
+    def fits(self, n: int, max_blocks: int) -> bool:
+        return n <= self.max_bs and max_blocks <= self.block_tables.shape[1]
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = ids.shape[0]
+        bs = next(s for s in self.sizes if s >= n)
+        self.ids[:n].copy_(ids)
+        self.pos[:n].copy_(pos)
+        self.slots[:n].copy_(meta.slot_mapping)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        w = meta.block_tables.shape[1]
+        self.block_tables[:n, :w].copy_(meta.block_tables)
+        if n < bs:
+            self.slots[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(1)
+        self.graphs[bs].replay()
+        return self.logits[bs][:n]

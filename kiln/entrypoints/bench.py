@@ -1,0 +1,400 @@
+"""`kiln bench latency | throughput | serve | write-checkpoint`.
+
+latency / throughput run the engine in this process on random token ids (ignore_eos, fixed lengths), optionally
+the same workload through transformers in the same process for a side-by-side ratio. serve is a client for a
+running server over the OpenAI streaming API with vLLM's metric definitions: TTFT (request sent -> first token),
+TPOT ((e2e - TTFT) / (output tokens - 1)), ITL (gaps between streamed chunks), E2E latency.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Real model shapes for runs with random weights (no checkpoint needed: --load-format dummy).
+PRESETS = {
+    "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False, torch_dtype="bfloat16"),
+    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False, torch_dtype="bfloat16"),
+    "tiny": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=1024, hidden_size=64,
+                 intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1,
+                 eos_token_id=2, tie_word_embeddings=False, torch_dtype="float32"),
+}
+
+
+def resolve_model(model: str | None, preset: str | None) -> str | None:
+    """A preset becomes a directory holding only its config.json (for --load-format dummy)."""
+    if preset is None:
+        return model
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+    d = Path(tempfile.mkdtemp(prefix=f"kiln-{preset}-"))
+    (d / "config.json").write_text(json.dumps(PRESETS[preset], indent=1))
+    return str(d)
+
+
+def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """A random Hugging Face checkpoint of a real shape, sharded safetensors + index, as a hub model ships."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kiln.models.config import DTYPES
+
+    cfg = PRESETS[preset]
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg["eos_token_id"]}))
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    bias = cfg["model_type"] == "qwen2"
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype]
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(dt)
+
+    shards: list[dict] = [{"model.embed_tokens.weight": rnd(v, h), "model.norm.weight": torch.ones(h, dtype=dt)}]
+    if not cfg["tie_word_embeddings"]:
+        shards[0]["lm_head.weight"] = rnd(v, h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t = {p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
+             p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
+             p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
+             p + "mlp.down_proj.weight": rnd(h, inter), p + "input_layernorm.weight": torch.ones(h, dtype=dt),
+             p + "post_attention_layernorm.weight": torch.ones(h, dtype=dt)}
+        if bias:
+            t.update({p + "self_attn.q_proj.bias": rnd(q), p + "self_attn.k_proj.bias": rnd(kv),
+                      p + "self_attn.v_proj.bias": rnd(kv)})
+        shards.append(t)
+    # group layers into ~4 files
+    per = max(1, len(shards) // 4)
+    files = [dict(kv for s in shards[i:i + per] for kv in s.items()) for i in range(0, len(shards), per)]
+    weight_map = {}
+    for n, tensors in enumerate(files):
+        name = f"model-{n + 1:05d}-of-{len(files):05d}.safetensors"
+        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out_dir
+
+
+# -- offline benchmarks ---------------------------------------------------------------------------------
+
+def _engine(args):
+    from kiln.engine.config import EngineConfig
+    from kiln.engine.core import EngineCore
+    cfg = EngineConfig(model=resolve_model(args.model, args.preset), dtype=args.dtype, load_format=args.load_format,
+                       max_num_seqs=args.max_num_seqs, max_model_len=args.input_len + args.output_len + 8,
+                       max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                       kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+                       gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
+                       use_cuda_graph=not args.enforce_eager, attention_backend=args.attention_backend,
+                       device=args.device)
+    return EngineCore(cfg)
+
+
+def _random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rnd = random.Random(seed)
+    hi = min(vocab, 32000)
+    return [[rnd.randrange(100, hi) for _ in range(length)] for _ in range(n)]
+
+
+def _sync(core):
+    if core.runner.device.type == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+def run_batch(core, prompts, output_len: int) -> dict:
+    """All prompts at once, ignore_eos; returns timings (first step = prefill for a batch that fits the budget)."""
+    from kiln.engine.request import SamplingParams
+    sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    base = f"b{time.monotonic_ns()}-"
+    _sync(core)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        err = core.add_request(f"{base}{i}", p, sp)
+        if err is not None:
+            raise SystemExit(err.error)
+    first_token_at = None
+    n_out = 0
+    steps = 0
+    while core.has_unfinished():
+        outs = core.step()
+        steps += 1
+        n_out += sum(len(o.new_token_ids) for o in outs)
+        if first_token_at is None and n_out >= len(prompts):
+            first_token_at = time.perf_counter()
+    _sync(core)
+    t1 = time.perf_counter()
+    return dict(total_s=t1 - t0, prefill_s=(first_token_at or t1) - t0, output_tokens=n_out, steps=steps,
+                decode_s=t1 - (first_token_at or t1))
+
+
+def hf_generate(model_dir: str | None, preset: str | None, prompts, output_len: int, dtype: str,
+                batch_size: int) -> dict:
+    """The same workload through transformers' generate (padded static batches), same process, same GPU."""
+    import torch
+    import transformers as tf
+    cfg_dict = PRESETS[preset] if preset else json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = tf.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype, torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=dt).eval()
+    dev = next(model.parameters()).device
+    gen = tf.GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    n_out = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        chunk = torch.tensor(prompts[i:i + batch_size], device=dev)  # equal lengths: no padding needed
+        with torch.no_grad():
+            out = model.generate(chunk, attention_mask=torch.ones_like(chunk), generation_config=gen)
+        n_out += (out.shape[1] - chunk.shape[1]) * chunk.shape[0]
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter() - t0
+    del model
+    return dict(total_s=t, output_tokens=n_out, output_tok_s=n_out / t)
+
+
+def hf_generate_batch(preset, model_dir, prompts, output_len, dtype) -> dict:
+    """transformers' own continuous batching (paged cache), when this transformers has it."""
+    import torch
+    import transformers as tf
+    cfg_dict = PRESETS[preset] if preset else json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = tf.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.bfloat16)
+    with torch.device("cuda"):
+        model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=dt, attn_implementation="sdpa_paged").eval()
+    gen = tf.GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    t0 = time.perf_counter()
+    res = model.generate_batch(inputs=prompts, generation_config=gen)
+    torch.cuda.synchronize()
+    t = time.perf_counter() - t0
+    n_out = sum(len(r.generated_tokens) for r in res.values())
+    del model
+    return dict(total_s=t, output_tokens=n_out, output_tok_s=n_out / t)
+
+
+def cmd_latency(args) -> dict:
+    core = _engine(args)
+    vocab = core.runner.model_config.vocab_size
+    prompts = _random_prompts(args.batch_size, args.input_len, vocab)
+    for _ in range(args.warmup_iters):
+        run_batch(core, _random_prompts(args.batch_size, args.input_len, vocab, seed=99), min(8, args.output_len))
+    runs = [run_batch(core, prompts, args.output_len) for _ in range(args.iters)]
+    runs.sort(key=lambda r: r["total_s"])
+    r = runs[len(runs) // 2]
+    decode_tokens = args.batch_size * (args.output_len - 1)
+    res = dict(bench="latency", batch_size=args.batch_size, input_len=args.input_len, output_len=args.output_len,
+               total_s=r["total_s"], prefill_s=r["prefill_s"], decode_s=r["decode_s"],
+               output_tok_s=r["output_tokens"] / r["total_s"],
+               decode_tok_s=decode_tokens / r["decode_s"] if r["decode_s"] else None,
+               decode_ms_per_step=1000 * r["decode_s"] / max(1, args.output_len - 1))
+    if args.compare_hf:
+        del core
+        _free_cuda()
+        hf = hf_generate(args.model, args.preset, prompts, args.output_len, args.dtype, args.batch_size)
+        res["hf_generate_output_tok_s"] = hf["output_tok_s"]
+        res["speedup_vs_hf"] = res["output_tok_s"] / hf["output_tok_s"]
+    return res
+
+
+def cmd_throughput(args) -> dict:
+    core = _engine(args)
+    vocab = core.runner.model_config.vocab_size
+    run_batch(core, _random_prompts(min(args.num_prompts, 8), args.input_len, vocab, seed=99), 4)  # warm-up
+    prompts = _random_prompts(args.num_prompts, args.input_len, vocab)
+    r = run_batch(core, prompts, args.output_len)
+    res = dict(bench="throughput", num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+               total_s=r["total_s"], output_tok_s=r["output_tokens"] / r["total_s"],
+               total_tok_s=(r["output_tokens"] + args.num_prompts * args.input_len) / r["total_s"],
+               req_s=args.num_prompts / r["total_s"], preemptions=core.scheduler.num_preemptions,
+               kv_blocks=core.kv.num_blocks, steps=r["steps"])
+    if args.compare_hf:
+        del core
+        _free_cuda()
+        try:
+            hf = hf_generate_batch(args.preset, args.model, prompts, args.output_len, args.dtype)
+            res["hf_generate_batch_output_tok_s"] = hf["output_tok_s"]
+            res["speedup_vs_hf_generate_batch"] = res["output_tok_s"] / hf["output_tok_s"]
+        except Exception as e:  # noqa: BLE001 - report, do not hide
+            res["hf_generate_batch_error"] = f"{type(e).__name__}: {e}"[:300]
+    return res
+
+
+def _free_cuda():
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- serving benchmark ----------------------------------------------------------------------------------
+
+def cmd_serve(args) -> dict:
+    import asyncio
+
+    import httpx
+    import numpy as np
+
+    url = args.base_url.rstrip("/") + "/v1/completions"
+    rnd = random.Random(args.seed)
+    prompts = [[rnd.randrange(100, args.vocab_limit) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+
+    async def one(client, prompt, sem):
+        async with sem:
+            body = {"model": args.served_model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0,
+                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            t0 = time.perf_counter()
+            ttft, times, n_tok, err = None, [], 0, None
+            try:
+                async with client.stream("POST", url, json=body) as r:
+                    if r.status_code != 200:
+                        return dict(ok=False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            n_tok = chunk["usage"].get("completion_tokens", n_tok)
+                        if chunk.get("choices") and chunk["choices"][0].get("text"):
+                            now = time.perf_counter()
+                            if ttft is None:
+                                ttft = now - t0
+                            times.append(now)
+            except Exception as e:  # noqa: BLE001
+                err = str(e)
+            e2e = time.perf_counter() - t0
+            if err or ttft is None:
+                return dict(ok=False, error=err or "no tokens")
+            n_tok = n_tok or len(times)
+            return dict(ok=True, ttft=ttft, e2e=e2e, n=n_tok, itl=list(np.diff(times)),
+                        tpot=(e2e - ttft) / (n_tok - 1) if n_tok > 1 else None)
+
+    async def main():
+        sem = asyncio.Semaphore(args.max_concurrency or len(prompts))
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
+            tasks = []
+            t0 = time.perf_counter()
+            for p in prompts:
+                tasks.append(asyncio.create_task(one(client, p, sem)))
+                if args.request_rate != float("inf"):
+                    await asyncio.sleep(rnd.expovariate(args.request_rate))
+            results = await asyncio.gather(*tasks)
+            return results, time.perf_counter() - t0
+
+    results, dur = asyncio.run(main())
+    ok = [r for r in results if r["ok"]]
+
+    def stats(xs, scale=1000.0):
+        if not xs:
+            return {"mean": None, "median": None, "p99": None}
+        a = np.array(xs) * scale
+        return {"mean": float(a.mean()), "median": float(np.median(a)), "p99": float(np.percentile(a, 99))}
+
+    out_tokens = sum(r["n"] for r in ok)
+    return dict(bench="serve", completed=len(ok), failed=len(results) - len(ok), duration_s=dur,
+                request_rate=args.request_rate, max_concurrency=args.max_concurrency,
+                req_s=len(ok) / dur, output_tok_s=out_tokens / dur,
+                total_tok_s=(out_tokens + len(ok) * args.input_len) / dur,
+                ttft_ms=stats([r["ttft"] for r in ok]), tpot_ms=stats([r["tpot"] for r in ok if r["tpot"]]),
+                itl_ms=stats([x for r in ok for x in r["itl"]]), e2e_ms=stats([r["e2e"] for r in ok]),
+                errors=[r["error"] for r in results if not r["ok"]][:5])
+
+
+# -- argument parsing -----------------------------------------------------------------------------------
+
+def _engine_args(p):
+    p.add_argument("--model", default=None, help="model dir / .gguf (default: the bundled model)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a real model shape with random weights")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
+    p.add_argument("--quantization", default=None, choices=[None, "w8a16"])
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--compare-hf", action="store_true", help="run the same workload through transformers too")
+    p.add_argument("--output-json", default=None)
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: latency, throughput, serve, write-checkpoint")
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+    lat = bsub.add_parser("latency", help="fixed batch, input and output lengths")
+    _engine_args(lat)
+    lat.add_argument("--batch-size", type=int, default=1)
+    lat.add_argument("--iters", type=int, default=3)
+    lat.add_argument("--warmup-iters", type=int, default=1)
+    thr = bsub.add_parser("throughput", help="offline: N requests of random token ids, ignore_eos")
+    _engine_args(thr)
+    thr.add_argument("--num-prompts", type=int, default=256)
+    srv = bsub.add_parser("serve", help="client for a running server (OpenAI streaming API)")
+    srv.add_argument("--base-url", default="http://127.0.0.1:9965")
+    srv.add_argument("--served-model", default="default")
+    srv.add_argument("--num-prompts", type=int, default=100)
+    srv.add_argument("--input-len", type=int, default=128)
+    srv.add_argument("--output-len", type=int, default=128)
+    srv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
+    srv.add_argument("--max-concurrency", type=int, default=None)
+    srv.add_argument("--vocab-limit", type=int, default=30000, help="random prompt ids are drawn below this")
+    srv.add_argument("--timeout", type=float, default=600)
+    srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--output-json", default=None)
+    wc = bsub.add_parser("write-checkpoint", help="write a random HF checkpoint of a real model shape")
+    wc.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    wc.add_argument("--out", required=True)
+    wc.add_argument("--dtype", default="bfloat16")
+
+
+def cmd_bench(args) -> int:
+    if args.bench_cmd == "write-checkpoint":
+        print(write_checkpoint(args.preset, args.out, args.dtype))
+        return 0
+    fn = {"latency": cmd_latency, "throughput": cmd_throughput, "serve": cmd_serve}[args.bench_cmd]
+    if getattr(args, "preset", None) and args.load_format == "auto":
+        args.load_format = "dummy"
+    res = fn(args)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.output_json:
+        Path(args.output_json).write_text(text)
+    return 0
+
+
+def main(argv=None) -> int:  # `python -m kiln.entrypoints.bench latency ...` without the CLI
+    p = argparse.ArgumentParser(prog="kiln")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    add_bench_parser(sub)
+    return cmd_bench(p.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])]))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
