@@ -15,6 +15,13 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: 
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
 
 
+def destroy_tensor_parallel() -> None:
+    global _tp_rank, _tp_size
+    if _tp_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    _tp_rank, _tp_size = 0, 1
+
+
 def tp_rank() -> int:
     return _tp_rank
 

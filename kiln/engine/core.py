@@ -29,19 +29,19 @@ class EngineCore:
     """Owns the model runner and the scheduler; `step()` runs one batch and returns the new tokens."""
 
     def __init__(self, cfg: EngineConfig):
-        from kiln.engine.runner import ModelRunner
+        from kiln.engine.tp import TPGroup, build_runner
         from kiln.models.default_model import resolve_model_path
 
         self.cfg = cfg
         self.model_dir = str(resolve_model_path(cfg.model))
-        self.runner = ModelRunner(cfg, self.model_dir)
+        if not cfg.max_num_batched_tokens:
+            cfg.max_num_batched_tokens = max(2048, cfg.max_num_seqs)
+        self.tp = TPGroup(cfg, self.model_dir) if cfg.tensor_parallel_size > 1 else None
+        self.max_num_batched_tokens = cfg.max_num_batched_tokens
+        self.runner, num_blocks, why = build_runner(cfg, self.model_dir)
+        self.runner.tp_group = self.tp
         mc = self.runner.model_config
-        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        self.max_num_batched_tokens = cfg.max_num_batched_tokens or max(2048, cfg.max_num_seqs)
-        cfg.max_num_batched_tokens = self.max_num_batched_tokens
-        num_blocks, why = self.runner.decide_num_blocks(self.max_model_len)
-        self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_cuda_graphs(self.max_model_len)
+        self.max_model_len = self.runner.max_model_len()
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -146,6 +146,11 @@ class EngineCore:
             if fin:
                 del self.requests[rid]
         return outs
+
+    def close(self) -> None:
+        if self.tp is not None:
+            self.tp.shutdown()
+            self.tp = None
 
     def stats(self, ready: bool = True) -> EngineStats:
         return EngineStats(time.time(), len(self.scheduler.running), len(self.scheduler.waiting),
@@ -309,6 +314,7 @@ def run_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") ->
             broadcast_stats(core.stats())
             if not _parent_alive(ppid):
                 break
+    core.close()
     sock.close()
     ctx.term()
 

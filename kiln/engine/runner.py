@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -55,6 +56,11 @@ class ModelRunner:
         self.kv_caches: list[LayerKVCache] = []
         self.num_blocks = 0
         self.graphs = None
+        self.tp_group = None  # set by the engine core on rank 0 when MP_NUM > 1
+
+    def max_model_len(self) -> int:
+        mpe = self.model_config.max_position_embeddings
+        return min(self.cfg.max_model_len or mpe, mpe)
 
     # -- KV cache ----------------------------------------------------------------------------------
     @property
@@ -140,15 +146,14 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     # -- one step ----------------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Request]]:
+    def prepare(self, batch: ScheduledBatch) -> tuple["StepInputs", list[Request]]:
+        """Host-side inputs of one step (plain lists: cheap to build, and to send to tensor-parallel ranks)."""
         bs = self.cfg.block_size
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
-        qlens, slens, logits_idx, sampling = [], [], [], []
-        max_blocks = max(len(r.block_ids) for r in batch.requests)
-        table = torch.zeros(len(batch.requests), max_blocks, dtype=torch.int32)
-        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
+        qlens, slens, logits_idx, sampling, tables = [], [], [], [], []
+        for req, n in zip(batch.requests, batch.num_tokens):
             start = req.num_computed_tokens
             end = start + n
             toks = req.all_token_ids[start:end] if start < req.num_prompt_tokens else req.output_token_ids[
@@ -157,24 +162,33 @@ class ModelRunner:
             pos.extend(range(start, end))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            tables.append(blocks)
             qlens.append(n)
             slens.append(end)
             if end == req.num_tokens:  # caught up with all known tokens: the model's output is a new token
                 logits_idx.append(len(ids) - 1)
                 sampling.append(req)
+        return StepInputs(ids, pos, slots, tables, qlens, slens, logits_idx), sampling
+
+    def to_device(self, s: "StepInputs"):
         dev = self.device
+        width = max(len(t) for t in s.block_tables)
+        table = torch.zeros(len(s.block_tables), width, dtype=torch.int32)
+        for i, t in enumerate(s.block_tables):
+            table[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
         qsl = [0]
-        for q in qlens:
+        for q in s.query_lens:
             qsl.append(qsl[-1] + q)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            slot_mapping=torch.tensor(s.slots, dtype=torch.long).to(dev, non_blocking=True),
             block_tables=table.to(dev, non_blocking=True),
-            seq_lens=torch.tensor(slens, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(s.seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
             query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens_list=slens, query_lens_list=qlens, max_query_len=max(qlens), max_seq_len=max(slens))
-        return (torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-                torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True), meta, logits_idx, sampling)
+            seq_lens_list=s.seq_lens, query_lens_list=s.query_lens, max_query_len=max(s.query_lens),
+            max_seq_len=max(s.seq_lens))
+        ids = torch.tensor(s.input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.tensor(s.positions, dtype=torch.long).to(dev, non_blocking=True)
+        return ids, pos, meta
 
     def capture_cuda_graphs(self, max_model_len: int) -> None:
         """Decode graphs need the Triton backend (the torch one loops over Python lists)."""
@@ -186,13 +200,33 @@ class ModelRunner:
         self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
-        ids, pos, meta, logits_idx, sampling = self.prepare(batch)
+    def forward(self, s: "StepInputs") -> torch.Tensor | None:
+        """Logits of the rows that sample (all ranks run this in lockstep under tensor parallelism)."""
+        ids, pos, meta = self.to_device(s)
         if self.graphs is not None and meta.decode_only and self.graphs.fits(len(ids), meta.block_tables.shape[1]):
-            logits = self.graphs.run(ids, pos, meta)  # every decode row samples, in order
-            return sampling, self.sampler(logits, sampling)
+            return self.graphs.run(ids, pos, meta)  # every decode row samples, in order
         hidden = self.model(ids, pos, self.kv_caches, meta)
-        if not sampling:
+        if not s.logits_indices:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(s.logits_indices, device=self.device)])
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
+        inputs, sampling = self.prepare(batch)
+        if self.tp_group is not None:
+            self.tp_group.broadcast_step(inputs)
+        logits = self.forward(inputs)
+        if logits is None:
             return sampling, None
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_idx, device=self.device)])
         return sampling, self.sampler(logits, sampling)
+
+
+@dataclass
+class StepInputs:
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    block_tables: list[list[int]]
+    query_lens: list[int]
+    seq_lens: list[int]
+    logits_indices: list[int]
