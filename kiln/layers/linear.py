@@ -16,7 +16,11 @@ def _w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: to
     if x.is_cuda:
         from kiln.kernels import w8a16_matmul
         return w8a16_matmul(x, qweight, scale, bias)
-    # reference path: dequantize then matmul (same numbers as the kernel, slower)
+    if x.dtype in (torch.float32, torch.bfloat16) and hasattr(torch, "_weight_int8pack_mm"):
+        # PyTorch's CPU int8-weight matmul (what gpt-fast uses): no dequantized copy of the weight
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale.to(x.dtype))
+        y = y.reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
     return F.linear(x, qweight.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
 
 

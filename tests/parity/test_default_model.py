@@ -1,0 +1,52 @@
+"""The bundled default model (SmolLM2-135M-Instruct, GGUF) through the offline API, against transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln import LLM, SamplingParams
+from kiln.models.default_model import default_gguf_path
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def llm(default_model_dir):
+    return LLM(None, dtype="float32", block_size=16, num_gpu_blocks=256)
+
+
+def test_chat_answers_paris(llm):
+    out = llm.chat(QUESTION, SamplingParams(max_tokens=24, temperature=0))[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"
+
+
+def test_greedy_matches_transformers_loading_the_gguf(llm):
+    import transformers as tf
+    gguf = default_gguf_path()
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    prompts = [llm.tokenizer.apply_chat_template(QUESTION),
+               llm.tokenizer.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}]),
+               llm.tokenizer.encode("The three primary colors are")]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            g = hf.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+        assert o.token_ids == g[0, len(p):].tolist()
+
+
+def test_stop_strings_cut_the_text(llm):
+    full = llm.chat(QUESTION, SamplingParams(max_tokens=24, temperature=0))[0].text
+    assert "Paris" in full
+    cut = llm.chat(QUESTION, SamplingParams(max_tokens=24, temperature=0, stop=["Paris"]))[0]
+    assert cut.text == full[:full.index("Paris")]
+    assert cut.finish_reason == "stop" and cut.stop_reason == "Paris"
+
+
+def test_streaming_callback_sees_the_whole_text(llm):
+    pieces = []
+    out = llm.generate(["Once upon a time", "Hello"], SamplingParams(max_tokens=16, temperature=0),
+                       on_text=lambda i, d: pieces.append((i, d)))
+    assert "".join(d for i, d in pieces if i == 0) == out[0].text
+    assert "".join(d for i, d in pieces if i == 1) == out[1].text

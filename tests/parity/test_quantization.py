@@ -1,0 +1,47 @@
+"""int8 KV cache (USE_CACHE_KV_INT8) and weight-only int8 (W8A16) on the real default model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln import LLM, SamplingParams
+from kiln.layers.attention import LayerKVCache, TorchAttention, quantize_int8_per_head
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.mark.parametrize("opts", [dict(kv_cache_dtype="int8"), dict(quantization="w8a16"),
+                                  dict(kv_cache_dtype="int8", quantization="w8a16")])
+def test_quantized_default_model_still_answers_paris(default_model_dir, opts):
+    llm = LLM(str(default_model_dir), dtype="float32", block_size=16, num_gpu_blocks=64, **opts)
+    if "kv_cache_dtype" in opts:
+        assert llm.engine.runner.kv_caches[0].k.dtype == torch.int8
+    if "quantization" in opts:
+        assert llm.engine.runner.model.model.layers[0].mlp.down_proj.qweight.dtype == torch.int8
+    out = llm.chat(QUESTION, SamplingParams(max_tokens=12, temperature=0))[0]
+    assert "Paris" in out.text
+
+
+def test_int8_kv_round_trip_error_is_small():
+    torch.manual_seed(0)
+    x = torch.randn(50, 4, 64)
+    q, s = quantize_int8_per_head(x)
+    err = (q.float() * s[..., None] - x).norm() / x.norm()
+    assert err < 0.01
+
+
+def test_int8_kv_attention_close_to_full_precision():
+    from kiln.layers.attention import AttentionMetadata
+    torch.manual_seed(1)
+    nb, bs, h, d = 8, 16, 2, 32
+    full = LayerKVCache(torch.zeros(nb, bs, h, d), torch.zeros(nb, bs, h, d))
+    i8 = LayerKVCache(torch.zeros(nb, bs, h, d, dtype=torch.int8), torch.zeros(nb, bs, h, d, dtype=torch.int8),
+                      torch.zeros(nb, bs, h), torch.zeros(nb, bs, h))
+    t = 40
+    q, k, v = torch.randn(t, 4, d), torch.randn(t, h, d), torch.randn(t, h, d)
+    meta = AttentionMetadata(torch.arange(t) + 16, torch.tensor([[1, 2, 3]], dtype=torch.int32),
+                             torch.tensor([t], dtype=torch.int32), torch.tensor([0, t], dtype=torch.int32),
+                             [t], [t], t, t)
+    a = TorchAttention().forward(q, k, v, full, meta, d ** -0.5)
+    b = TorchAttention().forward(q, k, v, i8, meta, d ** -0.5)
+    assert (a - b).norm() / a.norm() < 0.02
