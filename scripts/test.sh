@@ -5,4 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # convert the bundled GGUF once up front, so no test pays for it inside its own time limit
 .venv/bin/python -c "from kiln.models.default_model import default_model_dir; print('default model:', default_model_dir())"
+# no GPU: the Triton kernel tests run in Triton's CPU interpreter (set before anything imports triton)
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  export TRITON_INTERPRET=1
+fi
 exec .venv/bin/python -m pytest -q -ra "$@"

@@ -154,7 +154,7 @@ def hf_generate(model_dir: str | None, preset: str | None, prompts, output_len: 
     cfg = tf.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
     dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype, torch.bfloat16)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=dt).eval()
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dt).eval()
     dev = next(model.parameters()).device
     gen = tf.GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
@@ -179,8 +179,16 @@ def hf_generate_batch(preset, model_dir, prompts, output_len, dtype) -> dict:
     cfg_dict = PRESETS[preset] if preset else json.loads((Path(model_dir) / "config.json").read_text())
     cfg = tf.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
     dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.bfloat16)
-    with torch.device("cuda"):
-        model = tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=dt, attn_implementation="sdpa_paged").eval()
+    model, last_err = None, None
+    for impl in ("paged|sdpa", "sdpa_paged", "paged|eager"):  # the name changed across transformers releases
+        try:
+            with torch.device("cuda"):
+                model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dt, attn_implementation=impl).eval()
+            break
+        except (ValueError, ImportError) as e:
+            last_err = e
+    if model is None:
+        raise last_err
     gen = tf.GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
     t0 = time.perf_counter()
