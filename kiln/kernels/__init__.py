@@ -1,0 +1,63 @@
+"""Triton GPU kernels of Kiln's fast path, and their plain PyTorch references.
+
+Kernels (each in its own module, each a Python function on torch tensors):
+    reshape_and_cache, paged_decode_attention, paged_prefill_attention,
+    rmsnorm, fused_add_rmsnorm, rotary_embedding, silu_and_mul, w8a16_matmul.
+
+`kiln.kernels.reference` holds float32 PyTorch versions of all of them and needs no
+Triton. When Triton is not installed, HAS_TRITON is False and the kernel names here are
+bound to the references, so callers keep working (slowly) on CPU-only installs.
+
+Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is first imported) runs
+the kernels on CPU tensors; the tests use it to cover the kernels without a GPU.
+"""
+
+from . import reference
+
+try:  # pragma: no cover - depends on the install
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+if HAS_TRITON:
+    from ._utils import patch_interpreter
+
+    patch_interpreter()
+
+    from .activation import silu_and_mul
+    from .cache import reshape_and_cache
+    from .decode_attention import paged_decode_attention
+    from .prefill_attention import paged_prefill_attention
+    from .rmsnorm import fused_add_rmsnorm, rmsnorm
+    from .rotary import rotary_embedding
+    from .w8a16 import dequantize_int8_weight, w8a16_matmul
+else:  # pragma: no cover
+    from .reference import (  # noqa: F401
+        fused_add_rmsnorm,
+        paged_decode_attention,
+        paged_prefill_attention,
+        reshape_and_cache,
+        rmsnorm,
+        rotary_embedding,
+        silu_and_mul,
+        w8a16_matmul,
+    )
+
+    def dequantize_int8_weight(w_int8, w_scale, dtype):
+        return (w_int8.float() * w_scale.float()[:, None]).to(dtype)
+
+__all__ = [
+    "HAS_TRITON",
+    "reference",
+    "reshape_and_cache",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "rmsnorm",
+    "fused_add_rmsnorm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "w8a16_matmul",
+    "dequantize_int8_weight",
+]

@@ -1,0 +1,89 @@
+"""reshape_and_cache: write this step's K/V into the paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import next_pow2
+
+
+@triton.jit
+def _reshape_and_cache_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_ct, stride_ch,
+    stride_sb, stride_st, stride_sh,
+    num_heads,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hmask = offs_h < num_heads
+    mask = hmask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    t64 = t.to(tl.int64)
+    k = tl.load(key_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(value_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0)
+    c_off = blk * stride_cb + off * stride_ct + offs_h[:, None] * stride_ch + offs_d[None, :]
+    if QUANT:
+        kf = k.to(tl.float32)
+        vf = v.to(tl.float32)
+        k_amax = tl.max(tl.abs(kf), axis=1)
+        v_amax = tl.max(tl.abs(vf), axis=1)
+        k_inv = tl.where(k_amax > 0, 127.0 / k_amax, 0.0)
+        v_inv = tl.where(v_amax > 0, 127.0 / v_amax, 0.0)
+        kq = tl.minimum(tl.maximum(tl.floor(kf * k_inv[:, None] + 0.5), -127.0), 127.0)
+        vq = tl.minimum(tl.maximum(tl.floor(vf * v_inv[:, None] + 0.5), -127.0), 127.0)
+        tl.store(k_cache_ptr + c_off, kq.to(tl.int8), mask=mask)
+        tl.store(v_cache_ptr + c_off, vq.to(tl.int8), mask=mask)
+        s_off = blk * stride_sb + off * stride_st + offs_h * stride_sh
+        tl.store(k_scale_ptr + s_off, k_amax / 127.0, mask=hmask)
+        tl.store(v_scale_ptr + s_off, v_amax / 127.0, mask=hmask)
+    else:
+        tl.store(k_cache_ptr + c_off, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + c_off, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> None:
+    """Write key/value [T, Hkv, D] into k_cache/v_cache [num_blocks, block_size, Hkv, D] at
+    slot_mapping [T] (slot = block * block_size + offset; -1 = skip). With an int8 cache,
+    quantizes per token and head (symmetric, scale = absmax / 127) and writes k_scale/v_scale
+    [num_blocks, block_size, Hkv]. In place; returns None."""
+    T, H, D = key.shape
+    if T == 0:
+        return
+    assert value.shape == key.shape
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.shape[2] == H and k_cache.shape[3] == D
+    assert key.stride(-1) == 1 and value.stride(-1) == 1 and k_cache.stride(-1) == 1
+    assert slot_mapping.shape[0] == T
+    quant = k_cache.dtype == torch.int8
+    if quant:
+        assert k_scale is not None and v_scale is not None
+        assert k_scale.dtype == torch.float32 and k_scale.stride() == v_scale.stride()
+        s_strides = k_scale.stride()
+    else:
+        k_scale = v_scale = k_cache  # unused placeholders
+        s_strides = (0, 0, 0)
+    block_d = next_pow2(D)
+    block_h = min(next_pow2(H), max(1, 2048 // block_d))
+    grid = (T, triton.cdiv(H, block_h))
+    _reshape_and_cache_kernel[grid](
+        key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        s_strides[0], s_strides[1], s_strides[2],
+        H,
+        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, QUANT=quant,
+        num_warps=4,
+    )

@@ -1,0 +1,223 @@
+"""paged_decode_attention: one query token per sequence against the paged KV cache.
+
+Flash-decoding: the grid is (sequence, kv head, partition). Each program loads every
+K/V tile of its partition once for all the q heads of its GQA group (the group is the
+M dimension of the tile products, padded to 16), keeps an online softmax in float32
+and writes a partial result; a second kernel merges the partitions. When one partition
+covers the longest context, the first kernel writes the output directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import interpreting, next_pow2, num_sms
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qb, stride_qh,
+    stride_cb, stride_ct, stride_ch,
+    stride_sb, stride_st, stride_sh,
+    stride_bt,
+    stride_ob, stride_oh,
+    num_partitions,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
+    QUANT: tl.constexpr, DIRECT: tl.constexpr, FP32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = part * PARTITION
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + PARTITION, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    gmask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None], other=0.0)
+    if QUANT:
+        cdtype = q.dtype
+    else:
+        cdtype = k_cache_ptr.dtype.element_ty
+        q = q.to(cdtype)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    bt_row = block_tables_ptr + b64 * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        tok = blk * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct + kvh * stride_ch
+        k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        if FP32:
+            s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k.to(cdtype)))
+        if QUANT:
+            s_off = blk * stride_sb + (offs_n % BLOCK_SIZE) * stride_st + kvh * stride_sh
+            ks = tl.load(k_scale_ptr + s_off, mask=nmask, other=0.0)
+            vs = tl.load(v_scale_ptr + s_off, mask=nmask, other=0.0)
+            s = s * (ks * qk_scale)[None, :]
+        else:
+            s = s * qk_scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if QUANT:
+            p = p * vs[None, :]
+        if FP32:
+            pv = tl.dot(p.to(cdtype), v.to(cdtype), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(cdtype), v.to(cdtype))
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    if DIRECT:
+        o_ptrs = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    else:
+        # partial buffers: [B, Hq, P, D] and [B, Hq, P], contiguous
+        row = (b64 * (GROUP * tl.num_programs(1)) + heads) * num_partitions + part
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None])
+        tl.store(part_m_ptr + row, m_i, mask=gmask)
+        tl.store(part_l_ptr + row, l_i, mask=gmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr,
+    stride_ob, stride_oh, num_heads, num_partitions,
+    HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    n_parts = tl.cdiv(seq_len, PARTITION)
+    base = (b.to(tl.int64) * num_heads + h) * num_partitions
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_max = tl.full([CHUNK], float("-inf"), tl.float32)
+    for c0 in range(0, n_parts, CHUNK):
+        pm = (c0 + offs_c) < n_parts
+        m_max = tl.maximum(m_max, tl.load(part_m_ptr + base + c0 + offs_c, mask=pm, other=float("-inf")))
+    m_g = tl.max(m_max, axis=0)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    denom = tl.zeros([CHUNK], tl.float32)
+    for c0 in range(0, n_parts, CHUNK):
+        pm = (c0 + offs_c) < n_parts
+        m = tl.load(part_m_ptr + base + c0 + offs_c, mask=pm, other=float("-inf"))
+        l = tl.load(part_l_ptr + base + c0 + offs_c, mask=pm, other=0.0)
+        w = tl.where(pm, l * tl.exp2(m - m_g), 0.0)
+        denom += w
+        o = tl.load(part_out_ptr + (base + c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=pm[:, None], other=0.0)
+        acc += tl.sum(o * w[:, None], axis=0)
+    acc = acc / tl.sum(denom, axis=0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, acc.to(out_ptr.dtype.element_ty))
+
+
+def choose_partition(batch: int, num_kv_heads: int, max_ctx: int, device: torch.device,
+                     block_n: int) -> int:
+    """Partition length (tokens per program): one partition per sequence when the grid
+    already has >= 2 programs per SM, else halve until it does (not below 2 tiles)."""
+    target = 2 * num_sms(device)
+    part = max(block_n, next_pow2(max_ctx))
+    min_part = 2 * block_n
+    while part > min_part and batch * num_kv_heads * triton.cdiv(max_ctx, part) < target:
+        part //= 2
+    return part
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           max_seq_len: int | None = None, partition_size: int | None = None,
+                           out: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+    """Decode attention: q [B, Hq, D] (one token per sequence, the last of its context)
+    against the paged cache; returns [B, Hq, D] in q's dtype.
+
+    max_seq_len: an upper bound of seq_lens (default: block_tables.shape[1] * block_size,
+    which needs no device sync and so is safe under CUDA graphs). partition_size: tokens
+    per flash-decoding partition (default: chosen to fill the SMs); a power of two >= 32.
+    config: (BLOCK_N, num_warps, num_stages) override, for tuning only.
+    """
+    B, Hq, D = q.shape
+    _, block_size, Hkv, Dk = k_cache.shape
+    assert Dk == D and Hq % Hkv == 0 and D == next_pow2(D)
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
+    group = Hq // Hkv
+    if out is None:
+        out = torch.empty_like(q)
+    if B == 0:
+        return out
+    quant = k_cache.dtype == torch.int8
+    if quant:
+        assert k_scale is not None and v_scale is not None and k_scale.stride() == v_scale.stride()
+        s_strides = k_scale.stride()
+    else:
+        k_scale = v_scale = seq_lens  # unused placeholders
+        s_strides = (0, 0, 0)
+    fp32 = q.dtype == torch.float32
+
+    block_n, warps, stages = 64 if D <= 128 else 32, 4, 3
+    if config is not None:
+        block_n, warps, stages = config
+    if interpreting():
+        stages = 1
+    max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+    part = partition_size or choose_partition(B, Hkv, max_ctx, q.device, block_n)
+    block_n = min(block_n, part)
+    num_parts = triton.cdiv(max_ctx, part)
+    direct = num_parts == 1
+    if direct:
+        part_out = part_m = part_l = out  # unused
+    else:
+        part_out = torch.empty((B, Hq, num_parts, D), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((B, Hq, num_parts), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((B, Hq, num_parts), dtype=torch.float32, device=q.device)
+
+    group_pad = max(16, next_pow2(group))
+    _decode_kernel[(B, Hkv, num_parts)](
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
+        out, part_out, part_m, part_l,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        s_strides[0], s_strides[1], s_strides[2],
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        num_parts,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION=part,
+        QUANT=quant, DIRECT=direct, FP32=fp32,
+        num_warps=warps, num_stages=stages,
+    )
+    if not direct:
+        _decode_reduce_kernel[(B, Hq)](
+            out, part_out, part_m, part_l, seq_lens,
+            out.stride(0), out.stride(1), Hq, num_parts,
+            HEAD_DIM=D, PARTITION=part, CHUNK=min(32, next_pow2(num_parts)),
+            num_warps=4,
+        )
+    return out

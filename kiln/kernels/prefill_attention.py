@@ -1,0 +1,188 @@
+"""paged_prefill_attention: varlen causal attention of a flattened batch of query tokens
+against the paged KV cache (chunked prefill / prefix caching: the cache may hold a
+prefix before this step's tokens, whose K/V are already written).
+
+Grid: (query tile, sequence, q head). Each program runs a flash-attention loop over the
+K/V tiles it can see: first the tiles wholly before its first query position (no causal
+mask), then the diagonal tiles (masked).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import interpreting, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
+                  k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
+                  stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  QUANT: tl.constexpr, MASK: tl.constexpr, FP32: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if MASK:
+        nmask = offs_n < seq_len
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
+    tok = blk * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct + kvh * stride_ch
+    if MASK:
+        k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :])
+    if FP32:
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+    if QUANT:
+        s_off = blk * stride_sb + (offs_n % BLOCK_SIZE) * stride_st + kvh * stride_sh
+        if MASK:
+            ks = tl.load(k_scale_ptr + s_off, mask=nmask, other=0.0)
+            vs = tl.load(v_scale_ptr + s_off, mask=nmask, other=0.0)
+        else:
+            ks = tl.load(k_scale_ptr + s_off)
+            vs = tl.load(v_scale_ptr + s_off)
+        s = s * (ks * qk_scale)[None, :]
+    else:
+        s = s * qk_scale
+    if MASK:
+        causal = (offs_n[None, :] <= q_pos[:, None]) & nmask[None, :]
+        s = tl.where(causal, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if QUANT:
+        p = p * vs[None, :]
+    if MASK:
+        v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+    else:
+        v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :])
+    if FP32:
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr,
+    query_start_loc_ptr, seq_lens_ptr, out_ptr,
+    qk_scale,
+    stride_qt, stride_qh,
+    stride_cb, stride_ct, stride_ch,
+    stride_sb, stride_st, stride_sh,
+    stride_bt,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QUANT: tl.constexpr, FP32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + b)
+    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
+    m_start = pid_m * BLOCK_M
+    if m_start >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx_len = seq_len - q_len
+    kvh = h // GROUP
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mmask = offs_m < q_len
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mmask[:, None], other=0.0)
+    if not QUANT:
+        q = q.to(k_cache_ptr.dtype.element_ty)
+    q_pos = ctx_len + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+
+    # K/V positions < ctx_len + m_start are visible to every query row of this tile
+    full_end = ((ctx_len + m_start) // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
+                                      k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
+                                      stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
+                                      HEAD_DIM, BLOCK_SIZE, BLOCK_N, QUANT, False, FP32)
+    end = tl.minimum(seq_len, ctx_len + m_start + BLOCK_M)
+    for n0 in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
+                                      k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
+                                      stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
+                                      HEAD_DIM, BLOCK_SIZE, BLOCK_N, QUANT, True, FP32)
+
+    acc = acc / l_i[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                            seq_lens: torch.Tensor, scale: float, max_query_len: int,
+                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                            out: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+    """Varlen causal attention: q [T, Hq, D] (sequence b's tokens are rows
+    query_start_loc[b]:query_start_loc[b+1], at positions seq_lens[b] - q_len_b + i)
+    against the paged cache; returns [T, Hq, D] in q's dtype. max_query_len must be
+    >= every q_len (it sizes the grid). config: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    override, for tuning only."""
+    T, Hq, D = q.shape
+    _, block_size, Hkv, Dk = k_cache.shape
+    assert Dk == D and Hq % Hkv == 0 and D == next_pow2(D)
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
+    if out is None:
+        out = torch.empty_like(q)
+    B = query_start_loc.shape[0] - 1
+    if T == 0 or B == 0 or max_query_len == 0:
+        return out
+    quant = k_cache.dtype == torch.int8
+    if quant:
+        assert k_scale is not None and v_scale is not None and k_scale.stride() == v_scale.stride()
+        s_strides = k_scale.stride()
+    else:
+        k_scale = v_scale = seq_lens  # unused placeholders
+        s_strides = (0, 0, 0)
+    fp32 = q.dtype == torch.float32
+    if interpreting():
+        block_m, block_n, warps, stages = 16, 16, 4, 1
+    elif fp32:
+        block_m, block_n, warps, stages = 64, 32, 4, 2
+    else:
+        block_m, block_n = (128, 64) if D <= 64 else (128, 64)
+        warps, stages = 8, 3
+    if max_query_len <= 64 and not interpreting():
+        block_m = max(16, next_pow2(max_query_len))
+        warps = 4
+    if config is not None:
+        block_m, block_n, warps, stages = config
+    grid = (triton.cdiv(max_query_len, block_m), B, Hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, query_start_loc, seq_lens, out,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        s_strides[0], s_strides[1], s_strides[2],
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        QUANT=quant, FP32=fp32,
+        num_warps=warps, num_stages=stages,
+    )
+    return out

@@ -1,0 +1,164 @@
+"""w8a16_matmul: weight-only int8 linear layer, y = x @ (w_int8 * w_scale[:, None]).T + bias.
+
+At decode sizes (T <= 64) the work is reading the weight: this kernel streams the int8
+weight (half the bytes of bf16), converts each tile to the activation dtype in registers,
+multiplies on the tensor cores, and applies the per-channel scale to the float32
+accumulator. When the output tiles alone would leave SMs idle, K is split across programs
+and a second kernel sums the float32 partials. Above T = 64 the weight is dequantized once
+per call (one pass) and torch.matmul does the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import interpreting, next_pow2, num_sms
+
+SMALL_T = 64
+
+
+@triton.jit
+def _w8a16_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr,
+    M, N, K, K_SPLIT,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    offs_kb = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    k_start = pid_k * K_SPLIT
+    k_end = tl.minimum(k_start + K_SPLIT, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + offs_kb
+        if EVEN_K:
+            x = tl.load(x_rows + offs_k[None, :], mask=mmask[:, None], other=0.0)
+            w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None], other=0)
+        else:
+            kmask = offs_k < k_end
+            x = tl.load(x_rows + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+        if FP32:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    offs_m64 = offs_m.to(tl.int64)
+    if SPLIT_K == 1:
+        scale = tl.load(s_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        y = acc * scale[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+    else:
+        p = part_ptr + (pid_k * M + offs_m64)[:, None] * N + offs_n[None, :]
+        tl.store(p, acc, mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _w8a16_reduce_kernel(part_ptr, s_ptr, b_ptr, out_ptr, M, N, stride_om,
+                         SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    nmask = offs_n < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=nmask, other=0.0)
+    y = acc * tl.load(s_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, stride_wn, stride_on, BLOCK: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K
+    s = tl.load(s_ptr + n).to(tl.float32)
+    w = tl.load(w_ptr + n * stride_wn + offs, mask=mask, other=0).to(tl.float32)
+    tl.store(out_ptr + n * stride_on + offs, (w * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_int8_weight(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K] int8 * scale[N] -> [N, K] dtype (float32 math, one pass)."""
+    N, K = w_int8.shape
+    out = torch.empty((N, K), dtype=dtype, device=w_int8.device)
+    block = 1024
+    _dequant_kernel[(N, triton.cdiv(K, block))](w_int8, w_scale, out, K, w_int8.stride(0), out.stride(0),
+                                                BLOCK=block, num_warps=4)
+    return out
+
+
+def _config(M: int, N: int, K: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for a small-M problem."""
+    if interpreting():
+        bm = max(16, next_pow2(M))
+        return bm, 32, 32, (2 if K >= 128 else 1), 4, 1
+    bm = max(16, next_pow2(M))
+    bn = 64
+    bk = 256 if bm <= 32 else 128
+    bk = min(bk, max(32, next_pow2(K)))
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    split = 1
+    target = num_sms(device)
+    while tiles * split < target and K // (split * 2) >= 4 * bk:
+        split *= 2
+    warps = 4
+    stages = 4 if bm <= 32 else 3
+    return bm, bn, bk, split, warps, stages
+
+
+def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+    """x [..., K] (bf16/fp16/fp32) @ dequant(w_int8 [N, K], w_scale [N]).T (+ bias [N]) ->
+    [..., N] in x's dtype. config overrides the tile choice (tuning/benchmarks only)."""
+    K = x.shape[-1]
+    N, Kw = w_int8.shape
+    assert Kw == K and w_int8.dtype == torch.int8 and w_int8.stride(-1) == 1
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.view(*x.shape[:-1], N)
+    if M > SMALL_T and config is None:
+        w = dequantize_int8_weight(w_int8, w_scale, x.dtype)
+        torch.matmul(x2, w.t(), out=out)
+        if bias is not None:
+            out += bias.to(out.dtype)
+        return out.view(*x.shape[:-1], N)
+    bm, bn, bk, split, warps, stages = config or _config(M, N, K, x.device)
+    k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    split = triton.cdiv(K, k_split)
+    even_k = K % bk == 0 and k_split % bk == 0
+    part = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
+    has_bias = bias is not None
+    b = bias if has_bias else w_scale
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
+    _w8a16_kernel[grid](
+        x2, w_int8, w_scale, b, out, part,
+        M, N, K, k_split,
+        x2.stride(0), w_int8.stride(0), out.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=has_bias, EVEN_K=even_k,
+        FP32=x.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )
+    if split > 1:
+        block = 1024
+        _w8a16_reduce_kernel[(M, triton.cdiv(N, block))](part, w_scale, b, out, M, N, out.stride(0),
+                                                        SPLIT_K=split, BLOCK=block, HAS_BIAS=has_bias,
+                                                        num_warps=4)
+    return out.view(*x.shape[:-1], N)

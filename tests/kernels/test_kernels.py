@@ -1,0 +1,328 @@
+"""Each Triton kernel against its float32 PyTorch reference (kiln.kernels.reference).
+
+Runs on a CUDA GPU (all shapes), or on CPU under TRITON_INTERPRET=1 (small shapes only;
+the shapes marked `gpu_only` skip there). Skips otherwise. Every case draws fresh random
+inputs; outputs are pre-filled with NaN so an unwritten element fails the check.
+
+Triton 3.6's interpreter computes tl.dot on bfloat16 inputs wrongly (it multiplies the raw
+uint16 storage), so under the interpreter the kernels that use tl.dot (attention, w8a16)
+are checked in float16 and float32; bfloat16 is covered on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+if not INTERP and not HAS_CUDA:
+    pytest.skip("kernel tests need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+
+from kiln import kernels as K  # noqa: E402
+from kiln.kernels import reference as R  # noqa: E402
+
+DEVICE = "cpu" if INTERP else "cuda"
+gpu_only = pytest.mark.skipif(INTERP, reason="large shape: GPU only (too slow for the interpreter)")
+
+DOT_DTYPES = [torch.float16, torch.float32] if INTERP else [torch.bfloat16, torch.float16, torch.float32]
+ALL_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3, torch.float32: 1e-5}
+# Attention/matmul outputs round p or the result to the compute dtype: a bit looser.
+ATTN_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 2e-5}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.double()
+    ref = ref.double()
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element?)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE, dtype=torch.float32) * scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------- paged cache
+
+
+def make_paged(seq_lens, num_kv_heads, head_dim, block_size, dtype, quant, extra_blocks=3):
+    """Random paged K/V caches holding len(seq_lens) sequences in shuffled, non-contiguous
+    blocks; unused block-table entries hold an out-of-range id so a stray read shows."""
+    nblk_per = [math.ceil(L / block_size) for L in seq_lens]
+    max_blocks = max(nblk_per) + 1
+    num_blocks = sum(nblk_per) + extra_blocks
+    perm = torch.randperm(num_blocks)
+    tables = torch.full((len(seq_lens), max_blocks), 10 ** 7, dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(nblk_per):
+        tables[b, :n] = perm[i:i + n].to(torch.int32)
+        i += n
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    kf, vf = rand(*shape), rand(*shape)
+    if quant:
+        kq, ks = R.quantize_int8(kf)
+        vq, vs = R.quantize_int8(vf)
+        caches = (kq, vq, ks, vs)
+    else:
+        caches = (kf.to(dtype), vf.to(dtype), None, None)
+    return caches, tables.to(DEVICE), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+
+
+def random_lens(n, lo, hi):
+    return torch.randint(lo, hi + 1, (n,)).tolist()
+
+
+# ----------------------------------------------------------------------------- reshape_and_cache
+
+CACHE_CASES = [
+    # T, Hkv, D, block_size, num_blocks
+    (13, 2, 64, 16, 4),
+    (20, 4, 64, 64, 2),
+    pytest.param(300, 8, 128, 16, 40, marks=gpu_only),
+    pytest.param(777, 8, 128, 64, 20, marks=gpu_only),
+]
+
+
+@pytest.mark.parametrize("T,H,D,bs,nb", CACHE_CASES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES + ["int8"])
+def test_reshape_and_cache(T, H, D, bs, nb, dtype):
+    quant = dtype == "int8"
+    act_dtype = torch.bfloat16 if quant else dtype
+    slots = torch.randperm(nb * bs)[:T]
+    slots[torch.rand(T) < 0.2] = -1
+    slots = slots.to(DEVICE)
+    key, value = rand(T, H, D, dtype=act_dtype), rand(T, H, D, dtype=act_dtype)
+    cdtype = torch.int8 if quant else dtype
+    if quant:
+        kc = torch.randint(-127, 128, (nb, bs, H, D), dtype=torch.int8, device=DEVICE)
+        vc = torch.randint(-127, 128, (nb, bs, H, D), dtype=torch.int8, device=DEVICE)
+        ks, vs = torch.rand(nb, bs, H, device=DEVICE), torch.rand(nb, bs, H, device=DEVICE)
+    else:
+        kc, vc = rand(nb, bs, H, D, dtype=cdtype), rand(nb, bs, H, D, dtype=cdtype)
+        ks = vs = None
+    ref = [t.clone() if t is not None else None for t in (kc, vc, ks, vs)]
+    R.reshape_and_cache(key, value, ref[0], ref[1], slots, ref[2], ref[3])
+    K.reshape_and_cache(key, value, kc, vc, slots, ks, vs)
+    if quant:
+        assert (kc.int() - ref[0].int()).abs().max().item() <= 1
+        assert (vc.int() - ref[1].int()).abs().max().item() <= 1
+        torch.testing.assert_close(ks, ref[2], rtol=1e-6, atol=0)
+        torch.testing.assert_close(vs, ref[3], rtol=1e-6, atol=0)
+        # dequantized cache vs the written values
+        valid = slots >= 0
+        blk, off = slots[valid] // bs, slots[valid] % bs
+        deq = kc[blk, off].float() * ks[blk, off].unsqueeze(-1)
+        assert rel_err(deq, key[valid].float()) < 1e-2
+    else:
+        assert torch.equal(kc, ref[0]) and torch.equal(vc, ref[1])
+
+
+# ----------------------------------------------------------------------------- decode attention
+
+DECODE_CASES = [
+    # B, Hq, Hkv, D, block_size, (min_len, max_len), partition_size (None = heuristic)
+    (3, 2, 2, 64, 16, (1, 150), None),
+    (3, 8, 2, 64, 16, (20, 200), 64),
+    (2, 8, 1, 64, 64, (65, 260), 64),
+    (4, 4, 4, 64, 64, (1, 100), 32),
+    (2, 16, 2, 128, 16, (30, 140), None),
+    pytest.param(1, 32, 8, 128, 64, (4000, 4000), None, marks=gpu_only),
+    pytest.param(7, 32, 8, 128, 16, (1, 3000), None, marks=gpu_only),
+    pytest.param(64, 32, 8, 128, 64, (1000, 2100), None, marks=gpu_only),
+    pytest.param(5, 16, 16, 128, 16, (500, 700), 128, marks=gpu_only),
+    pytest.param(3, 64, 8, 128, 64, (9000, 17000), None, marks=gpu_only),
+    pytest.param(9, 16, 2, 64, 16, (1, 600), None, marks=gpu_only),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,bs,lens,part", DECODE_CASES)
+@pytest.mark.parametrize("dtype", DOT_DTYPES + ["int8"])
+def test_paged_decode_attention(B, Hq, Hkv, D, bs, lens, part, dtype):
+    quant = dtype == "int8"
+    qdtype = (torch.float16 if INTERP else torch.bfloat16) if quant else dtype
+    seq_lens = random_lens(B, *lens)
+    (kc, vc, ks, vs), tables, sl = make_paged(seq_lens, Hkv, D, bs, qdtype, quant)
+    q = rand(B, Hq, D, dtype=qdtype)
+    scale = D ** -0.5
+    out = torch.full_like(q, float("nan"))
+    K.paged_decode_attention(q, kc, vc, tables, sl, scale, ks, vs, partition_size=part, out=out)
+    ref = R.paged_decode_attention(q.float(), kc, vc, tables, sl, scale, ks, vs)
+    err = rel_err(out, ref)
+    assert err < ATTN_TOL[qdtype], err
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES[:1])
+def test_paged_decode_attention_max_seq_len(dtype):
+    """An explicit max_seq_len bound (the engine's, no device sync) gives the same result."""
+    seq_lens = random_lens(3, 10, 120)
+    (kc, vc, _, _), tables, sl = make_paged(seq_lens, 2, 64, 16, dtype, False)
+    q = rand(3, 4, 64, dtype=dtype)
+    a = K.paged_decode_attention(q, kc, vc, tables, sl, 0.125, max_seq_len=max(seq_lens))
+    b = K.paged_decode_attention(q, kc, vc, tables, sl, 0.125, partition_size=32)
+    ref = R.paged_decode_attention(q.float(), kc, vc, tables, sl, 0.125)
+    assert rel_err(a, ref) < ATTN_TOL[dtype] and rel_err(b, ref) < ATTN_TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- prefill attention
+
+PREFILL_CASES = [
+    # Hq, Hkv, D, block_size, [(ctx_len, q_len), ...]
+    (2, 2, 64, 16, [(0, 37), (0, 1), (21, 9)]),
+    (8, 2, 64, 64, [(70, 20), (0, 40)]),
+    (8, 1, 64, 16, [(3, 17), (16, 16), (0, 5)]),
+    (4, 4, 128, 16, [(40, 24), (0, 33)]),
+    pytest.param(32, 8, 128, 64, [(0, 512)] * 4, marks=gpu_only),
+    pytest.param(32, 8, 128, 16, [(0, 300), (1000, 77), (4000, 1), (130, 513), (0, 2)], marks=gpu_only),
+    pytest.param(16, 16, 128, 64, [(200, 1000), (0, 129)], marks=gpu_only),
+    pytest.param(16, 2, 64, 16, [(0, 1), (5, 3), (64, 64), (63, 65)], marks=gpu_only),
+    pytest.param(64, 8, 128, 64, [(2048, 2048)], marks=gpu_only),
+]
+
+
+@pytest.mark.parametrize("Hq,Hkv,D,bs,seqs", PREFILL_CASES)
+@pytest.mark.parametrize("dtype", DOT_DTYPES + ["int8"])
+def test_paged_prefill_attention(Hq, Hkv, D, bs, seqs, dtype):
+    quant = dtype == "int8"
+    qdtype = (torch.float16 if INTERP else torch.bfloat16) if quant else dtype
+    seq_lens = [c + n for c, n in seqs]
+    q_lens = [n for _, n in seqs]
+    (kc, vc, ks, vs), tables, sl = make_paged(seq_lens, Hkv, D, bs, qdtype, quant)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    T = sum(q_lens)
+    q = rand(T, Hq, D, dtype=qdtype)
+    scale = D ** -0.5
+    out = torch.full_like(q, float("nan"))
+    K.paged_prefill_attention(q, kc, vc, tables, qsl, sl, scale, max(q_lens), ks, vs, out=out)
+    ref = R.paged_prefill_attention(q.float(), kc, vc, tables, qsl, sl, scale, max(q_lens), ks, vs)
+    err = rel_err(out, ref)
+    assert err < ATTN_TOL[qdtype], err
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES[:1])
+def test_prefill_matches_decode(dtype):
+    """A prefill step of q_len 1 per sequence is a decode step."""
+    seq_lens = random_lens(3, 1, 90)
+    (kc, vc, _, _), tables, sl = make_paged(seq_lens, 2, 64, 16, dtype, False)
+    q = rand(3, 4, 64, dtype=dtype)
+    qsl = torch.arange(4, dtype=torch.int32, device=DEVICE)
+    a = K.paged_prefill_attention(q, kc, vc, tables, qsl, sl, 0.125, 1)
+    b = K.paged_decode_attention(q, kc, vc, tables, sl, 0.125)
+    assert rel_err(a, b.float()) < ATTN_TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- rmsnorm
+
+NORM_SHAPES = [(7, 256), (3, 1000), pytest.param(33, 4096, marks=gpu_only),
+               pytest.param(5, 2560, marks=gpu_only), pytest.param(1000, 5120, marks=gpu_only)]
+
+
+@pytest.mark.parametrize("T,H", NORM_SHAPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_rmsnorm(T, H, dtype):
+    x = rand(T, H, dtype=dtype, scale=3.0)
+    w = rand(H, dtype=dtype) + 1
+    out = torch.full_like(x, float("nan"))
+    K.rmsnorm(x, w, 1e-6, out=out)
+    assert rel_err(out, R.rmsnorm(x, w, 1e-6)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("T,H", NORM_SHAPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_add_rmsnorm(T, H, dtype, inplace):
+    x = rand(T, H, dtype=dtype)
+    r = rand(T, H, dtype=dtype, scale=4.0)
+    w = rand(H, dtype=dtype) + 1
+    ref_out, ref_res = R.fused_add_rmsnorm(x, r, w, 1e-5)
+    out, res = K.fused_add_rmsnorm(x, r, w, 1e-5, inplace=inplace)
+    if inplace:
+        assert out.data_ptr() == x.data_ptr() and res.data_ptr() == r.data_ptr()
+    if INTERP and dtype == torch.bfloat16:
+        # the interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest even)
+        torch.testing.assert_close(res, ref_res, rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(res, ref_res)
+    assert rel_err(out, ref_out) < TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- rotary
+
+def rope_cache(max_pos, D, base=10000.0):
+    inv = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    f = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.cat([f.cos(), f.sin()], dim=-1).to(DEVICE)
+
+
+ROPE_CASES = [(9, 8, 2, 64), (4, 4, 4, 32), pytest.param(333, 32, 8, 128, marks=gpu_only),
+              pytest.param(64, 16, 8, 64, marks=gpu_only), pytest.param(17, 40, 8, 128, marks=gpu_only)]
+
+
+@pytest.mark.parametrize("T,Hq,Hkv,D", ROPE_CASES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_rotary_embedding(T, Hq, Hkv, D, dtype):
+    cache = rope_cache(4096, D)
+    pos = torch.randint(0, 4096, (T,), device=DEVICE)
+    qkv = rand(T, (Hq + 2 * Hkv) * D, dtype=dtype)  # q and k as views of a fused projection
+    q = qkv[:, : Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D: (Hq + Hkv) * D].view(T, Hkv, D)
+    v_before = qkv[:, (Hq + Hkv) * D:].clone()
+    q_ref, k_ref = q.clone(), k.clone()
+    R.rotary_embedding(pos, q_ref, k_ref, cache)
+    K.rotary_embedding(pos, q, k, cache)
+    assert rel_err(q, q_ref) < TOL[dtype] / 2 and rel_err(k, k_ref) < TOL[dtype] / 2
+    assert torch.equal(qkv[:, (Hq + Hkv) * D:], v_before)
+
+
+# ----------------------------------------------------------------------------- silu_and_mul
+
+@pytest.mark.parametrize("T,I", [(5, 1000), (2, 64), pytest.param(77, 14336, marks=gpu_only)])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_silu_and_mul(T, I, dtype):
+    x = rand(T, 2 * I, dtype=dtype, scale=3.0)
+    out = torch.full((T, I), float("nan"), dtype=dtype, device=DEVICE)
+    K.silu_and_mul(x, out=out)
+    assert rel_err(out, R.silu_and_mul(x)) < TOL[dtype] / 2
+
+
+# ----------------------------------------------------------------------------- w8a16
+
+W8_CASES = [
+    # M, N, K, bias
+    (1, 96, 160, False),
+    (5, 64, 256, True),
+    (17, 40, 64, False),
+    pytest.param(1, 4096, 4096, False, marks=gpu_only),
+    pytest.param(16, 6144, 4096, True, marks=gpu_only),
+    pytest.param(33, 1000, 1000, True, marks=gpu_only),
+    pytest.param(64, 4096, 14336, False, marks=gpu_only),
+    pytest.param(65, 1024, 512, True, marks=gpu_only),      # dequant + torch.matmul path
+    pytest.param(512, 4096, 4096, False, marks=gpu_only),   # dequant + torch.matmul path
+]
+
+
+@pytest.mark.parametrize("M,N,Kd,bias", W8_CASES)
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+def test_w8a16_matmul(M, N, Kd, bias, dtype):
+    x = rand(M, Kd, dtype=dtype)
+    wq, ws = R.quantize_int8(rand(N, Kd))
+    b = rand(N, dtype=dtype) if bias else None
+    out = K.w8a16_matmul(x, wq, ws, b)
+    ref = R.w8a16_matmul(x, wq, ws, b)
+    tol = TOL[dtype] if dtype != torch.float32 else (1e-5 if M <= 64 else 2e-3)  # cuBLAS may use tf32
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert rel_err(out, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES[:1])
+def test_w8a16_leading_dims(dtype):
+    x = rand(2, 3, 64, dtype=dtype)
+    wq, ws = R.quantize_int8(rand(48, 64))
+    out = K.w8a16_matmul(x, wq, ws)
+    assert out.shape == (2, 3, 48)
+    assert rel_err(out, R.w8a16_matmul(x.reshape(6, 64), wq, ws).reshape(2, 3, 48)) < TOL[dtype]
