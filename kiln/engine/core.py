@@ -11,6 +11,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import traceback
 
@@ -216,44 +217,38 @@ def run_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") ->
         for c in list(clients):
             send(c, ["stats", w])
 
-    # Front ends can connect (and see "not ready") while the model loads.
-    load_error = None
-    core = None
-    try:
-        import threading
-        done = threading.Event()
-        box = {}
+    # Load the model in a thread while this one answers: front ends see "not ready" heartbeats meanwhile.
+    box: dict = {}
+    loaded = threading.Event()
 
-        def load():
-            try:
-                box["core"] = EngineCore(cfg)
-            except BaseException as e:  # noqa: BLE001 - reported to the front ends and the log
-                box["error"] = e
-                log.error("engine failed to start: %s\n%s", e, traceback.format_exc())
-            done.set()
+    def load():
+        try:
+            box["core"] = EngineCore(cfg)
+        except BaseException as e:  # noqa: BLE001 - reported to the front ends and the log
+            box["error"] = e
+            log.error("engine failed to start: %s\n%s", e, traceback.format_exc())
+        loaded.set()
 
-        threading.Thread(target=load, daemon=True).start()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        while not done.is_set():
-            if stop["flag"] or not _parent_alive(ppid):
-                return
-            if poller.poll(100):
-                while True:
-                    try:
-                        ident, raw = sock.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    msg = unpack(raw)
-                    clients.add(ident)
-                    if msg[0] == "add":
-                        send(ident, ["out", [EngineOutput(msg[1], [], True, "error", 0, error="the engine is starting, try again shortly",
-                                                          error_code=500, error_type="not_ready").to_wire()]])
-            broadcast_stats(EngineStats(timestamp=time.time(), max_batch_size=cfg.max_num_seqs, ready=False))
-        core = box.get("core")
-        load_error = box.get("error")
-    finally:
-        pass
+    threading.Thread(target=load, daemon=True, name="kiln-model-load").start()
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    while not loaded.is_set():
+        if stop["flag"] or not _parent_alive(ppid):
+            return
+        if poller.poll(100):
+            while True:
+                try:
+                    ident, raw = sock.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                msg = unpack(raw)
+                clients.add(ident)
+                if msg[0] == "add":
+                    send(ident, ["out", [EngineOutput(msg[1], [], True, "error", 0, error="the engine is still "
+                                                      "loading the model, try again shortly", error_code=500,
+                                                      error_type="not_ready").to_wire()]])
+        broadcast_stats(EngineStats(timestamp=time.time(), max_batch_size=cfg.max_num_seqs, ready=False))
+    core, load_error = box.get("core"), box.get("error")
 
     if core is None:
         # stay up long enough to tell the front ends why, then exit non-zero
@@ -298,7 +293,12 @@ def run_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") ->
                         owner.pop(out.request_id, None)
                         send(ident, ["out", [out.to_wire()]])
         if core.has_unfinished():
-            outs = core.step()
+            try:
+                outs = core.step()
+            except Exception as e:  # noqa: BLE001 - never leave a request hanging: fail everything in flight
+                log.error("engine step failed outside the model: %s\n%s", e, traceback.format_exc())
+                outs = [EngineOutput(o.request_id, [], True, "error", 0, error=f"internal error in the engine: {e}",
+                                     error_code=500, error_type="internal") for o in core.abort(list(core.requests))]
             per_client: dict[bytes, list] = {}
             for out in outs:
                 ident = owner.get(out.request_id)
