@@ -64,6 +64,43 @@ def hf_greedy(path, prompts, n):
     return outs
 
 
+def prefill_logits(path, prompts, backend):
+    """Logits at every prompt position, one batched prefill, through Kiln's runner."""
+    from kiln.engine.config import EngineConfig
+    from kiln.engine.kv_cache import KVCacheManager
+    from kiln.engine.request import Request, SamplingParams
+    from kiln.engine.runner import ModelRunner
+    from kiln.engine.scheduler import ScheduledBatch
+    r = ModelRunner(EngineConfig(model=str(path), dtype="bfloat16", device="cuda", attention_backend=backend,
+                                 block_size=64), str(path))
+    r.allocate_kv_cache(128)
+    kv = KVCacheManager(128, 64)
+    reqs = [Request(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
+    for q in reqs:
+        kv.allocate_slots(q, q.num_tokens)
+    inputs, _ = r.prepare(ScheduledBatch(reqs, [q.num_tokens for q in reqs]))
+    inputs.logits_indices = list(range(len(inputs.input_ids)))
+    with torch.inference_mode():
+        out = r.forward(inputs).float().cpu()
+    del r
+    torch.cuda.empty_cache()
+    return out
+
+
+def hf_logits(path, prompts):
+    import transformers as tf
+    m = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        out = torch.cat([m(torch.tensor([p], device="cuda")).logits[0].float().cpu() for p in prompts])
+    del m
+    torch.cuda.empty_cache()
+    return out
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
 def agreement(a, b):
     """Per sequence: how many leading tokens agree."""
     res = []
@@ -83,6 +120,15 @@ def main():
     g = torch.Generator().manual_seed(1)
     lens = [1, 7, 64, 65, 300, 1000, 2047]
     prompts = [torch.randint(100, 32000, (n,), generator=g).tolist() for n in lens]
+    lp = prompts[:6]
+    ref_logits = hf_logits(d, lp)
+    fast_logits = prefill_logits(d, lp, "triton")
+    torch_logits = prefill_logits(d, lp, "torch")
+    logits_res = {"logits_rel_err_fast_vs_hf": rel(fast_logits, ref_logits),
+                  "logits_rel_err_torch_vs_hf": rel(torch_logits, ref_logits),
+                  "logits_rel_err_fast_vs_torch": rel(fast_logits, torch_logits),
+                  "argmax_agree_fast_vs_hf": float((fast_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())}
+    print(json.dumps(logits_res))
     n = 32
     ref_hf = hf_greedy(d, prompts, n)
     torch_path, _, _ = kiln_greedy(d, prompts, n, attention_backend="torch", use_cuda_graph=False)
@@ -94,6 +140,7 @@ def main():
     tight, pre, _ = kiln_greedy(d, prompts, n, attention_backend="triton", num_gpu_blocks=60,
                                 max_num_batched_tokens=512)
     res = {
+        **logits_res,
         "prompt_lens": lens, "new_tokens": n, "cuda_graphs": graphs,
         "fast_vs_torch_path": agreement(fast, torch_path),
         "fast_vs_transformers": agreement(fast, ref_hf),

@@ -37,11 +37,11 @@ class Sampler:
                     ids = torch.tensor([t for t in r.stop_token_set if t < vocab], dtype=torch.long, device=dev)
                     logits[i, ids] = float("-inf")
 
-        greedy = torch.tensor([p.greedy for p in params], device=dev)
         greedy_ids = logits.argmax(dim=-1)
-        if bool(greedy.all()):
+        if all(p.greedy for p in params):
             ids = greedy_ids
         else:
+            greedy = torch.tensor([p.greedy for p in params], device=dev)
             temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
             scaled = logits / temp[:, None]
             if any(p.top_k > 0 or p.top_p < 1.0 for p in params):

@@ -103,7 +103,7 @@ def _engine(args):
                        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
                        use_cuda_graph=not args.enforce_eager, attention_backend=args.attention_backend,
-                       device=args.device)
+                       device=args.device, max_waiting=1 << 30)
     return EngineCore(cfg)
 
 
@@ -215,6 +215,8 @@ def cmd_latency(args) -> dict:
                output_tok_s=r["output_tokens"] / r["total_s"],
                decode_tok_s=decode_tokens / r["decode_s"] if r["decode_s"] else None,
                decode_ms_per_step=1000 * r["decode_s"] / max(1, args.output_len - 1))
+    if args.profile:
+        _profile_decode(core, prompts, args.profile)
     if args.compare_hf:
         del core
         _free_cuda()
@@ -222,6 +224,17 @@ def cmd_latency(args) -> dict:
         res["hf_generate_output_tok_s"] = hf["output_tok_s"]
         res["speedup_vs_hf"] = res["output_tok_s"] / hf["output_tok_s"]
     return res
+
+
+def _profile_decode(core, prompts, path: str) -> None:
+    """GPU kernel time table of a short run (decode dominated), printed and saved."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_batch(core, prompts, 16)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    print(table, file=sys.stderr)
+    Path(path).write_text(table)
 
 
 def cmd_throughput(args) -> dict:
@@ -360,6 +373,7 @@ def add_bench_parser(sub) -> None:
     lat.add_argument("--batch-size", type=int, default=1)
     lat.add_argument("--iters", type=int, default=3)
     lat.add_argument("--warmup-iters", type=int, default=1)
+    lat.add_argument("--profile", default=None, help="write a kernel-time table of 16 decode steps to this file")
     thr = bsub.add_parser("throughput", help="offline: N requests of random token ids, ignore_eos")
     _engine_args(thr)
     thr.add_argument("--num-prompts", type=int, default=256)

@@ -41,7 +41,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q [T, Hq, D], k [T, Hkv, D] -> rotated copies."""
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated (in place on CUDA, copies on CPU)."""
+        if q.is_cuda:
+            from kiln.kernels import rotary_embedding
+            rotary_embedding(positions, q, k, self.cos_sin_cache)
+            return q, k
         cs = self.cos_sin_cache.index_select(0, positions)
         half = self.head_dim // 2
         cos, sin = cs[:, None, :half], cs[:, None, half:]
