@@ -30,10 +30,6 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def tl_dtype_is_fp32(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32
-
-
 def patch_interpreter() -> None:
     """Make Triton's CPU interpreter work with NumPy >= 2.3 (interpreter mode only).
 
