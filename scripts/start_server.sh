@@ -7,7 +7,8 @@
 #
 # It waits until the service reports ready (or has died: then it prints the end of the log and exits 1).
 #   KILN_START_WAIT   seconds to wait for ready (default 600; 0: return at once)
-#   KILN_BIN          the kiln command to run (default: `kiln` on PATH, else `python3 -m kiln.entrypoints.cli`)
+#   KILN_BIN          the kiln command to run; else KILN_PYTHON -m kiln.entrypoints.cli when KILN_PYTHON is
+#                     set; else `kiln` on PATH; else python3 -m kiln.entrypoints.cli
 # Stop it with: bash scripts/stop_server.sh [timeout_s]
 set -u
 
@@ -29,6 +30,8 @@ fi
 
 if [ -n "${KILN_BIN:-}" ]; then
     CMD=("$KILN_BIN" serve)
+elif [ -n "${KILN_PYTHON:-}" ]; then
+    CMD=("$KILN_PYTHON" -m kiln.entrypoints.cli serve)
 elif command -v kiln >/dev/null 2>&1; then
     CMD=(kiln serve)
 else

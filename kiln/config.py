@@ -1,0 +1,576 @@
+"""Every serving setting in one table: the seed's environment variable, its default, the `kiln serve` flag,
+the help text and the validation rule.
+
+Precedence: built-in default < environment variable (Gen-A name, or its Gen-B alias) < command-line flag.
+`KilnConfig.load(env, argv_namespace)` builds a validated config; `to_engine_config()` maps it onto the
+engine core's EngineConfig. A KilnConfig is a plain dataclass: it pickles, so it is handed as is to every
+process the supervisor starts (HTTP workers, gRPC server, metrics server).
+
+Adding a setting = one `setting(...)` line below; `kiln serve --help`, the env lookup, validation and
+docs/configuration.md's table (`python -m kiln.config --markdown`) all follow from it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import socket
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from kiln.engine.config import EngineConfig
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message is one line that says what to fix."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# value parsers and checks
+# ----------------------------------------------------------------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+
+
+def _parse(kind: str, raw: Any) -> Any:
+    """Convert an env string (or a flag value) to the setting's type; ValueError with a short reason."""
+    if raw is None:
+        return None
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        s = str(raw).strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+        raise ValueError("expected a boolean (1/0, true/false)")
+    if kind in ("int", "port"):
+        if isinstance(raw, bool):
+            raise ValueError("expected an integer")
+        if isinstance(raw, int):
+            return raw
+        s = str(raw).strip()
+        try:
+            return int(s)
+        except ValueError:
+            try:
+                f = float(s)
+            except ValueError:
+                raise ValueError("expected an integer") from None
+            if f.is_integer():
+                return int(f)
+            raise ValueError("expected an integer") from None
+    if kind == "float":
+        try:
+            return float(str(raw).strip())
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if kind == "optfloat":  # empty -> None
+        s = str(raw).strip()
+        if s == "" or s.lower() in ("none", "auto"):
+            return None
+        try:
+            return float(s)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if kind == "optint":
+        s = str(raw).strip()
+        if s == "" or s.lower() in ("none", "auto", "0"):
+            return None
+        return _parse("int", s)
+    if kind == "optstr":
+        s = str(raw).strip()
+        return s or None
+    return str(raw)
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, allow: tuple = ()):
+    def check(v):
+        if v is None or v in allow:
+            return None
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return f"must be {'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+        if hi is not None and v > hi:
+            return f"must be <= {hi}"
+        return None
+    return check
+
+
+def _port(optional: bool):
+    def check(v):
+        if optional and v is not None and v <= 0:
+            return None  # -1 (or 0): switched off
+        if v is None or not (1 <= v <= 65535):
+            return "must be a TCP port in 1..65535" + (" (or -1 to switch it off)" if optional else "")
+        return None
+    return check
+
+
+def _choice(*choices: str):
+    def check(v):
+        if v not in choices:
+            return f"must be one of {', '.join(choices)}"
+        return None
+    return check
+
+
+# ----------------------------------------------------------------------------------------------------
+# the table
+# ----------------------------------------------------------------------------------------------------
+
+def setting(default: Any, env: str, help: str, *, kind: str, flags: tuple[str, ...] = (),
+            aliases: tuple[str, ...] = (), check: Callable[[Any], str | None] | None = None,
+            group: str = "service", seed_default: str | None = None) -> Any:
+    """One row of the table, stored in the dataclass field's metadata."""
+    return field(default=default, metadata=dict(env=env, help=help, kind=kind, flags=flags, aliases=aliases,
+                                                check=check, group=group, seed_default=seed_default))
+
+
+def derived(default: Any = None) -> Any:
+    """A value Kiln works out at start-up (not a setting)."""
+    return field(default=default, metadata=dict(derived=True))
+
+
+@dataclass
+class KilnConfig:
+    # --- model ---------------------------------------------------------------------------------------
+    model_dir: str | None = setting(
+        None, "MODEL_DIR", "Model: a Hugging Face directory (config.json + safetensors + tokenizer) or a .gguf file. "
+        "Unset: the bundled default model (SmolLM2-135M-Instruct).", kind="optstr", flags=("--model-dir", "--model"),
+        group="model", seed_default="/models/")
+    model_config_path: str | None = setting(
+        None, "FD_MODEL_CONFIG_PATH", "Model config file (default ${MODEL_DIR}/config.json); its "
+        "max_position_embeddings caps the sequence length.", kind="optstr", flags=("--model-config-path",),
+        group="model", seed_default="${MODEL_DIR}/config.json")
+    distributed_config: str | None = setting(
+        None, "DISTRIBUTED_CONFIG", "The seed's rank_mapping.csv. Accepted and ignored: Kiln shards a Hugging "
+        "Face checkpoint across MP_NUM ranks at load time.", kind="optstr", flags=("--distributed-config",),
+        group="model", seed_default="${MODEL_DIR}/rank_mapping.csv")
+    served_model_name: str | None = setting(
+        None, "KILN_SERVED_MODEL_NAME", "Model name shown by /v1/models and in OpenAI responses (default: the "
+        "model directory's name). Requests may name any model.", kind="optstr", flags=("--served-model-name",),
+        group="model")
+    dtype: str = setting(
+        "auto", "DTYPE", "Compute and KV-cache dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, "
+        "float32.", kind="str", flags=("--dtype",), check=_choice("auto", "bfloat16", "float16", "float32", "bf16",
+                                                                  "fp16", "fp32", "half", "float"),
+        group="model", seed_default="bfloat16")
+    quantization: str | None = setting(
+        None, "KILN_QUANTIZATION", "Weight quantization: none or w8a16 (weight-only int8).", kind="optstr",
+        flags=("--quantization",), check=lambda v: None if v in (None, "none", "w8a16") else "must be none or w8a16",
+        group="model")
+    mp_num: int = setting(
+        1, "MP_NUM", "Tensor-parallel degree (GPUs per model); CUDA_VISIBLE_DEVICES must list at least this many.",
+        kind="int", flags=("--mp-num", "--tensor-parallel-size"), check=_range(1, 64), group="model",
+        seed_default="8 (start script: 1)")
+    device: str = setting(
+        "auto", "KILN_DEVICE", "auto (cuda when available), cuda or cpu.", kind="str", flags=("--device",),
+        check=_choice("auto", "cuda", "cpu"), group="model")
+
+    # --- ports and processes -------------------------------------------------------------------------
+    host: str = setting(
+        "0.0.0.0", "KILN_HOST", "Address the public ports (HTTP, gRPC, health, metrics) listen on.", kind="str",
+        flags=("--host",))
+    push_mode_http_port: int = setting(
+        9965, "PUSH_MODE_HTTP_PORT", "Port of the HTTP API (native seed API + OpenAI API); -1 switches HTTP off.",
+        kind="port", flags=("--push-mode-http-port", "--port"), aliases=("SERVICE_HTTP_PORT",), check=_port(True),
+        seed_default="-1 (start script: 9965)")
+    push_mode_http_workers: int = setting(
+        1, "PUSH_MODE_HTTP_WORKERS", "HTTP worker processes (tokenize, detokenize, stream); up to 8 is useful.",
+        kind="int", flags=("--push-mode-http-workers", "--workers"), check=_range(1, 64),
+        seed_default="1 (start script: 4)")
+    http_port: int = setting(
+        8110, "HTTP_PORT", "Health port: /v2/health/live and /v2/health/ready.", kind="port",
+        flags=("--http-port", "--health-port"), aliases=("HEALTH_HTTP_PORT",), check=_port(False),
+        seed_default="required (start script: 8110)")
+    grpc_port: int = setting(
+        8811, "GRPC_PORT", "KServe v2 (Triton) gRPC port, model `model`; -1 switches gRPC off.", kind="port",
+        flags=("--grpc-port",), aliases=("SERVICE_GRPC_PORT",), check=_port(True),
+        seed_default="required (start script: 8811)")
+    metrics_port: int = setting(
+        8722, "METRICS_PORT", "Prometheus /metrics port; -1 switches metrics off.", kind="port",
+        flags=("--metrics-port",), aliases=("METRICS_HTTP_PORT",), check=_port(True),
+        seed_default="required (start script: 8722)")
+    infer_queue_port: int = setting(
+        8813, "INFER_QUEUE_PORT", "Internal port of the engine core (ZMQ on 127.0.0.1).", kind="port",
+        flags=("--infer-queue-port",), aliases=("INTER_PROC_PORT",), check=_port(False),
+        seed_default="56666 (start script: 8813)")
+
+    # --- lengths and batching ------------------------------------------------------------------------
+    max_seq_len: int = setting(
+        8192, "MAX_SEQ_LEN", "Longest prompt in tokens; longer prompts are rejected.", kind="int",
+        flags=("--max-seq-len",), check=_range(1), group="limits")
+    max_dec_len: int = setting(
+        1024, "MAX_DEC_LEN", "Largest max_dec_len / min_dec_len a request may ask for; the default max_dec_len is "
+        "min(MAX_SEQ_LEN - prompt length, MAX_DEC_LEN).", kind="int", flags=("--max-dec-len",), check=_range(1),
+        group="limits")
+    batch_size: int = setting(
+        50, "BATCH_SIZE", "Most sequences decoded at once (continuous batching).", kind="int",
+        flags=("--batch-size", "--max-num-seqs"), check=_range(1, 256), group="limits")
+    max_cached_task_num: int = setting(
+        128, "MAX_CACHED_TASK_NUM", "Most requests waiting for a batch slot; more are rejected (HTTP 429).",
+        kind="int", flags=("--max-cached-task-num",), check=_range(1), group="limits")
+    disable_streaming: bool = setting(
+        False, "DISABLE_STREAMING", "Send each request's result in one final packet instead of token by token.",
+        kind="bool", flags=("--disable-streaming",), group="limits")
+    max_num_batched_tokens: int | None = setting(
+        None, "KILN_MAX_NUM_BATCHED_TOKENS", "Tokens per engine step (prefill chunk budget); unset: derived.",
+        kind="optint", flags=("--max-num-batched-tokens",), check=_range(1), group="limits")
+
+    # --- KV cache --------------------------------------------------------------------------------------
+    block_size: int = setting(
+        64, "BLOCK_SIZE", "Tokens per KV-cache block.", kind="int", flags=("--block-size",),
+        check=_range(1, 1024), group="cache")
+    block_bs: float | None = setting(
+        None, "BLOCK_BS", "Size the KV cache the seed's way: room for this many sequences of MAX_SEQ_LEN + "
+        "MAX_DEC_LEN tokens. Unset: size it from GPU_MEMORY_UTILIZATION (GPU) or KILN_CPU_KV_CACHE_GIB (CPU).",
+        kind="optfloat", flags=("--block-bs",), check=_range(0, lo_open=True), group="cache", seed_default="50")
+    num_gpu_blocks: int | None = setting(
+        None, "KILN_NUM_BLOCKS", "Exact number of KV-cache blocks (overrides BLOCK_BS and GPU_MEMORY_UTILIZATION).",
+        kind="optint", flags=("--num-gpu-blocks", "--num-blocks"), check=_range(1), group="cache")
+    gpu_memory_utilization: float = setting(
+        0.9, "GPU_MEMORY_UTILIZATION", "Share of GPU memory for weights + activations + KV cache, when neither "
+        "BLOCK_BS nor KILN_NUM_BLOCKS is set.", kind="float", flags=("--gpu-memory-utilization",),
+        check=_range(0, 1, lo_open=True), group="cache")
+    cpu_kv_cache_gib: float = setting(
+        1.0, "KILN_CPU_KV_CACHE_GIB", "KV-cache size on CPU (GiB) when neither BLOCK_BS nor KILN_NUM_BLOCKS is set.",
+        kind="float", flags=("--cpu-kv-cache-gib",), check=_range(0, lo_open=True), group="cache")
+    block_ratio: float = setting(
+        0.75, "BLOCK_RATIO", "The seed's prompt/decode block split. Accepted for compatibility; Kiln's scheduler "
+        "shares one block pool and preempts when decode runs out.", kind="float", flags=("--block-ratio",),
+        check=_range(0, 1, lo_open=True), group="cache")
+    enc_dec_block_num: int = setting(
+        2, "ENC_DEC_BLOCK_NUM", "The seed's decode blocks reserved at admission (passed to the engine).",
+        kind="int", flags=("--enc-dec-block-num",), check=_range(0), group="cache")
+    max_prefill_batch: int = setting(
+        1, "MAX_PREFILL_BATCH", "The seed's new requests admitted per step. Accepted for compatibility; Kiln "
+        "admits as many as the token budget allows.", kind="int", flags=("--max-prefill-batch",), check=_range(1),
+        group="cache")
+    use_cache_kv_int8: bool = setting(
+        False, "USE_CACHE_KV_INT8", "Store the KV cache in int8.", kind="bool", flags=("--use-cache-kv-int8",),
+        group="cache")
+    enable_prefix_caching: bool = setting(
+        True, "KILN_ENABLE_PREFIX_CACHING", "Reuse the KV blocks of identical prompt prefixes.", kind="bool",
+        flags=("--enable-prefix-caching",), group="cache")
+
+    # --- behaviour -------------------------------------------------------------------------------------
+    use_warmup: bool = setting(
+        False, "USE_WARMUP", "Run a max-length prefill and a full-batch decode before reporting ready.",
+        kind="bool", flags=("--use-warmup",), group="runtime")
+    use_hf_tokenizer: bool = setting(
+        False, "USE_HF_TOKENIZER", "Accepted for compatibility; Kiln always uses the model's Hugging Face tokenizer.",
+        kind="bool", flags=("--use-hf-tokenizer",), group="runtime")
+    check_health_interval: float = setting(
+        10.0, "CHECK_HEALTH_INTERVAL", "Seconds without an engine heartbeat after which /v2/health/ready reports "
+        "the engine as hung.", kind="float", flags=("--check-health-interval",), check=_range(0, lo_open=True),
+        group="runtime")
+    shutdown_timeout: float = setting(
+        300.0, "KILN_SHUTDOWN_TIMEOUT", "On SIGTERM/Ctrl-C, how long running requests may take to finish before "
+        "they are cut.", kind="float", flags=("--shutdown-timeout",), check=_range(0), group="runtime")
+    request_timeout: float = setting(
+        300.0, "KILN_REQUEST_TIMEOUT", "Default whole-request timeout in seconds (the native `timeout` field "
+        "overrides it per request).", kind="float", flags=("--request-timeout",), check=_range(0, lo_open=True),
+        group="runtime")
+    seed: int = setting(
+        0, "KILN_SEED", "Engine random seed (requests without `seed`).", kind="int", flags=("--seed",),
+        group="runtime")
+    fd_log_dir: str = setting(
+        "log", "FD_LOG_DIR", "Log directory: server.log, requests.log (one line per request), engine.log.",
+        kind="str", flags=("--log-dir", "--fd-log-dir"), group="runtime")
+    fd_debug: bool = setting(
+        False, "FD_DEBUG", "Debug logging (also HTTP access logs).", kind="bool", flags=("--debug", "--fd-debug"),
+        group="runtime")
+
+    # --- worked out at start-up (KilnConfig.resolve) ---------------------------------------------------
+    model_path: str | None = derived()      # the resolved Hugging Face model directory
+    max_model_len: int | None = derived()   # prompt + output cap: MAX_SEQ_LEN + MAX_DEC_LEN, capped by the model
+    model_max_len: int | None = derived()   # the model's own limit (max_position_embeddings)
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def settings(cls) -> list:
+        return [f for f in fields(cls) if "env" in f.metadata]
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, args: argparse.Namespace | None = None) -> "KilnConfig":
+        """Defaults < env (Gen-A name, then Gen-B alias) < flags; validated. Raises ConfigError."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in cls.settings():
+            m = f.metadata
+            raw, source = None, None
+            names = (m["env"],) + tuple(m["aliases"])
+            given = [(n, env[n]) for n in names if n in env and str(env[n]).strip() != ""]
+            if given:
+                source, raw = given[0]
+                for other, oraw in given[1:]:
+                    try:
+                        same = _parse(m["kind"], oraw) == _parse(m["kind"], raw)
+                    except ValueError:
+                        same = False
+                    if not same:
+                        raise ConfigError(f"{source}={raw!r} and {other}={oraw!r} disagree; set only one of them")
+            flag_val = getattr(args, f.name, None) if args is not None else None
+            if flag_val is not None:
+                raw, source = flag_val, m["flags"][0] if m["flags"] else f.name
+            if source is None:
+                continue
+            try:
+                values[f.name] = _parse(m["kind"], raw)
+            except ValueError as e:
+                raise ConfigError(f"{_describe(source, m)}={raw!r}: {e}") from None
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for f in self.settings():
+            m = f.metadata
+            check = m["check"]
+            if check is not None:
+                problem = check(getattr(self, f.name))
+                if problem:
+                    raise ConfigError(f"{_describe(m['env'], m)}={getattr(self, f.name)!r}: {problem}")
+        ports = {"PUSH_MODE_HTTP_PORT": self.push_mode_http_port, "HTTP_PORT": self.http_port,
+                 "GRPC_PORT": self.grpc_port, "METRICS_PORT": self.metrics_port,
+                 "INFER_QUEUE_PORT": self.infer_queue_port}
+        seen: dict[int, str] = {}
+        for name, port in ports.items():
+            if port is None or port <= 0:
+                continue
+            if port in seen:
+                raise ConfigError(f"{seen[port]} and {name} are both {port}; give each service its own port")
+            seen[port] = name
+        cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if self.mp_num > 1 and cvd:
+            n = len([d for d in cvd.split(",") if d.strip()])
+            if n < self.mp_num:
+                raise ConfigError(f"MP_NUM={self.mp_num} but CUDA_VISIBLE_DEVICES={cvd!r} lists only {n} GPU(s)")
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def engine_address(self) -> str:
+        return f"tcp://127.0.0.1:{self.infer_queue_port}"
+
+    @property
+    def http_enabled(self) -> bool:
+        return self.push_mode_http_port > 0
+
+    @property
+    def grpc_enabled(self) -> bool:
+        return self.grpc_port > 0
+
+    @property
+    def metrics_enabled(self) -> bool:
+        return self.metrics_port > 0
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        src = self.model_dir or "SmolLM2-135M-Instruct"
+        name = Path(src.rstrip("/")).name
+        if name.lower().endswith(".gguf"):
+            name = name[:-5]
+        return name or "default"
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.fd_log_dir)
+
+    def resolve(self) -> "KilnConfig":
+        """Find the model (converting the bundled/GGUF one once) and work out the length limits.
+        Raises ConfigError with one line when the model is missing or unusable."""
+        from kiln.models.default_model import resolve_model_path
+
+        if self.model_dir is not None and not Path(self.model_dir).expanduser().exists():
+            raise ConfigError(f"MODEL_DIR={self.model_dir!r}: no such file or directory; point MODEL_DIR (or "
+                              f"--model-dir) at a Hugging Face model directory or a .gguf file, or unset it for "
+                              f"the bundled default model")
+        try:
+            path = resolve_model_path(self.model_dir)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"MODEL_DIR={self.model_dir!r}: {e}") from None
+        self.model_path = str(path)
+        cfg_path = Path(self.model_config_path) if self.model_config_path else path / "config.json"
+        try:
+            mc = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"FD_MODEL_CONFIG_PATH={str(cfg_path)!r}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"FD_MODEL_CONFIG_PATH={str(cfg_path)!r}: cannot read it ({e})") from None
+        if not isinstance(mc, dict):
+            raise ConfigError(f"FD_MODEL_CONFIG_PATH={str(cfg_path)!r}: not a JSON object")
+        model_max = mc.get("max_position_embeddings") or mc.get("max_sequence_length") or mc.get("seq_length")
+        self.model_max_len = int(model_max) if model_max else None
+        want = self.max_seq_len + self.max_dec_len
+        self.max_model_len = min(want, self.model_max_len) if self.model_max_len else want
+        return self
+
+    def to_engine_config(self) -> EngineConfig:
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                 "float": "float32"}.get(self.dtype, self.dtype)
+        return EngineConfig(
+            model=self.model_path or self.model_dir,
+            dtype=dtype,
+            device=self.device,
+            seed=self.seed,
+            max_model_len=self.max_model_len or (self.max_seq_len + self.max_dec_len),
+            max_num_seqs=self.batch_size,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_waiting=self.max_cached_task_num,
+            block_size=self.block_size,
+            num_gpu_blocks=self.num_gpu_blocks,
+            block_bs=self.block_bs,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            cpu_kv_cache_gib=self.cpu_kv_cache_gib,
+            kv_cache_dtype="int8" if self.use_cache_kv_int8 else "auto",
+            quantization=None if self.quantization in (None, "none") else self.quantization,
+            tensor_parallel_size=self.mp_num,
+            enable_prefix_caching=self.enable_prefix_caching,
+            warmup=self.use_warmup,
+            extra={"max_seq_len": self.max_seq_len, "max_dec_len": self.max_dec_len,
+                   "block_ratio": self.block_ratio, "enc_dec_block_num": self.enc_dec_block_num,
+                   "max_prefill_batch": self.max_prefill_batch},
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    def ports_in_use(self) -> list[tuple[str, int, str]]:
+        """(setting, port, host) of every port the service will listen on."""
+        out = []
+        if self.http_enabled:
+            out.append(("PUSH_MODE_HTTP_PORT", self.push_mode_http_port, self.host))
+        out.append(("HTTP_PORT", self.http_port, self.host))
+        if self.grpc_enabled:
+            out.append(("GRPC_PORT", self.grpc_port, self.host))
+        if self.metrics_enabled:
+            out.append(("METRICS_PORT", self.metrics_port, self.host))
+        out.append(("INFER_QUEUE_PORT", self.infer_queue_port, "127.0.0.1"))
+        return out
+
+    def check_ports_free(self, skip: tuple[str, ...] = ()) -> None:
+        """ConfigError naming the first busy port."""
+        for name, port, host in self.ports_in_use():
+            if name in skip:
+                continue
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, port))
+            except OSError as e:
+                raise ConfigError(port_busy_message(name, port, host, e)) from None
+            finally:
+                s.close()
+
+    def summary(self) -> str:
+        parts = []
+        for f in self.settings():
+            parts.append(f"{f.metadata['env']}={getattr(self, f.name)}")
+        return " ".join(parts)
+
+
+def port_busy_message(name: str, port: int, host: str, err: OSError) -> str:
+    why = "already in use" if getattr(err, "errno", None) in (98, 48) else str(err.strerror or err)
+    return f"{name}={port}: cannot listen on {host}:{port} ({why}); stop what uses it or choose another port"
+
+
+def _describe(source: str, meta: Mapping[str, Any]) -> str:
+    return source
+
+
+# ----------------------------------------------------------------------------------------------------
+# argparse
+# ----------------------------------------------------------------------------------------------------
+
+_GROUPS = {"model": "model", "service": "ports and processes", "limits": "lengths and batching",
+           "cache": "KV cache", "runtime": "behaviour and logs"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (default None, so that an unset flag leaves the env value alone)."""
+    groups = {k: parser.add_argument_group(v) for k, v in _GROUPS.items()}
+    for f in KilnConfig.settings():
+        m = f.metadata
+        if not m["flags"]:
+            continue
+        names = [m["env"]] + list(m["aliases"])
+        default = f.default
+        shown = "unset" if default is None else (int(default) if m["kind"] == "bool" else default)
+        text = f"{m['help']} [env {' / '.join(names)}; default {shown}]"
+        g = groups[m["group"]]
+        if m["kind"] == "bool":
+            g.add_argument(*m["flags"], dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                           help=text)
+        else:
+            metavar = {"int": "N", "port": "PORT", "float": "X", "optfloat": "X", "optint": "N"}.get(m["kind"], "VALUE")
+            g.add_argument(*m["flags"], dest=f.name, default=None, metavar=metavar, help=text)
+
+
+def markdown_table() -> str:
+    """The settings table for docs/configuration.md."""
+    rows = ["| env var | flag | default | seed default | meaning |", "|---|---|---|---|---|"]
+    for f in KilnConfig.settings():
+        m = f.metadata
+        env = " / ".join(f"`{n}`" for n in (m["env"],) + tuple(m["aliases"]))
+        flag = ", ".join(f"`{x}`" for x in m["flags"])
+        d = f.default
+        d = "unset" if d is None else (str(int(d)) if m["kind"] == "bool" else str(d))
+        rows.append(f"| {env} | {flag} | {d} | {m['seed_default'] or ''} | {m['help']} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# logging
+# ----------------------------------------------------------------------------------------------------
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(processName)s %(process)d] %(name)s: %(message)s"
+
+
+def setup_logging(cfg: KilnConfig, process_name: str | None = None, *, console: bool = True,
+                  file_name: str = "server.log") -> None:
+    """Root logging of a Kiln process: console (stderr) + FD_LOG_DIR/<file_name>; per-request lines go to
+    FD_LOG_DIR/requests.log through the `kiln.requests` logger."""
+    import multiprocessing
+
+    if process_name:
+        multiprocessing.current_process().name = process_name
+    level = logging.DEBUG if cfg.fd_debug else logging.INFO
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(level)
+    fmt = logging.Formatter(LOG_FORMAT)
+    if console:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    log_dir = cfg.log_dir
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_dir / file_name, encoding="utf-8")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+        rl = logging.getLogger("kiln.requests")
+        for h in list(rl.handlers):
+            rl.removeHandler(h)
+        rh = logging.FileHandler(log_dir / "requests.log", encoding="utf-8")
+        rh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        rl.addHandler(rh)
+        rl.propagate = cfg.fd_debug
+        rl.setLevel(logging.INFO)
+    except OSError as e:
+        root.warning("cannot write logs under FD_LOG_DIR=%s: %s", log_dir, e)
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("uvicorn.access").setLevel(logging.INFO if cfg.fd_debug else logging.WARNING)
+
+
+if __name__ == "__main__":  # python -m kiln.config --markdown
+    if "--markdown" in sys.argv:
+        print(markdown_table())

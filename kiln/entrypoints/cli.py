@@ -1,0 +1,102 @@
+"""The `kiln` command.
+
+    kiln serve [flags]      the whole service in the foreground (env vars of the seed + equivalent flags)
+    kiln generate ...       offline generation (kiln.entrypoints.generate)
+
+A subcommand = one `sub.add_parser(...)` with `set_defaults(func=...)` below; `func(args)` returns the exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _version() -> str:
+    try:
+        from kiln import __version__
+        return __version__
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+# -- serve ---------------------------------------------------------------------------------------------
+
+SERVE_EPILOG = """\
+Every setting is read from its environment variable (the seed's names, as in the deploy guide) and can be
+overridden by its flag. Examples:
+  kiln serve                                      # bundled default model, HTTP API on :9965
+  MODEL_DIR=/models PUSH_MODE_HTTP_PORT=9965 BATCH_SIZE=48 kiln serve
+  kiln serve --model-dir /models --port 8000 --workers 2 --grpc-port -1 --metrics-port -1
+CUDA_VISIBLE_DEVICES selects the GPUs as usual. See docs/configuration.md for the full table."""
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from kiln.config import add_arguments
+
+    add_arguments(p)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kiln.config import ConfigError, KilnConfig
+    from kiln.entrypoints.serve import serve
+
+    try:
+        cfg = KilnConfig.load(os.environ, args)
+        return serve(cfg)
+    except ConfigError as e:
+        print(f"kiln serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+# -- generate ------------------------------------------------------------------------------------------
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    try:
+        from kiln.entrypoints.generate import add_generate_args as add
+    except ImportError:
+        return
+    add(p)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    try:
+        from kiln.entrypoints.generate import cmd_generate as run
+    except ImportError:
+        print("kiln generate: not available in this build", file=sys.stderr)
+        return 2
+    return run(args)
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Kiln: a fast LLM inference server.")
+    parser.add_argument("--version", action="version", version=f"kiln {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the inference service in the foreground",
+                       description="Run the inference service (HTTP native + OpenAI API, gRPC, health, metrics) "
+                                   "in the foreground. Ctrl-C / SIGTERM stops it gracefully.",
+                       epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="generate text offline (no server)")
+    add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

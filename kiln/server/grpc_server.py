@@ -1,0 +1,425 @@
+"""KServe v2 / Triton gRPC front end (`inference.GRPCInferenceService` on GRPC_PORT).
+
+One model, `model` (version 1), decoupled like the seed's Triton Python backend: input `IN` and output `OUT`,
+both BYTES of shape [1] holding JSON (seed-system-spec.md section 2). `IN` carries `[request]` with the native
+API's fields; the request goes through the same path as the HTTP API (`kiln.server.seed_protocol`: validation,
+tokenization, engine, detokenization) and each packet comes back as one response:
+
+* ModelStreamInfer: one response per packet; normal packets are `json.dumps([packet])`, errors
+  `json.dumps({"req_id", "error_msg", "error_code", ...})`; the last response of a request (is_end == 1 or
+  an error) carries the `triton_final_response` parameter = true, as Triton marks a decoupled model's final
+  response (every other response carries it = false). Several requests may share one stream; their
+  responses interleave, each carrying its gRPC request id. Cancelling the stream (or the client going away)
+  aborts every request still running on it in the engine.
+* ModelInfer (unary): the whole answer in one response (the final packet, with tokens_all); errors are
+  gRPC status codes (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ALREADY_EXISTS, DEADLINE_EXCEEDED, INTERNAL,
+  NOT_FOUND for an unknown model) whose message is the packet's error_msg.
+* ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig. Other RPCs answer
+  UNIMPLEMENTED.
+
+gRPC does not need the HTTP API: it talks to the engine core directly (unlike the seed, whose gRPC breaks when
+PUSH_MODE_HTTP_PORT is off). The supervisor runs `run(cfg)` in its own process.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import struct
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+import grpc
+
+# The KServe v2 / Triton protocol's generated message and service classes, as tritonclient ships them: the
+# server speaks exactly the wire format of the client package it is tested with.
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kiln.grpc")
+
+MODEL_NAME = "model"
+MODEL_VERSION = "1"
+INPUT_NAME = "IN"
+OUTPUT_NAME = "OUT"
+FINAL_PARAM = "triton_final_response"
+SERVER_NAME = "kiln"
+EXTENSIONS = ["model_configuration", "generate"]
+MAX_MESSAGE = 2**31 - 1
+
+# A runner takes a seed request dict and streams its seed packets (dicts); final_only asks for just the
+# final packet (unary ModelInfer). It never raises for a bad request: errors are packets with error_msg.
+Runner = Callable[[dict, bool], AsyncIterator[dict]]
+
+# error_code / error_type of a packet -> gRPC status for the unary RPC
+_STATUS_BY_TYPE = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "bad_body": grpc.StatusCode.INVALID_ARGUMENT,
+    "too_long": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "queue_full": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "duplicate_id": grpc.StatusCode.ALREADY_EXISTS,
+    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "internal": grpc.StatusCode.INTERNAL,
+    "not_ready": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+# -- BYTES tensors -----------------------------------------------------------------------------------------
+def serialize_bytes_tensor(items: list[bytes]) -> bytes:
+    """Triton's raw BYTES layout: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def deserialize_bytes_tensor(raw: bytes) -> list[bytes]:
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise ValueError("truncated BYTES tensor")
+        (n,) = struct.unpack_from("<I", raw, i)
+        i += 4
+        if i + n > len(raw):
+            raise ValueError("truncated BYTES tensor")
+        out.append(raw[i:i + n])
+        i += n
+    return out
+
+
+class RequestError(Exception):
+    """A request that cannot be run: a protocol-level problem (wrong model, missing IN, not JSON)."""
+
+    def __init__(self, msg: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT, error_code: int = 400):
+        super().__init__(msg)
+        self.msg = msg
+        self.status = code
+        self.error_code = error_code
+
+
+def check_model(name: str, version: str, aliases: tuple[str, ...] = ()) -> None:
+    if name != MODEL_NAME and name not in aliases:
+        raise RequestError(f"Request for unknown model: '{name}' is not found", grpc.StatusCode.NOT_FOUND, 404)
+    if version not in ("", MODEL_VERSION):
+        raise RequestError(f"Request for unknown model: '{name}' version {version} is not found",
+                           grpc.StatusCode.NOT_FOUND, 404)
+
+
+def parse_request(request: pb.ModelInferRequest) -> dict:
+    """The seed request dict held in input IN (`json.dumps([request])`; a bare object is accepted too)."""
+    if not request.inputs:
+        raise RequestError(f"expected 1 inputs but got 0 inputs for model '{request.model_name}': "
+                           f"send input {INPUT_NAME} (BYTES, shape [1]) holding json.dumps([request])")
+    idx = next((i for i, t in enumerate(request.inputs) if t.name == INPUT_NAME), None)
+    if idx is None:
+        names = ", ".join(repr(t.name) for t in request.inputs)
+        raise RequestError(f"unexpected inference input {names} for model '{request.model_name}': "
+                           f"the model's input is {INPUT_NAME!r} (BYTES, shape [1])")
+    tensor = request.inputs[idx]
+    if tensor.datatype and tensor.datatype != "BYTES":
+        raise RequestError(f"input {INPUT_NAME!r} must be BYTES (TYPE_STRING), got {tensor.datatype}")
+    try:
+        if request.raw_input_contents:
+            if idx >= len(request.raw_input_contents):
+                raise RequestError(f"input {INPUT_NAME!r} has no data in raw_input_contents")
+            items = deserialize_bytes_tensor(request.raw_input_contents[idx])
+        else:
+            items = list(tensor.contents.bytes_contents)
+    except ValueError as e:
+        raise RequestError(f"input {INPUT_NAME!r}: {e}") from None
+    if not items:
+        raise RequestError(f"input {INPUT_NAME!r} is empty: it must hold json.dumps([request])")
+    try:
+        obj = json.loads(items[0])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"input {INPUT_NAME!r} is not valid JSON ({e}); it must hold json.dumps([request])") \
+            from None
+    if isinstance(obj, list):
+        if len(obj) != 1:
+            raise RequestError(f"input {INPUT_NAME!r} must hold a JSON array of exactly one request object, "
+                               f"got {len(obj)} items")
+        obj = obj[0]
+    if not isinstance(obj, dict):
+        raise RequestError(f"input {INPUT_NAME!r} must hold a JSON request object (json.dumps([request])), "
+                           f"got {type(obj).__name__}")
+    return obj
+
+
+def is_final(packet: dict) -> bool:
+    return bool(packet.get("is_end") == 1 or packet.get("error_msg") or packet.get("error_code"))
+
+
+def packet_json(packet: dict) -> bytes:
+    """Normal packets travel as a one-item list, error packets as the bare object (the seed's format)."""
+    if "error_type" in packet:  # internal: picks the unary status, not part of the seed's packet
+        packet = {k: v for k, v in packet.items() if k != "error_type"}
+    body = packet if packet.get("error_msg") else [packet]
+    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
+def make_response(packet: dict, request: pb.ModelInferRequest, final: bool | None) -> pb.ModelInferResponse:
+    r = pb.ModelInferResponse(model_name=MODEL_NAME, model_version=MODEL_VERSION, id=request.id)
+    r.outputs.add(name=OUTPUT_NAME, datatype="BYTES", shape=[1])
+    r.raw_output_contents.append(serialize_bytes_tensor([packet_json(packet)]))
+    if final is not None:
+        r.parameters[FINAL_PARAM].bool_param = final
+    return r
+
+
+def error_packet(req_id: str, msg: str, code: int) -> dict:
+    return {"req_id": req_id, "error_msg": msg, "error_code": code, "is_end": 1}
+
+
+def request_id_of(req: dict, request: pb.ModelInferRequest) -> str:
+    rid = req.get("req_id")
+    if rid is None or rid == "":
+        rid = request.id or str(uuid.uuid4())
+        req["req_id"] = rid
+    return str(rid)
+
+
+# -- the service ---------------------------------------------------------------------------------------------
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, runner: Runner, ready: Callable[[], bool], model_aliases: tuple[str, ...] = (),
+                 version: str = ""):
+        self.runner = runner
+        self.ready = ready
+        self.aliases = tuple(a for a in model_aliases if a and a != MODEL_NAME)
+        self.version = version
+        self.stopping = False
+        self._stream_queues: set[asyncio.Queue] = set()
+
+    def begin_shutdown(self) -> None:
+        """Streams with nothing running end now; the others end once their requests finish (the server's
+        stop grace bounds that). Without this an idle client's open stream would hold the shutdown."""
+        self.stopping = True
+        for q in list(self._stream_queues):
+            q.put_nowait(None)
+
+    # health and metadata
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=bool(self.ready()))
+
+    async def ModelReady(self, request, context):
+        try:
+            check_model(request.name, request.version, self.aliases)
+        except RequestError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=bool(self.ready()))
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+
+    async def _check_or_abort(self, name: str, version: str, context) -> None:
+        try:
+            check_model(name, version, self.aliases)
+        except RequestError as e:
+            await context.abort(e.status, e.msg)
+
+    async def ModelMetadata(self, request, context):
+        await self._check_or_abort(request.name, request.version, context)
+        T = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=MODEL_NAME, versions=[MODEL_VERSION], platform="kiln",
+            inputs=[T(name=INPUT_NAME, datatype="BYTES", shape=[1])],
+            outputs=[T(name=OUTPUT_NAME, datatype="BYTES", shape=[1])])
+
+    async def ModelConfig(self, request, context):
+        await self._check_or_abort(request.name, request.version, context)
+        return pb.ModelConfigResponse(config=model_config())
+
+    # inference
+    async def ModelInfer(self, request, context):
+        try:
+            check_model(request.model_name, request.model_version, self.aliases)
+            req = parse_request(request)
+        except RequestError as e:
+            await context.abort(e.status, e.msg)
+        request_id_of(req, request)
+        final = None
+        async with contextlib.aclosing(self.runner(req, True)) as packets:
+            async for packet in packets:
+                final = packet
+                if is_final(packet):
+                    break
+        if final is None:
+            await context.abort(grpc.StatusCode.INTERNAL, "the request ended without an answer")
+        if final.get("error_msg") or final.get("error_code"):
+            status = _STATUS_BY_TYPE.get(final.get("error_type") or "")
+            if status is None:
+                code = final.get("error_code")
+                status = grpc.StatusCode.INTERNAL if code in (500, 501) else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(status, str(final.get("error_msg") or f"error {final.get('error_code')}"))
+        return make_response(final, request, None)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        out: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        reading_done = asyncio.Event()
+
+        async def serve_one(request: pb.ModelInferRequest) -> None:
+            try:
+                check_model(request.model_name, request.model_version, self.aliases)
+                req = parse_request(request)
+            except RequestError as e:
+                if e.status == grpc.StatusCode.NOT_FOUND:  # as Triton: an error response, not OUT
+                    await out.put(pb.ModelStreamInferResponse(error_message=e.msg))
+                else:
+                    rid = request.id or ""
+                    await out.put(pb.ModelStreamInferResponse(
+                        infer_response=make_response(error_packet(rid, e.msg, e.error_code), request, True)))
+                return
+            rid = request_id_of(req, request)
+            sent_final = False
+            try:
+                async with contextlib.aclosing(self.runner(req, False)) as packets:
+                    async for packet in packets:
+                        final = is_final(packet)
+                        await out.put(pb.ModelStreamInferResponse(
+                            infer_response=make_response(packet, request, final)))
+                        if final:
+                            sent_final = True
+                            break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one request's failure must not end the stream
+                log.exception("gRPC request %s failed", rid)
+                await out.put(pb.ModelStreamInferResponse(infer_response=make_response(
+                    error_packet(rid, f"internal error: {e}", 500), request, True)))
+                sent_final = True
+            if not sent_final:
+                await out.put(pb.ModelStreamInferResponse(infer_response=make_response(
+                    error_packet(rid, "the request ended without a final packet", 500), request, True)))
+
+        async def read_requests() -> None:
+            try:
+                async for request in request_iterator:
+                    t = asyncio.create_task(serve_one(request))
+                    tasks.add(t)
+                    t.add_done_callback(lambda t: (tasks.discard(t), out.put_nowait(None)))
+            finally:
+                reading_done.set()
+                out.put_nowait(None)
+
+        reader = asyncio.create_task(read_requests())
+        self._stream_queues.add(out)
+        try:
+            while True:
+                item = await out.get()
+                if item is not None:
+                    yield item
+                elif (reading_done.is_set() or self.stopping) and not tasks and out.empty():
+                    break
+        finally:
+            self._stream_queues.discard(out)
+            # the client closed or cancelled the stream, or the server is stopping: abort what still runs
+            reader.cancel()
+            for t in list(tasks):
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def model_config() -> mc.ModelConfig:
+    return mc.ModelConfig(
+        name=MODEL_NAME, backend="kiln", max_batch_size=0,
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_STRING, dims=[1])],
+        output=[mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_STRING, dims=[1])],
+        model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+        instance_group=[mc.ModelInstanceGroup(name="model_0", kind=mc.ModelInstanceGroup.KIND_MODEL, count=1)])
+
+
+async def start_server(servicer: KServeServicer, address: str) -> grpc.aio.Server:
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE),
+                                      ("grpc.max_receive_message_length", MAX_MESSAGE),
+                                      ("grpc.so_reuseport", 0)])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    return server
+
+
+# -- process entry point ------------------------------------------------------------------------------------
+def build_runner(frontend: Any) -> Runner:
+    """The shared seed request path (kiln.server.seed_protocol) as a Runner: parse + validate + tokenize,
+    run through the engine, yield seed packets; every failure becomes a final error packet carrying an
+    internal `error_type` key (used for the unary status, stripped before sending)."""
+    import time
+
+    from kiln.server.frontend import RequestError as FrontendError
+    from kiln.server.seed_protocol import parse_seed_request, run_seed_request, seed_error_packet
+
+    def error(err: Any, rid: str) -> dict:
+        p = seed_error_packet(err, rid)
+        p["is_end"] = 1
+        p["error_type"] = err.error_type
+        return p
+
+    async def runner(body: dict, final_only: bool) -> AsyncIterator[dict]:
+        arrival = time.time()
+        rid = str(body.get("req_id") or "")
+        try:
+            if frontend.shutting_down:
+                raise FrontendError("the server is shutting down", "not_ready", 500)
+            req = parse_seed_request(body, frontend, api="grpc", arrival_time=arrival)
+        except FrontendError as e:
+            frontend.reject(frontend.new_record(rid, "grpc", arrival), e)
+            yield error(e, rid)
+            return
+        if final_only:
+            req.return_all_tokens = True
+        try:
+            async for packet in run_seed_request(req, frontend):
+                yield packet
+        except FrontendError as e:
+            if req.record is None:  # failed before reaching the engine
+                frontend.reject(frontend.new_record(req.req_id, "grpc", arrival), e)
+            yield error(e, req.req_id)
+
+    return runner
+
+
+def run(cfg: Any) -> None:
+    """Process entry point (the supervisor spawns it): serve gRPC on cfg.grpc_port until SIGTERM/SIGINT."""
+    if not logging.getLogger().handlers:  # the supervisor's _component_main normally set it up
+        try:
+            from kiln.config import setup_logging
+
+            setup_logging(cfg, "kiln-grpc")
+        except Exception:  # noqa: BLE001
+            logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(cfg))
+
+
+async def _serve(cfg: Any) -> None:
+    import kiln
+    from kiln.server.frontend import Frontend
+
+    frontend = await Frontend.start(cfg)
+    servicer = KServeServicer(build_runner(frontend), lambda: frontend.readiness()[0],
+                              (getattr(cfg, "model_name", None) or "",), getattr(kiln, "__version__", ""))
+    host = getattr(cfg, "host", None) or "0.0.0.0"
+    address = f"[::]:{cfg.grpc_port}" if host in ("0.0.0.0", "::", "") else f"{host}:{cfg.grpc_port}"
+    server = await start_server(servicer, address)
+    log.info("KServe v2 gRPC on %s (model %r)", address, MODEL_NAME)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
+    grace = float(getattr(cfg, "shutdown_timeout", 30.0) or 0.0)
+    frontend.shutting_down = True
+    servicer.begin_shutdown()
+    log.info("gRPC: stopping; letting running requests finish (up to %.0f s)", grace)
+    await server.stop(grace)
+    await frontend.close()

@@ -1,0 +1,465 @@
+"""The HTTP API on PUSH_MODE_HTTP_PORT: the seed's native API and the OpenAI API, one FastAPI app per worker
+process (the supervisor starts PUSH_MODE_HTTP_WORKERS of them on one shared listening socket).
+
+Routes
+  POST /v1/chat/completions        native body (text / input_ids / messages without model) -> native answer,
+                                   OpenAI chat body -> OpenAI answer
+  POST /v1/completions             OpenAI completions (raw prompt; a native body is served natively)
+  POST /v1/chat/completions/completions, /v1/chat/completions/chat/completions
+                                   the Gen-A OpenAI routes, so base_url=".../v1/chat/completions" works
+  GET  /v1/models (+ /v1/chat/completions/models)
+  GET  /v2/health/live, /v2/health/ready, /health    (this worker's view; the health port is HTTP_PORT)
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kiln.config import KilnConfig, setup_logging
+from kiln.server import openai_schema as oai
+from kiln.server.frontend import (
+    SEED_CODE_BAD_BODY,
+    Frontend,
+    GenerationState,
+    RequestError,
+    merge_streams,
+)
+from kiln.server.seed_protocol import collect_seed_result, parse_seed_request, run_seed_request, seed_error_packet
+
+log = logging.getLogger("kiln.http")
+
+NDJSON = "application/x-ndjson"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body iterator (so a disconnect aborts the request at once,
+    not when the generator is garbage-collected)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                task = asyncio.get_running_loop().create_task(close())
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(task)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def _race_disconnect(request: Request, awaitable) -> Any:
+    """Await `awaitable`; if the client disconnects first, cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone()
+
+
+async def _first(request: Request, agen: AsyncIterator) -> Any:
+    """The first item of agen (before the response status is chosen), watching for a disconnect."""
+    async def first():
+        return await agen.__anext__()
+    return await _race_disconnect(request, first())
+
+
+async def _read_json(request: Request) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        raise RequestError("The request body is empty; send a JSON object", "bad_body", SEED_CODE_BAD_BODY)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"The request body is not valid JSON: {e}", "bad_body", SEED_CODE_BAD_BODY) from None
+
+
+def _native_error(err: RequestError, req_id: Any = None) -> JSONResponse:
+    rid = req_id if isinstance(req_id, (str, int)) and not isinstance(req_id, bool) else None
+    return JSONResponse(seed_error_packet(err, None if rid is None else str(rid)), status_code=err.http_status)
+
+
+def _openai_error(err: RequestError) -> JSONResponse:
+    return JSONResponse(oai.error_body(err.message, err.http_status, err.param, err.error_type),
+                        status_code=err.http_status)
+
+
+def _both_error(err: RequestError) -> JSONResponse:
+    """Error on a route that serves both APIs, before we know which: both bodies in one."""
+    body = seed_error_packet(err)
+    body.update(oai.error_body(err.message, err.http_status, err.param, err.error_type))
+    return JSONResponse(body, status_code=err.http_status)
+
+
+def _is_native_chat(body: Any) -> bool:
+    if not isinstance(body, dict):
+        return True
+    return "text" in body or "input_ids" in body or "model" not in body
+
+
+def _is_native_completion(body: Any) -> bool:
+    return isinstance(body, dict) and "prompt" not in body and ("text" in body or "input_ids" in body)
+
+
+def _shutting_down() -> RequestError:
+    return RequestError("the server is shutting down", "not_ready", 500)
+
+
+# ----------------------------------------------------------------------------------------------------
+# native API
+# ----------------------------------------------------------------------------------------------------
+
+async def serve_native(request: Request, body: Any, fe: Frontend) -> Response:
+    arrival = time.time()
+    rid_hint = body.get("req_id") if isinstance(body, dict) else None
+    try:
+        if fe.shutting_down:
+            raise _shutting_down()
+        req = parse_seed_request(body, fe, arrival_time=arrival)
+    except RequestError as e:
+        fe.reject(fe.new_record(str(rid_hint) if rid_hint is not None else "-", "native", arrival), e)
+        return _native_error(e, rid_hint)
+
+    if not req.stream:
+        try:
+            result = await _race_disconnect(request, collect_seed_result(req, fe))
+        except RequestError as e:
+            return _native_error(e, req.req_id)
+        except ClientGone:
+            return Response(status_code=499)
+        return JSONResponse(result)
+
+    agen = run_seed_request(req, fe)
+    try:
+        first = await _first(request, agen)
+    except RequestError as e:
+        return _native_error(e, req.req_id)
+    except ClientGone:
+        return Response(status_code=499)
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            yield _dumps(first) + "\n"
+            if first.get("is_end") == 1:
+                return
+            async for packet in agen:
+                yield _dumps(packet) + "\n"
+        except RequestError as e:
+            yield _dumps(seed_error_packet(e, req.req_id)) + "\n"
+        finally:
+            await agen.aclose()
+
+    return ClosingStreamingResponse(lines(), media_type=NDJSON)
+
+
+# ----------------------------------------------------------------------------------------------------
+# OpenAI API
+# ----------------------------------------------------------------------------------------------------
+
+def _streams(job: oai.OpenAIJob, fe: Frontend):
+    deadline = time.monotonic() + job.timeout
+    streams, states, records = [], [], []
+    for idx, p, rid in job.request_ids():
+        rec = fe.new_record(rid, job.kind, job.arrival_time)
+        st = GenerationState()
+        streams.append(fe.stream(rid, job.prompts[p], job.params_for(p, idx % job.n), record=rec,
+                                 deadline=deadline, state=st, skip_special_tokens=job.skip_special_tokens,
+                                 include_stop_str_in_output=job.include_stop_str_in_output, timeout_s=job.timeout))
+        states.append(st)
+        records.append(rec)
+    return streams, states, records
+
+
+async def _collect_openai(job: oai.OpenAIJob, fe: Frontend) -> dict:
+    streams, states, records = _streams(job, fe)
+    builders = [oai.LogprobsBuilder(job, fe) for _ in streams]
+    lp_parts: list[list] = [[] for _ in streams]
+    finish: list[str | None] = [None] * len(streams)
+    merged = merge_streams(streams)
+    try:
+        async for idx, ev in merged:
+            if job.want_logprobs:
+                if job.kind == "chat":
+                    lp_parts[idx].append(builders[idx].chat_part(ev.token_ids, ev.logprobs))
+                else:
+                    lp_parts[idx].append(builders[idx].completion_part(ev.token_ids, ev.logprobs))
+            if ev.finished:
+                finish[idx] = ev.finish_reason
+    finally:
+        await merged.aclose()
+    choices = []
+    for idx, p, _rid in job.request_ids():
+        st = states[idx]
+        if job.kind == "chat":
+            choices.append({"index": idx, "message": {"role": "assistant", "content": st.text},
+                            "logprobs": oai.merge_chat_logprobs(lp_parts[idx]), "finish_reason": finish[idx]})
+        else:
+            text = (job.prompt_texts[p] + st.text) if job.echo else st.text
+            choices.append({"index": idx, "text": text, "logprobs": oai.merge_completion_logprobs(lp_parts[idx]),
+                            "finish_reason": finish[idx]})
+    prompt_tokens = sum(len(x) for x in job.prompts)
+    completion_tokens = sum(len(st.token_ids) for st in states)
+    if job.kind == "chat":
+        return oai.chat_response(job, choices, prompt_tokens, completion_tokens)
+    return oai.completion_response(job, choices, prompt_tokens, completion_tokens)
+
+
+async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> Response:
+    arrival = time.time()
+    try:
+        if fe.shutting_down:
+            raise _shutting_down()
+        job = oai.parse_chat(body, fe) if kind == "chat" else oai.parse_completion(body, fe)
+    except RequestError as e:
+        fe.reject(fe.new_record("-", kind, arrival), e)
+        return _openai_error(e)
+
+    if not job.stream:
+        try:
+            return JSONResponse(await _race_disconnect(request, _collect_openai(job, fe)))
+        except RequestError as e:
+            return _openai_error(e)
+        except ClientGone:
+            return Response(status_code=499)
+
+    streams, states, _records = _streams(job, fe)
+    merged = merge_streams(streams)
+    try:
+        first = await _first(request, merged)
+    except RequestError as e:
+        await merged.aclose()
+        return _openai_error(e)
+    except ClientGone:
+        return Response(status_code=499)
+    except StopAsyncIteration:
+        first = None
+
+    builders = [oai.LogprobsBuilder(job, fe) for _ in streams]
+    prompt_tokens = sum(len(x) for x in job.prompts)
+
+    def sse(obj: Any) -> str:
+        return f"data: {_dumps(obj)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        started: set[int] = set()
+        out_tokens = [0] * len(streams)
+
+        def chunks(idx: int, ev) -> list[str]:
+            out = []
+            p = idx // job.n
+            out_tokens[idx] = ev.num_output_tokens
+            if job.kind == "chat":
+                if idx not in started:
+                    started.add(idx)
+                    out.append(sse(oai.chat_chunk(job, idx, {"role": "assistant", "content": ""}, None)))
+                lp = builders[idx].chat_part(ev.token_ids, ev.logprobs)
+                if ev.text or ev.finished or lp:
+                    c = oai.chat_chunk(job, idx, {"content": ev.text}, ev.finish_reason if ev.finished else None, lp)
+                    if job.include_usage and job.continuous_usage:
+                        c["usage"] = oai.usage(len(job.prompts[p]), ev.num_output_tokens)
+                    out.append(sse(c))
+            else:
+                text = ev.text
+                if idx not in started:
+                    started.add(idx)
+                    if job.echo:
+                        text = job.prompt_texts[p] + text
+                lp = builders[idx].completion_part(ev.token_ids, ev.logprobs)
+                if text or ev.finished or lp:
+                    c = oai.completion_chunk(job, idx, text, ev.finish_reason if ev.finished else None, lp)
+                    if job.include_usage and job.continuous_usage:
+                        c["usage"] = oai.usage(len(job.prompts[p]), ev.num_output_tokens)
+                    out.append(sse(c))
+            return out
+
+        try:
+            if first is not None:
+                for c in chunks(*first):
+                    yield c
+                async for idx, ev in merged:
+                    for c in chunks(idx, ev):
+                        yield c
+            if job.include_usage:
+                yield sse(oai.usage_chunk(job, prompt_tokens, sum(len(st.token_ids) for st in states)))
+        except RequestError as e:
+            yield sse(oai.error_body(e.message, e.http_status, e.param, e.error_type))
+        finally:
+            await merged.aclose()
+        yield "data: [DONE]\n\n"
+
+    return ClosingStreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the app
+# ----------------------------------------------------------------------------------------------------
+
+def create_app(cfg: KilnConfig, frontend: Frontend | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        fe = frontend or await Frontend.start(cfg)
+        app.state.frontend = fe
+        try:
+            yield
+        finally:
+            fe.shutting_down = True
+            await fe.close()
+
+    app = FastAPI(title="Kiln", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def fe_of(request: Request) -> Frontend:
+        return request.app.state.frontend
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        fe = fe_of(request)
+        try:
+            body = await _read_json(request)
+        except RequestError as e:
+            return _both_error(e)
+        if _is_native_chat(body):
+            return await serve_native(request, body, fe)
+        return await serve_openai(request, body, fe, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        fe = fe_of(request)
+        try:
+            body = await _read_json(request)
+        except RequestError as e:
+            return _both_error(e)
+        if _is_native_completion(body):
+            return await serve_native(request, body, fe)
+        return await serve_openai(request, body, fe, "completions")
+
+    @app.post("/v1/chat/completions/completions")
+    async def genA_completions(request: Request):
+        try:
+            body = await _read_json(request)
+        except RequestError as e:
+            return _openai_error(e)
+        return await serve_openai(request, body, fe_of(request), "completions")
+
+    @app.post("/v1/chat/completions/chat/completions")
+    async def genA_chat(request: Request):
+        try:
+            body = await _read_json(request)
+        except RequestError as e:
+            return _openai_error(e)
+        return await serve_openai(request, body, fe_of(request), "chat")
+
+    @app.get("/v1/models")
+    @app.get("/v1/chat/completions/models")
+    async def models(request: Request):
+        return JSONResponse(oai.models_response(fe_of(request)))
+
+    @app.get("/v2/health/live")
+    async def live(request: Request):
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready")
+    @app.get("/health")
+    async def ready(request: Request):
+        ok, code, msg = fe_of(request).readiness()
+        if ok:
+            return Response(status_code=200)
+        return JSONResponse({"error_code": code, "error_msg": msg}, status_code=500 if request.url.path != "/health"
+                            else 503)
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        err = RequestError(f"internal server error: {type(exc).__name__}: {exc}", "internal", 501)
+        return _both_error(err)
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------------
+# worker process
+# ----------------------------------------------------------------------------------------------------
+
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent (the supervisor) dies, so no worker outlives it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux
+        pass
+
+
+def _watch_parent(server, ppid: int) -> None:
+    while not server.should_exit:
+        if os.getppid() != ppid:
+            log.warning("the supervisor is gone; stopping")
+            server.should_exit = True
+            return
+        time.sleep(1.0)
+
+
+def run_worker(cfg: KilnConfig, sock: socket.socket, index: int = 0, started=None) -> None:
+    """Process entry of one HTTP worker: serve the app on the supervisor's listening socket until SIGTERM
+    (graceful: stop accepting, finish running requests within cfg.shutdown_timeout). `started` (an event)
+    is set once the worker serves."""
+    import uvicorn
+
+    ppid = os.getppid()
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
+    setup_logging(cfg, f"kiln-http-{index}")
+
+    class WorkerServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            signal.signal(signal.SIGTERM, self.handle_exit)
+            yield
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if started is not None and not self.should_exit:
+                started.set()
+
+    config = uvicorn.Config(create_app(cfg), log_config=None, access_log=cfg.fd_debug, lifespan="on",
+                            timeout_graceful_shutdown=int(max(1, cfg.shutdown_timeout)), timeout_keep_alive=5,
+                            proxy_headers=False, server_header=False)
+    server = WorkerServer(config)
+    threading.Thread(target=_watch_parent, args=(server, ppid), daemon=True).start()
+    server.run(sockets=[sock])
+    log.info("HTTP worker %d stopped", index)

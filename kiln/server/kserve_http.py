@@ -1,0 +1,299 @@
+"""KServe v2 over HTTP, on PUSH_MODE_HTTP_PORT: the same model `model` as the gRPC service.
+
+    GET  /v2                                   server metadata {name, version, extensions}
+    GET  /v2/models/model[/versions/1]         model metadata {name, versions, platform, inputs, outputs}
+    GET  /v2/models/model[/versions/1]/ready   200 when ready, 400 when not (KServe v2: a 4xx means false)
+    GET  /v2/models/model[/versions/1]/config  the model configuration (Triton's JSON form)
+    POST /v2/models/model[/versions/1]/generate          Triton's generate extension: one JSON answer
+    POST /v2/models/model[/versions/1]/generate_stream   the same as server-sent events, one per token
+
+Generate bodies. As Triton maps a generate body's fields to the model's inputs, `{"IN": "[{...seed
+request...}]"}` (IN as the JSON text gRPC carries, or as the array / object itself) is the exact form. Two
+shorter forms are accepted: the seed request's fields at the top level (`{"text": "...", "max_dec_len": 20}`),
+and the LLM convention `{"text_input": "...", "parameters": {"max_tokens": 20, "temperature": 0}}` (the
+parameters are seed / OpenAI-style field names). Validation is the native API's (kiln.server.seed_protocol).
+
+Answers: `{"model_name": "model", "model_version": "1", "OUT": "<json.dumps([packet])>", "text_output":
+"<text>"}`: OUT is what gRPC's OUT carries (the final packet for /generate, one packet per event for
+/generate_stream); text_output the whole text (/generate) or this packet's text (/generate_stream).
+Errors: the HTTP status of the error type (400, 404, 409, 429, 500, 503, 504) and `{"error": msg,
+"error_msg": msg, "error_code": n}`; in a stream, an event carrying the same object, then the stream ends.
+
+The HTTP app includes `router` (`app.include_router(kserve_http.router)`); it finds the front end in
+`request.app.state.frontend`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+MODEL_NAME = "model"
+MODEL_VERSION = "1"
+SERVER_NAME = "kiln"
+EXTENSIONS = ["model_configuration", "generate"]
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+router = APIRouter()
+
+
+def _fe(request: Request) -> Any:
+    return request.app.state.frontend
+
+
+def _version() -> str:
+    import kiln
+
+    return getattr(kiln, "__version__", "")
+
+
+def _known(request: Request, name: str, version: str | None) -> bool:
+    aliases = {MODEL_NAME}
+    fe = getattr(request.app.state, "frontend", None)
+    if fe is not None and getattr(fe, "model_name", None):
+        aliases.add(fe.model_name)
+    return name in aliases and version in (None, "", MODEL_VERSION)
+
+
+def _not_found(name: str, version: str | None) -> JSONResponse:
+    v = f" version {version}" if version else ""
+    msg = f"Request for unknown model: '{name}'{v} is not found"
+    return JSONResponse({"error": msg, "error_msg": msg, "error_code": 404}, status_code=404)
+
+
+def _tensor(name: str) -> dict:
+    return {"name": name, "datatype": "BYTES", "shape": [1]}
+
+
+def model_metadata() -> dict:
+    return {"name": MODEL_NAME, "versions": [MODEL_VERSION], "platform": "kiln",
+            "inputs": [_tensor("IN")], "outputs": [_tensor("OUT")]}
+
+
+def model_config_json() -> dict:
+    return {"name": MODEL_NAME, "backend": "kiln", "max_batch_size": 0,
+            "version_policy": {"latest": {"num_versions": 1}},
+            "input": [{"name": "IN", "data_type": "TYPE_STRING", "dims": [1]}],
+            "output": [{"name": "OUT", "data_type": "TYPE_STRING", "dims": [1]}],
+            "model_transaction_policy": {"decoupled": True},
+            "instance_group": [{"name": "model_0", "kind": "KIND_MODEL", "count": 1}]}
+
+
+# -- metadata and health ------------------------------------------------------------------------------------
+@router.get("/v2")
+async def server_metadata() -> JSONResponse:
+    return JSONResponse({"name": SERVER_NAME, "version": _version(), "extensions": EXTENSIONS})
+
+
+@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}/versions/{version}")
+async def get_model_metadata(request: Request, name: str, version: str | None = None) -> JSONResponse:
+    if not _known(request, name, version):
+        return _not_found(name, version)
+    return JSONResponse(model_metadata())
+
+
+@router.get("/v2/models/{name}/ready")
+@router.get("/v2/models/{name}/versions/{version}/ready")
+async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+    if not _known(request, name, version):
+        return _not_found(name, version)
+    ok, _code, msg = _fe(request).readiness()
+    if ok:
+        return Response(status_code=200)
+    return JSONResponse({"error": msg or "model is not ready"}, status_code=400)
+
+
+@router.get("/v2/models/{name}/config")
+@router.get("/v2/models/{name}/versions/{version}/config")
+async def model_config(request: Request, name: str, version: str | None = None) -> JSONResponse:
+    if not _known(request, name, version):
+        return _not_found(name, version)
+    return JSONResponse(model_config_json())
+
+
+# -- generate -------------------------------------------------------------------------------------------------
+def seed_body(body: Any) -> Any:
+    """A generate body -> the seed request dict (see the module docstring); raises RequestError."""
+    from kiln.server.frontend import SEED_CODE_BAD_BODY, RequestError
+
+    def bad(msg: str) -> RequestError:
+        return RequestError(msg, "bad_body", SEED_CODE_BAD_BODY)
+
+    if not isinstance(body, dict):
+        raise bad("The generate body must be a JSON object")
+    if "IN" in body:
+        v = body["IN"]
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):  # IN as a one-element BYTES tensor
+            v = v[0]
+        if isinstance(v, (str, bytes)):
+            try:
+                v = json.loads(v)
+            except ValueError as e:
+                raise bad(f"`IN` is not valid JSON ({e}); it must hold json.dumps([request])") from None
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise bad(f"`IN` must hold a JSON array of exactly one request object, got {len(v)} items")
+            v = v[0]
+        if not isinstance(v, dict):
+            raise bad("`IN` must hold a request object (json.dumps([request]))")
+        return v
+    if "text_input" in body:
+        d = {k: v for k, v in body.items() if k not in ("text_input", "parameters")}
+        params = body.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise bad("`parameters` must be a JSON object")
+        d.update(params)
+        d["text"] = body["text_input"]
+        if "id" in d and "req_id" not in d:
+            d["req_id"] = d.pop("id")
+        return d
+    d = dict(body)
+    if "id" in d and "req_id" not in d:
+        d["req_id"] = d.pop("id")
+    return d
+
+
+def _error_body(err: Any, req_id: str | None = None) -> dict:
+    out = {"error": err.message, "error_msg": err.message, "error_code": err.code}
+    if req_id:
+        out["req_id"] = req_id
+    return out
+
+
+def _answer(packet: dict, text: str) -> dict:
+    return {"model_name": MODEL_NAME, "model_version": MODEL_VERSION,
+            "OUT": json.dumps([packet], ensure_ascii=False), "text_output": text}
+
+
+async def _start(request: Request, name: str, version: str | None, stream: bool):
+    """Parse and validate; returns (frontend, SeedRequest) or an error Response."""
+    from kiln.server.frontend import SEED_CODE_BAD_BODY, RequestError
+    from kiln.server.seed_protocol import parse_seed_request
+
+    if not _known(request, name, version):
+        return None, _not_found(name, version)
+    fe = _fe(request)
+    arrival = time.time()
+    rid_hint = None
+    try:
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw.strip() else None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(f"The request body is not valid JSON: {e}", "bad_body", SEED_CODE_BAD_BODY) \
+                from None
+        if body is None:
+            raise RequestError("The request body is empty; send a JSON object", "bad_body", SEED_CODE_BAD_BODY)
+        d = seed_body(body)
+        rid_hint = d.get("req_id") if isinstance(d, dict) else None
+        if fe.shutting_down:
+            raise RequestError("the server is shutting down", "not_ready", 500)
+        req = parse_seed_request(d, fe, api="kserve", arrival_time=arrival)
+    except RequestError as e:
+        rid = str(rid_hint) if rid_hint is not None else None
+        fe.reject(fe.new_record(rid or "-", "kserve", arrival), e)
+        return None, JSONResponse(_error_body(e, rid), status_code=e.http_status)
+    req.return_all_tokens = req.return_all_tokens or not stream
+    return fe, req
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+@router.post("/v2/models/{name}/generate")
+@router.post("/v2/models/{name}/versions/{version}/generate")
+async def generate(request: Request, name: str, version: str | None = None) -> Response:
+    from kiln.server.frontend import RequestError
+    from kiln.server.seed_protocol import run_seed_request
+
+    fe, req = await _start(request, name, version, stream=False)
+    if fe is None:
+        return req
+
+    async def final() -> dict:
+        last = None
+        async with contextlib.aclosing(run_seed_request(req, fe)) as packets:
+            async for p in packets:
+                last = p
+        return last
+
+    task = asyncio.ensure_future(final())
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():  # the client went away (or we are cancelled): abort the request
+            task.cancel()
+        gone.cancel()
+    try:
+        packet = await task
+    except asyncio.CancelledError:
+        return Response(status_code=499)
+    except RequestError as e:
+        return JSONResponse(_error_body(e, req.req_id), status_code=e.http_status)
+    return JSONResponse(_answer(packet, packet.get("tokens_all", "")))
+
+
+class _ClosingStream(StreamingResponse):
+    """Closes the body iterator when the response ends for any reason, so a disconnect aborts at once."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(asyncio.ensure_future(close()))
+
+
+@router.post("/v2/models/{name}/generate_stream")
+@router.post("/v2/models/{name}/versions/{version}/generate_stream")
+async def generate_stream(request: Request, name: str, version: str | None = None) -> Response:
+    from kiln.server.frontend import RequestError
+    from kiln.server.seed_protocol import run_seed_request
+
+    fe, req = await _start(request, name, version, stream=True)
+    if fe is None:
+        return req
+    packets = run_seed_request(req, fe)
+
+    def event(obj: dict) -> str:
+        return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+    # the first packet decides the status: a rejection is a plain error response, not a stream
+    try:
+        first = await packets.__anext__()
+    except RequestError as e:
+        await packets.aclose()
+        return JSONResponse(_error_body(e, req.req_id), status_code=e.http_status)
+    except StopAsyncIteration:
+        return JSONResponse({"error": "the request ended without a result"}, status_code=500)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            p = first
+            while True:
+                text = p.get("tokens_all", "") if req.return_all_tokens else p.get("token", "")
+                yield event(_answer(p, text))
+                if p.get("is_end") == 1:
+                    return
+                p = await packets.__anext__()
+        except StopAsyncIteration:
+            return
+        except RequestError as e:
+            yield event({"model_name": MODEL_NAME, "model_version": MODEL_VERSION, **_error_body(e, req.req_id)})
+        finally:
+            await packets.aclose()
+
+    return _ClosingStream(events(), media_type="text/event-stream", headers=SSE_HEADERS)

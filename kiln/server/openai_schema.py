@@ -1,0 +1,390 @@
+"""OpenAI API shapes: request models (pydantic), their conversion to token ids + SamplingParams, and the
+response / stream-chunk / error builders. No HTTP here (kiln/server/http.py serves it)."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kiln.engine.request import SamplingParams
+from kiln.server.frontend import Frontend, RequestError
+from kiln.server.seed_protocol import normalize_messages
+
+# ----------------------------------------------------------------------------------------------------
+# requests
+# ----------------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: Optional[str] = None
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    user: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None
+    # vLLM extras
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    timeout: Optional[float] = Field(None, gt=0)     # Kiln: whole-request timeout (s), as the native API's
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    suffix: Optional[str] = None
+    best_of: Optional[int] = Field(None, ge=1)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Optional[Union[str, list[Any]]] = None
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    add_generation_prompt: bool = True
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    response_format: Optional[dict[str, Any]] = None
+
+
+def validation_message(e: ValidationError) -> tuple[str, str | None]:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "missing":
+        return f"`{loc}` is required", loc or None
+    return f"`{loc}`: {msg}" if loc else msg, loc or None
+
+
+# ----------------------------------------------------------------------------------------------------
+# conversion
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpenAIJob:
+    """A parsed OpenAI request: one engine request per (prompt, choice)."""
+
+    kind: Literal["completions", "chat"]
+    id: str
+    model: str
+    created: int
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    params: list[SamplingParams]              # per prompt
+    n: int
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    echo: bool = False
+    logprobs: int | None = None               # top-n asked (completions: logprobs; chat: top_logprobs)
+    want_logprobs: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    timeout: float = 300.0
+    arrival_time: float = field(default_factory=time.time)
+
+    def request_ids(self) -> list[tuple[int, int, str]]:
+        """(choice index, prompt index, engine request id) for every choice."""
+        out = []
+        for p in range(len(self.prompts)):
+            for i in range(self.n):
+                idx = p * self.n + i
+                out.append((idx, p, f"{self.id}-{idx}"))
+        return out
+
+    def params_for(self, prompt_index: int, choice: int) -> SamplingParams:
+        base = self.params[prompt_index]
+        if base.seed is None or choice == 0:
+            return base
+        d = base.to_dict()
+        d["seed"] = base.seed + choice  # n choices of a seeded request differ, reproducibly
+        return SamplingParams.from_dict(d)
+
+
+def _bad(msg: str, param: str | None = None) -> RequestError:
+    return RequestError(msg, "invalid", 400, param)
+
+
+def _parse(model_cls, body: Any):
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object", "bad_body", 400)
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as e:
+        msg, param = validation_message(e)
+        raise _bad(msg, param) from None
+
+
+def _params(req: _Common, frontend: Frontend, prompt_len: int, max_tokens: int | None, default_max: int,
+            logprobs: int | None) -> SamplingParams:
+    cfg_max_dec, max_len, max_seq = frontend.max_dec_len, frontend.max_model_len, frontend.max_seq_len
+    if prompt_len == 0:
+        raise _bad("The prompt is empty", "prompt")
+    if prompt_len > max_seq:
+        raise RequestError(f"The prompt has {prompt_len} tokens, more than the limit MAX_SEQ_LEN ({max_seq}). "
+                           f"Please reduce the length of the prompt.", "too_long", 400, "prompt")
+    if max_tokens is None:
+        max_tokens = max(1, min(default_max, max_len - prompt_len, cfg_max_dec))
+    if max_tokens > cfg_max_dec:
+        raise _bad(f"max_tokens ({max_tokens}) exceeds the limit MAX_DEC_LEN ({cfg_max_dec})", "max_tokens")
+    if prompt_len + max_tokens > max_len:
+        raise RequestError(f"This model's maximum context length is {max_len} tokens. However, you requested "
+                           f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
+                           f"completion). Please reduce the length of the prompt or completion.", "too_long", 400,
+                           "max_tokens")
+    if req.min_tokens > max_tokens:
+        raise _bad(f"min_tokens ({req.min_tokens}) must not be greater than max_tokens ({max_tokens})", "min_tokens")
+    if req.logit_bias:
+        raise _bad("logit_bias is not supported", "logit_bias")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    greedy = temperature == 0 or top_p == 0
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            temperature=0.0 if greedy else temperature,
+            top_p=1.0 if greedy else top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            seed=req.seed,
+            stop=[s for s in stop if s],
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+        )
+    except (ValueError, TypeError) as e:
+        raise _bad(str(e)) from None
+
+
+def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
+    req: CompletionRequest = _parse(CompletionRequest, body)
+    if req.suffix:
+        raise _bad("suffix is not supported", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise _bad("best_of must equal n (best_of > n is not supported)", "best_of")
+    if req.echo and req.logprobs is not None:
+        raise _bad("echo together with logprobs is not supported", "echo")
+    p = req.prompt
+    tok = frontend.tokenizer
+    if isinstance(p, str):
+        prompts = [tok.encode(p, add_special_tokens=True)]
+        texts = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+        texts = [tok.decode(prompts[0], skip_special_tokens=False)]
+    elif p and all(isinstance(x, str) for x in p):
+        prompts = [tok.encode(x, add_special_tokens=True) for x in p]
+        texts = list(p)
+    elif p and all(isinstance(x, list) for x in p):
+        prompts = [list(x) for x in p]
+        texts = [tok.decode(x, skip_special_tokens=False) for x in prompts]
+    else:
+        raise _bad("`prompt` must be a string, a list of strings, a list of token ids or a list of those", "prompt")
+    if len(prompts) * req.n > 64:
+        raise _bad("too many choices: len(prompt) * n must be <= 64", "n")
+    vocab = getattr(tok, "vocab_size", None)
+    for ids in prompts:
+        if vocab is not None and any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
+            raise _bad(f"token ids in `prompt` must be in [0, {vocab})", "prompt")
+    params = [_params(req, frontend, len(ids), req.max_tokens, 16, req.logprobs) for ids in prompts]
+    so = req.stream_options
+    return OpenAIJob(kind="completions", id=f"cmpl-{uuid.uuid4().hex}", model=req.model or frontend.model_name,
+                     created=int(time.time()), prompts=prompts, prompt_texts=texts, params=params, n=req.n,
+                     stream=req.stream, include_usage=bool(so and so.include_usage),
+                     continuous_usage=bool(so and so.continuous_usage_stats), echo=req.echo,
+                     logprobs=req.logprobs, want_logprobs=req.logprobs is not None,
+                     skip_special_tokens=req.skip_special_tokens,
+                     include_stop_str_in_output=req.include_stop_str_in_output,
+                     timeout=req.timeout or frontend.cfg.request_timeout)
+
+
+def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
+    req: ChatCompletionRequest = _parse(ChatCompletionRequest, body)
+    if req.tools:
+        raise _bad("tools are not supported", "tools")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise _bad("response_format other than text is not supported", "response_format")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise _bad("top_logprobs needs logprobs=true", "top_logprobs")
+    messages = normalize_messages([m.model_dump(exclude_none=True) for m in req.messages])
+    tok = frontend.tokenizer
+    try:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+    except ValueError as e:
+        raise _bad(str(e), "messages") from None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = _params(req, frontend, len(ids), max_tokens, frontend.max_dec_len, logprobs)
+    so = req.stream_options
+    return OpenAIJob(kind="chat", id=f"chatcmpl-{uuid.uuid4().hex}", model=req.model or frontend.model_name,
+                     created=int(time.time()), prompts=[ids], prompt_texts=[""], params=[params], n=req.n,
+                     stream=req.stream, include_usage=bool(so and so.include_usage),
+                     continuous_usage=bool(so and so.continuous_usage_stats), logprobs=logprobs,
+                     want_logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens,
+                     include_stop_str_in_output=req.include_stop_str_in_output,
+                     timeout=req.timeout or frontend.cfg.request_timeout)
+
+
+# ----------------------------------------------------------------------------------------------------
+# responses
+# ----------------------------------------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _lp_pair(lp: Any) -> tuple[float, list[tuple[int, float]]]:
+    chosen, top = lp[0], lp[1] if len(lp) > 1 else []
+    return float(chosen), [(int(t), float(v)) for t, v in (top or [])]
+
+
+class LogprobsBuilder:
+    """Accumulates one choice's logprobs in the completions or chat shape."""
+
+    def __init__(self, job: OpenAIJob, frontend: Frontend):
+        self.job, self.fe = job, frontend
+        self.offset = 0
+
+    def completion_part(self, token_ids: list[int], lps: list | None, text_offset_base: int = 0) -> dict | None:
+        if not self.job.want_logprobs or not token_ids:
+            return None
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for tid, lp in zip(token_ids, lps or [None] * len(token_ids)):
+            s = self.fe.token_text(tid)
+            tokens.append(s)
+            offsets.append(text_offset_base + self.offset)
+            self.offset += len(s)
+            if lp is None:
+                token_lps.append(None)
+                tops.append(None)
+                continue
+            chosen, top = _lp_pair(lp)
+            token_lps.append(chosen)
+            d = {s: chosen}
+            for t, v in top:
+                d.setdefault(self.fe.token_text(t), v)
+            tops.append(d)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_part(self, token_ids: list[int], lps: list | None) -> dict | None:
+        if not self.job.want_logprobs or not token_ids:
+            return None
+        content = []
+        for tid, lp in zip(token_ids, lps or [None] * len(token_ids)):
+            s = self.fe.token_text(tid)
+            item: dict[str, Any] = {"token": s, "logprob": None, "bytes": list(s.encode("utf-8")),
+                                    "top_logprobs": []}
+            if lp is not None:
+                chosen, top = _lp_pair(lp)
+                item["logprob"] = chosen
+                item["top_logprobs"] = [{"token": (ts := self.fe.token_text(t)), "logprob": v,
+                                         "bytes": list(ts.encode("utf-8"))} for t, v in top]
+            content.append(item)
+        return {"content": content}
+
+
+def merge_completion_logprobs(parts: list[dict | None]) -> dict | None:
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for p in parts:
+        for k in out:
+            out[k].extend(p[k])
+    return out
+
+
+def merge_chat_logprobs(parts: list[dict | None]) -> dict | None:
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    return {"content": [c for p in parts for c in p["content"]]}
+
+
+def completion_response(job: OpenAIJob, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": None}
+
+
+def chat_response(job: OpenAIJob, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens), "system_fingerprint": None}
+
+
+def completion_chunk(job: OpenAIJob, index: int, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict:
+    c = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+         "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if job.include_usage:
+        c["usage"] = None
+    return c
+
+
+def chat_chunk(job: OpenAIJob, index: int, delta: dict, finish_reason: str | None,
+               logprobs: dict | None = None) -> dict:
+    c = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model,
+         "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if job.include_usage:
+        c["usage"] = None
+    return c
+
+
+def usage_chunk(job: OpenAIJob, prompt_tokens: int, completion_tokens: int) -> dict:
+    obj = "text_completion" if job.kind == "completions" else "chat.completion.chunk"
+    return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
+                429: "rate_limit_error", 500: "server_error", 503: "server_error", 504: "timeout_error"}
+
+
+def error_body(message: str, status: int, param: str | None = None, code: Any = None) -> dict:
+    """The OpenAI error object."""
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": code if code is not None else status}}
+
+
+def models_response(frontend: Frontend) -> dict:
+    return {"object": "list", "data": [{"id": frontend.model_name, "object": "model", "created": frontend.created,
+                                        "owned_by": "kiln", "root": frontend.cfg.model_path,
+                                        "max_model_len": frontend.max_model_len}]}

@@ -1,0 +1,299 @@
+"""The OpenAI API on a real `kiln serve`, driven by the `openai` package (both base URLs: the guide's
+".../v1/chat/completions" and the usual ".../v1"), raw SSE with httpx, and curl."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import httpx
+import openai
+import pytest
+import requests
+
+
+@pytest.fixture(scope="module")
+def server(kiln_server_factory):
+    return kiln_server_factory()
+
+
+@pytest.fixture(scope="module", params=["guide", "v1"])
+def client(request, server):
+    base = server.url + ("/v1/chat/completions" if request.param == "guide" else "/v1")
+    return openai.Client(base_url=base, api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def v1(server):
+    return openai.Client(base_url=server.url + "/v1", api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
+
+
+MESSAGES = [
+    {"role": "user", "content": "Hello, who are you"},
+    {"role": "system", "content": "I'm a helpful AI assistant."},
+    {"role": "user", "content": "List 3 countries and their capitals."},
+]
+
+
+def test_guide_openai_snippet_as_written(server, capsys):
+    push_mode_http_port = str(server.ports["PUSH_MODE_HTTP_PORT"])    # 服务配置的PUSH_MODE_HTTP_PORT
+    client = openai.Client(base_url=f"http://127.0.0.1:{push_mode_http_port}/v1/chat/completions",
+                           api_key="EMPTY_API_KEY")
+
+    # 非流式返回
+    response = client.completions.create(
+        model="default",
+        prompt="Hello, how are you?",
+        max_tokens=50,
+        stream=False,
+    )
+    print(response)
+    print("\n")
+    assert response.choices[0].text and response.usage.completion_tokens <= 50
+
+    # 流式返回
+    response = client.completions.create(
+        model="default",
+        prompt="Hello, how are you?",
+        max_tokens=100,
+        stream=True,
+    )
+    for chunk in response:
+        if chunk.choices[0] is not None:
+            print(chunk.choices[0].text, end='')
+    print("\n")
+
+    # Chat completion
+    # 非流式返回
+    response = client.chat.completions.create(
+        model="default",
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=64,
+        stream=False,
+    )
+    print(response)
+    print("\n")
+    assert response.choices[0].message.role == "assistant" and response.choices[0].message.content
+
+    capsys.readouterr()
+    # 流式返回
+    response = client.chat.completions.create(
+        model="default",
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=64,
+        stream=True,
+    )
+    streamed = ""
+    for chunk in response:
+        if chunk.choices[0].delta is not None:
+            print(chunk.choices[0].delta.content, end='')
+            streamed += chunk.choices[0].delta.content
+    print("\n")
+    out = capsys.readouterr().out
+    assert "None" not in out            # no chunk without content (it would print "None")
+    assert streamed                     # temperature=0 (falsy) honoured: same text as the non-stream call
+    again = client.chat.completions.create(model="default", messages=MESSAGES, temperature=0, max_tokens=64)
+    assert again.choices[0].message.content == streamed
+
+
+def test_completions(client):
+    r = client.completions.create(model="m", prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    c = r.choices[0]
+    assert c.index == 0 and c.text and c.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 1 <= r.usage.completion_tokens <= 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completions_stream_matches_non_stream(client):
+    kw = dict(model="m", prompt="Once upon a time", max_tokens=12, temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == full
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_chat(client):
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Say hi"}],
+                                       max_tokens=8, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_stream_with_usage(client):
+    chunks = list(client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Say hi"}], max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"min_tokens": 6}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_chat_max_completion_tokens_and_prompt_raw_vs_template(v1, tokenizer):
+    r = v1.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me a story"}],
+                                   max_completion_tokens=4, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(tokenizer.apply_chat_template([{"role": "user",
+                                                                        "content": "Tell me a story"}]))
+    # /v1/completions takes the prompt raw (no chat template)
+    c = v1.completions.create(model="m", prompt="Tell me a story", max_tokens=1)
+    assert c.usage.prompt_tokens == len(tokenizer.encode("Tell me a story"))
+
+
+def test_n_choices(v1):
+    r = v1.completions.create(model="m", prompt="Pick a number:", max_tokens=4, n=3, seed=5,
+                              extra_body={"min_tokens": 4})
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert r.usage.completion_tokens == 12
+    r = v1.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, n=2)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    chunks = list(v1.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=3, n=2, stream=True))
+    assert {c.choices[0].index for c in chunks} == {0, 1}
+    assert sum(1 for c in chunks if c.choices[0].finish_reason) == 2
+
+
+def test_several_prompts(v1):
+    r = v1.completions.create(model="m", prompt=["One", "Two"], max_tokens=2, temperature=0)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    single = v1.completions.create(model="m", prompt="Two", max_tokens=2, temperature=0)
+    assert r.choices[1].text == single.choices[0].text
+
+
+def test_prompt_as_token_ids(v1, tokenizer):
+    ids = tokenizer.encode("The capital of France is")
+    a = v1.completions.create(model="m", prompt=ids, max_tokens=4, temperature=0)
+    b = v1.completions.create(model="m", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert a.choices[0].text == b.choices[0].text and a.usage.prompt_tokens == len(ids)
+
+
+def test_stop_strings(v1):
+    kw = dict(model="m", prompt="Here is a list of fruits: apple,", max_tokens=16, temperature=0)
+    text = v1.completions.create(**kw).choices[0].text
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = words[1]
+    r = v1.completions.create(stop=[stop], **kw)
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == text[:text.index(stop)]
+    chunks = list(v1.completions.create(stop=stop, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == text[:text.index(stop)]
+
+
+def test_seed_reproducible(v1):
+    kw = dict(model="m", prompt="My favourite word is", max_tokens=8, temperature=1.0, seed=42)
+    assert v1.completions.create(**kw).choices[0].text == v1.completions.create(**kw).choices[0].text
+
+
+def test_completion_logprobs(v1):
+    r = v1.completions.create(model="m", prompt="The sky is", max_tokens=3, logprobs=2, temperature=0,
+                              extra_body={"min_tokens": 3})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 3
+    assert "".join(lp.tokens) == r.choices[0].text
+    for tok, l, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert l <= 0 and tok in top and len(top) >= 2
+        assert max(top.values()) == pytest.approx(l, abs=1e-4)      # greedy: the sampled token is the best
+
+
+def test_chat_logprobs(v1):
+    r = v1.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                   logprobs=True, top_logprobs=3, temperature=0, extra_body={"min_tokens": 3})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.logprob <= 0 and c.bytes == list(c.token.encode())
+    chunks = list(v1.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=2, logprobs=True, stream=True))
+    assert sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices[0].logprobs) == 2
+
+
+def test_echo_keeps_unicode_prompt(v1):
+    prompt = "Ünïcödé 你好 🌍 — café"
+    r = v1.completions.create(model="m", prompt=prompt, max_tokens=3, echo=True)
+    assert r.choices[0].text.startswith(prompt)
+
+
+def test_unicode_chat_stream_intact(v1):
+    kw = dict(model="m", messages=[{"role": "user", "content": "请用中文回答：你好吗？😀"}], max_tokens=30,
+              temperature=0)
+    full = v1.chat.completions.create(**kw).choices[0].message.content
+    parts = [c.choices[0].delta.content or "" for c in v1.chat.completions.create(stream=True, **kw)]
+    assert "".join(parts) == full
+    assert all("\ufffd" not in p for p in parts[:-1])
+
+
+def test_models(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct"]
+    r = requests.get(server.url + "/v1/models", timeout=10).json()
+    assert r["object"] == "list" and r["data"][0]["object"] == "model"
+
+
+# -- errors --------------------------------------------------------------------------------------------
+
+def test_errors_are_openai_error_objects(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="m", prompt="hi", temperature=-1)
+    assert e.value.status_code == 400
+    assert "temperature" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=500)
+    assert "MAX_DEC_LEN" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="m", prompt=[1000] * 600, max_tokens=1)
+    assert "MAX_SEQ_LEN" in e.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="m", messages=[], max_tokens=2)
+
+
+def test_error_body_shape(server):
+    r = requests.post(server.url + "/v1/completions", json={"model": "m", "prompt": "hi", "n": 0}, timeout=30)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == "n"
+    r = requests.post(server.url + "/v1/chat/completions/completions", data=b"{oops",
+                      headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "error" in r.json()
+    r = requests.post(server.url + "/v1/completions", json={"model": "m"}, timeout=30)
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+
+
+# -- raw SSE -------------------------------------------------------------------------------------------
+
+def _sse(url: str, body: dict) -> list[str]:
+    with httpx.stream("POST", url, json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return [line for line in r.iter_lines() if line]
+
+
+def test_sse_done_comes_last(server):
+    for path, body in (("/v1/completions", {"model": "m", "prompt": "Hi", "max_tokens": 4, "stream": True}),
+                       ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+                                                 "max_tokens": 4, "stream": True,
+                                                 "stream_options": {"include_usage": True}})):
+        lines = _sse(server.url + path, body)
+        assert all(x.startswith("data: ") for x in lines)
+        assert lines[-1] == "data: [DONE]" and lines.count("data: [DONE]") == 1
+        chunks = [json.loads(x[6:]) for x in lines[:-1]]
+        finals = [i for i, c in enumerate(chunks) if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert len(finals) == 1
+        if "stream_options" in body:
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+        else:
+            assert finals[0] == len(chunks) - 1
+
+
+def test_curl_openai(server):
+    out = subprocess.run(["curl", "-sN", server.url + "/v1/chat/completions", "-H",
+                          "Content-Type: application/json", "-d",
+                          json.dumps({"model": "default", "messages": [{"role": "user", "content": "Hi"}],
+                                      "max_tokens": 3, "stream": True})],
+                         capture_output=True, text=True, timeout=120)
+    lines = [x for x in out.stdout.splitlines() if x]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
