@@ -142,8 +142,10 @@ class EngineCore:
             rid = req.request_id
             fin = rid in finished
             lp = lps.get(rid)
+            queue_time = (req.first_scheduled_time - req.arrival_time
+                          if len(req.output_token_ids) == 1 and req.first_scheduled_time is not None else None)
             outs.append(EngineOutput(rid, [sampled[rid]], fin, req.finish_reason.value if fin else None,
-                                     req.num_prompt_tokens, None if lp is None else [lp]))
+                                     req.num_prompt_tokens, None if lp is None else [lp], queue_time=queue_time))
             if fin:
                 del self.requests[rid]
         return outs

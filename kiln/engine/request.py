@@ -136,10 +136,11 @@ class EngineOutput:
     # machine-readable kind of error, for the front ends' HTTP/gRPC status: "queue_full", "duplicate_id",
     # "too_long" (can never fit the cache / model length), "invalid", "internal"
     error_type: str | None = None
+    queue_time: float | None = None        # on the first token: seconds from arrival to first scheduling
 
     def to_wire(self) -> list[Any]:
         return [self.request_id, self.new_token_ids, self.finished, self.finish_reason, self.num_prompt_tokens,
-                self.logprobs, self.error, self.error_code, self.error_type]
+                self.logprobs, self.error, self.error_code, self.error_type, self.queue_time]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> "EngineOutput":
