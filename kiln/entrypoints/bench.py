@@ -367,6 +367,7 @@ def _engine_args(p):
 
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks: latency, throughput, serve, write-checkpoint")
+    bench.set_defaults(func=cmd_bench)
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
     lat = bsub.add_parser("latency", help="fixed batch, input and output lengths")
     _engine_args(lat)

@@ -2,6 +2,7 @@
 
     kiln serve [flags]      the whole service in the foreground (env vars of the seed + equivalent flags)
     kiln generate ...       offline generation (kiln.entrypoints.generate)
+    kiln bench ...          latency / throughput / serve benchmarks (kiln.entrypoints.bench)
 
 A subcommand = one `sub.add_parser(...)` with `set_defaults(func=...)` below; `func(args)` returns the exit code.
 """
@@ -49,24 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
 
-# -- generate ------------------------------------------------------------------------------------------
-
-def add_generate_args(p: argparse.ArgumentParser) -> None:
-    try:
-        from kiln.entrypoints.generate import add_generate_args as add
-    except ImportError:
-        return
-    add(p)
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    try:
-        from kiln.entrypoints.generate import cmd_generate as run
-    except ImportError:
-        print("kiln generate: not available in this build", file=sys.stderr)
-        return 2
-    return run(args)
-
+# -- generate / bench: their arguments live beside their code ------------------------------------------
 
 # -- main ----------------------------------------------------------------------------------------------
 
@@ -82,9 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
+    from kiln.entrypoints.bench import add_bench_parser
+    from kiln.entrypoints.generate import add_generate_args, cmd_generate
+
     p = sub.add_parser("generate", help="generate text offline (no server)")
     add_generate_args(p)
     p.set_defaults(func=cmd_generate)
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -78,6 +78,7 @@ class RequestRecord:
     finish_reason: str | None = None       # stop | length | abort | error | timeout
     error_type: str | None = None
     error: str | None = None
+    queue_time_s: float | None = None      # engine-reported: arrival in the engine to first scheduling
 
     @property
     def ttft_s(self) -> float | None:
@@ -357,6 +358,8 @@ class Frontend:
                 if ids:
                     if record.first_token_time is None:
                         record.first_token_time = now
+                        if out.queue_time is not None:
+                            record.queue_time_s = out.queue_time
                         self.observer.on_first_token(record, now - record.arrival_time)
                         if len(ids) > 1:
                             self.observer.on_token(record, len(ids) - 1, 0.0)
