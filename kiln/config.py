@@ -165,6 +165,11 @@ class KilnConfig:
         None, "KILN_QUANTIZATION", "Weight quantization: none or w8a16 (weight-only int8).", kind="optstr",
         flags=("--quantization",), check=lambda v: None if v in (None, "none", "w8a16") else "must be none or w8a16",
         group="model")
+    load_format: str = setting(
+        "auto", "KILN_LOAD_FORMAT", "auto: read the weights; dummy: random weights of config.json's shape (benchmarks "
+        "without a checkpoint; the directory still needs the tokenizer files).", kind="str",
+        flags=("--load-format",), check=lambda v: None if v in ("auto", "dummy") else "must be auto or dummy",
+        group="model")
     mp_num: int = setting(
         1, "MP_NUM", "Tensor-parallel degree (GPUs per model); CUDA_VISIBLE_DEVICES must list at least this many.",
         kind="int", flags=("--mp-num", "--tensor-parallel-size"), check=_range(1, 64), group="model",
@@ -419,6 +424,7 @@ class KilnConfig:
         return EngineConfig(
             model=self.model_path or self.model_dir,
             dtype=dtype,
+            load_format=self.load_format,
             device=self.device,
             seed=self.seed,
             max_model_len=self.max_model_len or (self.max_seq_len + self.max_dec_len),

@@ -44,8 +44,25 @@ def resolve_model(model: str | None, preset: str | None) -> str | None:
     return str(d)
 
 
-def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """A random Hugging Face checkpoint of a real shape, sharded safetensors + index, as a hub model ships."""
+def write_synthetic_tokenizer(out_dir: Path, vocab_size: int, eos_token_id: int) -> None:
+    """A word-level tokenizer with one word per id ("w0" .. "wN"), so that every id a random model samples
+    detokenizes to text (a real tokenizer of another vocabulary would drop ids beyond its size, and a serving
+    benchmark would then see fewer streamed chunks than tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": f"w{eos_token_id}", "model_max_length": 1 << 20,
+        "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}))
+
+
+def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int = 0, weights: bool = True) -> Path:
+    """A random Hugging Face checkpoint of a real shape, sharded safetensors + index, as a hub model ships, with
+    a synthetic tokenizer of the right vocabulary. weights=False writes only config and tokenizer (for serving
+    with --load-format dummy)."""
     import torch
     from safetensors.torch import save_file
 
@@ -56,6 +73,9 @@ def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int =
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg["eos_token_id"]}))
+    write_synthetic_tokenizer(out_dir, cfg["vocab_size"], cfg["eos_token_id"])
+    if not weights:
+        return out_dir
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
@@ -120,7 +140,8 @@ def _sync(core):
 
 
 def run_batch(core, prompts, output_len: int) -> dict:
-    """All prompts at once, ignore_eos; returns timings (first step = prefill for a batch that fits the budget)."""
+    """All prompts at once, ignore_eos. prefill_s: until every request has its first token (prefill chunks of
+    the later requests run beside the decodes of the earlier ones); decode_s: the rest."""
     from kiln.engine.request import SamplingParams
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     base = f"b{time.monotonic_ns()}-"
@@ -130,19 +151,24 @@ def run_batch(core, prompts, output_len: int) -> dict:
         err = core.add_request(f"{base}{i}", p, sp)
         if err is not None:
             raise SystemExit(err.error)
-    first_token_at = None
+    prefill_steps = 0
+    first_token_at = None  # when the last request got its first token: the end of the prefill phase
+    started: set[str] = set()
     n_out = 0
     steps = 0
     while core.has_unfinished():
         outs = core.step()
         steps += 1
         n_out += sum(len(o.new_token_ids) for o in outs)
-        if first_token_at is None and n_out >= len(prompts):
-            first_token_at = time.perf_counter()
+        if first_token_at is None:
+            started.update(o.request_id for o in outs if o.new_token_ids)
+            if len(started) == len(prompts):
+                first_token_at = time.perf_counter()
+                prefill_steps = steps
     _sync(core)
     t1 = time.perf_counter()
     return dict(total_s=t1 - t0, prefill_s=(first_token_at or t1) - t0, output_tokens=n_out, steps=steps,
-                decode_s=t1 - (first_token_at or t1))
+                decode_s=t1 - (first_token_at or t1), decode_steps=steps - prefill_steps)
 
 
 def hf_generate(model_dir: str | None, preset: str | None, prompts, output_len: int, dtype: str,
@@ -209,12 +235,13 @@ def cmd_latency(args) -> dict:
     runs = [run_batch(core, prompts, args.output_len) for _ in range(args.iters)]
     runs.sort(key=lambda r: r["total_s"])
     r = runs[len(runs) // 2]
-    decode_tokens = args.batch_size * (args.output_len - 1)
+    decode_steps = max(1, r["decode_steps"])
     res = dict(bench="latency", batch_size=args.batch_size, input_len=args.input_len, output_len=args.output_len,
                total_s=r["total_s"], prefill_s=r["prefill_s"], decode_s=r["decode_s"],
                output_tok_s=r["output_tokens"] / r["total_s"],
-               decode_tok_s=decode_tokens / r["decode_s"] if r["decode_s"] else None,
-               decode_ms_per_step=1000 * r["decode_s"] / max(1, args.output_len - 1))
+               decode_steps=r["decode_steps"],
+               decode_ms_per_step=1000 * r["decode_s"] / decode_steps,
+               decode_tok_s=args.batch_size * decode_steps / r["decode_s"] if r["decode_s"] else None)
     if args.profile:
         _profile_decode(core, prompts, args.profile)
     if args.compare_hf:
@@ -226,13 +253,55 @@ def cmd_latency(args) -> dict:
     return res
 
 
-def _profile_decode(core, prompts, path: str) -> None:
-    """GPU kernel time table of a short run (decode dominated), printed and saved."""
+def _profile_decode(core, prompts, path: str, steps: int = 16) -> None:
+    """Where a decode step's time goes: prefill first (not profiled), then `steps` decode steps timed on the
+    host (schedule / prepare+launch / sync) and under torch.profiler (GPU kernel time). Printed and saved."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+
+    from kiln.engine.request import SamplingParams
+    sp = SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        core.add_request(f"profile-{i}", p, sp)
+    while any(not r.output_token_ids for r in core.requests.values()):
+        core.step()
+    _sync(core)
+    # host-side split of a step, without the profiler's overhead
+    sched, runner, update = core.scheduler.schedule, core.runner.execute, core.scheduler.update
+    prep, to_dev = core.runner.prepare, core.runner.to_device
+    acc = {"schedule": 0.0, "execute (all, incl. GPU wait)": 0.0, "prepare": 0.0, "to_device": 0.0, "update": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[name] += time.perf_counter() - t
+        return wrapper
+    core.scheduler.schedule, core.runner.execute, core.scheduler.update = (
+        timed("schedule", sched), timed("execute (all, incl. GPU wait)", runner), timed("update", update))
+    core.runner.prepare, core.runner.to_device = timed("prepare", prep), timed("to_device", to_dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        core.step()
+    _sync(core)
+    wall = (time.perf_counter() - t0) / steps
+    core.scheduler.schedule, core.runner.execute, core.scheduler.update = sched, runner, update
+    core.runner.prepare, core.runner.to_device = prep, to_dev
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run_batch(core, prompts, 16)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        for _ in range(steps):
+            core.step()
+        _sync(core)
+    while core.has_unfinished():
+        core.step()
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                 for e in events) / steps
+    head = (f"decode step, batch {len(prompts)}: wall {wall * 1e3:.2f} ms; GPU kernels {gpu_us / 1e3:.2f} ms/step "
+            f"(under the profiler); host per step: " +
+            ", ".join(f"{k} {v / steps * 1e3:.2f} ms" for k, v in acc.items()) + "\n")
+    table = head + events.table(sort_by="self_cuda_time_total", row_limit=30)
     print(table, file=sys.stderr)
     Path(path).write_text(table)
 
@@ -386,7 +455,7 @@ def add_bench_parser(sub) -> None:
     srv.add_argument("--output-len", type=int, default=128)
     srv.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
     srv.add_argument("--max-concurrency", type=int, default=None)
-    srv.add_argument("--vocab-limit", type=int, default=30000, help="random prompt ids are drawn below this")
+    srv.add_argument("--vocab-limit", type=int, default=30000, help="random prompt ids are drawn in [100, this)")
     srv.add_argument("--timeout", type=float, default=600)
     srv.add_argument("--seed", type=int, default=0)
     srv.add_argument("--output-json", default=None)
@@ -394,11 +463,13 @@ def add_bench_parser(sub) -> None:
     wc.add_argument("--preset", required=True, choices=sorted(PRESETS))
     wc.add_argument("--out", required=True)
     wc.add_argument("--dtype", default="bfloat16")
+    wc.add_argument("--no-weights", action="store_true",
+                    help="only config.json + tokenizer: serve it with --load-format dummy")
 
 
 def cmd_bench(args) -> int:
     if args.bench_cmd == "write-checkpoint":
-        print(write_checkpoint(args.preset, args.out, args.dtype))
+        print(write_checkpoint(args.preset, args.out, args.dtype, weights=not args.no_weights))
         return 0
     fn = {"latency": cmd_latency, "throughput": cmd_throughput, "serve": cmd_serve}[args.bench_cmd]
     if getattr(args, "preset", None) and args.load_format == "auto":
