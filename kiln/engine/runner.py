@@ -5,6 +5,7 @@ the runner knows the bytes per block and what the model left free.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -201,9 +202,12 @@ class ModelRunner:
         buf[o + n] = 0
         np.cumsum(s.query_lens, out=buf[o + n + 1:o + 2 * n + 1])
         table = buf[o + 2 * n + 1:].reshape(n, width)
-        table[:] = 0
-        for i, b in enumerate(s.block_tables):
-            table[i, :len(b)] = b
+        lens = np.fromiter(map(len, s.block_tables), dtype=np.int64, count=n)
+        # rows are ragged: fill the valid prefix of every row in one masked assignment (row-major = chain order)
+        filled = np.arange(width) < lens[:, None]
+        table[~filled] = 0
+        table[filled] = np.fromiter(itertools.chain.from_iterable(s.block_tables), dtype=np.int64,
+                                    count=int(lens.sum()))
         d = host.to(dev, non_blocking=True)
         if dev.type == "cuda":
             self._staging_copied = torch.cuda.Event()
@@ -212,7 +216,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=d[2 * t:3 * t], block_tables=ints[2 * n + 1:].view(n, width), seq_lens=ints[:n],
             query_start_loc=ints[n:2 * n + 1], seq_lens_list=s.seq_lens, query_lens_list=s.query_lens,
-            max_query_len=max(s.query_lens), max_seq_len=max(s.seq_lens))
+            max_query_len=max(s.query_lens), max_seq_len=max(s.seq_lens),
+            num_decode_rows=next((i for i, q in enumerate(s.query_lens) if q != 1), n))
         return d[:t], d[t:2 * t], meta
 
     def capture_cuda_graphs(self, max_model_len: int) -> None:

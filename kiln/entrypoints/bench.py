@@ -151,7 +151,7 @@ def run_batch(core, prompts, output_len: int) -> dict:
         err = core.add_request(f"{base}{i}", p, sp)
         if err is not None:
             raise SystemExit(err.error)
-    prefill_steps = 0
+    prefill_steps = prefill_tokens = 0
     first_token_at = None  # when the last request got its first token: the end of the prefill phase
     started: set[str] = set()
     n_out = 0
@@ -164,11 +164,12 @@ def run_batch(core, prompts, output_len: int) -> dict:
             started.update(o.request_id for o in outs if o.new_token_ids)
             if len(started) == len(prompts):
                 first_token_at = time.perf_counter()
-                prefill_steps = steps
+                prefill_steps, prefill_tokens = steps, n_out
     _sync(core)
     t1 = time.perf_counter()
     return dict(total_s=t1 - t0, prefill_s=(first_token_at or t1) - t0, output_tokens=n_out, steps=steps,
-                decode_s=t1 - (first_token_at or t1), decode_steps=steps - prefill_steps)
+                decode_s=t1 - (first_token_at or t1), decode_steps=steps - prefill_steps,
+                decode_tokens=n_out - prefill_tokens)
 
 
 def hf_generate(model_dir: str | None, preset: str | None, prompts, output_len: int, dtype: str,
@@ -241,7 +242,8 @@ def cmd_latency(args) -> dict:
                output_tok_s=r["output_tokens"] / r["total_s"],
                decode_steps=r["decode_steps"],
                decode_ms_per_step=1000 * r["decode_s"] / decode_steps,
-               decode_tok_s=args.batch_size * decode_steps / r["decode_s"] if r["decode_s"] else None)
+               decode_tok_s=r["decode_tokens"] / r["decode_s"] if r["decode_s"] else None,
+               decode_mean_batch=r["decode_tokens"] / decode_steps)
     if args.profile:
         _profile_decode(core, prompts, args.profile)
     if args.compare_hf:
@@ -260,8 +262,10 @@ def _profile_decode(core, prompts, path: str, steps: int = 16) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from kiln.engine.request import SamplingParams
-    sp = SamplingParams(max_tokens=2 * steps + 4, temperature=0.0, ignore_eos=True)
+    # long enough that no request ends before the profiled steps (a long prefill phase lets the first requests
+    # decode many tokens before the last one starts); the rest is aborted afterwards
     for i, p in enumerate(prompts):
+        sp = SamplingParams(max_tokens=core.max_model_len - len(p) - 1, temperature=0.0, ignore_eos=True)
         core.add_request(f"profile-{i}", p, sp)
     while any(not r.output_token_ids for r in core.requests.values()):
         core.step()
@@ -282,6 +286,7 @@ def _profile_decode(core, prompts, path: str, steps: int = 16) -> None:
     core.scheduler.schedule, core.runner.execute, core.scheduler.update = (
         timed("schedule", sched), timed("execute (all, incl. GPU wait)", runner), timed("update", update))
     core.runner.prepare, core.runner.to_device = timed("prepare", prep), timed("to_device", to_dev)
+    batch = len(core.scheduler.running)  # smaller than len(prompts) if some already ended: raise --output-len
     t0 = time.perf_counter()
     for _ in range(steps):
         core.step()
@@ -293,15 +298,17 @@ def _profile_decode(core, prompts, path: str, steps: int = 16) -> None:
         for _ in range(steps):
             core.step()
         _sync(core)
+    core.abort(list(core.requests))
     while core.has_unfinished():
         core.step()
     events = prof.key_averages()
     gpu_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
                  for e in events) / steps
-    head = (f"decode step, batch {len(prompts)}: wall {wall * 1e3:.2f} ms; GPU kernels {gpu_us / 1e3:.2f} ms/step "
+    head = (f"decode step, batch {batch}: wall {wall * 1e3:.2f} ms; GPU kernels {gpu_us / 1e3:.2f} ms/step "
             f"(under the profiler); host per step: " +
             ", ".join(f"{k} {v / steps * 1e3:.2f} ms" for k, v in acc.items()) + "\n")
-    table = head + events.table(sort_by="self_cuda_time_total", row_limit=30)
+    table = (head + events.table(sort_by="self_cuda_time_total", row_limit=30) + "\nby host time:\n"
+             + events.table(sort_by="self_cpu_time_total", row_limit=25))
     print(table, file=sys.stderr)
     Path(path).write_text(table)
 

@@ -23,6 +23,9 @@ class AttentionMetadata:
     query_lens_list: list[int]
     max_query_len: int
     max_seq_len: int
+    # leading rows with one query token (decodes, or a last one-token prefill chunk): in a mixed step the
+    # Triton backend runs them through the decode kernel, which reads each KV head once per GQA group
+    num_decode_rows: int = 0
 
     @property
     def decode_only(self) -> bool:
@@ -125,9 +128,20 @@ class TritonAttention(TorchAttention):
         if meta.decode_only:
             return self.k.paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.seq_lens, scale,
                                                  cache.k_scale, cache.v_scale)
-        return self.k.paged_prefill_attention(q, cache.k, cache.v, meta.block_tables, meta.query_start_loc,
-                                              meta.seq_lens, scale, meta.max_query_len,
-                                              cache.k_scale, cache.v_scale)
+        nd = meta.num_decode_rows
+        if nd == 0:
+            return self.k.paged_prefill_attention(q, cache.k, cache.v, meta.block_tables, meta.query_start_loc,
+                                                  meta.seq_lens, scale, meta.max_query_len,
+                                                  cache.k_scale, cache.v_scale)
+        # mixed step: the decode rows through the decode kernel (the prefill kernel's grid is per q head, so it
+        # would read their KV once per q head), the rest through the prefill kernel
+        out = torch.empty_like(q)
+        self.k.paged_decode_attention(q[:nd], cache.k, cache.v, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                                      cache.k_scale, cache.v_scale, out=out[:nd])
+        self.k.paged_prefill_attention(q[nd:], cache.k, cache.v, meta.block_tables[nd:],
+                                       meta.query_start_loc[nd:] - nd, meta.seq_lens[nd:], scale, meta.max_query_len,
+                                       cache.k_scale, cache.v_scale, out=out[nd:])
+        return out
 
 
 def make_attention_backend(name: str, device: torch.device):

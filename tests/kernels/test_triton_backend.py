@@ -36,3 +36,58 @@ def greedy(d, backend, kv):
 def test_triton_backend_matches_torch_backend(tmp_path, kv):
     d = write_tiny_model("qwen3", tmp_path / "q3")
     assert greedy(d, "triton", kv) == greedy(d, "torch", kv)
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_mixed_step_splits_decode_rows_and_matches_torch(kv):
+    """A mixed step (three one-token rows, then a fresh prompt and a prompt chunk with a cached prefix): the
+    Triton backend routes the leading rows to the decode kernel and gives the torch backend's output."""
+    from kiln.layers.attention import AttentionMetadata, LayerKVCache, TorchAttention, TritonAttention
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    bs, nblocks, hq, hkv, d = 16, 24, 4, 2, 32
+    query_lens, seq_lens = [1, 1, 1, 9, 5], [20, 33, 7, 9, 40]
+    tables = [[0, 1], [2, 3, 4], [5], [6], [7, 8, 9]]
+    t = sum(query_lens)
+    slots = [tables[b][p // bs] * bs + p % bs for b in range(5) for p in range(seq_lens[b] - query_lens[b], seq_lens[b])]
+    width = max(map(len, tables))
+    bt = torch.tensor([r + [0] * (width - len(r)) for r in tables], dtype=torch.int32, device=dev)
+    qsl = torch.tensor([0, 1, 2, 3, 12, 17], dtype=torch.int32, device=dev)
+
+    def meta(num_decode_rows):
+        return AttentionMetadata(torch.tensor(slots, device=dev), bt, torch.tensor(seq_lens, dtype=torch.int32,
+                                 device=dev), qsl, seq_lens, query_lens, max(query_lens), max(seq_lens),
+                                 num_decode_rows=num_decode_rows)
+
+    def cache():
+        dt = torch.int8 if kv == "int8" else torch.float32
+        k = (torch.randn(nblocks, bs, hkv, d, generator=g) * (40 if kv == "int8" else 1)).to(dt).to(dev)
+        v = (torch.randn(nblocks, bs, hkv, d, generator=g) * (40 if kv == "int8" else 1)).to(dt).to(dev)
+        scales = [torch.rand(nblocks, bs, hkv, generator=g).to(dev) / 40 for _ in range(2)] if kv == "int8" else [None, None]
+        return LayerKVCache(k, v, *scales)
+
+    c = cache()  # the cached prefixes: same random contents for both backends
+    c2 = LayerKVCache(c.k.clone(), c.v.clone(), *(None if s is None else s.clone() for s in (c.k_scale, c.v_scale)))
+    q = torch.randn(t, hq, d, generator=g).to(dev)
+    k = torch.randn(t, hkv, d, generator=g).to(dev)
+    v = torch.randn(t, hkv, d, generator=g).to(dev)
+    ref = TorchAttention().forward(q, k, v, c, meta(0), d ** -0.5)
+
+    calls = []
+    backend = TritonAttention()
+    real_decode = backend.k.paged_decode_attention
+
+    class Spy:  # records the rows each kernel got; the kernels themselves run unchanged
+        def __getattr__(self, name):
+            return getattr(backend.__dict__["_real"], name)
+
+        def paged_decode_attention(self, q, *a, **kw):
+            calls.append(("decode", q.shape[0]))
+            return real_decode(q, *a, **kw)
+
+    backend.__dict__["_real"] = backend.k
+    backend.k = Spy()
+    out = backend.forward(q, k, v, c2, meta(3), d ** -0.5)
+    assert calls == [("decode", 3)]
+    assert torch.allclose(out, ref, atol=2e-3 if kv == "int8" else 1e-4, rtol=1e-3)
