@@ -54,3 +54,13 @@ def patch_interpreter() -> None:
 
     _patch_lang_tensor._kiln_patched = True
     _interp._patch_lang_tensor = _patch_lang_tensor
+
+
+def kv_scale_args(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
+    """(quant, k_scale, v_scale, scale strides) for a kernel over the KV cache: an int8 cache needs its float32
+    per-token-head scales (same layout for K and V); a float cache passes the cache itself as an unused pointer."""
+    if k_cache.dtype != torch.int8:
+        return False, k_cache, k_cache, (0, 0, 0)
+    assert k_scale is not None and v_scale is not None, "an int8 KV cache needs k_scale and v_scale"
+    assert k_scale.dtype == torch.float32 and k_scale.stride() == v_scale.stride()
+    return True, k_scale, v_scale, k_scale.stride()

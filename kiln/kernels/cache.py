@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2
+from ._utils import kv_scale_args, next_pow2
 
 
 @triton.jit
@@ -67,14 +67,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
     assert k_cache.shape[2] == H and k_cache.shape[3] == D
     assert key.stride(-1) == 1 and value.stride(-1) == 1 and k_cache.stride(-1) == 1
     assert slot_mapping.shape[0] == T
-    quant = k_cache.dtype == torch.int8
-    if quant:
-        assert k_scale is not None and v_scale is not None
-        assert k_scale.dtype == torch.float32 and k_scale.stride() == v_scale.stride()
-        s_strides = k_scale.stride()
-    else:
-        k_scale = v_scale = k_cache  # unused placeholders
-        s_strides = (0, 0, 0)
+    quant, k_scale, v_scale, s_strides = kv_scale_args(k_cache, k_scale, v_scale)
     block_d = next_pow2(D)
     block_h = min(next_pow2(H), max(1, 2048 // block_d))
     grid = (T, triton.cdiv(H, block_h))

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, next_pow2, num_sms
+from ._utils import interpreting, kv_scale_args, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -173,13 +173,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = torch.empty_like(q)
     if B == 0:
         return out
-    quant = k_cache.dtype == torch.int8
-    if quant:
-        assert k_scale is not None and v_scale is not None and k_scale.stride() == v_scale.stride()
-        s_strides = k_scale.stride()
-    else:
-        k_scale = v_scale = seq_lens  # unused placeholders
-        s_strides = (0, 0, 0)
+    quant, k_scale, v_scale, s_strides = kv_scale_args(k_cache, k_scale, v_scale)
     fp32 = q.dtype == torch.float32
 
     # BLOCK_N 128, 4 warps, 2 stages: best or within 1% of the best of the configs tried on

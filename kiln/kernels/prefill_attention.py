@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, next_pow2
+from ._utils import interpreting, kv_scale_args, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -153,13 +153,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     B = query_start_loc.shape[0] - 1
     if T == 0 or B == 0 or max_query_len == 0:
         return out
-    quant = k_cache.dtype == torch.int8
-    if quant:
-        assert k_scale is not None and v_scale is not None and k_scale.stride() == v_scale.stride()
-        s_strides = k_scale.stride()
-    else:
-        k_scale = v_scale = seq_lens  # unused placeholders
-        s_strides = (0, 0, 0)
+    quant, k_scale, v_scale, s_strides = kv_scale_args(k_cache, k_scale, v_scale)
     fp32 = q.dtype == torch.float32
     # Tiles measured on an H100 (docs/kernels.md, 8 x 512 tokens with and without a 1536
     # prefix): bf16/fp16 128x128 8 warps 2 stages; int8 cache 64x128 4 warps 2 stages.
