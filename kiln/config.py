@@ -264,6 +264,11 @@ class KilnConfig:
         True, "KILN_ENABLE_PREFIX_CACHING", "Reuse the KV blocks of identical prompt prefixes.", kind="bool",
         flags=("--enable-prefix-caching",), group="cache")
 
+    async_scheduling: str = setting(
+        "auto", "KILN_ASYNC_SCHEDULING", "Queue the next step on the GPU before the current one's tokens reach the "
+        "host, hiding the host's work: auto (on with CUDA and MP_NUM=1), on, off.", kind="str",
+        flags=("--async-scheduling",), check=_choice("auto", "on", "off"), group="runtime")
+
     # --- behaviour -------------------------------------------------------------------------------------
     use_warmup: bool = setting(
         False, "USE_WARMUP", "Run a max-length prefill and a full-batch decode before reporting ready.",
@@ -441,6 +446,7 @@ class KilnConfig:
             tensor_parallel_size=self.mp_num,
             enable_prefix_caching=self.enable_prefix_caching,
             warmup=self.use_warmup,
+            async_scheduling={"auto": None, "on": True, "off": False}[self.async_scheduling],
             extra={"max_seq_len": self.max_seq_len, "max_dec_len": self.max_dec_len,
                    "block_ratio": self.block_ratio, "enc_dec_block_num": self.enc_dec_block_num,
                    "max_prefill_batch": self.max_prefill_batch},

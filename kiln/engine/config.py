@@ -27,6 +27,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"       # auto | torch | triton
     use_cuda_graph: bool = True
+    # queue step N+1 before step N's ids reach the host; None: on with CUDA and one rank
+    async_scheduling: bool | None = None
     warmup: bool = False                  # USE_WARMUP
     extra: dict[str, Any] = field(default_factory=dict)
 

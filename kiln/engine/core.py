@@ -17,8 +17,9 @@ import traceback
 
 from kiln.engine.config import EngineConfig
 from kiln.engine.kv_cache import KVCacheManager
-from kiln.engine.request import EngineOutput, EngineStats, FinishReason, Request, SamplingParams
-from kiln.engine.scheduler import Scheduler
+from kiln.engine.request import EngineOutput, EngineStats, FinishReason, Request, RequestStatus, SamplingParams
+from kiln.engine.sampler import PendingSample
+from kiln.engine.scheduler import ScheduledBatch, Scheduler
 
 log = logging.getLogger("kiln.engine")
 
@@ -26,8 +27,22 @@ HEARTBEAT_S = 0.5
 GiB = 1 << 30
 
 
+class InFlightStep:
+    """A step the runner has queued whose sampled ids are not on the host yet."""
+
+    def __init__(self, batch: ScheduledBatch, sampling: list[Request], slots: list[int],
+                 sample: PendingSample | None):
+        self.batch, self.sampling, self.slots, self.sample = batch, sampling, slots, sample
+
+
 class EngineCore:
-    """Owns the model runner and the scheduler; `step()` runs one batch and returns the new tokens."""
+    """Owns the model runner and the scheduler; `step()` runs one batch and returns the new tokens.
+
+    With async scheduling (default on CUDA with one rank) a step queues the next batch on the GPU before it
+    collects the previous batch's ids, so the host's work (scheduling, inputs, outputs) hides behind the GPU's;
+    outputs then come one step later. Steps run synchronously while a request with penalties is running
+    (they read the whole output on the host) and under tensor parallelism (other ranks hold no sampled ids).
+    """
 
     def __init__(self, cfg: EngineConfig):
         from kiln.engine.tp import TPGroup, build_runner
@@ -47,6 +62,10 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
+        self.num_overlapped_steps = 0  # steps queued while the previous one was still in flight
+        self.inflight: InFlightStep | None = None
+        a = cfg.async_scheduling
+        self.async_scheduling = (self.runner.device.type == "cuda" if a is None else a) and self.tp is None
         self.eos_token_ids = list(mc.eos_token_ids)
         self._log_budget(why)
         if cfg.warmup:
@@ -110,41 +129,77 @@ class EngineCore:
         return outs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.inflight is not None
 
     # -- one step ------------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
+        """Queue the next batch, then collect the step before it (async) or this one (sync)."""
+        outs: list[EngineOutput] = []
+        if self.inflight is not None and not self._may_overlap():
+            outs += self._collect(self.inflight)
+            self.inflight = None
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        self.num_steps += 1
-        try:
-            sampling, sample_out = self.runner.execute(batch)
-        except Exception as e:  # a failed step must not hang anyone: fail the batch's requests, keep serving
-            log.error("engine step failed: %s\n%s", e, traceback.format_exc())
-            outs = []
-            for req in batch.requests:
-                self.scheduler.finish(req)
-                self.requests.pop(req.request_id, None)
-                outs.append(EngineOutput(req.request_id, [], True, FinishReason.ERROR.value, req.num_prompt_tokens,
-                                         error=f"internal error in the engine: {e}", error_code=500,
-                                         error_type="internal"))
-            return outs
-        sampled = {}
-        lps = {}
-        if sample_out is not None:
-            for req, tok, lp in zip(sampling, sample_out.token_ids, sample_out.logprobs):
-                sampled[req.request_id] = tok
-                lps[req.request_id] = lp
-        finished = {r.request_id for r in self.scheduler.update(batch, sampled)}
+        launched = None
+        if batch:
+            self.num_steps += 1
+            launched = self._launch(batch, outs)
+        if self.inflight is not None:
+            if launched is not None:
+                self.num_overlapped_steps += 1
+            outs += self._collect(self.inflight)
+            self.inflight = None
+        if launched is not None:
+            if self.async_scheduling:
+                self.inflight = launched
+            else:
+                outs += self._collect(launched)
+        return outs
+
+    def _may_overlap(self) -> bool:
+        return self.async_scheduling and not any(r.needs_output_history for r in self.scheduler.running)
+
+    def _fail(self, reqs: list[Request], e: Exception) -> list[EngineOutput]:
+        """A failed step must not hang anyone: fail its requests, keep serving."""
+        log.error("engine step failed: %s\n%s", e, traceback.format_exc())
         outs = []
-        for req in sampling:
+        for req in reqs:
+            if req.status == RequestStatus.FINISHED:
+                continue
+            self.scheduler.finish(req)
+            self.requests.pop(req.request_id, None)
+            outs.append(EngineOutput(req.request_id, [], True, FinishReason.ERROR.value, req.num_prompt_tokens,
+                                     error=f"internal error in the engine: {e}", error_code=500,
+                                     error_type="internal"))
+        return outs
+
+    def _launch(self, batch: ScheduledBatch, outs: list[EngineOutput]) -> InFlightStep | None:
+        try:
+            sampling, sample = self.runner.execute(batch)
+        except Exception as e:  # noqa: BLE001
+            outs += self._fail(batch.requests, e)
+            return None
+        slots = self.scheduler.launched(batch, sampling if sample is not None else [])
+        return InFlightStep(batch, sampling if sample is not None else [], slots, sample)
+
+    def _collect(self, step: InFlightStep) -> list[EngineOutput]:
+        try:
+            res = step.sample.result() if step.sample is not None else None
+        except Exception as e:  # noqa: BLE001 - e.g. a device error surfacing at the sync
+            return self._fail(step.batch.requests, e)
+        # requests finished or aborted since the launch get nothing (their blocks are already back)
+        live = [i for i, r in enumerate(step.sampling) if r.status != RequestStatus.FINISHED]
+        sampling = [step.sampling[i] for i in live]
+        slots = [step.slots[i] for i in live]
+        toks = [res.token_ids[i] for i in live] if res is not None else []
+        self.scheduler.resolve(step.batch, sampling, slots, toks)
+        outs = []
+        for req, slot, i, tok in zip(sampling, slots, live, toks):
             rid = req.request_id
-            fin = rid in finished
-            lp = lps.get(rid)
+            fin = req.status == RequestStatus.FINISHED
+            lp = res.logprobs[i]
             queue_time = (req.first_scheduled_time - req.arrival_time
-                          if len(req.output_token_ids) == 1 and req.first_scheduled_time is not None else None)
-            outs.append(EngineOutput(rid, [sampled[rid]], fin, req.finish_reason.value if fin else None,
+                          if slot == 0 and req.first_scheduled_time is not None else None)
+            outs.append(EngineOutput(rid, [tok], fin, req.finish_reason.value if fin else None,
                                      req.num_prompt_tokens, None if lp is None else [lp], queue_time=queue_time))
             if fin:
                 del self.requests[rid]

@@ -101,7 +101,8 @@ class KVCacheManager:
         """Register the hashes of req's blocks that are now full of computed tokens."""
         if not self.enable_prefix_caching:
             return
-        n_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
+        # only blocks of computed tokens whose ids are known (an in-flight token's id is not)
+        n_full = min(req.num_computed_tokens, req.num_known_tokens) // self.block_size
         hashes = req.block_hashes
         if len(hashes) >= n_full:
             return

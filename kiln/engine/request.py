@@ -11,6 +11,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+# Stands in an output list for a token that is sampled on the device but not yet on the host (async
+# scheduling); the runner feeds the device-side id to the next step, the engine fills it in one step later.
+PENDING_TOKEN = -1
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"        # EOS, a stop token id or a stop string
     LENGTH = "length"    # max_tokens reached
@@ -98,10 +103,15 @@ class Request:
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
         self.generator = None  # torch.Generator for seeded sampling, made by the sampler on first use
+        self.num_pending_tokens = 0  # trailing PENDING_TOKENs of output_token_ids (0 or 1, 2 for a moment)
+        self.pending_row = -1        # row of the last launched step's sampled ids that holds the newest one
         ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             ids |= set(eos_token_ids)
         self.stop_token_set = frozenset(ids)   # ids that end the request (after min_tokens)
+        # penalties read the whole output on the host: such a request makes the engine step synchronously
+        self.needs_output_history = (params.repetition_penalty != 1.0 or bool(params.frequency_penalty)
+                                     or bool(params.presence_penalty))
 
     @property
     def num_tokens(self) -> int:
@@ -110,6 +120,11 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids are on the host (all of them but those still in flight)."""
+        return self.num_tokens - self.num_pending_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -16,8 +16,8 @@ import torch
 
 from kiln import distributed as tpd
 from kiln.engine.config import EngineConfig
-from kiln.engine.request import Request
-from kiln.engine.sampler import Sampler, SamplerOutput
+from kiln.engine.request import PENDING_TOKEN, Request
+from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import ScheduledBatch
 from kiln.layers.attention import AttentionMetadata, LayerKVCache, make_attention_backend
 from kiln.models.config import ModelConfig, resolve_dtype
@@ -58,8 +58,12 @@ class ModelRunner:
         self.kv_caches: list[LayerKVCache] = []
         self.num_blocks = 0
         self.graphs = None
-        self._staging: torch.Tensor | None = None       # pinned host buffer of the step's index tensors (CUDA)
-        self._staging_copied = None                     # CUDA event: its last copy to the device has run
+        # two pinned host buffers for the step's index tensors (CUDA), used in turn, each with the event of its
+        # last copy to the device: a buffer is refilled only once that copy has run
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._staging_copied: list = [None, None]
+        self._step_parity = 0
+        self.last_sampled_ids: torch.Tensor | None = None  # device ids of the last step: in-flight tokens
         self.tp_group = None  # set by the engine core on rank 0 when MP_NUM > 1
 
     def max_model_len(self) -> int:
@@ -157,12 +161,17 @@ class ModelRunner:
         pos: list[int] = []
         slots: list[int] = []
         qlens, slens, logits_idx, sampling, tables = [], [], [], [], []
+        fix_dst: list[int] = []
+        fix_src: list[int] = []
         for req, n in zip(batch.requests, batch.num_tokens):
             start = req.num_computed_tokens
             end = start + n
             toks = req.all_token_ids[start:end] if start < req.num_prompt_tokens else req.output_token_ids[
                 start - req.num_prompt_tokens:end - req.num_prompt_tokens]
             ids.extend(toks)
+            if toks[-1] == PENDING_TOKEN:  # sampled by the step still in flight: read it on the device
+                fix_dst.append(len(ids) - 1)
+                fix_src.append(req.pending_row)
             pos.extend(range(start, end))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
@@ -172,25 +181,27 @@ class ModelRunner:
             if end == req.num_tokens:  # caught up with all known tokens: the model's output is a new token
                 logits_idx.append(len(ids) - 1)
                 sampling.append(req)
-        return StepInputs(ids, pos, slots, tables, qlens, slens, logits_idx), sampling
+        return StepInputs(ids, pos, slots, tables, qlens, slens, logits_idx, fix_dst, fix_src), sampling
 
     def to_device(self, s: "StepInputs"):
         """All of a step's index tensors in one host->device copy: they are packed into one pinned int64 buffer
-        (built with numpy: per-row torch.tensor calls cost ~1 ms per step at batch 64)."""
+        (built with numpy: per-row torch.tensor calls cost ~1 ms per step at batch 64). Nothing here waits for
+        the GPU, so the step can be queued while the previous one runs."""
         dev = self.device
         n, t = len(s.block_tables), len(s.input_ids)
+        nl, nf = len(s.logits_indices), len(s.pending_dst)
         width = max(len(b) for b in s.block_tables)
-        # layout: ids[t] | positions[t] | slots[t] | seq_lens[n] | query_start_loc[n+1] | block_tables[n*width]
-        size = 3 * t + 2 * n + 1 + n * width
+        # layout: ids[t] | positions[t] | slots[t] | logits_indices[nl] | pending_dst[nf] | pending_src[nf] |
+        #         seq_lens[n] | query_start_loc[n+1] | block_tables[n*width]
+        size = 3 * t + nl + 2 * nf + 2 * n + 1 + n * width
         if dev.type == "cuda":
-            # reused pinned buffer: wait until the previous step's copy out of it has run (a step without
-            # sampling has no host sync of its own)
-            if self._staging_copied is not None:
-                self._staging_copied.synchronize()
-            if self._staging is None or self._staging.numel() < size:
-                self._staging = torch.empty(max(size, 2 * (0 if self._staging is None else self._staging.numel())),
-                                            dtype=torch.int64, pin_memory=True)
-            host = self._staging[:size]
+            k = self._step_parity = 1 - self._step_parity
+            if self._staging_copied[k] is not None:
+                self._staging_copied[k].synchronize()  # two steps ago: long done
+            if self._staging[k] is None or self._staging[k].numel() < size:
+                old = 0 if self._staging[k] is None else self._staging[k].numel()
+                self._staging[k] = torch.empty(max(size, 2 * old), dtype=torch.int64, pin_memory=True)
+            host = self._staging[k][:size]
         else:
             host = torch.empty(size, dtype=torch.int64)  # returned tensors alias it: a fresh one per step
         buf = host.numpy()
@@ -198,6 +209,10 @@ class ModelRunner:
         buf[t:2 * t] = s.positions
         buf[2 * t:3 * t] = s.slots
         o = 3 * t
+        buf[o:o + nl] = s.logits_indices
+        buf[o + nl:o + nl + nf] = s.pending_dst
+        buf[o + nl + nf:o + nl + 2 * nf] = s.pending_src
+        o += nl + 2 * nf
         buf[o:o + n] = s.seq_lens
         buf[o + n] = 0
         np.cumsum(s.query_lens, out=buf[o + n + 1:o + 2 * n + 1])
@@ -210,15 +225,21 @@ class ModelRunner:
                                     count=int(lens.sum()))
         d = host.to(dev, non_blocking=True)
         if dev.type == "cuda":
-            self._staging_copied = torch.cuda.Event()
-            self._staging_copied.record()
+            self._staging_copied[k] = torch.cuda.Event()
+            self._staging_copied[k].record()
+        ids = d[:t]
+        if nf:
+            if self.last_sampled_ids is None:
+                raise RuntimeError("a step reads in-flight tokens but no step has sampled")
+            p = 3 * t + nl
+            ids[d[p:p + nf]] = self.last_sampled_ids[d[p + nf:p + 2 * nf]]
         ints = d[o:].to(torch.int32)
         meta = AttentionMetadata(
             slot_mapping=d[2 * t:3 * t], block_tables=ints[2 * n + 1:].view(n, width), seq_lens=ints[:n],
             query_start_loc=ints[n:2 * n + 1], seq_lens_list=s.seq_lens, query_lens_list=s.query_lens,
             max_query_len=max(s.query_lens), max_seq_len=max(s.seq_lens),
             num_decode_rows=next((i for i, q in enumerate(s.query_lens) if q != 1), n))
-        return d[:t], d[t:2 * t], meta
+        return ids, d[t:2 * t], meta, d[3 * t:3 * t + nl]
 
     def capture_cuda_graphs(self, max_model_len: int) -> None:
         """Decode graphs need the Triton backend (the torch one loops over Python lists)."""
@@ -232,23 +253,27 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, s: "StepInputs") -> torch.Tensor | None:
         """Logits of the rows that sample (all ranks run this in lockstep under tensor parallelism)."""
-        ids, pos, meta = self.to_device(s)
+        ids, pos, meta, logits_indices = self.to_device(s)
         if self.graphs is not None and meta.decode_only and self.graphs.fits(len(ids), meta.block_tables.shape[1]):
             return self.graphs.run(ids, pos, meta)  # every decode row samples, in order
         hidden = self.model(ids, pos, self.kv_caches, meta)
         if not s.logits_indices:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(s.logits_indices, device=self.device)])
+        return self.model.compute_logits(hidden[logits_indices])
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[Request], SamplerOutput | None]:
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Request], PendingSample | None]:
+        """Queue one step (inputs, model, sampling) without waiting for it; the sampled ids arrive through the
+        returned PendingSample."""
         inputs, sampling = self.prepare(batch)
         if self.tp_group is not None:
             self.tp_group.broadcast_step(inputs)
         logits = self.forward(inputs)
         if logits is None:
             return sampling, None
-        return sampling, self.sampler(logits, sampling)
+        pending = self.sampler.sample(logits, sampling)
+        self.last_sampled_ids = pending.ids
+        return sampling, pending
 
 
 @dataclass
@@ -260,3 +285,5 @@ class StepInputs:
     query_lens: list[int]
     seq_lens: list[int]
     logits_indices: list[int]
+    pending_dst: list[int]      # input positions whose token is still in flight ...
+    pending_src: list[int]      # ... and its row in the last step's sampled ids

@@ -4,6 +4,10 @@ Order, as in Hugging Face's processors: penalties (repetition over prompt+output
 output), min_tokens (stop ids masked), then temperature, top-k, top-p, min-p, then a draw. Greedy rows take the
 argmax of the penalised logits. A draw is argmax(p / E) with E ~ Exp(1) (the Gumbel-max trick in another form),
 so a request with a seed takes its noise from its own generator: same seed, same output, whatever the batch.
+
+Nothing here waits for the GPU: per-row parameters go up through pinned memory, and the sampled ids (and
+logprobs) come back through a non-blocking copy that `PendingSample.result()` waits for. That is what lets the
+engine launch the next step before this one's ids reach the host (async scheduling).
 """
 from __future__ import annotations
 
@@ -21,8 +25,54 @@ class SamplerOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
 
 
+def rows_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a stream sync (a plain torch.tensor(..., device=cuda) waits for
+    all queued GPU work). The pinned source is kept alive by PyTorch's host allocator until the copy has run."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
+class PendingSample:
+    """A step's sampled ids on the device, on their way to the host."""
+
+    def __init__(self, ids: torch.Tensor, num_logprobs: list[int | None], chosen: torch.Tensor | None,
+                 top_vals: torch.Tensor | None, top_idx: torch.Tensor | None):
+        self.ids = ids  # stays on the device: the next step reads its in-flight input tokens from here
+        self.num_logprobs = num_logprobs
+        tensors = [t for t in (ids, chosen, top_vals, top_idx) if t is not None]
+        self._ready = None
+        if ids.is_cuda:
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors):
+                h.copy_(t, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+            tensors = host
+        self._host = tensors
+
+    def result(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()  # the one wait per step: only for this step's copy, not later work
+        ids, *rest = self._host
+        token_ids = ids.tolist()
+        logprobs: list = [None] * len(token_ids)
+        if rest:
+            chosen = rest[0].tolist()
+            top_vals, top_idx = (rest[1].tolist(), rest[2].tolist()) if len(rest) == 3 else (None, None)
+            for i, n in enumerate(self.num_logprobs):
+                if n is None:
+                    continue
+                top = list(zip(top_idx[i][:n], top_vals[i][:n])) if n > 0 else []
+                logprobs[i] = (chosen[i], top)
+        return SamplerOutput(token_ids, logprobs)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+        return self.sample(logits, reqs).result()
+
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> PendingSample:
         logits = logits.float()
         dev = logits.device
         b, vocab = logits.shape
@@ -34,21 +84,21 @@ class Sampler:
         if any(len(r.output_token_ids) < r.params.min_tokens and r.stop_token_set for r in reqs):
             for i, r in enumerate(reqs):
                 if len(r.output_token_ids) < r.params.min_tokens and r.stop_token_set:
-                    ids = torch.tensor([t for t in r.stop_token_set if t < vocab], dtype=torch.long, device=dev)
+                    ids = rows_to_device([t for t in r.stop_token_set if t < vocab], torch.long, dev)
                     logits[i, ids] = float("-inf")
 
         greedy_ids = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
             ids = greedy_ids
         else:
-            greedy = torch.tensor([p.greedy for p in params], device=dev)
-            temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
+            greedy = rows_to_device([p.greedy for p in params], torch.bool, dev)
+            temp = rows_to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
             scaled = logits / temp[:, None]
             if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
                 scaled = self._top_k_top_p(scaled, params, vocab)
             probs = torch.softmax(scaled, dim=-1)
             if any(p.min_p > 0 for p in params):
-                min_p = torch.tensor([p.min_p for p in params], device=dev)
+                min_p = rows_to_device([p.min_p for p in params], torch.float32, dev)
                 probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
             noise = torch.empty_like(probs).exponential_()
             for i, r in enumerate(reqs):
@@ -59,20 +109,13 @@ class Sampler:
             sampled = (probs / noise).argmax(dim=-1)
             ids = torch.where(greedy, greedy_ids, sampled)
 
-        token_ids = ids.tolist()  # the one host sync per step
-        logprobs: list = [None] * b
+        chosen = top_vals = top_idx = None
         if raw_logprobs is not None:
-            for i, p in enumerate(params):
-                if p.logprobs is None:
-                    continue
-                row = raw_logprobs[i]
-                chosen = float(row[token_ids[i]])
-                top = []
-                if p.logprobs > 0:
-                    vals, idx = row.topk(p.logprobs)
-                    top = list(zip(idx.tolist(), vals.tolist()))
-                logprobs[i] = (chosen, top)
-        return SamplerOutput(token_ids, logprobs)
+            chosen = raw_logprobs.gather(1, ids[:, None])[:, 0]
+            k = max(p.logprobs or 0 for p in params)
+            if k > 0:
+                top_vals, top_idx = raw_logprobs.topk(k, dim=-1)
+        return PendingSample(ids, [p.logprobs for p in params], chosen, top_vals, top_idx)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, reqs: list[Request], vocab: int) -> torch.Tensor:
@@ -107,8 +150,8 @@ class Sampler:
     @staticmethod
     def _top_k_top_p(logits: torch.Tensor, params, vocab: int) -> torch.Tensor:
         dev = logits.device
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
-        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        top_k = rows_to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.long, dev)
+        top_p = rows_to_device([p.top_p for p in params], torch.float32, dev)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=dev)[None, :]
         mask = rank >= top_k[:, None]

@@ -5,6 +5,12 @@ each running request the tokens it still needs (1 for a decode, a chunk for a lo
 waiting requests FIFO while the budget, the batch slots and the KV blocks allow. Prefill and decode share a
 step; a prompt longer than the budget is prefilled in chunks over several steps. When blocks run out, the
 newest running request is preempted: its blocks are freed and it is recomputed later from its tokens.
+
+A step has two halves: `launched` (right after the runner queued it: computed counts advance and every
+sampling request gets a PENDING_TOKEN) and `resolve` (when its ids reach the host: tokens filled in, stops
+checked). Under async scheduling the next step is scheduled between the two, so a request may be scheduled
+once more after the step that ends it; that step's token is dropped. A request whose max_tokens or the model
+length is reached by its in-flight token is not scheduled again.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kiln.engine.kv_cache import KVCacheManager
-from kiln.engine.request import FinishReason, Request, RequestStatus
+from kiln.engine.request import PENDING_TOKEN, FinishReason, Request, RequestStatus
 
 
 @dataclass
@@ -61,6 +67,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_pending_tokens and self._ends_at(req, len(req.output_token_ids)) is FinishReason.LENGTH:
+                i += 1  # its last token is in flight: nothing left to compute
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()      # the newest
@@ -106,28 +115,46 @@ class Scheduler:
         batch.preempted.append(req)
 
     # -- after the model ran ----------------------------------------------------------------------------
-    def update(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish requests. Returns the finished ones."""
-        finished = []
+    def launched(self, batch: ScheduledBatch, sampling: list[Request]) -> list[int]:
+        """The runner has queued `batch`: its tokens count as computed, and each sampling request gets a
+        placeholder for the token it will receive. Returns each one's index in its output list."""
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed_tokens += n
-            tok = sampled.get(req.request_id)
-            if tok is not None:
-                req.output_token_ids.append(tok)
-                reason = self.check_stop(req, tok)
-                if reason is not None:
-                    req.finish_reason = reason
-                    finished.append(req)
-            self.kv.cache_full_blocks(req)
+        slots = []
+        for row, req in enumerate(sampling):
+            req.output_token_ids.append(PENDING_TOKEN)
+            req.num_pending_tokens += 1
+            req.pending_row = row
+            slots.append(len(req.output_token_ids) - 1)
+        return slots
+
+    def resolve(self, batch: ScheduledBatch, sampling: list[Request], slots: list[int],
+                token_ids: list[int]) -> list[Request]:
+        """The step's sampled ids are on the host: fill them in, finish requests. Returns the finished ones.
+        `sampling` must hold only requests not finished since the launch."""
+        finished = []
+        for req, i, tok in zip(sampling, slots, token_ids):
+            req.output_token_ids[i] = tok
+            req.num_pending_tokens -= 1
+            reason = self._ends_at(req, i + 1, tok)
+            if reason is not None:
+                req.finish_reason = reason
+                # a step launched after this one may have added a token past the end: drop it
+                req.num_pending_tokens -= len(req.output_token_ids) - (i + 1)
+                del req.output_token_ids[i + 1:]
+                finished.append(req)
         for req in finished:
             self.finish(req)
+        for req in batch.requests:
+            if req.status == RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(req)
         return finished
 
-    def check_stop(self, req: Request, tok: int) -> FinishReason | None:
-        n_out = len(req.output_token_ids)
-        if n_out >= req.params.min_tokens and tok in req.stop_token_set:
+    def _ends_at(self, req: Request, n_out: int, tok: int | None = None) -> FinishReason | None:
+        """Why the request ends once it has n_out output tokens, the last being `tok` (None: not known yet)."""
+        if tok is not None and n_out >= req.params.min_tokens and tok in req.stop_token_set:
             return FinishReason.STOP
-        if n_out >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+        if n_out >= req.params.max_tokens or req.num_prompt_tokens + n_out >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
