@@ -384,6 +384,67 @@ def bench_w8a16(cfg, sweep):
             del wq, ws, wb
 
 
+SKINNY_SWEEP = [  # (BLOCK_N, BLOCK_K, stages, programs per SM the split aims at)
+    (bn, bk, st, per_sm) for bn, bk in ((16, 256), (32, 128), (32, 256), (64, 128))
+    for st in (3, 5) for per_sm in (1, 2, 4)]
+
+
+def _skinny_cfg(M, N, Kd, bn, bk, st, per_sm):
+    from kiln.kernels._utils import next_pow2, num_sms
+    bm = max(16, next_pow2(M))
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    split = 1
+    while tiles * split < per_sm * num_sms(torch.device(DEV)) and Kd // (split * 2) >= 4 * bk:
+        split *= 2
+    return bm, bn, bk, split, 4, st
+
+
+def bench_skinny(cfg, sweep):
+    """Dense bf16 weight, few rows: the split-K kernel against cuBLAS (x @ w.T), Llama-3-8B's projections and
+    LM head. With --sweep, a grid of tiles; the best per shape is printed and collected in SKINNY_BEST."""
+    from kiln.kernels.skinny import skinny_config
+    h, inter, hq, hkv, d = cfg["hidden"], cfg["inter"], cfg["hq"], cfg["hkv"], cfg["d"]
+    shapes = [("qkv", (hq + 2 * hkv) * d, h), ("o", h, hq * d), ("gate_up", 2 * inter, h), ("down", h, inter),
+              ("lm_head", 128256 if not SMOKE else 256, h)]
+    for T in ((1, 4, 8, 16) if not SMOKE else (1, 3)):
+        for name, N, Kd in shapes:
+            x = rand(T, Kd)
+            ws = [rand(N, Kd, scale=0.02) for _ in range(2 if not SMOKE else 1)]
+            w = ws[0]
+            fn = lambda: K.skinny_matmul(x, w)
+            err = rel_err(fn(), R.skinny_matmul(x, w))
+            nbytes = N * Kd * 2 + T * (Kd + N) * 2
+            ms = bench(fn)
+            mm_ms = bench(lambda: x @ w.t())[0]
+            c0 = skinny_config(T, N, Kd, x.device)
+            row("skinny_matmul", f"{name} T={T} N={N} K={Kd}", ms, nbytes, 2 * T * N * Kd, ref_ms=mm_ms,
+                ref_name="cuBLAS", note=f"err={err:.1e} cfg={c0}")
+            if sweep and not SMOKE:
+                best = (ms[0], c0)
+                seen = {c0}
+                for p in SKINNY_SWEEP:
+                    c = _skinny_cfg(T, N, Kd, *p)
+                    if c in seen:
+                        continue
+                    seen.add(c)
+                    try:
+                        t = bench_graph(lambda: K.skinny_matmul(x, w, config=c), rep_ms=30)
+                    except Exception as e:  # out of shared memory, etc.
+                        print(f"    sweep {c}: failed {type(e).__name__}", flush=True)
+                        torch.cuda.synchronize()
+                        continue
+                    if t < best[0]:
+                        best = (t, c)
+                SKINNY_BEST.append(dict(shape=name, T=T, cublas_us=mm_ms * 1e3, default_us=ms[0] * 1e3,
+                                        best_us=best[0] * 1e3, best_cfg=best[1]))
+                print(f"    best {name} T={T}: {best[0] * 1e3:.1f} us {best[1]} ({nbytes / best[0] / 1e6:.0f} GB/s;"
+                      f" cuBLAS {mm_ms * 1e3:.1f} us, default {ms[0] * 1e3:.1f} us)", flush=True)
+            del ws, w
+
+
+SKINNY_BEST: list[dict] = []
+
+
 def kernel_stats():
     """Registers, spills and shared memory of every compiled variant (the compiler's report)."""
     import importlib
@@ -416,7 +477,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default=None, help="comma list: decode,prefill,cache,norm,rope,silu,w8a16")
+    ap.add_argument("--only", default=None, help="comma list: decode,prefill,cache,norm,rope,silu,w8a16,skinny")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = dict(hidden=4096, hq=32, hkv=8, d=128, inter=14336)
@@ -431,7 +492,7 @@ def main():
     steps = [("cache", lambda: bench_cache(cfg)), ("decode", lambda: bench_decode(cfg, args.sweep)),
              ("prefill", lambda: bench_prefill(cfg, args.sweep)), ("norm", lambda: bench_norm(cfg)),
              ("rope", lambda: bench_rope(cfg)), ("silu", lambda: bench_silu(cfg)),
-             ("w8a16", lambda: bench_w8a16(cfg, args.sweep))]
+             ("w8a16", lambda: bench_w8a16(cfg, args.sweep)), ("skinny", lambda: bench_skinny(cfg, args.sweep))]
     for name, f in steps:
         if only and name not in only:
             continue
@@ -451,7 +512,7 @@ def main():
         kernel_stats()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(env=env, rows=ROWS), f, indent=1)
+            json.dump(dict(env=env, rows=ROWS, skinny_best=SKINNY_BEST), f, indent=1)
 
 
 if __name__ == "__main__":

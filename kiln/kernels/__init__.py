@@ -2,7 +2,7 @@
 
 Kernels (each in its own module, each a Python function on torch tensors):
     reshape_and_cache, paged_decode_attention, paged_prefill_attention,
-    rmsnorm, fused_add_rmsnorm, rotary_embedding, silu_and_mul, w8a16_matmul.
+    rmsnorm, fused_add_rmsnorm, rotary_embedding, silu_and_mul, w8a16_matmul, skinny_matmul.
 
 `kiln.kernels.reference` holds float32 PyTorch versions of all of them and needs no
 Triton. When Triton is not installed, HAS_TRITON is False and the kernel names here are
@@ -32,6 +32,7 @@ if HAS_TRITON:
     from .prefill_attention import paged_prefill_attention
     from .rmsnorm import fused_add_rmsnorm, rmsnorm
     from .rotary import rotary_embedding
+    from .skinny import skinny_matmul, use_skinny
     from .w8a16 import dequantize_int8_weight, w8a16_matmul
 else:  # pragma: no cover
     from .reference import (  # noqa: F401
@@ -42,8 +43,12 @@ else:  # pragma: no cover
         rmsnorm,
         rotary_embedding,
         silu_and_mul,
+        skinny_matmul,
         w8a16_matmul,
     )
+
+    def use_skinny(x, w):
+        return False
 
     def dequantize_int8_weight(w_int8, w_scale, dtype):
         return (w_int8.float() * w_scale.float()[:, None]).to(dtype)
@@ -59,5 +64,7 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "w8a16_matmul",
+    "skinny_matmul",
+    "use_skinny",
     "dequantize_int8_weight",
 ]

@@ -28,7 +28,9 @@ def _w8a16_kernel(
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
+    HAS_SCALE: tl.constexpr = True,
 ):
+    # HAS_SCALE=False: a plain bf16/fp16 weight (kiln.kernels.skinny reuses this kernel)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -57,8 +59,9 @@ def _w8a16_kernel(
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     offs_m64 = offs_m.to(tl.int64)
     if SPLIT_K == 1:
-        scale = tl.load(s_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        y = acc * scale[None, :]
+        y = acc
+        if HAS_SCALE:
+            y = acc * tl.load(s_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
@@ -70,14 +73,17 @@ def _w8a16_kernel(
 
 @triton.jit
 def _w8a16_reduce_kernel(part_ptr, s_ptr, b_ptr, out_ptr, M, N, stride_om,
-                         SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+                         SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_SCALE: tl.constexpr = True):
     m = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     nmask = offs_n < N
     acc = tl.zeros([BLOCK], tl.float32)
     for s in range(SPLIT_K):
         acc += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=nmask, other=0.0)
-    y = acc * tl.load(s_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    y = acc
+    if HAS_SCALE:
+        y = acc * tl.load(s_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + m * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
@@ -155,25 +161,35 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
         if bias is not None:
             out += bias.to(out.dtype)
         return out.view(*x.shape[:-1], N)
-    bm, bn, bk, split, warps, stages = config or _config(M, N, K, x.device)
+    small_m_matmul(x2, w_int8, w_scale, bias, out, config or _config(M, N, K, x.device))
+    return out.view(*x.shape[:-1], N)
+
+
+def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                   out: torch.Tensor, config: tuple) -> None:
+    """out [M, N] = x2 [M, K] @ (w [N, K] (* w_scale[:, None])).T (+ bias), K split over `config`'s SPLIT_K
+    programs and summed by a second kernel. w is int8 with a scale, or in x's dtype with w_scale None."""
+    M, K = x2.shape
+    N = w.shape[0]
+    bm, bn, bk, split, warps, stages = config
     k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, k_split)
     even_k = K % bk == 0 and k_split % bk == 0
-    part = torch.empty((split, M, N), dtype=torch.float32, device=x.device) if split > 1 else out
-    has_bias = bias is not None
-    b = bias if has_bias else w_scale
+    part = torch.empty((split, M, N), dtype=torch.float32, device=x2.device) if split > 1 else out
+    has_bias, has_scale = bias is not None, w_scale is not None
+    s = w_scale if has_scale else w
+    b = bias if has_bias else s
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
     _w8a16_kernel[grid](
-        x2, w_int8, w_scale, b, out, part,
+        x2, w, s, b, out, part,
         M, N, K, k_split,
-        x2.stride(0), w_int8.stride(0), out.stride(0),
+        x2.stride(0), w.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=has_bias, EVEN_K=even_k,
-        FP32=x.dtype == torch.float32,
+        FP32=x2.dtype == torch.float32, HAS_SCALE=has_scale,
         num_warps=warps, num_stages=stages,
     )
     if split > 1:
         block = 1024
-        _w8a16_reduce_kernel[(M, triton.cdiv(N, block))](part, w_scale, b, out, M, N, out.stride(0),
+        _w8a16_reduce_kernel[(M, triton.cdiv(N, block))](part, s, b, out, M, N, out.stride(0),
                                                         SPLIT_K=split, BLOCK=block, HAS_BIAS=has_bias,
-                                                        num_warps=4)
-    return out.view(*x.shape[:-1], N)
+                                                        HAS_SCALE=has_scale, num_warps=4)

@@ -12,6 +12,14 @@ from torch import nn
 from kiln import distributed as tpd
 
 
+def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.is_cuda:
+        from kiln.kernels import skinny_matmul, use_skinny
+        if use_skinny(x, weight):  # a few rows: a weight read, faster through the split-K kernel than cuBLAS
+            return skinny_matmul(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def _w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if x.is_cuda:
         from kiln.kernels import w8a16_matmul
@@ -55,7 +63,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return _w8a16(x, self.qweight, self.scale, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return _dense(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(Linear):
@@ -132,7 +140,7 @@ class VocabEmbedding(nn.Module):
         return tpd.all_reduce(out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden, self.weight).float()
+        out = _dense(hidden, self.weight, None).float()
         if tpd.tp_size() > 1:
             out = tpd.all_gather_last_dim(out)
         return out[:, : self.vocab_size]

@@ -331,3 +331,41 @@ def test_w8a16_leading_dims(dtype):
     out = K.w8a16_matmul(x, wq, ws)
     assert out.shape == (2, 3, 48)
     assert rel_err(out, R.w8a16_matmul(x.reshape(6, 64), wq, ws).reshape(2, 3, 48)) < TOL[dtype]
+
+
+# ----------------------------------------------------------------------------- skinny (dense, few rows)
+
+SKINNY_CASES = [
+    # M, N, K, bias
+    (1, 96, 160, False),
+    (3, 64, 256, True),
+    (8, 40, 64, False),
+    pytest.param(1, 6144, 4096, False, marks=gpu_only),    # Llama-3-8B qkv
+    pytest.param(1, 4096, 4096, True, marks=gpu_only),     # o
+    pytest.param(2, 28672, 4096, False, marks=gpu_only),   # gate_up
+    pytest.param(8, 4096, 14336, False, marks=gpu_only),   # down: K split
+    pytest.param(5, 128256, 4096, False, marks=gpu_only),  # lm_head
+    pytest.param(7, 1000, 1000, True, marks=gpu_only),     # ragged
+]
+
+
+@pytest.mark.parametrize("M,N,Kd,bias", SKINNY_CASES)
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+def test_skinny_matmul(M, N, Kd, bias, dtype):
+    x = rand(M, Kd, dtype=dtype)
+    w = rand(N, Kd, dtype=dtype, scale=0.05)
+    b = rand(N, dtype=dtype) if bias else None
+    out = K.skinny_matmul(x, w, b)
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert rel_err(out, R.skinny_matmul(x, w, b)) < TOL[dtype]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the dispatch only picks the kernel for CUDA tensors")
+def test_linear_layer_dispatches_few_rows_to_skinny_and_matches():
+    from kiln.kernels.skinny import MAX_T
+    from kiln.layers.linear import _dense
+    w = rand(512, 256, dtype=torch.bfloat16)
+    for m in sorted({1, max(1, MAX_T), MAX_T + 1, 64}):
+        x = rand(m, 256, dtype=torch.bfloat16)
+        assert K.use_skinny(x, w) == (0 < m <= MAX_T)
+        assert rel_err(_dense(x, w, None), R.skinny_matmul(x, w)) < TOL[torch.bfloat16]

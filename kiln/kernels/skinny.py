@@ -1,0 +1,61 @@
+"""skinny_matmul: y = x @ w.T (+ bias) for a bf16/fp16 weight and a few rows of x (decode at small batch).
+
+With T <= 8 rows a linear layer is a read of its weight. This runs the split-K tile kernel of w8a16.py on the
+dense weight, K split until every SM has ~2 programs so that enough bytes are in flight. On an H200 it beats
+cuBLAS by 2-7% on Llama-3-8B's projections and LM head at T=1 (qkv 18.4 vs 19.6 us, o 15.1 vs 16.2, LM head
+240 vs 250; docs/kernels.md): ~0.13 ms of a 4.8 ms batch-1 step. The linear layers use it when `use_skinny`
+says so.
+
+KILN_SKINNY_MAX_T sets the largest T it is used for (0 turns it off): a dispatch knob for benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ._utils import interpreting, next_pow2, num_sms
+from .w8a16 import small_m_matmul
+
+MAX_T = int(os.environ.get("KILN_SKINNY_MAX_T", "8"))
+
+
+def use_skinny(x: torch.Tensor, w: torch.Tensor) -> bool:
+    t = x.numel() // max(1, x.shape[-1])
+    return (0 < t <= MAX_T and x.is_cuda and w.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float16)
+            and w.stride(-1) == 1)
+
+
+def skinny_config(M: int, N: int, K: int, device: torch.device) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)."""
+    bm = max(16, next_pow2(M))
+    if interpreting():
+        return bm, 32, 32, (2 if K >= 128 else 1), 4, 1
+    bn, bk = 32, min(128, max(32, next_pow2(K)))
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    sms = num_sms(device)
+    split = 1
+    # split K until each SM has ~2 programs (bytes in flight), none shorter than 4 tiles of K
+    while tiles * split < 2 * sms and K // (split * 2) >= 4 * bk:
+        split *= 2
+    # H200 sweep (docs/kernels.md): unsplit wide weights (gate_up, LM head) want 3 stages (4: +26% on
+    # gate_up), split ones 4-5
+    return bm, bn, bk, split, 4, 3 if split == 1 else 4
+
+
+def skinny_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: tuple | None = None) -> torch.Tensor:
+    """x [..., K] @ w [N, K].T (+ bias [N]) -> [..., N], w in x's dtype. config overrides the tiles (tuning)."""
+    K = x.shape[-1]
+    N, Kw = w.shape
+    assert Kw == K and w.dtype == x.dtype and w.stride(-1) == 1
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M:
+        small_m_matmul(x2, w, None, bias, out, config or skinny_config(M, N, K, x.device))
+    return out.view(*x.shape[:-1], N)
