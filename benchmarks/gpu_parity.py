@@ -132,13 +132,20 @@ def main():
     n = 32
     ref_hf = hf_greedy(d, prompts, n)
     torch_path, _, _ = kiln_greedy(d, prompts, n, attention_backend="torch", use_cuda_graph=False)
-    fast, _, graphs = kiln_greedy(d, prompts, n, attention_backend="triton")
+    fast, _, graphs = kiln_greedy(d, prompts, n, attention_backend="triton")  # async scheduling on (auto)
+    fast_sync, _, _ = kiln_greedy(d, prompts, n, attention_backend="triton", async_scheduling=False)
+    import kiln.kernels.skinny as skinny
+    max_t, skinny.MAX_T = skinny.MAX_T, 0  # dense projections through cuBLAS at every batch size
+    fast_cublas, _, _ = kiln_greedy(d, prompts, n, attention_backend="triton")
+    skinny.MAX_T = max_t
     fast16, _, _ = kiln_greedy(d, prompts, n, attention_backend="triton", block_size=16)
     kv8, _, _ = kiln_greedy(d, prompts, n, attention_backend="triton", kv_cache_dtype="int8")
     w8, _, _ = kiln_greedy(d, prompts, n, attention_backend="triton", quantization="w8a16")
     # small cache + small token budget: chunked prefill and preemption on the fast path
     tight, pre, _ = kiln_greedy(d, prompts, n, attention_backend="triton", num_gpu_blocks=60,
                                 max_num_batched_tokens=512)
+    tight_sync, pre_sync, _ = kiln_greedy(d, prompts, n, attention_backend="triton", num_gpu_blocks=60,
+                                          max_num_batched_tokens=512, async_scheduling=False)
     res = {
         **logits_res,
         "prompt_lens": lens, "new_tokens": n, "cuda_graphs": graphs,
@@ -149,6 +156,10 @@ def main():
         "int8_kv_vs_fast": agreement(kv8, fast),
         "w8a16_vs_fast": agreement(w8, fast),
         "tight_cache_vs_fast": agreement(tight, fast), "tight_cache_preemptions": pre,
+        # async scheduling must not change a single token (same kernels, same batches)
+        "async_identical_to_sync": fast == fast_sync, "tight_async_identical_to_sync": tight == tight_sync,
+        "tight_sync_preemptions": pre_sync,
+        "skinny_vs_cublas_projections": agreement(fast, fast_cublas),
     }
     text = json.dumps(res)
     print(text)
