@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 
 from kiln.engine.config import EngineConfig
 from kiln.engine.kv_cache import KVCacheManager
@@ -27,12 +28,13 @@ HEARTBEAT_S = 0.5
 GiB = 1 << 30
 
 
+@dataclass
 class InFlightStep:
     """A step the runner has queued whose sampled ids are not on the host yet."""
-
-    def __init__(self, batch: ScheduledBatch, sampling: list[Request], slots: list[int],
-                 sample: PendingSample | None):
-        self.batch, self.sampling, self.slots, self.sample = batch, sampling, slots, sample
+    batch: ScheduledBatch
+    sampling: list[Request]     # the requests that sample this step, in the order of the sampled ids
+    slots: list[int]            # where each one's token goes in its output list
+    sample: PendingSample | None
 
 
 class EngineCore:
@@ -178,8 +180,8 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001
             outs += self._fail(batch.requests, e)
             return None
-        slots = self.scheduler.launched(batch, sampling if sample is not None else [])
-        return InFlightStep(batch, sampling if sample is not None else [], slots, sample)
+        # sample is None only for a step in which nobody samples (a middle chunk of a prefill): sampling is []
+        return InFlightStep(batch, sampling, self.scheduler.launched(batch, sampling), sample)
 
     def _collect(self, step: InFlightStep) -> list[EngineOutput]:
         try:
