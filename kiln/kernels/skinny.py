@@ -17,7 +17,7 @@ import torch
 import triton
 
 from ._utils import interpreting, next_pow2, num_sms
-from .w8a16 import small_m_matmul
+from .w8a16 import rows_and_out, small_m_matmul
 
 MAX_T = int(os.environ.get("KILN_SKINNY_MAX_T", "8"))
 
@@ -51,11 +51,8 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     K = x.shape[-1]
     N, Kw = w.shape
     assert Kw == K and w.dtype == x.dtype and w.stride(-1) == 1
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, out = rows_and_out(x, N)
     M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M:
         small_m_matmul(x2, w, None, bias, out, config or skinny_config(M, N, K, x.device))
     return out.view(*x.shape[:-1], N)

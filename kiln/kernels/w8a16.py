@@ -141,6 +141,14 @@ def _config(M: int, N: int, K: int, device: torch.device):
     return bm, bn, bk, split, 4, stages
 
 
+def rows_and_out(x: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] as unit-stride rows [M, K], and an empty [M, N] output in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+
+
 def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32) @ dequant(w_int8 [N, K], w_scale [N]).T (+ bias [N]) ->
@@ -148,11 +156,8 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
     K = x.shape[-1]
     N, Kw = w_int8.shape
     assert Kw == K and w_int8.dtype == torch.int8 and w_int8.stride(-1) == 1
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, out = rows_and_out(x, N)
     M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out.view(*x.shape[:-1], N)
     if config is None and M > LARGE_T:
