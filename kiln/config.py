@@ -126,10 +126,11 @@ def _choice(*choices: str):
 
 def setting(default: Any, env: str, help: str, *, kind: str, flags: tuple[str, ...] = (),
             aliases: tuple[str, ...] = (), check: Callable[[Any], str | None] | None = None,
-            group: str = "service", seed_default: str | None = None) -> Any:
-    """One row of the table, stored in the dataclass field's metadata."""
+            group: str = "service", seed_default: str | None = None, secret: bool = False) -> Any:
+    """One row of the table, stored in the dataclass field's metadata (secret: never logged)."""
     return field(default=default, metadata=dict(env=env, help=help, kind=kind, flags=flags, aliases=aliases,
-                                                check=check, group=group, seed_default=seed_default))
+                                                check=check, group=group, seed_default=seed_default,
+                                                secret=secret))
 
 
 def derived(default: Any = None) -> Any:
@@ -206,6 +207,17 @@ class KilnConfig:
         8813, "INFER_QUEUE_PORT", "Internal port of the engine core (ZMQ on 127.0.0.1).", kind="port",
         flags=("--infer-queue-port",), aliases=("INTER_PROC_PORT",), check=_port(False),
         seed_default="56666 (start script: 8813)")
+    api_key: str | None = setting(
+        None, "KILN_API_KEY", "API key(s), comma-separated: HTTP (OpenAI, native, KServe routes) and gRPC then "
+        "need `Authorization: Bearer <key>` (or `X-API-Key: <key>`); health probes stay open. Prefer the env "
+        "var: a flag is visible to local users. Unset: no key.", kind="optstr", flags=("--api-key",), secret=True)
+    metrics_api_key: str | None = setting(
+        None, "KILN_METRICS_API_KEY", "API key(s) for /metrics, comma-separated, or `same` for KILN_API_KEY's. "
+        "Unset: /metrics is open.", kind="optstr", flags=("--metrics-api-key",), secret=True)
+    engine_restart: bool = setting(
+        False, "KILN_ENGINE_RESTART", "When the engine core process dies, start it again in place (requests in "
+        "flight get an error; new ones are served once it is ready). Off: `kiln serve` exits non-zero within "
+        "5 s, for a process manager to restart it.", kind="bool", flags=("--engine-restart",))
 
     # --- lengths and batching ------------------------------------------------------------------------
     max_seq_len: int = setting(
@@ -287,6 +299,18 @@ class KilnConfig:
         300.0, "KILN_REQUEST_TIMEOUT", "Default whole-request timeout in seconds (the native `timeout` field "
         "overrides it per request).", kind="float", flags=("--request-timeout",), check=_range(0, lo_open=True),
         group="runtime")
+    max_request_bytes: int = setting(
+        16 * 1024 * 1024, "KILN_MAX_REQUEST_BYTES", "Largest request body (HTTP) or message (gRPC) in bytes; a "
+        "larger one gets 413 (RESOURCE_EXHAUSTED on gRPC) before it is read whole.", kind="int",
+        flags=("--max-request-bytes",), check=_range(1024), group="runtime")
+    http_read_timeout: float = setting(
+        30.0, "KILN_HTTP_READ_TIMEOUT", "Seconds a client may take to send a request's headers, and at most "
+        "between two pieces of its body; a slower connection is closed (headers) or answered 408 (body).",
+        kind="float", flags=("--http-read-timeout",), check=_range(0, lo_open=True), group="runtime")
+    tool_call_parser: str = setting(
+        "auto", "KILN_TOOL_CALL_PARSER", "How the OpenAI API reads tool calls in the model's output: auto (by model "
+        "family and chat template), llama3_json, hermes (also Qwen2.5/Qwen3), none (left as text).", kind="str",
+        flags=("--tool-call-parser",), check=_choice("auto", "llama3_json", "hermes", "none"), group="runtime")
     seed: int = setting(
         0, "KILN_SEED", "Engine random seed (requests without `seed`).", kind="int", flags=("--seed",),
         group="runtime")
@@ -301,6 +325,7 @@ class KilnConfig:
     model_path: str | None = derived()      # the resolved Hugging Face model directory
     max_model_len: int | None = derived()   # prompt + output cap: MAX_SEQ_LEN + MAX_DEC_LEN, capped by the model
     model_max_len: int | None = derived()   # the model's own limit (max_position_embeddings)
+    engine_secret: str | None = derived()   # per start, set by the supervisor: admits front ends to the engine
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -483,7 +508,8 @@ class KilnConfig:
     def summary(self) -> str:
         parts = []
         for f in self.settings():
-            parts.append(f"{f.metadata['env']}={getattr(self, f.name)}")
+            value = getattr(self, f.name)
+            parts.append(f"{f.metadata['env']}={'***' if f.metadata['secret'] and value else value}")
         return " ".join(parts)
 
 

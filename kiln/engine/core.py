@@ -1,12 +1,14 @@
 """The engine core: scheduler + runner in a loop, in-process (EngineCore) or as its own process over ZMQ.
 
 Wire protocol (msgpack over a ZMQ ROUTER socket; each front end is a DEALER):
-  front end -> engine: ["hello"] | ["add", request_id, prompt_ids, params_dict, eos_ids] | ["abort", [ids]]
+  front end -> engine: ["hello", secret, pid] | ["add", request_id, prompt_ids, params_dict, eos_ids]
+                       | ["abort", [ids]]   (nothing is served before a hello with the per-start secret)
   engine -> front end: ["out", [EngineOutput.to_wire(), ...]] | ["stats", EngineStats.to_wire()]
 Stats go to every front end that said hello, at least every HEARTBEAT_S: health checks read them.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import multiprocessing as mp
 import os
@@ -103,10 +105,17 @@ class EngineCore:
                           f"({self.cfg.max_waiting})", "queue_full")
         if not prompt_token_ids:
             return reject("the prompt is empty: give at least one token", "invalid")
+        # every field the step will read is checked here, so a bad request is refused alone, never mid-step
+        try:
+            params.validate()
+        except (ValueError, TypeError) as e:
+            return reject(f"invalid sampling parameters: {e}", "invalid")
         vocab = self.runner.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not (0 <= t < vocab)]
-        if bad:
-            return reject(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}", "invalid")
+        for name, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids),
+                          ("eos_token_ids", eos_token_ids or [])):
+            bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
+            if bad:
+                return reject(f"{name}: token ids out of the vocabulary [0, {vocab}): {bad[:5]}", "invalid")
         if len(prompt_token_ids) >= self.max_model_len:
             return reject(f"Length of input token({len(prompt_token_ids)}) exceeds the limit of the model "
                           f"length ({self.max_model_len}); leave room for at least one new token", "too_long")
@@ -160,9 +169,11 @@ class EngineCore:
     def _may_overlap(self) -> bool:
         return self.async_scheduling and not any(r.needs_output_history for r in self.scheduler.running)
 
-    def _fail(self, reqs: list[Request], e: Exception) -> list[EngineOutput]:
-        """A failed step must not hang anyone: fail its requests, keep serving."""
-        log.error("engine step failed: %s\n%s", e, traceback.format_exc())
+    def _fail(self, reqs: list[Request], e: Exception | None = None) -> list[EngineOutput]:
+        """A failed step must not hang anyone: fail its requests, keep serving. The exception goes to the log
+        only: its text may name tensors, shapes or paths."""
+        if e is not None:
+            log.error("engine step failed: %s\n%s", e, traceback.format_exc())
         outs = []
         for req in reqs:
             if req.status == RequestStatus.FINISHED:
@@ -170,8 +181,8 @@ class EngineCore:
             self.scheduler.finish(req)
             self.requests.pop(req.request_id, None)
             outs.append(EngineOutput(req.request_id, [], True, FinishReason.ERROR.value, req.num_prompt_tokens,
-                                     error=f"internal error in the engine: {e}", error_code=500,
-                                     error_type="internal"))
+                                     error="internal error in the engine while running this request (the server "
+                                     "log has the details)", error_code=500, error_type="internal"))
         return outs
 
     def _launch(self, batch: ScheduledBatch, outs: list[EngineOutput]) -> InFlightStep | None:
@@ -188,13 +199,14 @@ class EngineCore:
             res = step.sample.result() if step.sample is not None else None
         except Exception as e:  # noqa: BLE001 - e.g. a device error surfacing at the sync
             return self._fail(step.batch.requests, e)
+        # a request whose own sampling work failed ends alone (the sampler logged why); the others go on
+        outs = self._fail([step.sampling[i] for i in res.failed_rows]) if res is not None and res.failed_rows else []
         # requests finished or aborted since the launch get nothing (their blocks are already back)
         live = [i for i, r in enumerate(step.sampling) if r.status != RequestStatus.FINISHED]
         sampling = [step.sampling[i] for i in live]
         slots = [step.slots[i] for i in live]
         toks = [res.token_ids[i] for i in live] if res is not None else []
         self.scheduler.resolve(step.batch, sampling, slots, toks)
-        outs = []
         for req, slot, i, tok in zip(sampling, slots, live, toks):
             rid = req.request_id
             fin = req.status == RequestStatus.FINISHED
@@ -239,8 +251,80 @@ def _parent_alive(ppid: int) -> bool:
     return os.getppid() == ppid
 
 
-def run_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") -> None:
-    """Process entry: load the model, then serve the ROUTER socket until SIGTERM/SIGINT or the parent dies."""
+def _pid_alive(pid: int) -> bool:
+    """A front end's process still runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        return True  # no /proc: trust kill(0)
+
+
+class FrontEnds:
+    """Who may talk to the engine, and whose requests are whose.
+
+    The socket listens on 127.0.0.1, where any local process can connect. A front end is admitted by a
+    ["hello", secret, pid] message carrying the per-start secret the supervisor hands to its children (never on
+    a command line or in the environment); every message from a socket identity that has not been admitted
+    is dropped and logged, so a foreign client gets no tokens and no stats.
+
+    Each admitted front end gives its pid. The engine and the front ends share a host, so a front end that
+    dies (kill -9, OOM) is seen within one heartbeat by `reap()`, and its requests are aborted with their KV
+    blocks instead of running to max_dec_len with nobody listening."""
+
+    def __init__(self, secret: str):
+        self.secret = secret.encode()
+        self.pid: dict[bytes, int] = {}        # admitted socket identity -> front end pid
+        self.owner: dict[str, bytes] = {}      # request id -> the identity that added it
+        self._refused: set[bytes] = set()
+
+    def admit(self, ident: bytes, msg) -> bool:
+        """Handle a hello; True if `ident` is (now) admitted, False if the message must be dropped."""
+        if isinstance(msg, list) and msg and msg[0] == "hello":
+            given = msg[1] if len(msg) > 1 else None
+            pid = msg[2] if len(msg) > 2 else None
+            if isinstance(given, str) and hmac.compare_digest(given.encode(), self.secret) and \
+                    isinstance(pid, int) and not isinstance(pid, bool):
+                self.pid[ident] = pid
+                self._refused.discard(ident)
+                return True
+            self.refuse(ident, "a hello without the engine's secret")
+            return False
+        if ident in self.pid:
+            return True
+        self.refuse(ident, "a message from a client that has not said hello with the engine's secret")
+        return False
+
+    def refuse(self, ident: bytes, why: str) -> None:
+        if ident not in self._refused and len(self._refused) < 10_000:  # one log line per foreign client
+            self._refused.add(ident)
+            log.warning("engine socket: dropped %s (identity %s); only Kiln's own front ends are served",
+                        why, ident.hex()[:16])
+
+    def requests_of(self, ident: bytes) -> list[str]:
+        return [rid for rid, who in self.owner.items() if who == ident]
+
+    def reap(self) -> dict[bytes, list[str]]:
+        """Forget front ends whose process is gone; returns their request ids (to abort)."""
+        gone = {ident: self.requests_of(ident) for ident, pid in self.pid.items() if not _pid_alive(pid)}
+        for ident, rids in gone.items():
+            log.warning("front end pid %d is gone: aborting its %d request(s)", self.pid.pop(ident), len(rids))
+            for rid in rids:
+                self.owner.pop(rid, None)
+        return gone
+
+
+def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str = "INFO") -> None:
+    """Process entry: load the model, then serve the ROUTER socket until SIGTERM/SIGINT or the parent dies.
+    Only front ends that say hello with `secret` are served (see FrontEnds)."""
     import msgpack
     import zmq
 
@@ -260,9 +344,10 @@ def run_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") ->
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, 64 << 20)  # a foreign peer must not make us buffer gigabytes
     sock.bind(address)
-    clients: set[bytes] = set()
-    owner: dict[str, bytes] = {}
+    fronts = FrontEnds(secret)
+    owner = fronts.owner
     pack, unpack = msgpack.packb, msgpack.unpackb
 
     def send(ident: bytes, msg) -> None:
@@ -273,8 +358,28 @@ def run_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") ->
 
     def broadcast_stats(stats: EngineStats) -> None:
         w = stats.to_wire()
-        for c in list(clients):
+        for c in list(fronts.pid):
             send(c, ["stats", w])
+
+    def receive():
+        """(identity, message) of each waiting message from an admitted front end; hellos are answered
+        with the current stats by the caller (kind "hello")."""
+        while True:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                fronts.refuse(frames[0], f"a message of {len(frames) - 1} frames")
+                continue
+            ident, raw = frames
+            try:
+                msg = unpack(raw)
+            except Exception:  # noqa: BLE001 - not msgpack: not one of ours
+                fronts.refuse(ident, "a message that is not msgpack")
+                continue
+            if fronts.admit(ident, msg):
+                yield ident, msg
 
     # Load the model in a thread while this one answers: front ends see "not ready" heartbeats meanwhile.
     box: dict = {}
@@ -295,47 +400,33 @@ def run_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") ->
         if stop["flag"] or not _parent_alive(ppid):
             return
         if poller.poll(100):
-            while True:
-                try:
-                    ident, raw = sock.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                msg = unpack(raw)
-                clients.add(ident)
+            for ident, msg in receive():
                 if msg[0] == "add":
                     send(ident, ["out", [EngineOutput(msg[1], [], True, "error", 0, error="the engine is still "
                                                       "loading the model, try again shortly", error_code=500,
                                                       error_type="not_ready").to_wire()]])
+        fronts.reap()
         broadcast_stats(EngineStats(timestamp=time.time(), max_batch_size=cfg.max_num_seqs, ready=False))
     core, load_error = box.get("core"), box.get("error")
 
     if core is None:
         # stay up long enough to tell the front ends why, then exit non-zero
-        for c in list(clients):
+        for c in list(fronts.pid):
             send(c, ["fatal", f"engine failed to start: {load_error}"])
         time.sleep(0.5)
         sock.close()
         ctx.term()
         raise SystemExit(3)
 
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
     last_stats = 0.0
     while not stop["flag"]:
         busy = core.has_unfinished()
         if poller.poll(0 if busy else int(HEARTBEAT_S * 1000)):
-            while True:
-                try:
-                    ident, raw = sock.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                msg = unpack(raw)
+            for ident, msg in receive():
                 kind = msg[0]
                 if kind == "hello":
-                    clients.add(ident)
                     send(ident, ["stats", core.stats().to_wire()])
                 elif kind == "add":
-                    clients.add(ident)
                     _, rid, prompt, params, eos = msg
                     try:
                         err = core.add_request(rid, prompt, SamplingParams.from_dict(params), eos)
@@ -370,6 +461,8 @@ def run_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") ->
         now = time.monotonic()
         if now - last_stats >= HEARTBEAT_S / 2:
             last_stats = now
+            for rids in fronts.reap().values():
+                core.abort(rids)  # nobody listens: free their slots and KV blocks now
             broadcast_stats(core.stats())
             if not _parent_alive(ppid):
                 break
@@ -378,9 +471,10 @@ def run_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") ->
     ctx.term()
 
 
-def launch_engine_core(cfg: EngineConfig, address: str, log_level: str = "INFO") -> mp.Process:
-    """Start the engine core in its own (spawned) process; talk to it with kiln.engine.client."""
-    proc = mp.get_context("spawn").Process(target=run_engine_core, args=(cfg, address, log_level),
+def launch_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str = "INFO") -> mp.Process:
+    """Start the engine core in its own (spawned) process; talk to it with kiln.engine.client, giving it the
+    same `secret`."""
+    proc = mp.get_context("spawn").Process(target=run_engine_core, args=(cfg, address, secret, log_level),
                                            name="kiln-engine-core", daemon=False)
     proc.start()
     return proc

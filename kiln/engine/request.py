@@ -6,6 +6,7 @@ finish reason. Stop *strings* are matched by the front end's detokenizer, which 
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 # Stands in an output list for a token that is sampled on the device but not yet on the host (async
 # scheduling); the runner feeds the device-side id to the next step, the engine fills it in one step later.
 PENDING_TOKEN = -1
+
+# What the engine's 64-bit fields (torch.long, msgpack, torch.Generator seeds) can hold.
+INT64_MIN, INT64_MAX, UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
 
 
 class FinishReason(str, enum.Enum):
@@ -45,24 +49,40 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.top_k < 0:
+        if isinstance(self.top_k, int) and self.top_k < 0:
             self.top_k = 0
         self.validate()
 
     def validate(self) -> None:
+        """Raise ValueError unless every field has a type and range the sampler can use (the engine calls it at
+        admission, so a bad request is refused alone instead of failing a step)."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(msg)
 
-        need(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        def is_int(v: Any, lo: int, hi: int = INT64_MAX) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(is_int(self.max_tokens, 1), f"max_tokens must be an int in [1, 2^63), got {self.max_tokens!r}")
+        need(is_int(self.min_tokens, 0), f"min_tokens must be an int in [0, 2^63), got {self.min_tokens!r}")
+        need(is_int(self.top_k, 0), f"top_k must be an int in [0, 2^63) (0 or -1: off), got {self.top_k!r}")
+        need(self.seed is None or is_int(self.seed, INT64_MIN, UINT64_MAX),
+             f"seed must be an int in [-2^63, 2^64), got {self.seed!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            need(is_num(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)!r}")
         need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
         need(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         need(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         need(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        need(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
+        need(self.logprobs is None or is_int(self.logprobs, 0, 20), f"logprobs must be in [0, 20], got {self.logprobs}")
+        need(isinstance(self.stop_token_ids, list) and all(is_int(t, 0) for t in self.stop_token_ids),
+             "stop_token_ids must be a list of token ids (ints >= 0)")
+        need(isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop), "stop must be a list of strings")
 
     @property
     def greedy(self) -> bool:

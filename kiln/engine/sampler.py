@@ -11,11 +11,14 @@ engine launch the next step before this one's ids reach the host (async scheduli
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from kiln.engine.request import Request
+
+log = logging.getLogger("kiln.sampler")
 
 
 @dataclass
@@ -23,6 +26,7 @@ class SamplerOutput:
     token_ids: list[int]
     # per row, when asked: (logprob of the sampled token, [(token_id, logprob), ...] top-n)
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    failed_rows: list[int] = field(default_factory=list)  # rows whose request could not be sampled: end them
 
 
 def rows_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -37,8 +41,9 @@ class PendingSample:
     """A step's sampled ids on the device, on their way to the host."""
 
     def __init__(self, ids: torch.Tensor, num_logprobs: list[int | None], chosen: torch.Tensor | None,
-                 top_vals: torch.Tensor | None, top_idx: torch.Tensor | None):
+                 top_vals: torch.Tensor | None, top_idx: torch.Tensor | None, failed_rows: list[int] = ()):
         self.ids = ids  # stays on the device: the next step reads its in-flight input tokens from here
+        self.failed_rows = list(failed_rows)
         self.num_logprobs = num_logprobs
         tensors = [t for t in (ids, chosen, top_vals, top_idx) if t is not None]
         self._ready = None
@@ -65,57 +70,101 @@ class PendingSample:
                     continue
                 top = list(zip(top_idx[i][:n], top_vals[i][:n])) if n > 0 else []
                 logprobs[i] = (chosen[i], top)
-        return SamplerOutput(token_ids, logprobs)
+        return SamplerOutput(token_ids, logprobs, self.failed_rows)
+
+
+@dataclass
+class _Row:
+    """One request's sampling settings for this step, checked on the host."""
+    greedy: bool
+    temperature: float
+    top_k: int              # 1..vocab (vocab: off)
+    top_p: float
+    min_p: float
+    masked_ids: list[int]   # stop ids masked until min_tokens
+    logprobs: int | None
+
+
+_NEUTRAL = _Row(True, 1.0, 0, 1.0, 0.0, [], None)
 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         return self.sample(logits, reqs).result()
 
+    @staticmethod
+    def _row(r: Request, vocab: int) -> _Row:
+        """Raises when the request's state cannot be sampled (the engine validates at admission; this guards
+        the step against anything that slipped through)."""
+        p = r.params
+        masked: list[int] = []
+        if len(r.output_token_ids) < p.min_tokens and r.stop_token_set:
+            masked = sorted(r.stop_token_set)
+            if masked[0] < 0:
+                raise ValueError(f"negative stop token id {masked[0]}")
+            masked = [t for t in masked if t < vocab]  # a model's own eos id may lie past its logits
+        if not isinstance(p.top_k, int) or p.top_k < 0:
+            raise ValueError(f"bad top_k {p.top_k!r}")
+        return _Row(p.greedy, 1.0 if p.greedy else float(p.temperature), min(p.top_k, vocab) or vocab,
+                    float(p.top_p), float(p.min_p), masked, p.logprobs)
+
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> PendingSample:
         logits = logits.float()
         dev = logits.device
         b, vocab = logits.shape
-        params = [r.params for r in reqs]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
+        # Per-request host work first: a request that fails it is sampled greedily with neutral settings and
+        # reported in failed_rows, so it ends alone and the step goes on for the others.
+        rows: list[_Row] = []
+        failed: list[int] = []
+        for i, r in enumerate(reqs):
+            try:
+                rows.append(self._row(r, vocab))
+            except Exception as e:  # noqa: BLE001 - whatever it is, it belongs to this request only
+                log.error("request %s cannot be sampled, ending it: %s", r.request_id, e)
+                rows.append(_NEUTRAL)
+                failed.append(i)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(w.logprobs is not None for w in rows) else None
 
-        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
+        if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty
+               for r in reqs):
             logits = self._apply_penalties(logits, reqs, vocab)
-        if any(len(r.output_token_ids) < r.params.min_tokens and r.stop_token_set for r in reqs):
-            for i, r in enumerate(reqs):
-                if len(r.output_token_ids) < r.params.min_tokens and r.stop_token_set:
-                    ids = rows_to_device([t for t in r.stop_token_set if t < vocab], torch.long, dev)
-                    logits[i, ids] = float("-inf")
+        for i, w in enumerate(rows):
+            if w.masked_ids:
+                logits[i, rows_to_device(w.masked_ids, torch.long, dev)] = float("-inf")
 
         greedy_ids = logits.argmax(dim=-1)
-        if all(p.greedy for p in params):
+        if all(w.greedy for w in rows):
             ids = greedy_ids
         else:
-            greedy = rows_to_device([p.greedy for p in params], torch.bool, dev)
-            temp = rows_to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
+            greedy = rows_to_device([w.greedy for w in rows], torch.bool, dev)
+            temp = rows_to_device([w.temperature for w in rows], torch.float32, dev)
             scaled = logits / temp[:, None]
-            if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-                scaled = self._top_k_top_p(scaled, params, vocab)
+            if any(w.top_k < vocab or w.top_p < 1.0 for w in rows):
+                scaled = self._top_k_top_p(scaled, rows, vocab)
             probs = torch.softmax(scaled, dim=-1)
-            if any(p.min_p > 0 for p in params):
-                min_p = rows_to_device([p.min_p for p in params], torch.float32, dev)
+            if any(w.min_p > 0 for w in rows):
+                min_p = rows_to_device([w.min_p for w in rows], torch.float32, dev)
                 probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
             noise = torch.empty_like(probs).exponential_()
             for i, r in enumerate(reqs):
-                if r.params.seed is not None and not r.params.greedy:
-                    if r.generator is None:
-                        r.generator = torch.Generator(device=dev).manual_seed(r.params.seed)
-                    noise[i] = torch.empty(vocab, device=dev).exponential_(generator=r.generator)
+                if r.params.seed is not None and not rows[i].greedy:
+                    try:
+                        if r.generator is None:
+                            r.generator = torch.Generator(device=dev).manual_seed(r.params.seed)
+                        noise[i] = torch.empty(vocab, device=dev).exponential_(generator=r.generator)
+                    except Exception as e:  # noqa: BLE001 - this request's seed only
+                        log.error("request %s: seeded sampling failed, ending it: %s", r.request_id, e)
+                        failed.append(i)
             sampled = (probs / noise).argmax(dim=-1)
             ids = torch.where(greedy, greedy_ids, sampled)
 
         chosen = top_vals = top_idx = None
         if raw_logprobs is not None:
             chosen = raw_logprobs.gather(1, ids[:, None])[:, 0]
-            k = max(p.logprobs or 0 for p in params)
+            k = max(w.logprobs or 0 for w in rows)
             if k > 0:
                 top_vals, top_idx = raw_logprobs.topk(k, dim=-1)
-        return PendingSample(ids, [p.logprobs for p in params], chosen, top_vals, top_idx)
+        return PendingSample(ids, [w.logprobs for w in rows], chosen, top_vals, top_idx, sorted(set(failed)))
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, reqs: list[Request], vocab: int) -> torch.Tensor:
@@ -148,10 +197,10 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _top_k_top_p(logits: torch.Tensor, params, vocab: int) -> torch.Tensor:
+    def _top_k_top_p(logits: torch.Tensor, rows: list[_Row], vocab: int) -> torch.Tensor:
         dev = logits.device
-        top_k = rows_to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.long, dev)
-        top_p = rows_to_device([p.top_p for p in params], torch.float32, dev)
+        top_k = rows_to_device([w.top_k for w in rows], torch.long, dev)
+        top_p = rows_to_device([w.top_p for w in rows], torch.float32, dev)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=dev)[None, :]
         mask = rank >= top_k[:, None]
