@@ -1,8 +1,17 @@
-"""The front ends' async client of the engine core: submit, stream outputs per request, abort."""
+"""The front ends' async client of the engine core: submit, stream outputs per request, abort.
+
+The engine's death is felt at once. A ZMQ socket monitor on this DEALER reports EVENT_DISCONNECTED as soon as
+the engine's end of the connection closes, which the kernel does the moment the engine process dies (kill -9,
+OOM, a crash), whatever the engine was doing. A heartbeat-age rule can't tell a dead engine from a long CPU
+step and needs a timer of several seconds. Every request in flight then ends with a "not_ready" error (HTTP
+503, gRPC UNAVAILABLE), and new ones get that error at once, until an engine that starts again in its place
+(KILN_ENGINE_RESTART) connects. The 60 s silence rule stays for an engine that is alive but hung.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from typing import AsyncIterator
@@ -10,10 +19,13 @@ from typing import AsyncIterator
 import msgpack
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from kiln.engine.request import EngineOutput, EngineStats, SamplingParams
 
 log = logging.getLogger("kiln.client")
+
+ENGINE_DOWN = "infer engine is down"
 
 
 class EngineDeadError(RuntimeError):
@@ -21,18 +33,21 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngineClient:
-    # no message at all from the engine for this long (it sends stats every 0.5 s, even when busy) = dead
+    # no message at all from the engine for this long (it sends stats every 0.5 s, even when busy) = hung
     dead_after_s = 60.0
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, secret: str):
         self.address = address
+        self.secret = secret
         self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
         self.queues: dict[str, asyncio.Queue] = {}
         self.stats: EngineStats | None = None
         self.last_message_time = 0.0
         self.fatal: str | None = None
+        self.down: str | None = None   # why the engine is unreachable now (its process went away), else None
         self._reader: asyncio.Task | None = None
+        self._monitor: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -40,20 +55,60 @@ class AsyncEngineClient:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(self.address)
         self.last_message_time = time.monotonic()
-        await self._send(["hello"])
+        await self._hello()
         self._reader = asyncio.create_task(self._read_loop())
+        self._monitor = asyncio.create_task(self._monitor_loop(monitor))
 
     async def close(self) -> None:
-        if self._reader:
-            self._reader.cancel()
+        for t in (self._reader, self._monitor):
+            if t:
+                t.cancel()
         if self.sock is not None:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
             self.sock.close()
             self.sock = None
 
     async def _send(self, msg) -> None:
         await self.sock.send(msgpack.packb(msg))
+
+    async def _hello(self) -> None:
+        # the engine serves only front ends that know the per-start secret (kiln.engine.core.FrontEnds)
+        await self._send(["hello", self.secret, os.getpid()])
+
+    async def _monitor_loop(self, monitor: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._engine_lost("the engine core process went away")
+                elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    if self.down is not None:
+                        log.info("engine connection is back: waiting for the engine to be ready")
+                    # a new engine (restarted in place) knows nobody yet; stats (ready or loading) follow
+                    self.down = None
+                    self.last_message_time = time.monotonic()
+                    await self._hello()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the socket closed under us
+            log.debug("engine monitor stopped: %s", e)
+        finally:
+            monitor.close()
+
+    def _engine_lost(self, why: str) -> None:
+        if self.down is None:
+            log.error("%s: failing %d request(s) in flight", why, len(self.queues))
+        self.down = why
+        self.stats = None  # health reads "engine down"; new requests fail at once (wait_ready / generate)
+        self._fail_all(f"{ENGINE_DOWN}: {why}", "not_ready")
 
     async def _read_loop(self) -> None:
         while True:
@@ -67,22 +122,23 @@ class AsyncEngineClient:
                             if q is not None:
                                 q.put_nowait(EngineOutput.from_wire(w))
                     elif msg[0] == "stats":
-                        self.stats = EngineStats.from_wire(msg[1])
+                        if self.down is None:  # never a late heartbeat of an engine that is gone
+                            self.stats = EngineStats.from_wire(msg[1])
                     elif msg[0] == "fatal":
                         self.fatal = msg[1]
                         self._fail_all(msg[1])
                 elif time.monotonic() - self.last_message_time > self.dead_after_s:
                     self._fail_all(f"the engine has not answered for {self.dead_after_s:.0f} s")
-                    await self._send(["hello"])  # if it comes back, it will know us again
+                    await self._hello()  # if it comes back, it will know us again
                     self.last_message_time = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # keep reading; one bad message must not stall every request
                 log.error("engine client read error: %s", e)
 
-    def _fail_all(self, why: str) -> None:
+    def _fail_all(self, why: str, error_type: str = "internal") -> None:
         for rid, q in self.queues.items():
-            q.put_nowait(EngineOutput(rid, [], True, "error", 0, error=why, error_code=500, error_type="internal"))
+            q.put_nowait(EngineOutput(rid, [], True, "error", 0, error=why, error_code=500, error_type=error_type))
 
     def engine_alive(self, max_age_s: float) -> bool:
         """Heartbeat fresher than max_age_s (used by health checks)."""
@@ -93,6 +149,8 @@ class AsyncEngineClient:
         while time.monotonic() < deadline:
             if self.fatal:
                 raise EngineDeadError(self.fatal)
+            if self.down:
+                raise EngineDeadError(self.down)
             if self.stats is not None and self.stats.ready:
                 return self.stats
             await asyncio.sleep(0.05)
@@ -106,6 +164,11 @@ class AsyncEngineClient:
                                error=f"The req_id {request_id} already exists in the current batch, "
                                      f"the current request will be ignored.", error_code=200,
                                error_type="duplicate_id")
+            return
+        if self.down or self.fatal:
+            yield EngineOutput(request_id, [], True, "error", len(prompt_token_ids),
+                               error=f"{ENGINE_DOWN}: {self.down or self.fatal}", error_code=500,
+                               error_type="not_ready")
             return
         q: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = q

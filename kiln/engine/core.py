@@ -23,6 +23,7 @@ from kiln.engine.kv_cache import KVCacheManager
 from kiln.engine.request import EngineOutput, EngineStats, FinishReason, Request, RequestStatus, SamplingParams
 from kiln.engine.sampler import PendingSample
 from kiln.engine.scheduler import ScheduledBatch, Scheduler
+from kiln.engine.structured import GrammarCompiler, PendingGrammars
 
 log = logging.getLogger("kiln.engine")
 
@@ -71,6 +72,9 @@ class EngineCore:
         a = cfg.async_scheduling
         self.async_scheduling = (self.runner.device.type == "cuda" if a is None else a) and self.tp is None
         self.eos_token_ids = list(mc.eos_token_ids)
+        # structured-output requests wait here while their grammar compiles (off this loop)
+        self.grammars = PendingGrammars(GrammarCompiler(self.model_dir, mc.vocab_size, self.eos_token_ids),
+                                        cfg.grammar_compile_timeout)
         self._log_budget(why)
         if cfg.warmup:
             self.warmup()
@@ -100,8 +104,9 @@ class EngineCore:
         if request_id in self.requests:
             return reject(f"The req_id {request_id} already exists in the current batch, "
                           f"the current request will be ignored.", "duplicate_id")
-        if len(self.scheduler.waiting) >= self.cfg.max_waiting:
-            return reject(f"cached task num ({len(self.scheduler.waiting)}) exceeds the limit "
+        num_waiting = len(self.scheduler.waiting) + len(self.grammars)
+        if num_waiting >= self.cfg.max_waiting:
+            return reject(f"cached task num ({num_waiting}) exceeds the limit "
                           f"({self.cfg.max_waiting})", "queue_full")
         if not prompt_token_ids:
             return reject("the prompt is empty: give at least one token", "invalid")
@@ -126,7 +131,10 @@ class EngineCore:
                           f"{params.max_tokens} max new tokens need {self.scheduler.max_blocks_needed(req)} KV blocks, "
                           f"the cache has {self.kv.num_blocks}", "too_long")
         self.requests[request_id] = req
-        self.scheduler.add(req)
+        if params.structured is not None:
+            self.grammars.add(req)   # scheduled once its grammar is compiled (step() checks)
+        else:
+            self.scheduler.add(req)
         return None
 
     def abort(self, request_ids: list[str]) -> list[EngineOutput]:
@@ -135,17 +143,18 @@ class EngineCore:
             req = self.requests.pop(rid, None)
             if req is None:
                 continue
-            self.scheduler.finish(req)
+            if not self.grammars.discard(rid):
+                self.scheduler.finish(req)
             outs.append(EngineOutput(rid, [], True, FinishReason.ABORT.value, req.num_prompt_tokens))
         return outs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self.inflight is not None
+        return self.scheduler.has_work() or self.inflight is not None or bool(self.grammars)
 
     # -- one step ------------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
         """Queue the next batch, then collect the step before it (async) or this one (sync)."""
-        outs: list[EngineOutput] = []
+        outs: list[EngineOutput] = self._admit_compiled()
         if self.inflight is not None and not self._may_overlap():
             outs += self._collect(self.inflight)
             self.inflight = None
@@ -167,7 +176,26 @@ class EngineCore:
         return outs
 
     def _may_overlap(self) -> bool:
-        return self.async_scheduling and not any(r.needs_output_history for r in self.scheduler.running)
+        # penalties read the whole output, a grammar's next mask needs the previous token: both on the host
+        return self.async_scheduling and not any(r.needs_output_history or r.grammar is not None
+                                                 for r in self.scheduler.running)
+
+    def _admit_compiled(self) -> list[EngineOutput]:
+        """Requests whose grammar compiled go to the scheduler; those whose grammar failed or timed out end."""
+        if not self.grammars:
+            return []
+        if not self.scheduler.has_work() and self.inflight is None:
+            self.grammars.wait(0.01)  # nothing else to run: do not spin while compiling
+        ready, failed = self.grammars.pop_done()
+        for req in ready:
+            self.scheduler.add(req)
+        outs = []
+        for req, why in failed:
+            del self.requests[req.request_id]
+            req.status = RequestStatus.FINISHED
+            outs.append(EngineOutput(req.request_id, [], True, FinishReason.ERROR.value, req.num_prompt_tokens,
+                                     error=why, error_code=200, error_type="invalid"))
+        return outs
 
     def _fail(self, reqs: list[Request], e: Exception | None = None) -> list[EngineOutput]:
         """A failed step must not hang anyone: fail its requests, keep serving. The exception goes to the log
@@ -206,6 +234,9 @@ class EngineCore:
         sampling = [step.sampling[i] for i in live]
         slots = [step.slots[i] for i in live]
         toks = [res.token_ids[i] for i in live] if res is not None else []
+        for req, tok in zip(sampling, toks):
+            if req.grammar is not None:
+                req.grammar.accept(tok)  # before resolve: a grammar that has ended ends its request
         self.scheduler.resolve(step.batch, sampling, slots, toks)
         for req, slot, i, tok in zip(sampling, slots, live, toks):
             rid = req.request_id
@@ -220,13 +251,14 @@ class EngineCore:
         return outs
 
     def close(self) -> None:
+        self.grammars.compiler.shutdown()
         if self.tp is not None:
             self.tp.shutdown()
             self.tp = None
 
     def stats(self, ready: bool = True) -> EngineStats:
-        return EngineStats(time.time(), len(self.scheduler.running), len(self.scheduler.waiting),
-                           self.cfg.max_num_seqs, self.kv.num_free_blocks, self.kv.num_blocks, self.cfg.block_size,
+        return EngineStats(time.time(), len(self.scheduler.running),
+                           len(self.scheduler.waiting) + len(self.grammars), self.cfg.max_num_seqs, self.kv.num_free_blocks, self.kv.num_blocks, self.cfg.block_size,
                            self.scheduler.num_preemptions, self.num_steps, ready)
 
     def warmup(self) -> None:

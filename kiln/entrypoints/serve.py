@@ -10,6 +10,11 @@ Start-up problems a user can fix (bad setting, busy port, missing model, unwrita
 ConfigError before any child starts. SIGTERM / SIGINT (Ctrl-C): readiness turns 500, the front ends stop
 accepting and finish their running requests (up to KILN_SHUTDOWN_TIMEOUT), then the engine and the rest stop;
 a second signal cuts it short. No child outlives the supervisor (each dies with its parent).
+
+If the engine core dies, the front ends fail its requests at once (kiln.engine.client watches the connection)
+and the supervisor exits non-zero within 5 s, or with KILN_ENGINE_RESTART starts a new engine in its place.
+A dead HTTP worker is restarted; the engine aborts its requests itself (kiln.engine.core.FrontEnds).
+Every process names its role in `ps` (`kiln serve: engine`, `kiln serve: http-0`, ...).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import importlib.util
 import logging
 import multiprocessing as mp
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -35,12 +41,24 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
 ENGINE_STOP_TIMEOUT_S = 10.0
+ENGINE_DEATH_FRONT_GRACE_S = 2.0   # front ends' grace once the engine died (the whole exit stays under 5 s)
 MAX_RESTARTS = 5
 
 
 # ----------------------------------------------------------------------------------------------------
 # child process entry points (module level: they are spawned)
 # ----------------------------------------------------------------------------------------------------
+
+def set_role_title(role: str) -> None:
+    """Name the process after its role in `ps` / /proc/<pid>/cmdline (`kiln serve: engine`, `...: http-0`);
+    it also hides the supervisor's argv (a --api-key flag) from other local users."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"kiln serve: {role}")
+    except ImportError:  # the package is a dependency; a broken install must not stop the service
+        log.warning("setproctitle is not installed: processes keep their command line")
+
 
 def _die_with_parent() -> None:
     try:
@@ -54,15 +72,17 @@ def _die_with_parent() -> None:
 def _engine_main(engine_cfg, address: str, cfg: KilnConfig) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_role_title("engine")
     setup_logging(cfg, "kiln-engine")
     from kiln.engine.core import run_engine_core
 
-    run_engine_core(engine_cfg, address, "DEBUG" if cfg.fd_debug else "INFO")
+    run_engine_core(engine_cfg, address, cfg.engine_secret, "DEBUG" if cfg.fd_debug else "INFO")
 
 
 def _component_main(module: str, cfg: KilnConfig) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_role_title({"kiln.server.grpc_server": "grpc", "kiln.server.metrics": "metrics"}.get(module, module))
     setup_logging(cfg, f"kiln-{module.rsplit('.', 1)[-1]}")
     mod = importlib.import_module(module)
     mod.run(cfg)
@@ -71,6 +91,7 @@ def _component_main(module: str, cfg: KilnConfig) -> None:
 def _http_main(cfg: KilnConfig, sock: socket.socket, index: int, started) -> None:
     from kiln.server import http
 
+    set_role_title(f"http-{index}")
     http.run_worker(cfg, sock, index, started)
 
 
@@ -122,6 +143,7 @@ class Supervisor:
         self.stop_event: asyncio.Event | None = None
         self.signals = 0
         self.client = None
+        self.engine_died = False
         self.ready_logged = False
         self.t0 = time.monotonic()
 
@@ -137,10 +159,10 @@ class Supervisor:
             signal.signal(signal.SIGINT, old)
         return p
 
-    def start_engine(self) -> None:
+    def start_engine(self, restarts: int = 0) -> None:
         ecfg = self.cfg.to_engine_config()
         p = self._spawn("kiln-engine", _engine_main, (ecfg, self.cfg.engine_address, self.cfg))
-        self.children.append(Child("engine core", "engine", p))
+        self.children.append(Child("engine core", "engine", p, 0, None, restarts))
         log.info("engine core starting (pid %d): model %s, dtype %s, max_model_len %s, batch %d, block %d",
                  p.pid, self.cfg.model_path, ecfg.dtype, ecfg.max_model_len, ecfg.max_num_seqs, ecfg.block_size)
 
@@ -228,7 +250,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, sig)
 
         self.start_engine()
-        self.client = AsyncEngineClient(self.cfg.engine_address)
+        self.client = AsyncEngineClient(self.cfg.engine_address, self.cfg.engine_secret)
         await self.client.start()
         self.start_http_workers()
         self.start_components()
@@ -284,11 +306,20 @@ class Supervisor:
                 continue
             code = c.proc.exitcode
             if c.kind == "engine":
+                # The front ends already failed their requests (their engine clients saw the connection
+                # drop); the supervisor only decides between a restart in place and exiting.
                 why = getattr(self.client, "fatal", None)
-                self.failure = (f"the engine core exited (exit code {code})" + (f": {why}" if why else "")
-                                + f"; see {self.cfg.log_dir / 'server.log'}")
+                failure = (f"the engine core exited (exit code {code})" + (f": {why}" if why else "")
+                           + f"; see {self.cfg.log_dir / 'server.log'}")
+                if self.cfg.engine_restart and not why and c.restarts < MAX_RESTARTS:
+                    log.error("%s; restarting it (KILN_ENGINE_RESTART)", failure)
+                    self.children.remove(c)
+                    self.start_engine(c.restarts + 1)
+                    continue
+                self.failure = failure
                 log.error("%s; stopping the service", self.failure)
                 self.exit_code = EXIT_FAILED
+                self.engine_died = True
                 self.stop_event.set()
                 return
             self.children.remove(c)
@@ -339,12 +370,15 @@ class Supervisor:
                 self.http_sock.close()
         front = [c for c in self.children if c.kind in ("http", "grpc")]
         self._term(front)
-        left = await self._wait_exit(front, self.cfg.shutdown_timeout + 5)
+        # after the engine's death nothing can still be running: the front ends get a short grace, so that
+        # the service exits within ENGINE_DEATH_EXIT_S and its process manager restarts it
+        grace = ENGINE_DEATH_FRONT_GRACE_S if self.engine_died else self.cfg.shutdown_timeout + 5
+        left = await self._wait_exit(front, grace)
         self._kill(left)
         # 2. the engine and the metrics server
         back = [c for c in self.children if c.kind in ("engine", "metrics")]
         self._term(back)
-        left = await self._wait_exit(back, ENGINE_STOP_TIMEOUT_S)
+        left = await self._wait_exit(back, ENGINE_DEATH_FRONT_GRACE_S if self.engine_died else ENGINE_STOP_TIMEOUT_S)
         self._kill(left)
         for c in self.children:
             with contextlib.suppress(Exception):
@@ -377,6 +411,10 @@ def serve(cfg: KilnConfig) -> int:
     """Run the service in the foreground until SIGTERM/SIGINT. Raises ConfigError for start-up problems."""
     http_sock, health_sock = _prepare(cfg)
     setup_logging(cfg, "kiln-supervisor")
+    set_role_title("supervisor")
+    # per start: the engine serves only processes that know it (handed to children with their config,
+    # never on a command line or in the environment)
+    cfg.engine_secret = secrets.token_hex(32)
     try:
         from kiln.server import metrics as _metrics  # noqa: F401
         if cfg.metrics_enabled and hasattr(_metrics, "setup_multiprocess_dir"):

@@ -334,8 +334,8 @@ def model_config() -> mc.ModelConfig:
         instance_group=[mc.ModelInstanceGroup(name="model_0", kind=mc.ModelInstanceGroup.KIND_MODEL, count=1)])
 
 
-async def start_server(servicer: KServeServicer, address: str) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE),
+async def start_server(servicer: KServeServicer, address: str, interceptors=()) -> grpc.aio.Server:
+    server = grpc.aio.server(interceptors=list(interceptors), options=[("grpc.max_send_message_length", MAX_MESSAGE),
                                       ("grpc.max_receive_message_length", MAX_MESSAGE),
                                       ("grpc.so_reuseport", 0)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
@@ -406,7 +406,9 @@ async def _serve(cfg: Any) -> None:
                               (getattr(cfg, "model_name", None) or "",), getattr(kiln, "__version__", ""))
     host = getattr(cfg, "host", None) or "0.0.0.0"
     address = f"[::]:{cfg.grpc_port}" if host in ("0.0.0.0", "::", "") else f"{host}:{cfg.grpc_port}"
-    server = await start_server(servicer, address)
+    from kiln.server.auth import ApiKeyInterceptor, ApiKeys
+
+    server = await start_server(servicer, address, [ApiKeyInterceptor(ApiKeys.for_api(cfg))])
     log.info("KServe v2 gRPC on %s (model %r)", address, MODEL_NAME)
 
     stop = asyncio.Event()

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kiln.config import KilnConfig, setup_logging
 from kiln.server import openai_schema as oai
 from kiln.server import kserve_http
+from kiln.server.auth import ApiKeyMiddleware, ApiKeys
 from kiln.server.frontend import (
     SEED_CODE_BAD_BODY,
     Frontend,
@@ -343,6 +344,7 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None) -> FastAPI:
 
     app = FastAPI(title="Kiln", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(kserve_http.router)
+    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys.for_api(cfg))  # KILN_API_KEY; health paths stay open
 
     def fe_of(request: Request) -> Frontend:
         return request.app.state.frontend

@@ -298,9 +298,11 @@ def run(cfg: Any) -> None:
     max_age = float(getattr(cfg, "check_health_interval", 0) or 0) or None
 
     async def main() -> None:
-        client = AsyncEngineClient(_engine_address(cfg))
+        from kiln.server.auth import ApiKeyMiddleware, ApiKeys
+
+        client = AsyncEngineClient(_engine_address(cfg), cfg.engine_secret)
         await client.start()
-        app = make_app(client, max_age)
+        app = ApiKeyMiddleware(make_app(client, max_age), ApiKeys.for_metrics(cfg), open_paths=())
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                                lifespan="off"))
         try:

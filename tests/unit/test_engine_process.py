@@ -13,6 +13,9 @@ from kiln.engine.request import SamplingParams
 from tests.helpers.tiny_models import write_tiny_model
 
 
+SECRET = "test-secret"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -24,7 +27,7 @@ def engine(tmp_path_factory):
     d = write_tiny_model("llama", tmp_path_factory.mktemp("llama"))
     addr = f"tcp://127.0.0.1:{free_port()}"
     proc = launch_engine_core(EngineConfig(model=str(d), dtype="float32", block_size=16, num_gpu_blocks=64,
-                                           max_num_seqs=8, max_waiting=4), addr)
+                                           max_num_seqs=8, max_waiting=4), addr, SECRET)
     yield addr
     proc.terminate()
     proc.join(10)
@@ -33,7 +36,7 @@ def engine(tmp_path_factory):
 
 def test_stream_abort_and_stats(engine):
     async def main():
-        c = AsyncEngineClient(engine)
+        c = AsyncEngineClient(engine, SECRET)
         await c.start()
         stats = await c.wait_ready(120)
         assert stats.ready and stats.num_total_blocks == 64
@@ -72,7 +75,7 @@ def test_stream_abort_and_stats(engine):
         assert d_outs[-1].finish_reason == "length" and c_outs[-1].finish_reason == "abort"
 
         # duplicate ids in flight are rejected by the engine, with the seed's message
-        other = AsyncEngineClient(engine)
+        other = AsyncEngineClient(engine, SECRET)
         await other.start()
         g1 = c.generate("dup", [1], SamplingParams(max_tokens=300, ignore_eos=True))
         first = await g1.__anext__()
