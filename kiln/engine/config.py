@@ -30,6 +30,7 @@ class EngineConfig:
     # queue step N+1 before step N's ids reach the host; None: on with CUDA and one rank
     async_scheduling: bool | None = None
     warmup: bool = False                  # USE_WARMUP
+    grammar_compile_timeout: float = 10.0  # s a structured-output request may wait for its grammar to compile
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

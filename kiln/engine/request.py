@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from kiln.engine.structured import StructuredSpec
 
 # Stands in an output list for a token that is sampled on the device but not yet on the host (async
 # scheduling); the runner feeds the device-side id to the next step, the engine fills it in one step later.
@@ -45,12 +46,14 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None          # number of top logprobs to return per token (0: only the sampled)
+    structured: StructuredSpec | None = None  # the grammar the output must follow (kiln/engine/structured.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if isinstance(self.top_k, int) and self.top_k < 0:
             self.top_k = 0
+        self.structured = StructuredSpec.coerce(self.structured)  # also from its wire form; raises ValueError
         self.validate()
 
     def validate(self) -> None:
@@ -125,6 +128,7 @@ class Request:
         self.generator = None  # torch.Generator for seeded sampling, made by the sampler on first use
         self.num_pending_tokens = 0  # trailing PENDING_TOKENs of output_token_ids (0 or 1, 2 for a moment)
         self.pending_row = -1        # row of the last launched step's sampled ids that holds the newest one
+        self.grammar = None          # RequestGrammar once params.structured is compiled (kiln/engine/structured.py)
         ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             ids |= set(eos_token_ids)
