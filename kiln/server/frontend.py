@@ -226,7 +226,7 @@ class Frontend:
             cfg.resolve()
         loop = asyncio.get_running_loop()
         tokenizer = await loop.run_in_executor(None, Tokenizer.from_dir, cfg.model_path)
-        client = AsyncEngineClient(cfg.engine_address)
+        client = AsyncEngineClient(cfg.engine_address, cfg.engine_secret)
         await client.start()
         return cls(cfg, tokenizer, client, _default_observers(cfg) if observers is None else observers)
 
