@@ -258,7 +258,8 @@ class EngineCore:
 
     def stats(self, ready: bool = True) -> EngineStats:
         return EngineStats(time.time(), len(self.scheduler.running),
-                           len(self.scheduler.waiting) + len(self.grammars), self.cfg.max_num_seqs, self.kv.num_free_blocks, self.kv.num_blocks, self.cfg.block_size,
+                           len(self.scheduler.waiting) + len(self.grammars), self.cfg.max_num_seqs,
+                           self.kv.num_free_blocks, self.kv.num_blocks, self.cfg.block_size,
                            self.scheduler.num_preemptions, self.num_steps, ready)
 
     def warmup(self) -> None:
