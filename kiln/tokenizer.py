@@ -15,6 +15,14 @@ from typing import Any, Iterable, Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
 NO_CHAT_TEMPLATE = "This model does not support chat_template."
+# Tools for a chat template that cannot render them (no `tools` in it): a system preamble in the Hermes / Qwen2.5
+# wording, asking for the <tool_call> format that kiln/server/tool_parsers.py's hermes parser reads.
+TOOL_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    "XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>"
+)
 
 
 class Tokenizer:
@@ -95,14 +103,64 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def render_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """The chat template's text for ``messages`` (ValueError when there is no template or it fails)."""
+    @property
+    def chat_template_source(self) -> str:
+        """The chat template's Jinja text ("" without one; named templates joined)."""
+        t = getattr(self.hf, "chat_template", None) or ""
+        return "\n".join(t.values()) if isinstance(t, dict) else str(t)
+
+    @property
+    def template_supports_tools(self) -> bool:
+        """Does the template render `tools` (and tool calls / tool results) itself?"""
+        return "tools" in self.chat_template_source
+
+    def _messages_with_tools(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], list | None]:
+        """Tool definitions and tool turns in the form the template takes.
+
+        A template with tool support gets ``tools`` as transformers passes them, and assistant ``tool_calls`` with
+        ``function.arguments`` as a dict (what such templates expect; the API carries a JSON string). Without tool
+        support the tools become a system preamble (TOOL_PREAMBLE, appended to a leading system message or as a
+        new one), assistant tool calls become ``<tool_call>`` text and tool results a user turn wrapped in
+        ``<tool_response>`` tags, as the Qwen2.5 template writes them."""
+        native = self.template_supports_tools
+        out = []
+        for m in messages:
+            m = dict(m)
+            calls = m.get("tool_calls")
+            if calls:
+                calls = [_call_with_dict_arguments(c) for c in calls]
+                if native:
+                    m["tool_calls"] = calls
+                else:
+                    del m["tool_calls"]
+                    text = "\n".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"],
+                                                                    "arguments": c["function"]["arguments"]},
+                                                                   ensure_ascii=False) + "\n</tool_call>"
+                                     for c in calls)
+                    m["content"] = (m.get("content") or "") + ("\n" if m.get("content") else "") + text
+            if m.get("role") == "tool" and not native:
+                m = {"role": "user", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"}
+            out.append(m)
+        if not tools or native:
+            return out, (tools or None)
+        preamble = TOOL_PREAMBLE.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0].get("role") == "system":
+            out[0] = dict(out[0], content=f"{out[0].get('content') or ''}\n\n{preamble}".lstrip())
+        else:
+            out.insert(0, {"role": "system", "content": preamble})
+        return out, None
+
+    def render_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                             tools: list[dict] | None = None, **kwargs) -> str:
+        """The chat template's text for ``messages`` and, if given, the OpenAI ``tools`` (ValueError when there is
+        no template or it fails)."""
         if not self.has_chat_template:
             raise ValueError(NO_CHAT_TEMPLATE)
         kwargs.pop("tokenize", None)
+        messages, tools = self._messages_with_tools(messages, tools)
         try:
             return self.hf.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
             )
         except Exception as e:  # jinja2 TemplateError / raise_exception() in the template, bad message shapes
             if isinstance(e, ValueError):
@@ -120,6 +178,18 @@ class Tokenizer:
         if self._adds_bos and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids
+
+
+def _call_with_dict_arguments(call: dict) -> dict:
+    """An OpenAI tool call whose function.arguments (a JSON string on the wire) is parsed to a dict."""
+    fn = dict(call.get("function") or {})
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise ValueError(f"tool call arguments are not valid JSON: {args[:80]!r}") from None
+    return dict(call, function=fn)
 
 
 class IncrementalDetokenizer:
@@ -264,4 +334,4 @@ class IncrementalDetokenizer:
         return 0
 
 
-__all__ = ["Tokenizer", "IncrementalDetokenizer", "NO_CHAT_TEMPLATE"]
+__all__ = ["Tokenizer", "IncrementalDetokenizer", "NO_CHAT_TEMPLATE", "TOOL_PREAMBLE"]
