@@ -8,6 +8,7 @@ each protocol maps to its own status (see ERROR_HTTP_STATUS).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 import uuid
@@ -24,6 +25,8 @@ request_log = logging.getLogger("kiln.requests")
 ERROR_HTTP_STATUS = {
     "invalid": 400,        # a request field is wrong
     "bad_body": 400,       # not JSON / not an object
+    "body_timeout": 408,   # the body was not sent in time (KILN_HTTP_READ_TIMEOUT)
+    "body_too_large": 413, # the body is over KILN_MAX_REQUEST_BYTES
     "too_long": 400,       # prompt (+ output) can never fit
     "not_found": 404,
     "duplicate_id": 409,   # the req_id is already in flight
@@ -216,6 +219,7 @@ class Frontend:
         self.created = int(time.time())
         self.shutting_down = False
         self._bg: set[asyncio.Task] = set()
+        self._tokenizer_thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     @classmethod
     async def start(cls, cfg: KilnConfig, observers: Sequence[RequestObserver] | None = None) -> "Frontend":
@@ -252,6 +256,19 @@ class Frontend:
         return True, 0, ""
 
     # -- helpers ----------------------------------------------------------------------------------------
+    # Prompts up to this many characters are tokenized inline (faster than a thread hop); longer ones on
+    # the tokenizer thread, so a large prompt never stalls the other requests on the event loop.
+    INLINE_TOKENIZE_CHARS = 8192
+
+    async def run_tokenizer(self, fn, *args, size: int = 0) -> Any:
+        """fn(*args) (tokenizer work on `size` characters), off the event loop when large. One thread: large
+        prompts queue behind each other instead of taking every core from the event loop."""
+        if size <= self.INLINE_TOKENIZE_CHARS:
+            return fn(*args)
+        if self._tokenizer_thread is None:
+            self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kiln-tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+
     @staticmethod
     def new_id(prefix: str = "") -> str:
         return f"{prefix}{uuid.uuid4().hex}"

@@ -130,11 +130,16 @@ def parse_request(request: pb.ModelInferRequest) -> dict:
         raise RequestError(f"input {INPUT_NAME!r}: {e}") from None
     if not items:
         raise RequestError(f"input {INPUT_NAME!r} is empty: it must hold json.dumps([request])")
+    if len(items) != 1 or list(tensor.shape) not in ([1], []):
+        raise RequestError(f"input {INPUT_NAME!r} must have shape [1] (one JSON element), got shape "
+                           f"{list(tensor.shape)} with {len(items)} elements")
+    from kiln.server.frontend import RequestError as FrontendError
+    from kiln.server.validation import loads_json
+
     try:
-        obj = json.loads(items[0])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(f"input {INPUT_NAME!r} is not valid JSON ({e}); it must hold json.dumps([request])") \
-            from None
+        obj = loads_json(items[0], f"input {INPUT_NAME!r}")
+    except FrontendError as e:
+        raise RequestError(f"{e.message}; it must hold json.dumps([request])") from None
     if isinstance(obj, list):
         if len(obj) != 1:
             raise RequestError(f"input {INPUT_NAME!r} must hold a JSON array of exactly one request object, "
@@ -241,11 +246,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(e.status, e.msg)
         request_id_of(req, request)
         final = None
-        async with contextlib.aclosing(self.runner(req, True)) as packets:
-            async for packet in packets:
-                final = packet
-                if is_final(packet):
-                    break
+        try:
+            async with contextlib.aclosing(self.runner(req, True)) as packets:
+                async for packet in packets:
+                    final = packet
+                    if is_final(packet):
+                        break
+        except Exception:  # noqa: BLE001 - its text may carry internals: logged, not sent
+            log.exception("gRPC request %s failed", req.get("req_id"))
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error (the server log has the details)")
         if final is None:
             await context.abort(grpc.StatusCode.INTERNAL, "the request ended without an answer")
         if final.get("error_msg") or final.get("error_code"):
@@ -262,6 +271,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         reading_done = asyncio.Event()
 
         async def serve_one(request: pb.ModelInferRequest) -> None:
+            """Every request on the stream gets a final response, whatever happens to it."""
+            try:
+                await serve_checked(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one request's failure must not end the stream or go unanswered
+                log.exception("gRPC stream request %r failed", request.id)
+                await out.put(pb.ModelStreamInferResponse(infer_response=make_response(
+                    error_packet(request.id or "", "internal server error (the server log has the details)", 500),
+                    request, True)))
+
+        async def serve_checked(request: pb.ModelInferRequest) -> None:
             try:
                 check_model(request.model_name, request.model_version, self.aliases)
                 req = parse_request(request)
@@ -286,10 +307,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                             break
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - one request's failure must not end the stream
+            except Exception:  # noqa: BLE001 - one request's failure must not end the stream
                 log.exception("gRPC request %s failed", rid)
                 await out.put(pb.ModelStreamInferResponse(infer_response=make_response(
-                    error_packet(rid, f"internal error: {e}", 500), request, True)))
+                    error_packet(rid, "internal server error (the server log has the details)", 500), request,
+                    True)))
                 sent_final = True
             if not sent_final:
                 await out.put(pb.ModelStreamInferResponse(infer_response=make_response(
@@ -334,9 +356,11 @@ def model_config() -> mc.ModelConfig:
         instance_group=[mc.ModelInstanceGroup(name="model_0", kind=mc.ModelInstanceGroup.KIND_MODEL, count=1)])
 
 
-async def start_server(servicer: KServeServicer, address: str, interceptors=()) -> grpc.aio.Server:
+async def start_server(servicer: KServeServicer, address: str, interceptors=(),
+                       max_message: int = MAX_MESSAGE) -> grpc.aio.Server:
+    """max_message bounds a request (KILN_MAX_REQUEST_BYTES): a larger one gets RESOURCE_EXHAUSTED unread."""
     server = grpc.aio.server(interceptors=list(interceptors), options=[("grpc.max_send_message_length", MAX_MESSAGE),
-                                      ("grpc.max_receive_message_length", MAX_MESSAGE),
+                                      ("grpc.max_receive_message_length", max_message),
                                       ("grpc.so_reuseport", 0)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     if server.add_insecure_port(address) == 0:
@@ -367,7 +391,7 @@ def build_runner(frontend: Any) -> Runner:
         try:
             if frontend.shutting_down:
                 raise FrontendError("the server is shutting down", "not_ready", 500)
-            req = parse_seed_request(body, frontend, api="grpc", arrival_time=arrival)
+            req = await parse_seed_request(body, frontend, api="grpc", arrival_time=arrival)
         except FrontendError as e:
             frontend.reject(frontend.new_record(rid, "grpc", arrival), e)
             yield error(e, rid)
@@ -408,7 +432,8 @@ async def _serve(cfg: Any) -> None:
     address = f"[::]:{cfg.grpc_port}" if host in ("0.0.0.0", "::", "") else f"{host}:{cfg.grpc_port}"
     from kiln.server.auth import ApiKeyInterceptor, ApiKeys
 
-    server = await start_server(servicer, address, [ApiKeyInterceptor(ApiKeys.for_api(cfg))])
+    server = await start_server(servicer, address, [ApiKeyInterceptor(ApiKeys.for_api(cfg))],
+                                cfg.max_request_bytes)
     log.info("KServe v2 gRPC on %s (model %r)", address, MODEL_NAME)
 
     stop = asyncio.Event()

@@ -38,6 +38,7 @@ from kiln.server.frontend import (
     merge_streams,
 )
 from kiln.server.seed_protocol import collect_seed_result, parse_seed_request, run_seed_request, seed_error_packet
+from kiln.server.validation import loads_json
 
 log = logging.getLogger("kiln.http")
 
@@ -101,14 +102,81 @@ async def _first(request: Request, agen: AsyncIterator) -> Any:
     return await _race_disconnect(request, first())
 
 
-async def _read_json(request: Request) -> Any:
+async def read_json(request: Request) -> Any:
+    """The request's JSON body, parsed and checked (kiln.server.validation.loads_json); RequestError if bad.
+    BodyLimit has already bounded its size and read time."""
     raw = await request.body()
     if not raw.strip():
         raise RequestError("The request body is empty; send a JSON object", "bad_body", SEED_CODE_BAD_BODY)
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(f"The request body is not valid JSON: {e}", "bad_body", SEED_CODE_BAD_BODY) from None
+    return loads_json(raw)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyReadTimeout(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` is answered 413 before it is read whole (at once from its
+    Content-Length, else as soon as the bytes read pass the limit); a body whose next piece takes longer than
+    `read_timeout` seconds is answered 408."""
+
+    def __init__(self, app, max_bytes: int, read_timeout: float):
+        self.app, self.max_bytes, self.read_timeout = app, max_bytes, read_timeout
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and (not length.strip().isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(send, BodyTooLarge())
+        received = 0
+        body_done = False
+        started = False
+
+        async def limited_receive():
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.read_timeout)
+            except asyncio.TimeoutError:
+                raise BodyReadTimeout() from None
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                body_done = not msg.get("more_body", False)
+                if received > self.max_bytes:
+                    raise BodyTooLarge()
+            else:
+                body_done = True
+            return msg
+
+        async def tracking_send(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except (BodyTooLarge, BodyReadTimeout) as e:
+            if not started:
+                await self._refuse(send, e)
+
+    async def _refuse(self, send, e: Exception) -> None:
+        if isinstance(e, BodyTooLarge):
+            err = RequestError(f"The request body is larger than the limit of {self.max_bytes} bytes "
+                               f"(KILN_MAX_REQUEST_BYTES)", "body_too_large", SEED_CODE_BAD_BODY)
+        else:
+            err = RequestError(f"The request body was not sent in time (more than {self.read_timeout:g} s between "
+                               f"two pieces)", "body_timeout", SEED_CODE_BAD_BODY)
+        body = _dumps(_both_error_body(err)).encode()
+        await send({"type": "http.response.start", "status": err.http_status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def _native_error(err: RequestError, req_id: Any = None) -> JSONResponse:
@@ -121,11 +189,15 @@ def _openai_error(err: RequestError) -> JSONResponse:
                         status_code=err.http_status)
 
 
-def _both_error(err: RequestError) -> JSONResponse:
-    """Error on a route that serves both APIs, before we know which: both bodies in one."""
+def _both_error_body(err: RequestError) -> dict:
     body = seed_error_packet(err)
     body.update(oai.error_body(err.message, err.http_status, err.param, err.error_type))
-    return JSONResponse(body, status_code=err.http_status)
+    return body
+
+
+def _both_error(err: RequestError) -> JSONResponse:
+    """Error on a route that serves both APIs, before we know which: both bodies in one."""
+    return JSONResponse(_both_error_body(err), status_code=err.http_status)
 
 
 def _is_native_chat(body: Any) -> bool:
@@ -152,7 +224,7 @@ async def serve_native(request: Request, body: Any, fe: Frontend) -> Response:
     try:
         if fe.shutting_down:
             raise _shutting_down()
-        req = parse_seed_request(body, fe, arrival_time=arrival)
+        req = await parse_seed_request(body, fe, arrival_time=arrival)
     except RequestError as e:
         fe.reject(fe.new_record(str(rid_hint) if rid_hint is not None else "-", "native", arrival), e)
         return _native_error(e, rid_hint)
@@ -246,7 +318,7 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
     try:
         if fe.shutting_down:
             raise _shutting_down()
-        job = oai.parse_chat(body, fe) if kind == "chat" else oai.parse_completion(body, fe)
+        job = await (oai.parse_chat(body, fe) if kind == "chat" else oai.parse_completion(body, fe))
     except RequestError as e:
         fe.reject(fe.new_record("-", kind, arrival), e)
         return _openai_error(e)
@@ -344,6 +416,7 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None) -> FastAPI:
 
     app = FastAPI(title="Kiln", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(kserve_http.router)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes, read_timeout=cfg.http_read_timeout)
     app.add_middleware(ApiKeyMiddleware, keys=ApiKeys.for_api(cfg))  # KILN_API_KEY; health paths stay open
 
     def fe_of(request: Request) -> Frontend:
@@ -353,7 +426,7 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         fe = fe_of(request)
         try:
-            body = await _read_json(request)
+            body = await read_json(request)
         except RequestError as e:
             return _both_error(e)
         if _is_native_chat(body):
@@ -364,7 +437,7 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None) -> FastAPI:
     async def completions(request: Request):
         fe = fe_of(request)
         try:
-            body = await _read_json(request)
+            body = await read_json(request)
         except RequestError as e:
             return _both_error(e)
         if _is_native_completion(body):
@@ -374,7 +447,7 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None) -> FastAPI:
     @app.post("/v1/chat/completions/completions")
     async def genA_completions(request: Request):
         try:
-            body = await _read_json(request)
+            body = await read_json(request)
         except RequestError as e:
             return _openai_error(e)
         return await serve_openai(request, body, fe_of(request), "completions")
@@ -382,7 +455,7 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None) -> FastAPI:
     @app.post("/v1/chat/completions/chat/completions")
     async def genA_chat(request: Request):
         try:
-            body = await _read_json(request)
+            body = await read_json(request)
         except RequestError as e:
             return _openai_error(e)
         return await serve_openai(request, body, fe_of(request), "chat")
@@ -405,10 +478,17 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None) -> FastAPI:
         return JSONResponse({"error_code": code, "error_msg": msg}, status_code=500 if request.url.path != "/health"
                             else 503)
 
+    @app.get("/openapi.json")
+    async def openapi_schema():
+        from kiln.server.openapi import openapi_schema
+
+        return JSONResponse(openapi_schema())
+
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception):
+        # the exception's text may carry paths, shapes or internals: it goes to the log only
         log.exception("unhandled error on %s", request.url.path)
-        err = RequestError(f"internal server error: {type(exc).__name__}: {exc}", "internal", 501)
+        err = RequestError("internal server error (the server log has the details)", "internal", 501)
         return _both_error(err)
 
     return app
@@ -438,6 +518,50 @@ def _watch_parent(server, ppid: int) -> None:
         time.sleep(1.0)
 
 
+def h11_with_head_timeout(timeout: float):
+    """uvicorn's h11 protocol, except that a connection which has not sent a whole request head within `timeout`
+    seconds (from connecting, or from its previous response) is closed: uvicorn itself waits for ever, so
+    partial headers could hold connections open without limit."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutH11Protocol(H11Protocol):
+        _head_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(timeout, self._head_timed_out)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # a whole head arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeadTimeoutH11Protocol
+
+
 def run_worker(cfg: KilnConfig, sock: socket.socket, index: int = 0, started=None) -> None:
     """Process entry of one HTTP worker: serve the app on the supervisor's listening socket until SIGTERM
     (graceful: stop accepting, finish running requests within cfg.shutdown_timeout). `started` (an event)
@@ -462,7 +586,8 @@ def run_worker(cfg: KilnConfig, sock: socket.socket, index: int = 0, started=Non
 
     config = uvicorn.Config(create_app(cfg), log_config=None, access_log=cfg.fd_debug, lifespan="on",
                             timeout_graceful_shutdown=int(max(1, cfg.shutdown_timeout)), timeout_keep_alive=5,
-                            proxy_headers=False, server_header=False)
+                            proxy_headers=False, server_header=False,
+                            http=h11_with_head_timeout(cfg.http_read_timeout))
     server = WorkerServer(config)
     threading.Thread(target=_watch_parent, args=(server, ppid), daemon=True).start()
     server.run(sockets=[sock])

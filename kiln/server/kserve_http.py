@@ -132,10 +132,9 @@ def seed_body(body: Any) -> Any:
         if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):  # IN as a one-element BYTES tensor
             v = v[0]
         if isinstance(v, (str, bytes)):
-            try:
-                v = json.loads(v)
-            except ValueError as e:
-                raise bad(f"`IN` is not valid JSON ({e}); it must hold json.dumps([request])") from None
+            from kiln.server.validation import loads_json
+
+            v = loads_json(v, "`IN`")
         if isinstance(v, list):
             if len(v) != 1:
                 raise bad(f"`IN` must hold a JSON array of exactly one request object, got {len(v)} items")
@@ -182,19 +181,13 @@ async def _start(request: Request, name: str, version: str | None, stream: bool)
     arrival = time.time()
     rid_hint = None
     try:
-        raw = await request.body()
-        try:
-            body = json.loads(raw) if raw.strip() else None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(f"The request body is not valid JSON: {e}", "bad_body", SEED_CODE_BAD_BODY) \
-                from None
-        if body is None:
-            raise RequestError("The request body is empty; send a JSON object", "bad_body", SEED_CODE_BAD_BODY)
-        d = seed_body(body)
+        from kiln.server.http import read_json
+
+        d = seed_body(await read_json(request))
         rid_hint = d.get("req_id") if isinstance(d, dict) else None
         if fe.shutting_down:
             raise RequestError("the server is shutting down", "not_ready", 500)
-        req = parse_seed_request(d, fe, api="kserve", arrival_time=arrival)
+        req = await parse_seed_request(d, fe, api="kserve", arrival_time=arrival)
     except RequestError as e:
         rid = str(rid_hint) if rid_hint is not None else None
         fe.reject(fe.new_record(rid or "-", "kserve", arrival), e)

@@ -9,42 +9,47 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kiln.engine.request import SamplingParams
+from kiln.engine.request import INT64_MAX, INT64_MIN, UINT64_MAX, SamplingParams
 from kiln.server.frontend import Frontend, RequestError
 from kiln.server.seed_protocol import normalize_messages
+from kiln.server.validation import check_prompt_chars, check_token_ids
 
 # ----------------------------------------------------------------------------------------------------
 # requests
 # ----------------------------------------------------------------------------------------------------
 
 
+# Strict types (as OpenAI's own API): "10" and true are not integers, 1 is not a bool; no NaN / Infinity.
+_STRICT = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _STRICT
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _STRICT
 
     model: Optional[str] = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=INT64_MIN, le=UINT64_MAX)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, ge=0, le=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     user: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = None
     # vLLM extras
-    top_k: Optional[int] = Field(None, ge=-1)
+    top_k: Optional[int] = Field(None, ge=-1, le=INT64_MAX)
     min_p: Optional[float] = Field(None, ge=0, le=1)
     repetition_penalty: Optional[float] = Field(None, gt=0)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX)
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
@@ -57,11 +62,11 @@ class CompletionRequest(_Common):
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     suffix: Optional[str] = None
-    best_of: Optional[int] = Field(None, ge=1)
+    best_of: Optional[int] = Field(None, ge=1, le=64)
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _STRICT
     role: str
     content: Optional[Union[str, list[Any]]] = None
     name: Optional[str] = None
@@ -69,7 +74,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
@@ -168,6 +173,8 @@ def _params(req: _Common, frontend: Frontend, prompt_len: int, max_tokens: int |
         raise _bad(f"min_tokens ({req.min_tokens}) must not be greater than max_tokens ({max_tokens})", "min_tokens")
     if req.logit_bias:
         raise _bad("logit_bias is not supported", "logit_bias")
+    stop_token_ids = check_token_ids(req.stop_token_ids or [], getattr(frontend.tokenizer, "vocab_size", None),
+                                     "stop_token_ids")
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
     greedy = temperature == 0 or top_p == 0
@@ -185,7 +192,7 @@ def _params(req: _Common, frontend: Frontend, prompt_len: int, max_tokens: int |
             presence_penalty=req.presence_penalty or 0.0,
             seed=req.seed,
             stop=[s for s in stop if s],
-            stop_token_ids=list(req.stop_token_ids or []),
+            stop_token_ids=stop_token_ids,
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
         )
@@ -193,7 +200,7 @@ def _params(req: _Common, frontend: Frontend, prompt_len: int, max_tokens: int |
         raise _bad(str(e)) from None
 
 
-def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
+async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
     req: CompletionRequest = _parse(CompletionRequest, body)
     if req.suffix:
         raise _bad("suffix is not supported", "suffix")
@@ -203,26 +210,28 @@ def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
         raise _bad("echo together with logprobs is not supported", "echo")
     p = req.prompt
     tok = frontend.tokenizer
+    vocab = getattr(tok, "vocab_size", None)
     if isinstance(p, str):
-        prompts = [tok.encode(p, add_special_tokens=True)]
         texts = [p]
     elif p and all(isinstance(x, int) for x in p):
-        prompts = [list(p)]
-        texts = [tok.decode(prompts[0], skip_special_tokens=False)]
+        prompts = [check_token_ids(p, vocab, "prompt")]
     elif p and all(isinstance(x, str) for x in p):
-        prompts = [tok.encode(x, add_special_tokens=True) for x in p]
         texts = list(p)
     elif p and all(isinstance(x, list) for x in p):
-        prompts = [list(x) for x in p]
-        texts = [tok.decode(x, skip_special_tokens=False) for x in prompts]
+        prompts = [check_token_ids(x, vocab, "prompt") for x in p]
     else:
         raise _bad("`prompt` must be a string, a list of strings, a list of token ids or a list of those", "prompt")
-    if len(prompts) * req.n > 64:
+    n_prompts = len(texts) if isinstance(p, str) or isinstance(p[0], str) else len(prompts)
+    if n_prompts * req.n > 64:
         raise _bad("too many choices: len(prompt) * n must be <= 64", "n")
-    vocab = getattr(tok, "vocab_size", None)
-    for ids in prompts:
-        if vocab is not None and any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
-            raise _bad(f"token ids in `prompt` must be in [0, {vocab})", "prompt")
+    if isinstance(p, str) or isinstance(p[0], str):
+        size = sum(len(x) for x in texts)
+        for x in texts:
+            check_prompt_chars(len(x), frontend.max_seq_len, "prompt")
+        prompts = await frontend.run_tokenizer(lambda: [tok.encode(x, add_special_tokens=True) for x in texts],
+                                               size=size)
+    else:
+        texts = [tok.decode(x, skip_special_tokens=False) for x in prompts]
     params = [_params(req, frontend, len(ids), req.max_tokens, 16, req.logprobs) for ids in prompts]
     so = req.stream_options
     return OpenAIJob(kind="completions", id=f"cmpl-{uuid.uuid4().hex}", model=req.model or frontend.model_name,
@@ -235,7 +244,7 @@ def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
                      timeout=req.timeout or frontend.cfg.request_timeout)
 
 
-def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
+async def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
     req: ChatCompletionRequest = _parse(ChatCompletionRequest, body)
     if req.tools:
         raise _bad("tools are not supported", "tools")
@@ -245,8 +254,10 @@ def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
         raise _bad("top_logprobs needs logprobs=true", "top_logprobs")
     messages = normalize_messages([m.model_dump(exclude_none=True) for m in req.messages])
     tok = frontend.tokenizer
+    size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    check_prompt_chars(size, frontend.max_seq_len, "messages")
     try:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        ids = await frontend.run_tokenizer(tok.apply_chat_template, messages, req.add_generation_prompt, size=size)
     except ValueError as e:
         raise _bad(str(e), "messages") from None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -386,5 +397,5 @@ def error_body(message: str, status: int, param: str | None = None, code: Any = 
 
 def models_response(frontend: Frontend) -> dict:
     return {"object": "list", "data": [{"id": frontend.model_name, "object": "model", "created": frontend.created,
-                                        "owned_by": "kiln", "root": frontend.cfg.model_path,
+                                        "owned_by": "kiln", "root": frontend.model_name,
                                         "max_model_len": frontend.max_model_len}]}

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from kiln.engine.request import SamplingParams
+from kiln.engine.request import INT64_MAX, SamplingParams
 from kiln.server.frontend import (
     SEED_CODE_BAD_BODY,
     SEED_CODE_REJECTED,
@@ -25,6 +25,7 @@ from kiln.server.frontend import (
     RequestError,
     RequestRecord,
 )
+from kiln.server.validation import check_int, check_prompt_chars, check_token_ids, prompt_char_bound
 
 # the seed's defaults (spec section 3, step 4)
 DEFAULT_MIN_DEC_LEN = 1
@@ -142,8 +143,7 @@ def check_basic_params(d: dict) -> None:
         ids = d["input_ids"]
         if not isinstance(ids, list):
             raise _fail("The `input_ids` in input parameters must be a list", param="input_ids")
-        if not all(_is_int(t) and t >= 0 for t in ids):
-            raise _fail("The `input_ids` must be a list of non-negative integers (token ids)", param="input_ids")
+        check_token_ids(ids, None, "input_ids")
         if not ids and "text" not in d and "messages" not in d:
             raise _fail("The `input_ids` in input parameters cannot be empty", param="input_ids")
     if "messages" in d:
@@ -155,10 +155,10 @@ def check_basic_params(d: dict) -> None:
         if not all(isinstance(m, dict) and "content" in m for m in msgs):
             raise _fail("The item in messages must include `content`", param="messages")
 
-    if "min_dec_len" in d and (not _is_int(d["min_dec_len"]) or d["min_dec_len"] < 1):
+    if "min_dec_len" in d and (not _is_int(d["min_dec_len"]) or not 1 <= d["min_dec_len"] <= INT64_MAX):
         raise _fail("The `min_dec_len` must be an integer and greater than 0", param="min_dec_len")
     for key in ("max_dec_len", "seq_len", "max_tokens"):
-        if key in d and d[key] is not None and (not _is_int(d[key]) or d[key] < 1):
+        if key in d and d[key] is not None and (not _is_int(d[key]) or not 1 <= d[key] <= INT64_MAX):
             raise _fail(f"The `{key}` must be an integer and greater than 0", param=key)
     if d.get("max_dec_len") is None:
         if d.get("seq_len") is not None:
@@ -187,16 +187,16 @@ def check_basic_params(d: dict) -> None:
             e = [e]
         elif isinstance(e, tuple):
             e = list(e)
-        if not isinstance(e, list) or not all(_is_int(t) and t >= 0 for t in e):
+        if not isinstance(e, list):
             raise _fail("The `eos_token_ids` must be a list of token ids", param="eos_token_ids")
-        d["eos_token_ids"] = e
+        d["eos_token_ids"] = check_token_ids(e, None, "eos_token_ids")
 
     if "infer_seed" in d and "seed" in d:
         raise _fail("Only one of ('infer_seed', 'seed') should be set", param="seed")
     if "seed" in d:
         d["infer_seed"] = d.pop("seed")
-    if "infer_seed" in d and d["infer_seed"] is not None and not _is_int(d["infer_seed"]):
-        raise _fail("The `seed` must be an integer", param="seed")
+    if "infer_seed" in d and d["infer_seed"] is not None:
+        check_int(d["infer_seed"], "seed", hi=2**64 - 1)
 
     if "stream" in d and not isinstance(d["stream"], bool):
         raise _fail("The `stream` must be a boolean", param="stream")
@@ -234,6 +234,7 @@ def _stop_strings(frontend: Frontend, d: dict) -> tuple[list[str], list[int]]:
                 if s:
                     strings.append(s)
             elif isinstance(s, list) and s and all(_is_int(t) for t in s):
+                check_token_ids(s, getattr(frontend.tokenizer, "vocab_size", None), key)
                 if len(s) == 1:
                     ids.append(s[0])
                 else:
@@ -243,8 +244,8 @@ def _stop_strings(frontend: Frontend, d: dict) -> tuple[list[str], list[int]]:
     return strings, ids
 
 
-def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "native",
-                       arrival_time: float | None = None) -> SeedRequest:
+async def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "native",
+                             arrival_time: float | None = None) -> SeedRequest:
     """Validate a seed request dict and turn it into token ids + SamplingParams (spec section 3, steps 2-9;
     the queue cap (1), duplicate req_id (3) and the KV-resource check (10) are the engine's, which sees every
     front end). Raises RequestError."""
@@ -272,8 +273,8 @@ def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "native",
     top_k = d.get("top_k", 0)
     if top_k is None:
         top_k = 0
-    if not _is_int(top_k) or top_k < -1:
-        raise _fail("The `top_k` must be an integer >= 0 (0 or -1: off)", param="top_k")
+    if not _is_int(top_k) or not -1 <= top_k <= INT64_MAX:
+        raise _fail("The `top_k` must be an integer in [0, 2^63) (0 or -1: off)", param="top_k")
     min_p = _number(d, "min_p", 0.0, 0.0, 1.0)
     timeout = d.get("timeout")
     if timeout is None:
@@ -295,13 +296,7 @@ def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "native",
     ids = d.get("input_ids")
     from_text = False
     if ids:
-        prompt = list(ids)
-        vocab = getattr(tok, "vocab_size", None)
-        if vocab is not None:
-            bad = [t for t in prompt if t >= vocab]
-            if bad:
-                raise _fail(f"The `input_ids` hold ids outside the vocabulary [0, {vocab}): {bad[:5]}",
-                            param="input_ids")
+        prompt = check_token_ids(ids, getattr(tok, "vocab_size", None), "input_ids")
     else:
         from_text = True
         if d.get("messages"):
@@ -310,12 +305,19 @@ def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "native",
             messages = [{"role": "user", "content": d["text"]}]
         if system:
             messages = [{"role": "system", "content": system}] + messages
+        # refuse (or, truncating, cut) a text that cannot fit MAX_SEQ_LEN before spending time tokenizing it
+        num_chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        if truncate and not d.get("messages") and num_chars > prompt_char_bound(frontend.max_seq_len):
+            messages[-1]["content"] = messages[-1]["content"][:prompt_char_bound(frontend.max_seq_len)]
+            d["text"] = messages[-1]["content"]
+        elif not truncate:
+            check_prompt_chars(num_chars, frontend.max_seq_len, "messages" if d.get("messages") else "text")
         try:
             if d.get("messages") or tok.has_chat_template:
-                prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+                prompt = await frontend.run_tokenizer(tok.apply_chat_template, messages, True, size=num_chars)
             else:
                 text = d["text"] if not system else system + "\n" + d["text"]
-                prompt = tok.encode(text, add_special_tokens=True)
+                prompt = await frontend.run_tokenizer(tok.encode, text, True, size=num_chars)
         except ValueError as e:
             raise _fail(str(e)) from None
     if not prompt:
