@@ -98,3 +98,50 @@ def test_a_failure_in_one_requests_sampling_ends_only_that_request(core):
     assert "-5000" not in reasons["victim"][2] and "index" not in reasons["victim"][2]  # no internals leak
     assert {k: outs[k] for k in baseline} == baseline
     assert all(reasons[k][0] == "length" for k in baseline)
+
+
+def test_engine_process_refuses_a_poisoned_request_sent_past_the_front_end(model_dir):
+    """The engine process on its socket: 8 healthy streams run while poisoned requests arrive straight from a
+    client (no front-end validation); the poisoned ones get an error output, the 8 finish untouched."""
+    import asyncio
+    import socket
+
+    from kiln.engine.client import AsyncEngineClient
+    from kiln.engine.core import launch_engine_core
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    secret = "isolation-test"
+    proc = launch_engine_core(EngineConfig(model=str(model_dir), dtype="float32", block_size=16, num_gpu_blocks=64,
+                                           max_num_seqs=16), addr, secret)
+
+    async def collect(c, rid, prompt, sp):
+        toks, last = [], None
+        async for out in c.generate(rid, prompt, sp):
+            toks += out.new_token_ids
+            last = out
+        return toks, last
+
+    async def main():
+        c = AsyncEngineClient(addr, secret)
+        await c.start()
+        await c.wait_ready(120)
+        alone = [await collect(c, f"a{i}", p, sp) for i, (_, p, sp) in enumerate(HEALTHY)]
+        healthy = [asyncio.ensure_future(collect(c, f"h{i}", p, sp)) for i, (_, p, sp) in enumerate(HEALTHY)]
+        await asyncio.sleep(0.2)
+        bad = await asyncio.gather(collect(c, "p1", [5, 6], poisoned(top_k=2**63)),
+                                   collect(c, "p2", [5, 6], poisoned(stop_token_ids=[-5000], min_tokens=3)))
+        together = await asyncio.gather(*healthy)
+        await c.close()
+        return alone, together, bad
+
+    try:
+        alone, together, bad = asyncio.run(asyncio.wait_for(main(), 300))
+    finally:
+        proc.terminate()
+        proc.join(10)
+    for toks, last in bad:
+        assert toks == [] and last.finish_reason == "error" and last.error_type == "invalid", last
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    assert all(last.finish_reason == "length" for _, last in together)
