@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.engine.request import Request
+from kiln.engine.structured import apply_grammar_masks
 
 log = logging.getLogger("kiln.sampler")
 
@@ -98,7 +99,7 @@ class Sampler:
         the step against anything that slipped through)."""
         p = r.params
         masked: list[int] = []
-        if len(r.output_token_ids) < p.min_tokens and r.stop_token_set:
+        if len(r.output_token_ids) < p.min_tokens and r.stop_token_set and r.grammar is None:  # a grammar decides
             masked = sorted(r.stop_token_set)
             if masked[0] < 0:
                 raise ValueError(f"negative stop token id {masked[0]}")
@@ -131,6 +132,8 @@ class Sampler:
         for i, w in enumerate(rows):
             if w.masked_ids:
                 logits[i, rows_to_device(w.masked_ids, torch.long, dev)] = float("-inf")
+        if any(r.grammar is not None for r in reqs):
+            apply_grammar_masks(logits, reqs)  # rows with a grammar keep only the tokens it allows
 
         greedy_ids = logits.argmax(dim=-1)
         if all(w.greedy for w in rows):

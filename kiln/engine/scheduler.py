@@ -152,6 +152,11 @@ class Scheduler:
 
     def _ends_at(self, req: Request, n_out: int, tok: int | None = None) -> FinishReason | None:
         """Why the request ends once it has n_out output tokens, the last being `tok` (None: not known yet)."""
+        if tok is not None and req.grammar is not None:  # its matcher has taken `tok` (EngineCore._collect)
+            if req.grammar.rejected_token is not None:
+                return FinishReason.ERROR
+            if req.grammar.terminated:
+                return FinishReason.STOP
         if tok is not None and n_out >= req.params.min_tokens and tok in req.stop_token_set:
             return FinishReason.STOP
         if n_out >= req.params.max_tokens or req.num_prompt_tokens + n_out >= self.max_model_len:

@@ -31,7 +31,7 @@ KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 
 
 class StructuredSpec(NamedTuple):
-    """What the output must match. `value`: the JSON schema as canonical JSON text (json_schema), the regex,
+    """What the output must match. `value`: the JSON schema as compact JSON text (json_schema), the regex,
     the choices as a JSON array text (choice), the EBNF/GBNF text (grammar), "" (json_object: any JSON object).
     A tuple of two strings: hashable (the compile cache's key) and msgpack-able (the ZMQ wire)."""
 
@@ -58,7 +58,8 @@ class StructuredSpec(NamedTuple):
     def json_schema(cls, schema: dict | str) -> "StructuredSpec":
         if isinstance(schema, str):
             schema = json.loads(schema)
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+        # key order kept: it is the order the properties are generated in
+        return cls("json_schema", json.dumps(schema, separators=(",", ":"), ensure_ascii=False))
 
     @classmethod
     def choice(cls, choices: list[str]) -> "StructuredSpec":

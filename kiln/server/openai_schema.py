@@ -13,6 +13,7 @@ from kiln.engine.request import INT64_MAX, INT64_MIN, UINT64_MAX, SamplingParams
 from kiln.server.frontend import Frontend, RequestError
 from kiln.server.seed_protocol import normalize_messages
 from kiln.server.validation import check_prompt_chars, check_token_ids
+from kiln.server.structured_api import structured_outputs
 
 # ----------------------------------------------------------------------------------------------------
 # requests
@@ -213,6 +214,7 @@ async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
     vocab = getattr(tok, "vocab_size", None)
     if isinstance(p, str):
         texts = [p]
+    structured = await structured_outputs(body)
     elif p and all(isinstance(x, int) for x in p):
         prompts = [check_token_ids(p, vocab, "prompt")]
     elif p and all(isinstance(x, str) for x in p):
@@ -238,6 +240,8 @@ async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
                      created=int(time.time()), prompts=prompts, prompt_texts=texts, params=params, n=req.n,
                      stream=req.stream, include_usage=bool(so and so.include_usage),
                      continuous_usage=bool(so and so.continuous_usage_stats), echo=req.echo,
+    for sp in params:
+        sp.structured = structured
                      logprobs=req.logprobs, want_logprobs=req.logprobs is not None,
                      skip_special_tokens=req.skip_special_tokens,
                      include_stop_str_in_output=req.include_stop_str_in_output,
@@ -248,8 +252,7 @@ async def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
     req: ChatCompletionRequest = _parse(ChatCompletionRequest, body)
     if req.tools:
         raise _bad("tools are not supported", "tools")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise _bad("response_format other than text is not supported", "response_format")
+    structured = await structured_outputs(body)
     if req.top_logprobs is not None and not req.logprobs:
         raise _bad("top_logprobs needs logprobs=true", "top_logprobs")
     messages = normalize_messages([m.model_dump(exclude_none=True) for m in req.messages])
@@ -266,6 +269,7 @@ async def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
     so = req.stream_options
     return OpenAIJob(kind="chat", id=f"chatcmpl-{uuid.uuid4().hex}", model=req.model or frontend.model_name,
                      created=int(time.time()), prompts=[ids], prompt_texts=[""], params=[params], n=req.n,
+    params.structured = structured
                      stream=req.stream, include_usage=bool(so and so.include_usage),
                      continuous_usage=bool(so and so.continuous_usage_stats), logprobs=logprobs,
                      want_logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens,

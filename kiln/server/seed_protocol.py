@@ -25,6 +25,7 @@ from kiln.server.frontend import (
     RequestError,
     RequestRecord,
 )
+from kiln.server.structured_api import structured_outputs
 from kiln.server.validation import check_int, check_prompt_chars, check_token_ids, prompt_char_bound
 
 # the seed's defaults (spec section 3, step 4)
@@ -287,6 +288,7 @@ async def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "nativ
     benchmark = _flag(d, "benchmark")
     truncate = _flag(d, "enable_text_truncate", False)
     stop_strings, stop_ids = _stop_strings(frontend, d)
+    structured = await structured_outputs(d)   # `response_format`, as the OpenAI API's
     system = d.get("system")
     if system is not None and not isinstance(system, str):
         raise _fail("The `system` must be a string", param="system")
@@ -363,6 +365,7 @@ async def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "nativ
             seed=d.get("infer_seed"),
             stop=stop_strings,
             stop_token_ids=stop_ids,
+            structured=structured,
         )
     except (ValueError, TypeError) as e:
         raise _fail(str(e)) from None
