@@ -295,6 +295,11 @@ class KilnConfig:
     shutdown_timeout: float = setting(
         300.0, "KILN_SHUTDOWN_TIMEOUT", "On SIGTERM/Ctrl-C, how long running requests may take to finish before "
         "they are cut.", kind="float", flags=("--shutdown-timeout",), check=_range(0), group="runtime")
+    grammar_compile_timeout: float = setting(
+        10.0, "KILN_GRAMMAR_COMPILE_TIMEOUT", "Seconds a structured-output request (response_format, "
+        "structured_outputs) may wait for its grammar to compile; past that it fails alone with a 400, while "
+        "other requests run on.", kind="float", flags=("--grammar-compile-timeout",), check=_range(0, lo_open=True),
+        group="runtime")
     request_timeout: float = setting(
         300.0, "KILN_REQUEST_TIMEOUT", "Default whole-request timeout in seconds (the native `timeout` field "
         "overrides it per request).", kind="float", flags=("--request-timeout",), check=_range(0, lo_open=True),
@@ -471,6 +476,7 @@ class KilnConfig:
             tensor_parallel_size=self.mp_num,
             enable_prefix_caching=self.enable_prefix_caching,
             warmup=self.use_warmup,
+            grammar_compile_timeout=self.grammar_compile_timeout,
             async_scheduling={"auto": None, "on": True, "off": False}[self.async_scheduling],
             extra={"max_seq_len": self.max_seq_len, "max_dec_len": self.max_dec_len,
                    "block_ratio": self.block_ratio, "enc_dec_block_num": self.enc_dec_block_num,
