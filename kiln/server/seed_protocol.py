@@ -1,6 +1,6 @@
 """The seed's request protocol, shared by the native HTTP API and the gRPC (KServe v2) server.
 
-    req = parse_seed_request(body_dict, frontend)          # validate (spec section 3 order), tokenize
+    req = await parse_seed_request(body_dict, frontend)    # validate (spec section 3 order), tokenize
     async for packet in run_seed_request(req, frontend):   # seed packets (spec section 5)
         ...
     result = await collect_seed_result(req, frontend)      # the non-stream body
