@@ -11,22 +11,20 @@
 #                     set; else `kiln` on PATH; else python3 -m kiln.entrypoints.cli
 # Stop it with: bash scripts/stop_server.sh [timeout_s]
 set -u
+. "$(dirname "$0")/common.sh"
 
 FD_LOG_DIR=${FD_LOG_DIR:-log}
 export FD_LOG_DIR
 WAIT=${KILN_START_WAIT:-600}
 mkdir -p "$FD_LOG_DIR" || { echo "start_server.sh: cannot create FD_LOG_DIR=$FD_LOG_DIR" >&2; exit 1; }
-PID_FILE="$FD_LOG_DIR/kiln.pid"
+PID_FILE=$(kiln_pid_file)
 CONSOLE="$FD_LOG_DIR/console.log"
 
-if [ -f "$PID_FILE" ]; then
-    OLD=$(cat "$PID_FILE" 2>/dev/null)
-    if [ -n "$OLD" ] && kill -0 "$OLD" 2>/dev/null && grep -qa kiln "/proc/$OLD/cmdline" 2>/dev/null; then
-        echo "start_server.sh: Kiln is already running (pid $OLD); stop it first: bash scripts/stop_server.sh" >&2
-        exit 1
-    fi
-    rm -f "$PID_FILE"
+if OLD=$(kiln_running_pid "$PID_FILE"); then
+    echo "start_server.sh: Kiln is already running (pid $OLD); stop it first: bash scripts/stop_server.sh" >&2
+    exit 1
 fi
+rm -f "$PID_FILE"
 
 if [ -n "${KILN_BIN:-}" ]; then
     CMD=("$KILN_BIN" serve)

@@ -30,6 +30,9 @@ import json
 import math
 import os
 import shutil
+import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -123,8 +126,11 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | No
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _convert(gguf_path, tmp)
-        _install(tmp, out, explicit=out_dir is not None)
+        with _Progress(gguf_path) as progress:
+            progress.say(f"converting to a Hugging Face model in {out} (first use only)", "reading the GGUF file")
+            _convert(gguf_path, tmp, progress)
+            _install(tmp, out, explicit=out_dir is not None)
+            progress.say("conversion done", "")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -132,6 +138,42 @@ def gguf_to_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | No
 
 
 # --------------------------------------------------------------------------------------------- internals
+
+
+class _Progress:
+    """Progress lines on stderr during a conversion (it takes 10-30 s on a small CPU, and runs inside
+    `kiln serve`'s start-up): one line per phase, and a heartbeat line whenever a phase (say, transformers'
+    tokenizer build, which gives no callback) has been silent for a few seconds."""
+
+    INTERVAL_S = 3.0
+
+    def __init__(self, gguf_path: Path):
+        self.name = gguf_path.name
+        self.t0 = self.last = time.monotonic()
+        self.phase = ""
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.heartbeat = threading.Thread(target=self._beat, name="gguf-progress", daemon=True)
+
+    def __enter__(self) -> "_Progress":
+        self.heartbeat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.heartbeat.join()
+
+    def say(self, msg: str, phase: str | None = None) -> None:
+        with self.lock:
+            self.last = time.monotonic()
+            if phase is not None:
+                self.phase = phase
+            print(f"[kiln] {self.name}: {msg} ({self.last - self.t0:.0f} s)", file=sys.stderr, flush=True)
+
+    def _beat(self) -> None:
+        while not self.done.wait(0.5):
+            if time.monotonic() - self.last >= self.INTERVAL_S and self.phase:
+                self.say(f"still {self.phase}")
 
 
 def _install(tmp: Path, out: Path, explicit: bool) -> None:
@@ -165,7 +207,7 @@ class _Meta:
         return value
 
 
-def _convert(gguf_path: Path, dst: Path) -> None:
+def _convert(gguf_path: Path, dst: Path, progress: _Progress) -> None:
     import gguf
 
     try:
@@ -183,7 +225,8 @@ def _convert(gguf_path: Path, dst: Path) -> None:
 
     tensors = {t.name: t for t in reader.tensors}
     config = _build_config(meta, arch, tensors, gguf_path)
-    files = _write_weights(tensors, config, arch, dst, gguf_path)
+    files = _write_weights(tensors, config, arch, dst, gguf_path, progress)
+    progress.say("building the tokenizer from the GGUF metadata", "building the tokenizer")
     files += _write_tokenizer(gguf_path, meta, config, dst)
 
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -366,7 +409,7 @@ def _dequantize(t) -> np.ndarray:
     return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
 
 
-def _write_weights(tensors: dict, config: dict, arch: str, dst: Path, gguf_path: Path) -> list[str]:
+def _write_weights(tensors: dict, config: dict, arch: str, dst: Path, gguf_path: Path, progress: _Progress) -> list[str]:
     from safetensors.numpy import save_file
 
     permute = _ARCH_CONFIG[arch][2]
@@ -405,15 +448,20 @@ def _write_weights(tensors: dict, config: dict, arch: str, dst: Path, gguf_path:
     )
     weight_map = {}
     total = 0
+    done = 0
+    progress.say(f"dequantizing {len(plan)} tensors to float32", "dequantizing")
     for fname, shard in zip(names, shards):
         out = {}
         for hf, t in shard:
+            progress.phase = f"dequantizing ({done}/{len(plan)} tensors)"
+            done += 1
             w = _dequantize(t)
             if permute and (".q_proj." in hf or ".k_proj." in hf):
                 w = _unpermute(w, n_heads if ".q_proj." in hf else n_kv)
             out[hf] = w
             weight_map[hf] = fname
             total += w.nbytes
+        progress.say(f"writing {fname}", f"writing {fname}")
         save_file(out, str(dst / fname), metadata={"format": "pt"})
         _fix_mode(dst / fname)
         del out
