@@ -11,6 +11,30 @@ say() {
 done_step() {
     echo "[kiln $KILN_SCRIPT] ... done in $((SECONDS - ${STEP_START:-$SECONDS})) s" >&2
 }
+# step "what is being done" CMD ARGS...: say it, run CMD with a "still ..." line every 8 s (a quiet pip install
+# takes a minute), then done_step; returns CMD's exit code (and reports a failure).
+step() {
+    local what=$1 pid rc last
+    shift
+    say "$what"
+    "$@" &
+    pid=$!
+    last=$SECONDS
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 1
+        if [ $((SECONDS - last)) -ge 8 ] && kill -0 "$pid" 2>/dev/null; then
+            echo "[kiln $KILN_SCRIPT] ... still $what ($((SECONDS - STEP_START)) s)" >&2
+            last=$SECONDS
+        fi
+    done
+    rc=0
+    wait "$pid" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "[kiln $KILN_SCRIPT] ... failed (exit code $rc) after $((SECONDS - STEP_START)) s" >&2
+        return "$rc"
+    fi
+    done_step
+}
 
 # The pid file every start script writes: $FD_LOG_DIR/kiln.pid, a relative FD_LOG_DIR (default ./log) being
 # taken from the directory the script was run in. It holds the pid of the `kiln serve` supervisor.
