@@ -13,11 +13,10 @@ from functools import partial
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
-grpcclient = pytest.importorskip("tritonclient.grpc")
-from tritonclient.utils import InferenceServerException  # noqa: E402
-
-from kiln.server import grpc_server as G  # noqa: E402
+from kiln.server import grpc_server as G
 
 
 def free_port() -> int:

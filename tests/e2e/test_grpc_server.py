@@ -13,9 +13,8 @@ from functools import partial
 
 import numpy as np
 import pytest
-
-grpcclient = pytest.importorskip("tritonclient.grpc")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 PROMPT = "Write one sentence about the sea."
 

@@ -13,9 +13,8 @@ from functools import partial
 import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
-
-grpcclient = pytest.importorskip("tritonclient.grpc")
 
 PROMPT = "Name three colours."
 
