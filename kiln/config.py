@@ -320,7 +320,7 @@ class KilnConfig:
         0, "KILN_SEED", "Engine random seed (requests without `seed`).", kind="int", flags=("--seed",),
         group="runtime")
     fd_log_dir: str = setting(
-        "log", "FD_LOG_DIR", "Log directory: server.log, requests.log (one line per request), engine.log.",
+        "log", "FD_LOG_DIR", "Log directory: server.log (every process), requests.log (one line per request).",
         kind="str", flags=("--log-dir", "--fd-log-dir"), group="runtime")
     fd_debug: bool = setting(
         False, "FD_DEBUG", "Debug logging (also HTTP access logs).", kind="bool", flags=("--debug", "--fd-debug"),
