@@ -144,7 +144,8 @@ def check_basic_params(d: dict) -> None:
         ids = d["input_ids"]
         if not isinstance(ids, list):
             raise _fail("The `input_ids` in input parameters must be a list", param="input_ids")
-        check_token_ids(ids, None, "input_ids")
+        if not all(_is_int(t) and t >= 0 for t in ids):
+            raise _fail("The `input_ids` must be a list of non-negative integers (token ids)", param="input_ids")
         if not ids and "text" not in d and "messages" not in d:
             raise _fail("The `input_ids` in input parameters cannot be empty", param="input_ids")
     if "messages" in d:

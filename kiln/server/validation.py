@@ -121,7 +121,7 @@ def check_token_ids(ids: Iterable[Any], vocab_size: int | None, name: str) -> li
     bad = [t for t in out if not is_int(t) or not 0 <= t < hi]
     if bad:
         shown = ", ".join(repr(t) for t in bad[:5])
-        raise invalid(f"The `{name}` must hold token ids in [0, {hi}); got {shown}", name)
+        raise invalid(f"The `{name}` holds ids outside the vocabulary [0, {hi}) (token ids): {shown}", name)
     return out
 
 
