@@ -158,9 +158,9 @@ class KilnConfig:
         "model directory's name). Requests may name any model.", kind="optstr", flags=("--served-model-name",),
         group="model")
     dtype: str = setting(
-        "auto", "DTYPE", "Compute and KV-cache dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, "
-        "float32.", kind="str", flags=("--dtype",), check=_choice("auto", "bfloat16", "float16", "float32", "bf16",
-                                                                  "fp16", "fp32", "half", "float"),
+        "auto", "DTYPE", "Compute and KV-cache dtype: auto (bfloat16 on GPU and on CPUs with native bf16, where Q4 "
+        "GGUF weights stay int4; else float32), bfloat16, float16, float32.", kind="str", flags=("--dtype",),
+        check=_choice("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "half", "float"),
         group="model", seed_default="bfloat16")
     quantization: str | None = setting(
         None, "KILN_QUANTIZATION", "Weight quantization: none or w8a16 (weight-only int8).", kind="optstr",
@@ -191,6 +191,10 @@ class KilnConfig:
         1, "PUSH_MODE_HTTP_WORKERS", "HTTP worker processes (tokenize, detokenize, stream); up to 8 is useful.",
         kind="int", flags=("--push-mode-http-workers", "--workers"), check=_range(1, 64),
         seed_default="1 (start script: 4)")
+    engine_threads: int | None = setting(
+        None, "KILN_ENGINE_THREADS", "CPU threads of the engine process (torch/OpenMP); auto: every core the "
+        "process may use (its CPU affinity). HTTP workers, gRPC and metrics always use one thread each.",
+        kind="optint", flags=("--engine-threads",), check=_range(1, 1024))
     http_port: int = setting(
         8110, "HTTP_PORT", "Health port: /v2/health/live and /v2/health/ready.", kind="port",
         flags=("--http-port", "--health-port"), aliases=("HEALTH_HTTP_PORT",), check=_port(False),

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.config import ConfigError, KilnConfig, port_busy_message, setup_logging
+from kiln.threads import ENGINE, configure_threads
 
 log = logging.getLogger("kiln.serve")
 
@@ -70,6 +71,7 @@ def _die_with_parent() -> None:
 
 
 def _engine_main(engine_cfg, address: str, cfg: KilnConfig) -> None:
+    configure_threads(ENGINE, cfg.engine_threads)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_role_title("engine")
@@ -80,6 +82,7 @@ def _engine_main(engine_cfg, address: str, cfg: KilnConfig) -> None:
 
 
 def _component_main(module: str, cfg: KilnConfig) -> None:
+    configure_threads(module)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_role_title({"kiln.server.grpc_server": "grpc", "kiln.server.metrics": "metrics"}.get(module, module))
@@ -89,6 +92,7 @@ def _component_main(module: str, cfg: KilnConfig) -> None:
 
 
 def _http_main(cfg: KilnConfig, sock: socket.socket, index: int, started) -> None:
+    configure_threads("http")
     from kiln.server import http
 
     set_role_title(f"http-{index}")

@@ -84,10 +84,42 @@ class TorchAttention:
             v = v.float() * cache.v_scale[blocks].reshape(nblk * bs, h)[:n, :, None]
         return k.float(), v.float()
 
+    def _decode_slots(self, meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache slots of every decode row's context [B, S] (padded with slot 0) and the padding mask [B, 1, 1, S];
+        worked out once per step (every layer gets the same metadata object) and shared by all layers."""
+        if self._slots_for is not meta:
+            s = meta.max_seq_len
+            pos = torch.arange(s, device=meta.block_tables.device)
+            blocks = meta.block_tables.long().gather(1, (pos // block_size).expand(len(meta.seq_lens_list), -1))
+            valid = pos[None, :] < meta.seq_lens.long()[:, None]
+            self._slots = torch.where(valid, blocks * block_size + pos % block_size, 0)
+            self._mask = valid[:, None, None, :]
+            self._slots_for = meta
+        return self._slots, self._mask
+
+    _slots_for = None
+
+    def _decode(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Every row one query token: one gather of all rows' K/V and one SDPA call (instead of a Python loop
+        with per-row gathers and float32 copies: the CPU decode step's largest host cost)."""
+        nb, bs, h, d = cache.k.shape
+        slots, mask = self._decode_slots(meta, bs)
+        k = cache.k.view(nb * bs, h, d)[slots]            # [B, S, Hkv, D]
+        v = cache.v.view(nb * bs, h, d)[slots]
+        if cache.is_int8:
+            k = k.to(q.dtype) * cache.k_scale.view(nb * bs, h)[slots][..., None].to(q.dtype)
+            v = v.to(q.dtype) * cache.v_scale.view(nb * bs, h)[slots][..., None].to(q.dtype)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+            enable_gqa=q.shape[1] != h)                    # [B, Hq, 1, D]
+        return o[:, :, 0, :]
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] (this step's tokens) -> [T, Hq, D]."""
         self.write_kv(cache, k, v, meta.slot_mapping)
+        if meta.decode_only and not q.is_cuda:
+            return self._decode(q, cache, meta, scale)
         hq, hkv = q.shape[1], k.shape[1]
         group = hq // hkv
         out = torch.empty_like(q)

@@ -32,6 +32,33 @@ def _w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: to
     return F.linear(x, qweight.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
 
 
+INT4_GROUP = 32  # GGUF's Q4_0/Q4_1 block size
+
+
+def int4_groups_if_lossless(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """If every group of `group` input weights of w [N, K] lies on a 16-level grid (a Q4 GGUF checkpoint
+    dequantized to float32), return its 4-bit codes [N, K] (int32, 0..15) and per-group (scale, zero)
+    [K/group, N, 2] with w = (code - 8) * scale + zero, the layout of torch's CPU int4 matmul; else None."""
+    n, k = w.shape
+    if k % group:
+        return None
+    wg = w.float().view(n, k // group, group)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    step = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = torch.round((wg - lo) / step).clamp(0, 15)
+    # float32 round-off of the dequantization is ~1e-6 of a step; a weight off the grid is off by up to half
+    if not bool(((codes * step + lo - wg).abs() <= 1e-3 * step).all()):
+        return None
+    scale_zero = torch.cat([step, lo + 8 * step], -1).transpose(0, 1).contiguous()
+    return codes.view(n, k).to(torch.int32), scale_zero
+
+
+def _w4a16(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed, INT4_GROUP, scale_zero)
+    y = y.reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b), W stored [out, in]. Subclasses decide how a checkpoint tensor is sharded."""
 
@@ -46,6 +73,7 @@ class Linear(nn.Module):
             self.bias.weight_loader = self.load_weight
         self.qweight: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
+        self.int4 = False  # qweight holds torch's packed CPU int4 layout, scale the per-group (scale, zero)
 
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if param.shape != loaded.shape:
@@ -60,8 +88,29 @@ class Linear(nn.Module):
         self.scale = scale
         self.weight = None
 
+    def pack_int4_if_lossless(self, dtype: torch.dtype) -> bool:
+        """CPU only: store a weight that is exactly 4-bit per group of 32 (a Q4 GGUF's blocks) as torch's packed
+        int4 (a quarter of bf16's bytes per decode step, no accuracy lost); activations must be bfloat16."""
+        if self.weight is None or self.weight.device.type != "cpu" or not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+            return False
+        found = int4_groups_if_lossless(self.weight.data)
+        if found is None:
+            return False
+        codes, scale_zero = found
+        try:
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        except RuntimeError:  # a shape the kernel does not take: stay dense
+            return False
+        self.qweight, self.scale, self.int4 = packed, scale_zero.to(dtype), True
+        self.weight = None
+        if self.bias is not None:
+            self.bias.data = self.bias.data.to(dtype)
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
+            if self.int4:
+                return _w4a16(x, self.qweight, self.scale, self.bias)
             return _w8a16(x, self.qweight, self.scale, self.bias)
         return _dense(x, self.weight, self.bias)
 

@@ -104,13 +104,23 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
                quantization: str | None = None, seed: int = 0) -> LlamaForCausalLM:
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    model = build_model(cfg, dtype, device)
+    # a float32 checkpoint served in bfloat16 on CPU may be a dequantized Q4 GGUF: read it in float32 so that
+    # linear layers whose weights lie on a 4-bit grid can be kept as int4 (bf16 rounding would hide the grid)
+    find_int4 = (device.type == "cpu" and dtype == torch.bfloat16 and quantization in (None, "", "none")
+                 and load_format != "dummy" and cfg.torch_dtype in ("float32", None))
+    model = build_model(cfg, torch.float32 if find_int4 else dtype, device)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     elif load_format in ("auto", "safetensors"):
         load_weights(model, model_dir)
     else:
         raise ValueError(f"unknown load format {load_format!r} (auto | safetensors | dummy)")
+    if find_int4:
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        packed = sum(m.pack_int4_if_lossless(dtype) for m in linears)
+        if packed:
+            log.info("%d of %d linear layers hold 4-bit weights (a Q4 checkpoint): kept as int4", packed, len(linears))
+        model.to(dtype)
     if quantization == "w8a16":
         for m in model.modules():
             if isinstance(m, Linear):
