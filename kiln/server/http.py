@@ -300,8 +300,9 @@ async def _collect_openai(job: oai.OpenAIJob, fe: Frontend) -> dict:
     for idx, p, _rid in job.request_ids():
         st = states[idx]
         if job.kind == "chat":
-            choices.append({"index": idx, "message": {"role": "assistant", "content": st.text},
-                            "logprobs": oai.merge_chat_logprobs(lp_parts[idx]), "finish_reason": finish[idx]})
+            message, finish_reason = oai.chat_message(job, st.text, finish[idx])
+            choices.append({"index": idx, "message": message, "logprobs": oai.merge_chat_logprobs(lp_parts[idx]),
+                            "finish_reason": finish_reason})
         else:
             text = (job.prompt_texts[p] + st.text) if job.echo else st.text
             choices.append({"index": idx, "text": text, "logprobs": oai.merge_completion_logprobs(lp_parts[idx]),
@@ -344,6 +345,7 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
         first = None
 
     builders = [oai.LogprobsBuilder(job, fe) for _ in streams]
+    choice_streams = [oai.ChatChoiceStream(job) for _ in streams]
     prompt_tokens = sum(len(x) for x in job.prompts)
 
     def sse(obj: Any) -> str:
@@ -362,8 +364,13 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
                     started.add(idx)
                     out.append(sse(oai.chat_chunk(job, idx, {"role": "assistant", "content": ""}, None)))
                 lp = builders[idx].chat_part(ev.token_ids, ev.logprobs)
-                if ev.text or ev.finished or lp:
-                    c = oai.chat_chunk(job, idx, {"content": ev.text}, ev.finish_reason if ev.finished else None, lp)
+                deltas, finish_reason = choice_streams[idx].deltas(ev.text, ev.finished, ev.finish_reason)
+                if lp and not deltas:
+                    deltas = [{"content": ""}]
+                for k, delta in enumerate(deltas):
+                    last = k == len(deltas) - 1
+                    c = oai.chat_chunk(job, idx, delta, finish_reason if last and ev.finished else None,
+                                       lp if k == 0 else None)
                     if job.include_usage and job.continuous_usage:
                         c["usage"] = oai.usage(len(job.prompts[p]), ev.num_output_tokens)
                     out.append(sse(c))

@@ -2,6 +2,7 @@
 response / stream-chunk / error builders. No HTTP here (kiln/server/http.py serves it)."""
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kiln.engine.request import INT64_MAX, INT64_MIN, UINT64_MAX, SamplingParams
 from kiln.server.frontend import Frontend, RequestError
 from kiln.server.seed_protocol import normalize_messages
-from kiln.server.validation import check_prompt_chars, check_token_ids
 from kiln.server.structured_api import structured_outputs
+from kiln.server.tool_parsers import ToolCallError, ToolPlan, check_tool_messages, plan_tools, select_parser
+from kiln.server.validation import check_prompt_chars, check_token_ids
 
 # ----------------------------------------------------------------------------------------------------
 # requests
@@ -79,8 +81,9 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
-    tools: Optional[list[Any]] = None
+    tools: Optional[Any] = None               # checked by kiln/server/tool_parsers.py (messages that say what to fix)
     tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[Any] = None
     response_format: Optional[dict[str, Any]] = None
 
 
@@ -120,6 +123,8 @@ class OpenAIJob:
     include_stop_str_in_output: bool = False
     timeout: float = 300.0
     arrival_time: float = field(default_factory=time.time)
+    tool_plan: ToolPlan | None = None         # chat with tools: how the output becomes tool_calls
+
 
     def request_ids(self) -> list[tuple[int, int, str]]:
         """(choice index, prompt index, engine request id) for every choice."""
@@ -209,12 +214,12 @@ async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
         raise _bad("best_of must equal n (best_of > n is not supported)", "best_of")
     if req.echo and req.logprobs is not None:
         raise _bad("echo together with logprobs is not supported", "echo")
+    structured = await structured_outputs(body)
     p = req.prompt
     tok = frontend.tokenizer
     vocab = getattr(tok, "vocab_size", None)
     if isinstance(p, str):
         texts = [p]
-    structured = await structured_outputs(body)
     elif p and all(isinstance(x, int) for x in p):
         prompts = [check_token_ids(p, vocab, "prompt")]
     elif p and all(isinstance(x, str) for x in p):
@@ -235,13 +240,13 @@ async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
     else:
         texts = [tok.decode(x, skip_special_tokens=False) for x in prompts]
     params = [_params(req, frontend, len(ids), req.max_tokens, 16, req.logprobs) for ids in prompts]
+    for sp in params:
+        sp.structured = structured
     so = req.stream_options
     return OpenAIJob(kind="completions", id=f"cmpl-{uuid.uuid4().hex}", model=req.model or frontend.model_name,
                      created=int(time.time()), prompts=prompts, prompt_texts=texts, params=params, n=req.n,
                      stream=req.stream, include_usage=bool(so and so.include_usage),
                      continuous_usage=bool(so and so.continuous_usage_stats), echo=req.echo,
-    for sp in params:
-        sp.structured = structured
                      logprobs=req.logprobs, want_logprobs=req.logprobs is not None,
                      skip_special_tokens=req.skip_special_tokens,
                      include_stop_str_in_output=req.include_stop_str_in_output,
@@ -250,31 +255,54 @@ async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
 
 async def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
     req: ChatCompletionRequest = _parse(ChatCompletionRequest, body)
-    if req.tools:
-        raise _bad("tools are not supported", "tools")
     structured = await structured_outputs(body)
     if req.top_logprobs is not None and not req.logprobs:
         raise _bad("top_logprobs needs logprobs=true", "top_logprobs")
     messages = normalize_messages([m.model_dump(exclude_none=True) for m in req.messages])
     tok = frontend.tokenizer
+    tool_plan = _tool_plan(req, messages, frontend)
     size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
     check_prompt_chars(size, frontend.max_seq_len, "messages")
     try:
-        ids = await frontend.run_tokenizer(tok.apply_chat_template, messages, req.add_generation_prompt, size=size)
+        render = (functools.partial(tok.apply_chat_template, tools=tool_plan.tools)
+                  if tool_plan is not None and tool_plan.tools else tok.apply_chat_template)
+        ids = await frontend.run_tokenizer(render, messages, req.add_generation_prompt, size=size)
     except ValueError as e:
         raise _bad(str(e), "messages") from None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(req, frontend, len(ids), max_tokens, frontend.max_dec_len, logprobs)
+    params.structured = structured
+    if tool_plan is not None and tool_plan.schema is not None:
+        params.structured = _tool_call(tool_plan.structured_spec)
     so = req.stream_options
     return OpenAIJob(kind="chat", id=f"chatcmpl-{uuid.uuid4().hex}", model=req.model or frontend.model_name,
                      created=int(time.time()), prompts=[ids], prompt_texts=[""], params=[params], n=req.n,
-    params.structured = structured
                      stream=req.stream, include_usage=bool(so and so.include_usage),
                      continuous_usage=bool(so and so.continuous_usage_stats), logprobs=logprobs,
                      want_logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens,
                      include_stop_str_in_output=req.include_stop_str_in_output,
-                     timeout=req.timeout or frontend.cfg.request_timeout)
+                     timeout=req.timeout or frontend.cfg.request_timeout, tool_plan=tool_plan)
+
+
+def _tool_call(fn, *args):
+    """fn(*args) with tool_parsers' ToolCallError as a 400 naming the field."""
+    try:
+        return fn(*args)
+    except ToolCallError as e:
+        raise _bad(str(e), e.param) from None
+
+
+def _tool_plan(req: ChatCompletionRequest, messages: list[dict], frontend: Frontend) -> ToolPlan | None:
+    """The request's tools checked and planned; the parser for tool_choice "auto" comes from the model."""
+    _tool_call(check_tool_messages, messages)
+    parser = select_parser(frontend.cfg.tool_call_parser, frontend.cfg.model_path,
+                           getattr(frontend.tokenizer, "chat_template_source", ""))
+    plan = _tool_call(plan_tools, req.tools, req.tool_choice, req.parallel_tool_calls, parser)
+    if plan is not None and plan.schema is not None and (req.response_format or {}).get("type", "text") != "text":
+        raise _bad(f"tool_choice {plan.mode!r} forces a tool call; it cannot be combined with response_format",
+                   "response_format")
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -381,6 +409,40 @@ def chat_chunk(job: OpenAIJob, index: int, delta: dict, finish_reason: str | Non
     if job.include_usage:
         c["usage"] = None
     return c
+
+
+def chat_message(job: OpenAIJob, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """A finished chat choice's assistant message and finish_reason: with tools, the output read into
+    `tool_calls` (finish_reason "tool_calls" when the model stopped after calling)."""
+    plan = job.tool_plan
+    if plan is None or plan.mode == "none":
+        return {"role": "assistant", "content": text}, finish_reason
+    out = plan.parse(text)
+    message: dict[str, Any] = {"role": "assistant", "content": out.content}
+    if out.tool_calls:
+        message["tool_calls"] = [c.to_openai() for c in out.tool_calls]
+        if finish_reason == "stop":
+            finish_reason = "tool_calls"
+    return message, finish_reason
+
+
+class ChatChoiceStream:
+    """One streamed chat choice's deltas: the text as content or, with tools, read by the tool-call parser."""
+
+    def __init__(self, job: OpenAIJob):
+        plan = job.tool_plan
+        self.parser = plan.stream_parser() if plan is not None and plan.mode != "none" else None
+
+    def deltas(self, text: str, finished: bool, finish_reason: str | None) -> tuple[list[dict], str | None]:
+        """(deltas for this piece of text, the finish_reason to send with the last one)."""
+        if self.parser is None:
+            return ([{"content": text}] if text or finished else []), finish_reason
+        deltas = self.parser.feed(text) + (self.parser.finish() if finished else [])
+        if finished and not deltas:
+            deltas = [{}]
+        if finished and self.parser.calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        return deltas, finish_reason
 
 
 def usage_chunk(job: OpenAIJob, prompt_tokens: int, completion_tokens: int) -> dict:

@@ -147,6 +147,21 @@ class ToolPlan:
     parallel: bool = True
     schema: dict | None = None
 
+    def structured_spec(self):
+        """The forced modes' grammar for SamplingParams.structured (None otherwise); ToolCallError if it does not
+        compile. The schema keeps its property order ("name" before "arguments"), so calls stream as they come."""
+        if self.schema is None:
+            return None
+        from kiln.engine.structured import GrammarError, StructuredSpec, grammar_of
+
+        spec = StructuredSpec("json_schema", json.dumps(self.schema, ensure_ascii=False, separators=(",", ":")))
+        try:
+            grammar_of(spec)
+        except GrammarError as e:
+            raise ToolCallError(f"the parameters of the forced tool call(s) do not make a grammar: {e}",
+                                "tools") from None
+        return spec
+
     def parse(self, text: str) -> ParsedOutput:
         if self.mode == "named":
             out = parse_named_call(text, self.function or "")
