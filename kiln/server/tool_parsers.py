@@ -154,7 +154,7 @@ class ToolPlan:
             return None
         from kiln.engine.structured import GrammarError, StructuredSpec, grammar_of
 
-        spec = StructuredSpec("json_schema", json.dumps(self.schema, ensure_ascii=False, separators=(",", ":")))
+        spec = StructuredSpec.json_schema(self.schema)
         try:
             grammar_of(spec)
         except GrammarError as e:
