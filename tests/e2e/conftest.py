@@ -1,4 +1,12 @@
-"""End-to-end fixtures: a real `kiln serve` per test module (helpers in kiln_e2e.py).
+"""End-to-end fixtures: real `kiln serve` processes (helpers in kiln_e2e.py).
+
+A module that needs the default settings (kiln_e2e.SMALL) uses the one server shared by the whole session:
+
+    @pytest.fixture(scope="module")
+    def server(default_server):
+        return default_server
+
+A module that needs other settings starts its own:
 
     @pytest.fixture(scope="module")
     def server(kiln_server_factory):
@@ -32,6 +40,32 @@ def kiln_server_factory(tmp_path_factory):
             s.stop(timeout=60)
         finally:
             s.kill()
+
+
+@pytest.fixture(scope="session")
+def _default_server_process(tmp_path_factory):
+    s = KilnServer(tmp_path_factory.mktemp("kiln-default"))
+    try:
+        s.start()
+    except Exception:
+        s.kill()
+        raise
+    yield s
+    try:
+        s.stop(timeout=60)
+    finally:
+        s.kill()
+
+
+@pytest.fixture(scope="module")
+def default_server(_default_server_process):
+    """The session's shared server with the default settings, started on first use (one boot instead of one
+    per module). Its modules must leave it as they found it: at the end of each, it must still be serving and
+    its engine idle with every KV block free, or the module fails here rather than the next one."""
+    s = _default_server_process
+    yield s
+    assert s.proc.poll() is None, f"the shared server died during this module:\n{s.tail()}"
+    s.wait_idle(60)
 
 
 @pytest.fixture(scope="session")

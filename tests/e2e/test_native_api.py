@@ -11,8 +11,8 @@ import requests
 
 
 @pytest.fixture(scope="module")
-def server(kiln_server_factory):
-    return kiln_server_factory()
+def server(default_server):
+    return default_server
 
 
 @pytest.fixture(scope="module")

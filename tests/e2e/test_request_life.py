@@ -163,11 +163,23 @@ def test_disconnect_openai_stream_aborts(server):
             "min_tokens": LONG, "stream": True}
     res = requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=60)
     it = res.iter_lines()
-    for _ in range(3):
-        next(it)
+    lines = [next(it) for _ in range(3)]
+    chunks = [json.loads(line[len(b"data: "):]) for line in lines if line.startswith(b"data: {")]
+    assert chunks, "no SSE data chunk among the first lines"
+    during = wait_for(lambda: (lambda st: st if st["num_running"] == 1 else None)(server.stats()),
+                      what="engine stats showing the request")
+    assert during["num_free_blocks"] < during["num_total_blocks"]
+    t0 = time.monotonic()
     res.raw._fp.fp.raw._sock.shutdown(socket.SHUT_RDWR)
     res.close()
-    server.wait_idle(10)
+    st = server.wait_idle(10)
+    assert time.monotonic() - t0 < 5           # at once, not after the remaining ~100 tokens
+    assert st["num_free_blocks"] == st["num_total_blocks"]
+    # the engine request of choice 0 is "<completion id>-0"
+    rid = f"{chunks[0]['id']}-0"
+    line = wait_for(lambda: [x for x in server.requests_log().splitlines() if f"req_id={rid} " in x],
+                    what="request log line")[0]
+    assert "finish_reason=abort" in line, line
 
 
 def test_disconnect_while_waiting_in_queue(server):
