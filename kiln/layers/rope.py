@@ -46,14 +46,19 @@ class RotaryEmbedding(nn.Module):
             from kiln.kernels import rotary_embedding
             rotary_embedding(positions, q, k, self.cos_sin_cache)
             return q, k
-        cs = self.cos_sin_cache.index_select(0, positions)
-        half = self.head_dim // 2
-        cos, sin = cs[:, None, :half], cs[:, None, half:]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self.rotate(positions, q), self.rotate(positions, k)
 
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """CPU: x [T, H, D] rotated, out of place, in x's dtype (as Hugging Face does). The cos/sin rows of a
+        step's positions are gathered once and shared by every layer (they all get the same positions)."""
+        if self._cos_sin_for is not positions or self._cos.dtype != x.dtype:
+            cs = self.cos_sin_cache.index_select(0, positions).to(x.dtype)
+            half = self.head_dim // 2
+            self._cos = cs[:, None, :half].repeat(1, 1, 2)
+            self._sin = cs[:, None, half:].repeat(1, 1, 2)
+            self._cos_sin_for = positions
+        half = x.shape[-1] // 2
+        return torch.addcmul(x * self._cos, torch.cat([-x[..., half:], x[..., :half]], dim=-1), self._sin)
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    _cos_sin_for = None
+    _cos = torch.empty(0)
