@@ -50,7 +50,8 @@ class ModelRunner:
         self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, cfg.quantization, cfg.seed)
         self.load_seconds = time.monotonic() - t0
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
-            m.qweight.numel() + m.scale.numel() * 4 for m in self.model.modules() if getattr(m, "qweight", None) is not None)
+            m.qweight.numel() * m.qweight.element_size() + m.scale.numel() * m.scale.element_size()
+            for m in self.model.modules() if getattr(m, "qweight", None) is not None)
         self.backend = make_attention_backend(cfg.attention_backend, self.device)
         for layer in self.model.model.layers:
             layer.self_attn.backend = self.backend
@@ -183,27 +184,28 @@ class ModelRunner:
                 sampling.append(req)
         return StepInputs(ids, pos, slots, tables, qlens, slens, logits_idx, fix_dst, fix_src), sampling
 
-    def to_device(self, s: "StepInputs"):
-        """All of a step's index tensors in one host->device copy: they are packed into one pinned int64 buffer
-        (built with numpy: per-row torch.tensor calls cost ~1 ms per step at batch 64). Nothing here waits for
-        the GPU, so the step can be queued while the previous one runs."""
-        dev = self.device
+    def step_buffer(self, size: int) -> torch.Tensor:
+        """A host int64 buffer for one step's packed inputs: on CUDA one of two pinned buffers used in turn (a
+        buffer is refilled only once its last copy to the device has run), on CPU a fresh one per step (the
+        device tensors alias it)."""
+        if self.device.type != "cuda":
+            return torch.empty(size, dtype=torch.int64)
+        k = self._step_parity = 1 - self._step_parity
+        if self._staging_copied[k] is not None:
+            self._staging_copied[k].synchronize()  # two steps ago: long done
+        if self._staging[k] is None or self._staging[k].numel() < size:
+            old = 0 if self._staging[k] is None else self._staging[k].numel()
+            self._staging[k] = torch.empty(max(size, 2 * old), dtype=torch.int64, pin_memory=True)
+        return self._staging[k][:size]
+
+    def pack(self, s: "StepInputs") -> "PackedStep":
+        """All of a step's index tensors in one int64 host buffer (built with numpy: per-row torch.tensor calls
+        cost ~1 ms per step at batch 64): one host->device copy, and what tensor-parallel ranks receive."""
         n, t = len(s.block_tables), len(s.input_ids)
         nl, nf = len(s.logits_indices), len(s.pending_dst)
         width = max(len(b) for b in s.block_tables)
-        # layout: ids[t] | positions[t] | slots[t] | logits_indices[nl] | pending_dst[nf] | pending_src[nf] |
-        #         seq_lens[n] | query_start_loc[n+1] | block_tables[n*width]
-        size = 3 * t + nl + 2 * nf + 2 * n + 1 + n * width
-        if dev.type == "cuda":
-            k = self._step_parity = 1 - self._step_parity
-            if self._staging_copied[k] is not None:
-                self._staging_copied[k].synchronize()  # two steps ago: long done
-            if self._staging[k] is None or self._staging[k].numel() < size:
-                old = 0 if self._staging[k] is None else self._staging[k].numel()
-                self._staging[k] = torch.empty(max(size, 2 * old), dtype=torch.int64, pin_memory=True)
-            host = self._staging[k][:size]
-        else:
-            host = torch.empty(size, dtype=torch.int64)  # returned tensors alias it: a fresh one per step
+        p = PackedStep(None, t, n, nl, nf, width)
+        host = p.host = self.step_buffer(p.size)
         buf = host.numpy()
         buf[0:t] = s.input_ids
         buf[t:2 * t] = s.positions
@@ -223,22 +225,36 @@ class ModelRunner:
         table[~filled] = 0
         table[filled] = np.fromiter(itertools.chain.from_iterable(s.block_tables), dtype=np.int64,
                                     count=int(lens.sum()))
-        d = host.to(dev, non_blocking=True)
+        return p
+
+    def to_device(self, s: "StepInputs"):
+        return self.upload(self.pack(s))
+
+    def upload(self, p: "PackedStep"):
+        """The packed step on the device, and its attention metadata. Nothing here waits for the GPU, so the
+        step can be queued while the previous one runs."""
+        dev = self.device
+        t, n, nl, nf, width = p.num_tokens, p.num_seqs, p.num_logits, p.num_pending, p.width
+        d = p.host.to(dev, non_blocking=True)
         if dev.type == "cuda":
-            self._staging_copied[k] = torch.cuda.Event()
-            self._staging_copied[k].record()
+            self._staging_copied[self._step_parity] = torch.cuda.Event()
+            self._staging_copied[self._step_parity].record()
         ids = d[:t]
         if nf:
             if self.last_sampled_ids is None:
                 raise RuntimeError("a step reads in-flight tokens but no step has sampled")
-            p = 3 * t + nl
-            ids[d[p:p + nf]] = self.last_sampled_ids[d[p + nf:p + 2 * nf]]
+            o = 3 * t + nl
+            ids[d[o:o + nf]] = self.last_sampled_ids[d[o + nf:o + 2 * nf]]
+        o = 3 * t + nl + 2 * nf
+        lens = p.host[o:o + 2 * n + 1].numpy()  # host lists for the attention backends: from the buffer, so
+        seq_lens = lens[:n].tolist()            # tensor-parallel ranks, which only receive it, get them too
+        query_lens = np.diff(lens[n:]).tolist()
         ints = d[o:].to(torch.int32)
         meta = AttentionMetadata(
             slot_mapping=d[2 * t:3 * t], block_tables=ints[2 * n + 1:].view(n, width), seq_lens=ints[:n],
-            query_start_loc=ints[n:2 * n + 1], seq_lens_list=s.seq_lens, query_lens_list=s.query_lens,
-            max_query_len=max(s.query_lens), max_seq_len=max(s.seq_lens),
-            num_decode_rows=next((i for i, q in enumerate(s.query_lens) if q != 1), n))
+            query_start_loc=ints[n:2 * n + 1], seq_lens_list=seq_lens, query_lens_list=query_lens,
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            num_decode_rows=next((i for i, q in enumerate(query_lens) if q != 1), n))
         return ids, d[t:2 * t], meta, d[3 * t:3 * t + nl]
 
     def capture_cuda_graphs(self, max_model_len: int) -> None:
@@ -250,14 +266,18 @@ class ModelRunner:
                                    -(-max_model_len // self.cfg.block_size))
         self.graphs.capture()
 
-    @torch.inference_mode()
     def forward(self, s: "StepInputs") -> torch.Tensor | None:
-        """Logits of the rows that sample (all ranks run this in lockstep under tensor parallelism)."""
-        ids, pos, meta, logits_indices = self.to_device(s)
+        return self.forward_packed(self.pack(s))
+
+    @torch.inference_mode()
+    def forward_packed(self, p: "PackedStep") -> torch.Tensor | None:
+        """Logits of the rows that sample, and only of those: a prefill chunk that samples nothing skips the LM
+        head (and its all-gather). All ranks run this in lockstep under tensor parallelism."""
+        ids, pos, meta, logits_indices = self.upload(p)
         if self.graphs is not None and meta.decode_only and self.graphs.fits(len(ids), meta.block_tables.shape[1]):
             return self.graphs.run(ids, pos, meta)  # every decode row samples, in order
         hidden = self.model(ids, pos, self.kv_caches, meta)
-        if not s.logits_indices:
+        if not p.num_logits:
             return None
         return self.model.compute_logits(hidden[logits_indices])
 
@@ -266,9 +286,10 @@ class ModelRunner:
         """Queue one step (inputs, model, sampling) without waiting for it; the sampled ids arrive through the
         returned PendingSample."""
         inputs, sampling = self.prepare(batch)
+        packed = self.pack(inputs)
         if self.tp_group is not None:
-            self.tp_group.broadcast_step(inputs)
-        logits = self.forward(inputs)
+            self.tp_group.send_step(packed, self.last_sampled_ids)
+        logits = self.forward_packed(packed)
         if logits is None:
             return sampling, None
         pending = self.sampler.sample(logits, sampling)
@@ -287,3 +308,21 @@ class StepInputs:
     logits_indices: list[int]
     pending_dst: list[int]      # input positions whose token is still in flight ...
     pending_src: list[int]      # ... and its row in the last step's sampled ids
+
+
+@dataclass
+class PackedStep:
+    """A step's inputs in one int64 host buffer; the sizes say where each part lies. Layout:
+    ids[t] | positions[t] | slots[t] | logits_indices[nl] | pending_dst[nf] | pending_src[nf] | seq_lens[n] |
+    query_start_loc[n+1] | block_tables[n*width]"""
+    host: torch.Tensor | None
+    num_tokens: int     # t
+    num_seqs: int       # n
+    num_logits: int     # nl: rows that sample
+    num_pending: int    # nf: input tokens still in flight (read from the last step's sampled ids)
+    width: int          # block-table columns
+
+    @property
+    def size(self) -> int:
+        t, n = self.num_tokens, self.num_seqs
+        return 3 * t + self.num_logits + 2 * self.num_pending + 2 * n + 1 + n * self.width
