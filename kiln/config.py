@@ -282,7 +282,7 @@ class KilnConfig:
 
     async_scheduling: str = setting(
         "auto", "KILN_ASYNC_SCHEDULING", "Queue the next step on the GPU before the current one's tokens reach the "
-        "host, hiding the host's work: auto (on with CUDA and MP_NUM=1), on, off.", kind="str",
+        "host, hiding the host's work: auto (on with CUDA), on, off.", kind="str",
         flags=("--async-scheduling",), check=_choice("auto", "on", "off"), group="runtime")
 
     # --- behaviour -------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"       # auto | torch | triton
     use_cuda_graph: bool = True
-    # queue step N+1 before step N's ids reach the host; None: on with CUDA and one rank
+    # queue step N+1 before step N's ids reach the host; None: on with CUDA
     async_scheduling: bool | None = None
     warmup: bool = False                  # USE_WARMUP
     grammar_compile_timeout: float = 10.0  # s a structured-output request may wait for its grammar to compile

@@ -43,10 +43,11 @@ class InFlightStep:
 class EngineCore:
     """Owns the model runner and the scheduler; `step()` runs one batch and returns the new tokens.
 
-    With async scheduling (default on CUDA with one rank) a step queues the next batch on the GPU before it
+    With async scheduling (default on CUDA) a step queues the next batch on the GPU before it
     collects the previous batch's ids, so the host's work (scheduling, inputs, outputs) hides behind the GPU's;
     outputs then come one step later. Steps run synchronously while a request with penalties is running
-    (they read the whole output on the host) and under tensor parallelism (other ranks hold no sampled ids).
+    (they read the whole output on the host). Under tensor parallelism rank 0 sends its sampled ids to the other
+    ranks with the step that reads them (kiln/engine/tp.py).
     """
 
     def __init__(self, cfg: EngineConfig):
@@ -70,7 +71,7 @@ class EngineCore:
         self.num_overlapped_steps = 0  # steps queued while the previous one was still in flight
         self.inflight: InFlightStep | None = None
         a = cfg.async_scheduling
-        self.async_scheduling = (self.runner.device.type == "cuda" if a is None else a) and self.tp is None
+        self.async_scheduling = self.runner.device.type == "cuda" if a is None else a
         self.eos_token_ids = list(mc.eos_token_ids)
         # structured-output requests wait here while their grammar compiles (off this loop)
         self.grammars = PendingGrammars(GrammarCompiler(self.model_dir, mc.vocab_size, self.eos_token_ids),

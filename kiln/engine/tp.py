@@ -1,8 +1,19 @@
 """Tensor parallelism (MP_NUM): ranks 1..N-1 are worker processes that replay each step of rank 0.
 
-Rank 0 (the engine core) schedules and samples; every step it broadcasts the step's host inputs, then all ranks
-run the sharded model in lockstep (all-reduce after row-parallel layers, all-gather of the logits). NCCL on GPUs,
+Rank 0 (the engine core) schedules and samples. Every step it sends the step's packed inputs (runner.PackedStep:
+a sizes header, then one flat int64 buffer) host to host over gloo, then all ranks run the sharded model in
+lockstep (all-reduce after row-parallel layers, all-gather of the logits of the rows that sample). NCCL on GPUs,
 gloo on CPU (which is how CI tests it).
+
+Async scheduling: rank 0 queues step N+1 before step N's sampled ids reach its host, so step N+1's inputs hold
+placeholders that each rank fills on its device from step N's sampled ids. Only rank 0 samples: the sampler's
+state (per-request seeded generators, penalties over the output, grammar matchers) lives with the requests on
+rank 0, and replicating it on every rank would be a second home for it. So a step that reads in-flight tokens
+carries rank 0's last sampled ids to the other ranks as one device broadcast, queued behind the sampling on
+rank 0's stream (no host wait on any rank).
+
+Start-up checks (`check_fit`): head counts that do not split, more ranks than GPUs, and per-rank weights larger
+than a GPU fail at once with one line that names the numbers and the MP_NUM values that would work.
 """
 from __future__ import annotations
 
@@ -15,8 +26,15 @@ import torch.distributed as dist
 
 from kiln import distributed as tpd
 from kiln.engine.config import EngineConfig
+from kiln.models.config import ModelConfig
 
 log = logging.getLogger("kiln.tp")
+
+GiB = 1 << 30
+# header of a step message: kind, then PackedStep's sizes, then the number of last sampled ids that follow
+STEP, STOP = 1, 2
+HEADER_LEN = 7
+CANDIDATE_SIZES = range(1, 9)  # MP_NUM values suggested in errors: the GPUs of one host
 
 
 def _free_port() -> int:
@@ -35,8 +53,87 @@ def _bind_device(rank: int, backend: str) -> None:
         torch.cuda.set_device(rank)
 
 
+# -- does MP_NUM fit? ----------------------------------------------------------------------------------
+def head_split_problem(mc: ModelConfig, tp: int) -> str | None:
+    """Why the model's layers cannot be split over tp ranks, or None. KV heads fewer than the ranks are
+    replicated (each rank holds one KV head's copy), so tp must then be a multiple of the KV head count."""
+    if mc.num_heads % tp:
+        return f"{mc.num_heads} attention heads"
+    if mc.num_kv_heads % tp and tp % mc.num_kv_heads:
+        return f"{mc.num_kv_heads} KV heads (neither divides the other)"
+    if mc.intermediate_size % tp:
+        return f"intermediate size {mc.intermediate_size}"
+    return None
+
+
+def weight_bytes_per_rank(mc: ModelConfig, tp: int, dtype: torch.dtype, quantization: str | None) -> int:
+    """The bytes of one rank's shard of the weights, from the config alone (before anything is loaded)."""
+    el = torch.finfo(dtype).bits // 8
+    d, h = mc.head_dim, mc.hidden_size
+    q, kv = mc.num_heads // tp * d, max(1, mc.num_kv_heads // tp) * d
+    inter = mc.intermediate_size // tp
+    linear_out_in = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)]  # qkv, o, gate_up, down
+    int8 = quantization == "w8a16"
+    linear = sum(o * i * (1 if int8 else el) + (4 * o if int8 else 0) for o, i in linear_out_in)
+    other = (2 * h + (2 * d if mc.qk_norm else 0) + ((q + 2 * kv) if mc.qkv_bias else 0)) * el
+    vocab = -(-mc.vocab_size // tp) * h * el * (1 if mc.tie_word_embeddings else 2)
+    return mc.num_layers * (linear + other) + vocab + h * el
+
+
+def check_fit(mc: ModelConfig, tp: int, dtype: torch.dtype, quantization: str | None,
+              visible_gpus: int | None = None, gpu_bytes: int | None = None,
+              gpu_memory_utilization: float = 0.9) -> None:
+    """Raise ValueError (one line: the numbers, and the MP_NUM values that would work) when the model cannot
+    run on tp ranks. visible_gpus / gpu_bytes: None on CPU (no device count or memory limit)."""
+    def fits(t: int) -> bool:
+        if head_split_problem(mc, t) or (visible_gpus is not None and t > visible_gpus):
+            return False
+        return gpu_bytes is None or weight_bytes_per_rank(mc, t, dtype, quantization) < gpu_bytes * gpu_memory_utilization
+
+    def working() -> str:
+        ok = [str(t) for t in CANDIDATE_SIZES if fits(t)]
+        return f"MP_NUM={' or '.join(ok)} would work" if ok else "no MP_NUM up to 8 would work"
+
+    what = head_split_problem(mc, tp)
+    if what:
+        raise ValueError(f"MP_NUM={tp} does not fit the model: {what} cannot be split over {tp} ranks "
+                         f"({mc.num_heads} heads, {mc.num_kv_heads} KV heads, intermediate size "
+                         f"{mc.intermediate_size}); {working()}")
+    if visible_gpus is not None and tp > visible_gpus:
+        raise ValueError(f"MP_NUM={tp} needs {tp} GPUs, {visible_gpus} visible (CUDA_VISIBLE_DEVICES); "
+                         f"{working()}")
+    if gpu_bytes is not None:
+        need = weight_bytes_per_rank(mc, tp, dtype, quantization)
+        room = gpu_bytes * gpu_memory_utilization
+        if need >= room:
+            raise ValueError(
+                f"MP_NUM={tp} does not fit in GPU memory: each rank holds {need / GiB:.2f} GiB of weights, a GPU "
+                f"has {room / GiB:.2f} GiB under gpu_memory_utilization={gpu_memory_utilization} of "
+                f"{gpu_bytes / GiB:.1f} GiB, and the KV cache and activations need room too; {working()}"
+                + ("" if quantization == "w8a16" else " (or use w8a16 quantization)"))
+
+
+def check_config_fits(cfg: EngineConfig, model_dir: str) -> None:
+    """check_fit for an engine config, with the GPUs this process sees (before any rank starts)."""
+    from kiln.engine.runner import resolve_device
+    from kiln.models.config import resolve_dtype
+
+    mc = ModelConfig.from_dir(model_dir)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device, mc)
+    visible = gpu_bytes = None
+    if device.type == "cuda":
+        visible = torch.cuda.device_count()
+        gpu_bytes = min(torch.cuda.get_device_properties(i).total_memory
+                        for i in range(min(visible, cfg.tensor_parallel_size)))
+    check_fit(mc, cfg.tensor_parallel_size, dtype, cfg.quantization, visible, gpu_bytes,
+              cfg.gpu_memory_utilization)
+
+
+# -- start-up --------------------------------------------------------------------------------------------
 def build_runner(cfg: EngineConfig, model_dir: str):
-    """Same sequence of collectives on every rank: load, size the cache (min over ranks), allocate, capture."""
+    """Same sequence of collectives on every rank: load, size the cache (min over ranks), allocate, capture,
+    then rank 0 logs every rank's memory plan."""
     from kiln.engine.runner import ModelRunner
     runner = ModelRunner(cfg, model_dir)
     max_len = runner.max_model_len()
@@ -47,15 +144,35 @@ def build_runner(cfg: EngineConfig, model_dir: str):
         n = int(t.item())
     runner.allocate_kv_cache(n)
     runner.capture_cuda_graphs(max_len)
+    if tpd.tp_size() > 1:
+        plans = [None] * tpd.tp_size()
+        dist.all_gather_object(plans, memory_plan(runner), group=tpd.host_group())
+        if tpd.tp_rank() == 0:
+            for rank, plan in enumerate(plans):
+                log.info("memory plan, rank %d of %d: %s", rank, tpd.tp_size(), plan)
     return runner, n, why
 
 
+def memory_plan(runner) -> str:
+    """One rank's bytes: weights, KV cache, activation peak (profiled on GPU), CUDA graphs."""
+    act = getattr(runner, "activation_peak_bytes", None)
+    graphs = getattr(runner.graphs, "graph_bytes", None)
+    kv = runner.num_blocks * runner.bytes_per_block()
+    parts = [f"weights {runner.weight_bytes / GiB:.3f} GiB",
+             f"KV cache {kv / GiB:.3f} GiB ({runner.num_blocks} blocks)",
+             "activations " + ("n/a (CPU)" if act is None else f"{act / GiB:.3f} GiB")]
+    if graphs is not None:
+        parts.append(f"CUDA graphs {graphs / GiB:.3f} GiB")
+    return ", ".join(parts) + f" on {runner.device}"
+
+
 class TPGroup:
+    """Rank 0's side: starts the worker ranks and sends them each step."""
+
     def __init__(self, cfg: EngineConfig, model_dir: str):
         self.size = cfg.tensor_parallel_size
+        check_config_fits(cfg, model_dir)  # before any process starts: a clear error, not a hung collective
         backend = _backend(cfg)
-        if backend == "nccl" and torch.cuda.device_count() < self.size:
-            raise RuntimeError(f"MP_NUM={self.size} needs {self.size} GPUs, {torch.cuda.device_count()} visible")
         init = f"tcp://127.0.0.1:{_free_port()}"
         ctx = mp.get_context("spawn")
         self.procs = [ctx.Process(target=tp_worker_main, args=(cfg, model_dir, r, init), daemon=True,
@@ -66,12 +183,21 @@ class TPGroup:
         tpd.init_tensor_parallel(0, self.size, init, backend)
         log.info("tensor parallel: %d ranks over %s", self.size, backend)
 
-    def broadcast_step(self, inputs) -> None:
-        dist.broadcast_object_list([("step", inputs)], src=0)
+    def send_step(self, p, last_sampled_ids: torch.Tensor | None) -> None:
+        """The step's sizes and packed inputs (host to host), then, if the step reads tokens still in flight,
+        the last sampled ids (device to device, queued behind the sampling that makes them)."""
+        n_ids = last_sampled_ids.numel() if p.num_pending else 0
+        header = torch.tensor([STEP, p.num_tokens, p.num_seqs, p.num_logits, p.num_pending, p.width, n_ids],
+                              dtype=torch.int64)
+        dist.broadcast(header, 0, group=tpd.host_group())
+        dist.broadcast(p.host, 0, group=tpd.host_group())
+        if n_ids:
+            dist.broadcast(last_sampled_ids, 0)
 
     def shutdown(self) -> None:
         try:
-            dist.broadcast_object_list([("stop", None)], src=0)
+            dist.broadcast(torch.tensor([STOP] + [0] * (HEADER_LEN - 1), dtype=torch.int64), 0,
+                           group=tpd.host_group())
         except Exception:  # noqa: BLE001 - a rank may already be gone
             pass
         for p in self.procs:
@@ -81,16 +207,30 @@ class TPGroup:
         tpd.destroy_tensor_parallel()
 
 
+def receive_step(runner):
+    """A worker's side of send_step: the PackedStep of rank 0's next step (the runner's last sampled ids set
+    if the step reads them), or None when rank 0 stops."""
+    from kiln.engine.runner import PackedStep
+    header = torch.empty(HEADER_LEN, dtype=torch.int64)
+    dist.broadcast(header, 0, group=tpd.host_group())
+    kind, t, n, nl, nf, width, n_ids = header.tolist()
+    if kind == STOP:
+        return None
+    p = PackedStep(None, t, n, nl, nf, width)
+    p.host = runner.step_buffer(p.size)
+    dist.broadcast(p.host, 0, group=tpd.host_group())
+    if n_ids:
+        ids = torch.empty(n_ids, dtype=torch.int64, device=runner.device)
+        dist.broadcast(ids, 0)
+        runner.last_sampled_ids = ids
+    return p
+
+
 def tp_worker_main(cfg: EngineConfig, model_dir: str, rank: int, init: str) -> None:
     backend = _backend(cfg)
     _bind_device(rank, backend)
     tpd.init_tensor_parallel(rank, cfg.tensor_parallel_size, init, backend)
     runner, _, _ = build_runner(cfg, model_dir)
-    while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0)
-        kind, inputs = box[0]
-        if kind == "stop":
-            break
-        runner.forward(inputs)
+    while (p := receive_step(runner)) is not None:
+        runner.forward_packed(p)
     tpd.destroy_tensor_parallel()
