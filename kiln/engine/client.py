@@ -22,6 +22,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from kiln.engine.request import EngineOutput, EngineStats, SamplingParams
+from kiln.errors import ErrorKind
 
 log = logging.getLogger("kiln.client")
 
@@ -108,7 +109,7 @@ class AsyncEngineClient:
             log.error("%s: failing %d request(s) in flight", why, len(self.queues))
         self.down = why
         self.stats = None  # health reads "engine down"; new requests fail at once (wait_ready / generate)
-        self._fail_all(f"{ENGINE_DOWN}: {why}", "not_ready")
+        self._fail_all(f"{ENGINE_DOWN}: {why}", ErrorKind.NOT_READY)
 
     async def _read_loop(self) -> None:
         while True:
@@ -136,9 +137,9 @@ class AsyncEngineClient:
             except Exception as e:  # keep reading; one bad message must not stall every request
                 log.error("engine client read error: %s", e)
 
-    def _fail_all(self, why: str, error_type: str = "internal") -> None:
+    def _fail_all(self, why: str, kind: ErrorKind = ErrorKind.INTERNAL) -> None:
         for rid, q in self.queues.items():
-            q.put_nowait(EngineOutput(rid, [], True, "error", 0, error=why, error_code=500, error_type=error_type))
+            q.put_nowait(EngineOutput(rid, [], True, "error", 0, error=why, error_type=kind))
 
     def engine_alive(self, max_age_s: float) -> bool:
         """Heartbeat fresher than max_age_s (used by health checks)."""
@@ -161,14 +162,13 @@ class AsyncEngineClient:
         """Stream the outputs of one request; the last has finished=True. Leaving early aborts it."""
         if request_id in self.queues:
             yield EngineOutput(request_id, [], True, "error", len(prompt_token_ids),
-                               error=f"The req_id {request_id} already exists in the current batch, "
-                                     f"the current request will be ignored.", error_code=200,
-                               error_type="duplicate_id")
+                               error=f"request id {request_id!r} already exists among this front end's requests",
+                               error_type=ErrorKind.DUPLICATE_ID,
+                               error_args={"why": "duplicate_id", "request_id": request_id})
             return
         if self.down or self.fatal:
             yield EngineOutput(request_id, [], True, "error", len(prompt_token_ids),
-                               error=f"{ENGINE_DOWN}: {self.down or self.fatal}", error_code=500,
-                               error_type="not_ready")
+                               error=f"{ENGINE_DOWN}: {self.down or self.fatal}", error_type=ErrorKind.NOT_READY)
             return
         q: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = q

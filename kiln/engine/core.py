@@ -24,6 +24,7 @@ from kiln.engine.request import EngineOutput, EngineStats, FinishReason, Request
 from kiln.engine.sampler import PendingSample
 from kiln.engine.scheduler import ScheduledBatch, Scheduler
 from kiln.engine.structured import GrammarCompiler, PendingGrammars
+from kiln.errors import ErrorKind
 
 log = logging.getLogger("kiln.engine")
 
@@ -98,39 +99,43 @@ class EngineCore:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     eos_token_ids: list[int] | None = None) -> EngineOutput | None:
         """Queue a request; returns an error output instead when it is rejected."""
-        def reject(msg, kind, code=200):
+        def reject(msg: str, kind: ErrorKind, **args):
             return EngineOutput(request_id, [], True, FinishReason.ERROR.value, len(prompt_token_ids),
-                                error=msg, error_code=code, error_type=kind)
+                                error=msg, error_type=kind, error_args=args or None)
 
         if request_id in self.requests:
-            return reject(f"The req_id {request_id} already exists in the current batch, "
-                          f"the current request will be ignored.", "duplicate_id")
+            return reject(f"request id {request_id!r} already exists among the engine's requests",
+                          ErrorKind.DUPLICATE_ID, why="duplicate_id", request_id=request_id)
         num_waiting = len(self.scheduler.waiting) + len(self.grammars)
         if num_waiting >= self.cfg.max_waiting:
-            return reject(f"cached task num ({num_waiting}) exceeds the limit "
-                          f"({self.cfg.max_waiting})", "queue_full")
+            return reject(f"{num_waiting} requests are waiting, the limit (MAX_CACHED_TASK_NUM) is "
+                          f"{self.cfg.max_waiting}", ErrorKind.QUEUE_FULL, why="queue_full", waiting=num_waiting,
+                          limit=self.cfg.max_waiting)
         if not prompt_token_ids:
-            return reject("the prompt is empty: give at least one token", "invalid")
+            return reject("the prompt is empty: give at least one token", ErrorKind.INVALID)
         # every field the step will read is checked here, so a bad request is refused alone, never mid-step
         try:
             params.validate()
         except (ValueError, TypeError) as e:
-            return reject(f"invalid sampling parameters: {e}", "invalid")
+            return reject(f"invalid sampling parameters: {e}", ErrorKind.INVALID)
         vocab = self.runner.model_config.vocab_size
         for name, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids),
                           ("eos_token_ids", eos_token_ids or [])):
             bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
             if bad:
-                return reject(f"{name}: token ids out of the vocabulary [0, {vocab}): {bad[:5]}", "invalid")
+                return reject(f"{name}: token ids out of the vocabulary [0, {vocab}): {bad[:5]}", ErrorKind.INVALID)
         if len(prompt_token_ids) >= self.max_model_len:
-            return reject(f"Length of input token({len(prompt_token_ids)}) exceeds the limit of the model "
-                          f"length ({self.max_model_len}); leave room for at least one new token", "too_long")
+            return reject(f"the prompt has {len(prompt_token_ids)} tokens, the model length is {self.max_model_len}: "
+                          f"leave room for at least one new token", ErrorKind.TOO_LONG, why="model_length",
+                          prompt_tokens=len(prompt_token_ids), max_model_len=self.max_model_len)
         eos = frozenset(self.eos_token_ids if eos_token_ids is None else set(eos_token_ids) | set(self.eos_token_ids))
         req = Request(request_id, prompt_token_ids, params, eos)
         if self.scheduler.max_blocks_needed(req) > self.kv.num_blocks:
-            return reject(f"The input task required resources is exceed the limit: {req.num_prompt_tokens} prompt + "
-                          f"{params.max_tokens} max new tokens need {self.scheduler.max_blocks_needed(req)} KV blocks, "
-                          f"the cache has {self.kv.num_blocks}", "too_long")
+            needed = self.scheduler.max_blocks_needed(req)
+            return reject(f"{req.num_prompt_tokens} prompt + {params.max_tokens} max new tokens need {needed} KV "
+                          f"blocks, the cache has {self.kv.num_blocks}", ErrorKind.TOO_LONG, why="kv_blocks",
+                          prompt_tokens=req.num_prompt_tokens, max_tokens=params.max_tokens, blocks_needed=needed,
+                          num_blocks=self.kv.num_blocks)
         self.requests[request_id] = req
         if params.structured is not None:
             self.grammars.add(req)   # scheduled once its grammar is compiled (step() checks)
@@ -195,7 +200,7 @@ class EngineCore:
             del self.requests[req.request_id]
             req.status = RequestStatus.FINISHED
             outs.append(EngineOutput(req.request_id, [], True, FinishReason.ERROR.value, req.num_prompt_tokens,
-                                     error=why, error_code=200, error_type="invalid"))
+                                     error=why, error_type=ErrorKind.INVALID))
         return outs
 
     def _fail(self, reqs: list[Request], e: Exception | None = None) -> list[EngineOutput]:
@@ -211,7 +216,7 @@ class EngineCore:
             self.requests.pop(req.request_id, None)
             outs.append(EngineOutput(req.request_id, [], True, FinishReason.ERROR.value, req.num_prompt_tokens,
                                      error="internal error in the engine while running this request (the server "
-                                     "log has the details)", error_code=500, error_type="internal"))
+                                     "log has the details)", error_type=ErrorKind.INTERNAL))
         return outs
 
     def _launch(self, batch: ScheduledBatch, outs: list[EngineOutput]) -> InFlightStep | None:
@@ -437,8 +442,8 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
             for ident, msg in receive():
                 if msg[0] == "add":
                     send(ident, ["out", [EngineOutput(msg[1], [], True, "error", 0, error="the engine is still "
-                                                      "loading the model, try again shortly", error_code=500,
-                                                      error_type="not_ready").to_wire()]])
+                                                      "loading the model, try again shortly",
+                                                      error_type=ErrorKind.NOT_READY).to_wire()]])
         fronts.reap()
         broadcast_stats(EngineStats(timestamp=time.time(), max_batch_size=cfg.max_num_seqs, ready=False))
     core, load_error = box.get("core"), box.get("error")
@@ -465,8 +470,8 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
                     try:
                         err = core.add_request(rid, prompt, SamplingParams.from_dict(params), eos)
                     except (ValueError, TypeError) as e:
-                        err = EngineOutput(rid, [], True, "error", len(prompt), error=str(e), error_code=200,
-                                           error_type="invalid")
+                        err = EngineOutput(rid, [], True, "error", len(prompt), error=str(e),
+                                           error_type=ErrorKind.INVALID)
                     if err is not None:
                         send(ident, ["out", [err.to_wire()]])
                     else:
@@ -482,7 +487,7 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
             except Exception as e:  # noqa: BLE001 - never leave a request hanging: fail everything in flight
                 log.error("engine step failed outside the model: %s\n%s", e, traceback.format_exc())
                 outs = [EngineOutput(o.request_id, [], True, "error", 0, error=f"internal error in the engine: {e}",
-                                     error_code=500, error_type="internal") for o in core.abort(list(core.requests))]
+                                     error_type=ErrorKind.INTERNAL) for o in core.abort(list(core.requests))]
             per_client: dict[bytes, list] = {}
             for out in outs:
                 ident = owner.get(out.request_id)

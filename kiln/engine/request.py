@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from kiln.engine.structured import StructuredSpec
+from kiln.errors import ErrorKind, as_kind
 
 # Stands in an output list for a token that is sampled on the device but not yet on the host (async
 # scheduling); the runner feeds the device-side id to the next step, the engine fills it in one step later.
@@ -170,16 +171,19 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     # per new token: (sampled token logprob, [(token_id, logprob), ...] top-n) when logprobs were asked
     logprobs: list[Any] | None = None
-    error: str | None = None               # set with finish_reason "error"
-    error_code: int = 0                    # seed-style code: 200 validation/admission, 500 internal
-    # machine-readable kind of error, for the front ends' HTTP/gRPC status: "queue_full", "duplicate_id",
-    # "too_long" (can never fit the cache / model length), "invalid", "internal"
-    error_type: str | None = None
+    error: str | None = None               # set with finish_reason "error": what went wrong, in plain words
+    # the kind of error (kiln.errors.ErrorKind): each front end maps it to its status and wording
+    error_type: ErrorKind | None = None
+    error_args: dict[str, Any] | None = None  # the facts behind the error, for the APIs' own wording
     queue_time: float | None = None        # on the first token: seconds from arrival to first scheduling
+
+    def __post_init__(self) -> None:
+        if self.error_type is not None:
+            self.error_type = as_kind(self.error_type)
 
     def to_wire(self) -> list[Any]:
         return [self.request_id, self.new_token_ids, self.finished, self.finish_reason, self.num_prompt_tokens,
-                self.logprobs, self.error, self.error_code, self.error_type, self.queue_time]
+                self.logprobs, self.error, self.error_type, self.error_args, self.queue_time]
 
     @classmethod
     def from_wire(cls, w: list[Any]) -> "EngineOutput":

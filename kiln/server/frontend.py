@@ -2,8 +2,8 @@
 client, the limits, one token stream per request (detokenized, stop strings, whole-request timeout, abort on
 early exit), the per-request log line and the observer hooks that metrics plug into.
 
-Nothing here knows HTTP: errors are `RequestError`s with a seed error code, a message and an error_type that
-each protocol maps to its own status (see ERROR_HTTP_STATUS).
+Nothing here knows HTTP: errors are `kiln.errors.RequestError`s, whose kind each protocol maps to its own
+status (the tables in kiln/errors.py).
 """
 from __future__ import annotations
 
@@ -17,51 +17,10 @@ from typing import Any, AsyncIterator, Sequence
 
 from kiln.config import KilnConfig
 from kiln.engine.request import SamplingParams
+from kiln.errors import SEED_CODE_TIMEOUT, ErrorKind, RequestError, as_kind, seed_message
 
 log = logging.getLogger("kiln.frontend")
 request_log = logging.getLogger("kiln.requests")
-
-# error_type -> HTTP status (gRPC maps the same types to its codes)
-ERROR_HTTP_STATUS = {
-    "invalid": 400,        # a request field is wrong
-    "bad_body": 400,       # not JSON / not an object
-    "body_timeout": 408,   # the body was not sent in time (KILN_HTTP_READ_TIMEOUT)
-    "body_too_large": 413, # the body is over KILN_MAX_REQUEST_BYTES
-    "too_long": 400,       # prompt (+ output) can never fit
-    "not_found": 404,
-    "duplicate_id": 409,   # the req_id is already in flight
-    "queue_full": 429,     # MAX_CACHED_TASK_NUM requests are waiting
-    "internal": 500,
-    "not_ready": 503,      # the engine is loading or the server is shutting down
-    "timeout": 504,        # the request's `timeout` expired (the request is cancelled in the engine)
-}
-
-# seed error codes (the native API's `error_code`): 0 ok, 200 model-side validation / rejection,
-# 400 bad body, 500 internal inference error, 501 handler exception / timeout
-SEED_CODE_REJECTED = 200
-SEED_CODE_BAD_BODY = 400
-SEED_CODE_INTERNAL = 500
-SEED_CODE_TIMEOUT = 501
-
-
-class RequestError(Exception):
-    """A request failed: `message` for the user, `code` the seed's error_code, `error_type` for the status."""
-
-    def __init__(self, message: str, error_type: str = "invalid", code: int = SEED_CODE_REJECTED,
-                 param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.error_type = error_type
-        self.code = code
-        self.param = param
-
-    @property
-    def http_status(self) -> int:
-        return ERROR_HTTP_STATUS.get(self.error_type, 500)
-
-    def __repr__(self) -> str:
-        return f"RequestError({self.message!r}, {self.error_type!r}, {self.code})"
-
 
 # ----------------------------------------------------------------------------------------------------
 # observers (metrics hook point)
@@ -321,9 +280,9 @@ class Frontend:
             await self.client.wait_ready(timeout)
         except TimeoutError:
             err = RequestError("the model is still loading: the engine was not ready within the request's "
-                               "timeout", "not_ready", SEED_CODE_TIMEOUT)
+                               "timeout", ErrorKind.NOT_READY, SEED_CODE_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - EngineDeadError
-            err = RequestError(f"infer engine is down: {e}", "not_ready", SEED_CODE_INTERNAL)
+            err = RequestError(f"infer engine is down: {e}", ErrorKind.NOT_READY)
         if err is not None:
             self.reject(record, err)
             raise err
@@ -363,10 +322,8 @@ class Frontend:
                     out = await gen.__anext__()
                 if out.finish_reason == "error":
                     engine_done = True
-                    etype = out.error_type or "internal"
-                    raise RequestError(out.error or "internal error in the engine", etype,
-                                       out.error_code or (SEED_CODE_INTERNAL if etype == "internal"
-                                                          else SEED_CODE_REJECTED))
+                    kind = as_kind(out.error_type)
+                    raise RequestError(seed_message(kind, out.error, out.error_args), kind)
                 if not started:
                     started = True
                     self.observer.on_request(record)
@@ -418,11 +375,11 @@ class Frontend:
         except asyncio.TimeoutError:
             t = f" of {timeout_s:g} s" if timeout_s else ""
             err = RequestError(f"Timeout for getting inference result: the request's timeout{t} expired and "
-                               f"it was cancelled", "timeout", SEED_CODE_TIMEOUT)
+                               f"it was cancelled", ErrorKind.TIMEOUT)
             record.finish_reason, record.error, record.error_type = "timeout", err.message, err.error_type
             raise err from None
         except StopAsyncIteration:
-            err = RequestError("the engine ended the request without a result", "internal", SEED_CODE_INTERNAL)
+            err = RequestError("the engine ended the request without a result", ErrorKind.INTERNAL)
             record.error, record.error_type = err.message, err.error_type
             raise err from None
         except RequestError as e:

@@ -39,6 +39,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from kiln.errors import GRPC_STATUS, ErrorKind, RequestError, as_kind, seed_error_body
+
 log = logging.getLogger("kiln.grpc")
 
 MODEL_NAME = "model"
@@ -54,18 +56,9 @@ MAX_MESSAGE = 2**31 - 1
 # final packet (unary ModelInfer). It never raises for a bad request: errors are packets with error_msg.
 Runner = Callable[[dict, bool], AsyncIterator[dict]]
 
-# error_code / error_type of a packet -> gRPC status for the unary RPC
-_STATUS_BY_TYPE = {
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "bad_body": grpc.StatusCode.INVALID_ARGUMENT,
-    "too_long": grpc.StatusCode.INVALID_ARGUMENT,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "queue_full": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "duplicate_id": grpc.StatusCode.ALREADY_EXISTS,
-    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "internal": grpc.StatusCode.INTERNAL,
-    "not_ready": grpc.StatusCode.UNAVAILABLE,
-}
+
+def grpc_status(kind: ErrorKind | str | None) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, GRPC_STATUS[as_kind(kind)])
 
 
 # -- BYTES tensors -----------------------------------------------------------------------------------------
@@ -88,65 +81,59 @@ def deserialize_bytes_tensor(raw: bytes) -> list[bytes]:
     return out
 
 
-class RequestError(Exception):
-    """A request that cannot be run: a protocol-level problem (wrong model, missing IN, not JSON)."""
-
-    def __init__(self, msg: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT, error_code: int = 400):
-        super().__init__(msg)
-        self.msg = msg
-        self.status = code
-        self.error_code = error_code
-
-
 def check_model(name: str, version: str, aliases: tuple[str, ...] = ()) -> None:
     if name != MODEL_NAME and name not in aliases:
-        raise RequestError(f"Request for unknown model: '{name}' is not found", grpc.StatusCode.NOT_FOUND, 404)
+        raise RequestError(f"Request for unknown model: '{name}' is not found", ErrorKind.NOT_FOUND)
     if version not in ("", MODEL_VERSION):
         raise RequestError(f"Request for unknown model: '{name}' version {version} is not found",
-                           grpc.StatusCode.NOT_FOUND, 404)
+                           ErrorKind.NOT_FOUND)
+
+
+def bad(msg: str) -> RequestError:
+    """A protocol-level problem (missing IN, wrong shape, not JSON): the seed's bad-body error."""
+    return RequestError(msg, ErrorKind.BAD_BODY)
 
 
 def parse_request(request: pb.ModelInferRequest) -> dict:
     """The seed request dict held in input IN (`json.dumps([request])`; a bare object is accepted too)."""
     if not request.inputs:
-        raise RequestError(f"expected 1 inputs but got 0 inputs for model '{request.model_name}': "
+        raise bad(f"expected 1 inputs but got 0 inputs for model '{request.model_name}': "
                            f"send input {INPUT_NAME} (BYTES, shape [1]) holding json.dumps([request])")
     idx = next((i for i, t in enumerate(request.inputs) if t.name == INPUT_NAME), None)
     if idx is None:
         names = ", ".join(repr(t.name) for t in request.inputs)
-        raise RequestError(f"unexpected inference input {names} for model '{request.model_name}': "
+        raise bad(f"unexpected inference input {names} for model '{request.model_name}': "
                            f"the model's input is {INPUT_NAME!r} (BYTES, shape [1])")
     tensor = request.inputs[idx]
     if tensor.datatype and tensor.datatype != "BYTES":
-        raise RequestError(f"input {INPUT_NAME!r} must be BYTES (TYPE_STRING), got {tensor.datatype}")
+        raise bad(f"input {INPUT_NAME!r} must be BYTES (TYPE_STRING), got {tensor.datatype}")
     try:
         if request.raw_input_contents:
             if idx >= len(request.raw_input_contents):
-                raise RequestError(f"input {INPUT_NAME!r} has no data in raw_input_contents")
+                raise bad(f"input {INPUT_NAME!r} has no data in raw_input_contents")
             items = deserialize_bytes_tensor(request.raw_input_contents[idx])
         else:
             items = list(tensor.contents.bytes_contents)
     except ValueError as e:
-        raise RequestError(f"input {INPUT_NAME!r}: {e}") from None
+        raise bad(f"input {INPUT_NAME!r}: {e}") from None
     if not items:
-        raise RequestError(f"input {INPUT_NAME!r} is empty: it must hold json.dumps([request])")
+        raise bad(f"input {INPUT_NAME!r} is empty: it must hold json.dumps([request])")
     if len(items) != 1 or list(tensor.shape) not in ([1], []):
-        raise RequestError(f"input {INPUT_NAME!r} must have shape [1] (one JSON element), got shape "
+        raise bad(f"input {INPUT_NAME!r} must have shape [1] (one JSON element), got shape "
                            f"{list(tensor.shape)} with {len(items)} elements")
-    from kiln.server.frontend import RequestError as FrontendError
     from kiln.server.validation import loads_json
 
     try:
         obj = loads_json(items[0], f"input {INPUT_NAME!r}")
-    except FrontendError as e:
-        raise RequestError(f"{e.message}; it must hold json.dumps([request])") from None
+    except RequestError as e:
+        raise bad(f"{e.message}; it must hold json.dumps([request])") from None
     if isinstance(obj, list):
         if len(obj) != 1:
-            raise RequestError(f"input {INPUT_NAME!r} must hold a JSON array of exactly one request object, "
+            raise bad(f"input {INPUT_NAME!r} must hold a JSON array of exactly one request object, "
                                f"got {len(obj)} items")
         obj = obj[0]
     if not isinstance(obj, dict):
-        raise RequestError(f"input {INPUT_NAME!r} must hold a JSON request object (json.dumps([request])), "
+        raise bad(f"input {INPUT_NAME!r} must hold a JSON request object (json.dumps([request])), "
                            f"got {type(obj).__name__}")
     return obj
 
@@ -223,7 +210,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             check_model(name, version, self.aliases)
         except RequestError as e:
-            await context.abort(e.status, e.msg)
+            await context.abort(grpc_status(e.kind), e.message)
 
     async def ModelMetadata(self, request, context):
         await self._check_or_abort(request.name, request.version, context)
@@ -243,7 +230,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             check_model(request.model_name, request.model_version, self.aliases)
             req = parse_request(request)
         except RequestError as e:
-            await context.abort(e.status, e.msg)
+            await context.abort(grpc_status(e.kind), e.message)
         request_id_of(req, request)
         final = None
         try:
@@ -258,11 +245,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if final is None:
             await context.abort(grpc.StatusCode.INTERNAL, "the request ended without an answer")
         if final.get("error_msg") or final.get("error_code"):
-            status = _STATUS_BY_TYPE.get(final.get("error_type") or "")
-            if status is None:
-                code = final.get("error_code")
-                status = grpc.StatusCode.INTERNAL if code in (500, 501) else grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(status, str(final.get("error_msg") or f"error {final.get('error_code')}"))
+            kind = final.get("error_type")
+            if kind is None:
+                kind = ErrorKind.INTERNAL if final.get("error_code") in (500, 501) else ErrorKind.INVALID
+            await context.abort(grpc_status(kind), str(final.get("error_msg") or f"error {final.get('error_code')}"))
         return make_response(final, request, None)
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -287,12 +273,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 check_model(request.model_name, request.model_version, self.aliases)
                 req = parse_request(request)
             except RequestError as e:
-                if e.status == grpc.StatusCode.NOT_FOUND:  # as Triton: an error response, not OUT
-                    await out.put(pb.ModelStreamInferResponse(error_message=e.msg))
+                if e.kind == ErrorKind.NOT_FOUND:  # as Triton: an error response, not OUT
+                    await out.put(pb.ModelStreamInferResponse(error_message=e.message))
                 else:
                     rid = request.id or ""
                     await out.put(pb.ModelStreamInferResponse(
-                        infer_response=make_response(error_packet(rid, e.msg, e.error_code), request, True)))
+                        infer_response=make_response(error_packet(rid, e.message, e.code), request, True)))
                 return
             rid = request_id_of(req, request)
             sent_final = False
@@ -376,11 +362,10 @@ def build_runner(frontend: Any) -> Runner:
     internal `error_type` key (used for the unary status, stripped before sending)."""
     import time
 
-    from kiln.server.frontend import RequestError as FrontendError
-    from kiln.server.seed_protocol import parse_seed_request, run_seed_request, seed_error_packet
+    from kiln.server.seed_protocol import parse_seed_request, run_seed_request
 
-    def error(err: Any, rid: str) -> dict:
-        p = seed_error_packet(err, rid)
+    def error(err: RequestError, rid: str) -> dict:
+        p = seed_error_body(err, rid)
         p["is_end"] = 1
         p["error_type"] = err.error_type
         return p
@@ -390,9 +375,9 @@ def build_runner(frontend: Any) -> Runner:
         rid = str(body.get("req_id") or "")
         try:
             if frontend.shutting_down:
-                raise FrontendError("the server is shutting down", "not_ready", 500)
+                raise RequestError("the server is shutting down", ErrorKind.NOT_READY)
             req = await parse_seed_request(body, frontend, api="grpc", arrival_time=arrival)
-        except FrontendError as e:
+        except RequestError as e:
             frontend.reject(frontend.new_record(rid, "grpc", arrival), e)
             yield error(e, rid)
             return
@@ -401,7 +386,7 @@ def build_runner(frontend: Any) -> Runner:
         try:
             async for packet in run_seed_request(req, frontend):
                 yield packet
-        except FrontendError as e:
+        except RequestError as e:
             if req.record is None:  # failed before reaching the engine
                 frontend.reject(frontend.new_record(req.req_id, "grpc", arrival), e)
             yield error(e, req.req_id)

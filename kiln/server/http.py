@@ -30,14 +30,9 @@ from kiln.config import KilnConfig, setup_logging
 from kiln.server import openai_schema as oai
 from kiln.server import kserve_http
 from kiln.server.auth import ApiKeyMiddleware, ApiKeys
-from kiln.server.frontend import (
-    SEED_CODE_BAD_BODY,
-    Frontend,
-    GenerationState,
-    RequestError,
-    merge_streams,
-)
-from kiln.server.seed_protocol import collect_seed_result, parse_seed_request, run_seed_request, seed_error_packet
+from kiln.errors import ErrorKind, RequestError, openai_error_body, seed_error_body
+from kiln.server.frontend import Frontend, GenerationState, merge_streams
+from kiln.server.seed_protocol import collect_seed_result, parse_seed_request, run_seed_request
 from kiln.server.validation import loads_json
 
 log = logging.getLogger("kiln.http")
@@ -107,7 +102,7 @@ async def read_json(request: Request) -> Any:
     BodyLimit has already bounded its size and read time."""
     raw = await request.body()
     if not raw.strip():
-        raise RequestError("The request body is empty; send a JSON object", "bad_body", SEED_CODE_BAD_BODY)
+        raise RequestError("The request body is empty; send a JSON object", ErrorKind.BAD_BODY)
     return loads_json(raw)
 
 
@@ -168,10 +163,10 @@ class BodyLimit:
     async def _refuse(self, send, e: Exception) -> None:
         if isinstance(e, BodyTooLarge):
             err = RequestError(f"The request body is larger than the limit of {self.max_bytes} bytes "
-                               f"(KILN_MAX_REQUEST_BYTES)", "body_too_large", SEED_CODE_BAD_BODY)
+                               f"(KILN_MAX_REQUEST_BYTES)", ErrorKind.BODY_TOO_LARGE)
         else:
             err = RequestError(f"The request body was not sent in time (more than {self.read_timeout:g} s between "
-                               f"two pieces)", "body_timeout", SEED_CODE_BAD_BODY)
+                               f"two pieces)", ErrorKind.BODY_TIMEOUT)
         body = _dumps(_both_error_body(err)).encode()
         await send({"type": "http.response.start", "status": err.http_status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -181,17 +176,17 @@ class BodyLimit:
 
 def _native_error(err: RequestError, req_id: Any = None) -> JSONResponse:
     rid = req_id if isinstance(req_id, (str, int)) and not isinstance(req_id, bool) else None
-    return JSONResponse(seed_error_packet(err, None if rid is None else str(rid)), status_code=err.http_status)
+    return JSONResponse(seed_error_body(err, None if rid is None else str(rid)), status_code=err.http_status)
 
 
 def _openai_error(err: RequestError) -> JSONResponse:
-    return JSONResponse(oai.error_body(err.message, err.http_status, err.param, err.error_type),
+    return JSONResponse(openai_error_body(err.message, err.http_status, err.param, err.error_type),
                         status_code=err.http_status)
 
 
 def _both_error_body(err: RequestError) -> dict:
-    body = seed_error_packet(err)
-    body.update(oai.error_body(err.message, err.http_status, err.param, err.error_type))
+    body = seed_error_body(err)
+    body.update(openai_error_body(err.message, err.http_status, err.param, err.error_type))
     return body
 
 
@@ -211,7 +206,7 @@ def _is_native_completion(body: Any) -> bool:
 
 
 def _shutting_down() -> RequestError:
-    return RequestError("the server is shutting down", "not_ready", 500)
+    return RequestError("the server is shutting down", ErrorKind.NOT_READY)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,7 +249,7 @@ async def serve_native(request: Request, body: Any, fe: Frontend) -> Response:
             async for packet in agen:
                 yield _dumps(packet) + "\n"
         except RequestError as e:
-            yield _dumps(seed_error_packet(e, req.req_id)) + "\n"
+            yield _dumps(seed_error_body(e, req.req_id)) + "\n"
         finally:
             await agen.aclose()
 
@@ -398,7 +393,7 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
             if job.include_usage:
                 yield sse(oai.usage_chunk(job, prompt_tokens, sum(len(st.token_ids) for st in states)))
         except RequestError as e:
-            yield sse(oai.error_body(e.message, e.http_status, e.param, e.error_type))
+            yield sse(openai_error_body(e.message, e.http_status, e.param, e.error_type))
         finally:
             await merged.aclose()
         yield "data: [DONE]\n\n"
@@ -495,7 +490,7 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None) -> FastAPI:
     async def on_error(request: Request, exc: Exception):
         # the exception's text may carry paths, shapes or internals: it goes to the log only
         log.exception("unhandled error on %s", request.url.path)
-        err = RequestError("internal server error (the server log has the details)", "internal", 501)
+        err = RequestError("internal server error (the server log has the details)", ErrorKind.INTERNAL, 501)
         return _both_error(err)
 
     return app

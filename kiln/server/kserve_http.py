@@ -33,6 +33,8 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from kiln.errors import ErrorKind, RequestError
+
 MODEL_NAME = "model"
 MODEL_VERSION = "1"
 SERVER_NAME = "kiln"
@@ -120,10 +122,8 @@ async def model_config(request: Request, name: str, version: str | None = None) 
 # -- generate -------------------------------------------------------------------------------------------------
 def seed_body(body: Any) -> Any:
     """A generate body -> the seed request dict (see the module docstring); raises RequestError."""
-    from kiln.server.frontend import SEED_CODE_BAD_BODY, RequestError
-
     def bad(msg: str) -> RequestError:
-        return RequestError(msg, "bad_body", SEED_CODE_BAD_BODY)
+        return RequestError(msg, ErrorKind.BAD_BODY)
 
     if not isinstance(body, dict):
         raise bad("The generate body must be a JSON object")
@@ -172,7 +172,6 @@ def _answer(packet: dict, text: str) -> dict:
 
 async def _start(request: Request, name: str, version: str | None, stream: bool):
     """Parse and validate; returns (frontend, SeedRequest) or an error Response."""
-    from kiln.server.frontend import SEED_CODE_BAD_BODY, RequestError
     from kiln.server.seed_protocol import parse_seed_request
 
     if not _known(request, name, version):
@@ -186,7 +185,7 @@ async def _start(request: Request, name: str, version: str | None, stream: bool)
         d = seed_body(await read_json(request))
         rid_hint = d.get("req_id") if isinstance(d, dict) else None
         if fe.shutting_down:
-            raise RequestError("the server is shutting down", "not_ready", 500)
+            raise RequestError("the server is shutting down", ErrorKind.NOT_READY)
         req = await parse_seed_request(d, fe, api="kserve", arrival_time=arrival)
     except RequestError as e:
         rid = str(rid_hint) if rid_hint is not None else None
@@ -206,7 +205,6 @@ async def _until_disconnect(request: Request) -> None:
 @router.post("/v2/models/{name}/generate")
 @router.post("/v2/models/{name}/versions/{version}/generate")
 async def generate(request: Request, name: str, version: str | None = None) -> Response:
-    from kiln.server.frontend import RequestError
     from kiln.server.seed_protocol import run_seed_request
 
     fe, req = await _start(request, name, version, stream=False)
@@ -253,7 +251,6 @@ class _ClosingStream(StreamingResponse):
 @router.post("/v2/models/{name}/generate_stream")
 @router.post("/v2/models/{name}/versions/{version}/generate_stream")
 async def generate_stream(request: Request, name: str, version: str | None = None) -> Response:
-    from kiln.server.frontend import RequestError
     from kiln.server.seed_protocol import run_seed_request
 
     fe, req = await _start(request, name, version, stream=True)

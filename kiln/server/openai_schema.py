@@ -11,7 +11,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kiln.engine.request import INT64_MAX, INT64_MIN, UINT64_MAX, SamplingParams
-from kiln.server.frontend import Frontend, RequestError
+from kiln.errors import ErrorKind, RequestError
+from kiln.server.frontend import Frontend
 from kiln.server.seed_protocol import normalize_messages
 from kiln.server.structured_api import structured_outputs
 from kiln.server.tool_parsers import ToolCallError, ToolPlan, check_tool_messages, plan_tools, select_parser
@@ -145,12 +146,12 @@ class OpenAIJob:
 
 
 def _bad(msg: str, param: str | None = None) -> RequestError:
-    return RequestError(msg, "invalid", 400, param)
+    return RequestError(msg, ErrorKind.INVALID, param=param)
 
 
 def _parse(model_cls, body: Any):
     if not isinstance(body, dict):
-        raise RequestError("The request body must be a JSON object", "bad_body", 400)
+        raise RequestError("The request body must be a JSON object", ErrorKind.BAD_BODY)
     try:
         return model_cls.model_validate(body)
     except ValidationError as e:
@@ -449,16 +450,6 @@ def usage_chunk(job: OpenAIJob, prompt_tokens: int, completion_tokens: int) -> d
     obj = "text_completion" if job.kind == "completions" else "chat.completion.chunk"
     return {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": [],
             "usage": usage(prompt_tokens, completion_tokens)}
-
-
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error",
-                429: "rate_limit_error", 500: "server_error", 503: "server_error", 504: "timeout_error"}
-
-
-def error_body(message: str, status: int, param: str | None = None, code: Any = None) -> dict:
-    """The OpenAI error object."""
-    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
-                      "code": code if code is not None else status}}
 
 
 def models_response(frontend: Frontend) -> dict:

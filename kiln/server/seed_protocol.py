@@ -5,9 +5,9 @@
         ...
     result = await collect_seed_result(req, frontend)      # the non-stream body
 
-Errors are `RequestError`s (from kiln.server.frontend): `.message` / `.code` are the seed's error_msg /
-error_code, `.error_type` picks the transport's status, and `seed_error_packet(err, req_id)` is the seed's
-error body. Nothing here knows HTTP or gRPC.
+Errors are `kiln.errors.RequestError`s: `.message` / `.code` are the seed's error_msg / error_code, `.kind`
+picks the transport's status, and `kiln.errors.seed_error_body(err, req_id)` is the seed's error body.
+Nothing here knows HTTP or gRPC.
 """
 from __future__ import annotations
 
@@ -17,14 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from kiln.engine.request import INT64_MAX, SamplingParams
-from kiln.server.frontend import (
-    SEED_CODE_BAD_BODY,
-    SEED_CODE_REJECTED,
-    Frontend,
-    GenerationState,
-    RequestError,
-    RequestRecord,
-)
+from kiln.errors import ErrorKind, RequestError
+from kiln.server.frontend import Frontend, GenerationState, RequestRecord
 from kiln.server.structured_api import structured_outputs
 from kiln.server.validation import check_int, check_prompt_chars, check_token_ids, prompt_char_bound
 
@@ -56,22 +50,12 @@ class SeedRequest:
     api: str = "native"
 
 
-def seed_error_packet(err: RequestError, req_id: str | None = None) -> dict[str, Any]:
-    """The seed's error body: {req_id, error_msg, error_code}."""
-    out: dict[str, Any] = {}
-    if req_id is not None:
-        out["req_id"] = req_id
-    out["error_msg"] = err.message
-    out["error_code"] = err.code
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------------
 
-def _fail(msg: str, error_type: str = "invalid", param: str | None = None) -> RequestError:
-    return RequestError(msg, error_type, SEED_CODE_REJECTED, param)
+def _fail(msg: str, kind: ErrorKind = ErrorKind.INVALID, param: str | None = None) -> RequestError:
+    return RequestError(msg, kind, param=param)
 
 
 def _is_int(v: Any) -> bool:
@@ -253,7 +237,7 @@ async def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "nativ
     front end). Raises RequestError."""
     t0 = time.time()
     if not isinstance(body, dict):
-        raise RequestError("The request body must be a JSON object", "bad_body", SEED_CODE_BAD_BODY)
+        raise RequestError("The request body must be a JSON object", ErrorKind.BAD_BODY)
     d = dict(body)
     req_id = d.get("req_id")
     if req_id is None or req_id == "":
@@ -466,5 +450,5 @@ async def collect_seed_result(req: SeedRequest, frontend: Frontend) -> dict[str,
     return out
 
 
-__all__ = ["SeedRequest", "parse_seed_request", "run_seed_request", "collect_seed_result", "seed_error_packet",
+__all__ = ["SeedRequest", "parse_seed_request", "run_seed_request", "collect_seed_result",
            "check_basic_params", "RequestError"]

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from kiln.engine.structured import GrammarError, StructuredSpec, grammar_of
-from kiln.server.frontend import RequestError
+from kiln.errors import RequestError
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 

@@ -2,7 +2,7 @@
 limit, no NaN/Infinity, no lone surrogates, integers that fit the engine's 64-bit fields, token ids inside the
 vocabulary, and a prompt size bound checked before tokenizing.
 
-Everything raises `RequestError` (kiln.server.frontend) with a message that says what to fix; never the text of
+Everything raises `RequestError` (kiln.errors) with a message that says what to fix; never the text of
 an internal exception. The engine repeats the checks that guard it (SamplingParams.validate,
 EngineCore.add_request): this is the front end's complete, friendlier pass.
 """
@@ -13,7 +13,7 @@ import math
 from typing import Any, Iterable
 
 from kiln.engine.request import INT64_MAX, INT64_MIN, UINT64_MAX
-from kiln.server.frontend import SEED_CODE_BAD_BODY, SEED_CODE_REJECTED, RequestError
+from kiln.errors import ErrorKind, RequestError
 
 # Deep enough for any real request (messages with content parts, tool schemas), shallow enough that no code
 # on the request path can hit Python's recursion limit.
@@ -24,11 +24,11 @@ MAX_CHARS_PER_TOKEN = 64
 
 
 def invalid(msg: str, param: str | None = None) -> RequestError:
-    return RequestError(msg, "invalid", SEED_CODE_REJECTED, param)
+    return RequestError(msg, ErrorKind.INVALID, param=param)
 
 
 def bad_body(msg: str) -> RequestError:
-    return RequestError(msg, "bad_body", SEED_CODE_BAD_BODY)
+    return RequestError(msg, ErrorKind.BAD_BODY)
 
 
 def _no_constant(name: str) -> Any:
@@ -130,7 +130,7 @@ def check_prompt_chars(num_chars: int, max_seq_len: int, name: str = "text") -> 
     limit = max_seq_len * MAX_CHARS_PER_TOKEN
     if num_chars > limit:
         raise RequestError(f"The prompt is too long: {num_chars} characters cannot fit the limit MAX_SEQ_LEN "
-                           f"({max_seq_len} tokens)", "too_long", SEED_CODE_REJECTED, name)
+                           f"({max_seq_len} tokens)", ErrorKind.TOO_LONG, param=name)
 
 
 def prompt_char_bound(max_seq_len: int) -> int:

@@ -9,6 +9,7 @@ from kiln.engine.config import EngineConfig
 from kiln.engine.core import EngineCore
 from kiln.engine.kv_cache import KVCacheManager
 from kiln.engine.request import Request, SamplingParams
+from kiln.errors import seed_message
 from tests.helpers.tiny_models import write_tiny_model
 
 
@@ -54,7 +55,8 @@ def test_request_that_can_never_fit_is_rejected_at_admission(model_dir):
     core = make_core(model_dir)
     err = core.add_request("big", list(range(1, 150)), SamplingParams(max_tokens=100))
     assert err is not None and err.error_type == "too_long"
-    assert "exceed the limit" in err.error and "12" in err.error
+    # the engine gives the kind and the facts; the seed's words are the front end's (kiln.errors)
+    assert "12" in err.error and "exceed the limit" in seed_message(err.error_type, err.error, err.error_args)
 
 
 def test_duplicate_id_and_queue_cap(model_dir):
@@ -65,7 +67,8 @@ def test_duplicate_id_and_queue_cap(model_dir):
     assert dup.error_type == "duplicate_id" and "already exists" in dup.error
     assert core.add_request("b", [1, 2], sp) is None
     full = core.add_request("c", [1, 2], sp)
-    assert full.error_type == "queue_full" and "cached task num (2) exceeds the limit (2)" == full.error
+    assert full.error_type == "queue_full"
+    assert seed_message(full.error_type, full.error, full.error_args) == "cached task num (2) exceeds the limit (2)"
     core.abort(["a", "b"])
     assert core.kv.num_free_blocks == core.kv.num_blocks
 

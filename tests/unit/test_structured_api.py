@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kiln.engine.structured import StructuredSpec
-from kiln.server.frontend import RequestError
+from kiln.errors import RequestError
 from kiln.server.structured_api import structured_outputs
 
 SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}, "required": ["b"]}
