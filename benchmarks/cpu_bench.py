@@ -114,7 +114,8 @@ def _cell(engine: str, batch: int, threads: int, busy: bool, a) -> dict:
            str(threads), "--tokens", str(a.tokens), "--repeats", str(a.repeats), "--dtype", a.dtype]
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+        env = dict(os.environ, **({"OMP_WAIT_POLICY": a.wait_policy} if a.wait_policy else {}))
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
     finally:
         if spinner is not None:
             spinner.kill()
@@ -132,6 +133,7 @@ def main() -> int:
     ap.add_argument("--kiln-threads", default="0", help="engine thread counts to try; 0 = auto (default 0)")
     ap.add_argument("--llama-threads", default="0", help="llama.cpp thread counts to try; 0 = all cores")
     ap.add_argument("--dtype", default="auto", help="Kiln's DTYPE (default auto)")
+    ap.add_argument("--wait-policy", help="OMP_WAIT_POLICY for the workers (Kiln's engine default: PASSIVE)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="Kiln only")
     ap.add_argument("--no-busy", action="store_true", help="idle cells only")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per cell")
