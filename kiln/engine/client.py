@@ -16,12 +16,12 @@ import time
 import uuid
 from typing import AsyncIterator
 
-import msgpack
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from kiln.engine.request import EngineOutput, EngineStats, SamplingParams
+from kiln.engine.wire import Abort, AddRequest, Fatal, Hello, Message, Outputs, Stats, decode, encode
 from kiln.errors import ErrorKind
 
 log = logging.getLogger("kiln.client")
@@ -77,12 +77,12 @@ class AsyncEngineClient:
             self.sock.close()
             self.sock = None
 
-    async def _send(self, msg) -> None:
-        await self.sock.send(msgpack.packb(msg))
+    async def _send(self, msg: Message) -> None:
+        await self.sock.send(encode(msg))
 
     async def _hello(self) -> None:
         # the engine serves only front ends that know the per-start secret (kiln.engine.core.FrontEnds)
-        await self._send(["hello", self.secret, os.getpid()])
+        await self._send(Hello(self.secret, os.getpid()))
 
     async def _monitor_loop(self, monitor: zmq.asyncio.Socket) -> None:
         try:
@@ -115,19 +115,19 @@ class AsyncEngineClient:
         while True:
             try:
                 if await self.sock.poll(1000):
-                    msg = msgpack.unpackb(await self.sock.recv())
+                    msg = decode(await self.sock.recv())
                     self.last_message_time = time.monotonic()
-                    if msg[0] == "out":
-                        for w in msg[1]:
-                            q = self.queues.get(w[0])
+                    if isinstance(msg, Outputs):
+                        for out in msg.outputs:
+                            q = self.queues.get(out.request_id)
                             if q is not None:
-                                q.put_nowait(EngineOutput.from_wire(w))
-                    elif msg[0] == "stats":
+                                q.put_nowait(out)
+                    elif isinstance(msg, Stats):
                         if self.down is None:  # never a late heartbeat of an engine that is gone
-                            self.stats = EngineStats.from_wire(msg[1])
-                    elif msg[0] == "fatal":
-                        self.fatal = msg[1]
-                        self._fail_all(msg[1])
+                            self.stats = msg.stats
+                    elif isinstance(msg, Fatal):
+                        self.fatal = msg.message
+                        self._fail_all(msg.message)
                 elif time.monotonic() - self.last_message_time > self.dead_after_s:
                     self._fail_all(f"the engine has not answered for {self.dead_after_s:.0f} s")
                     await self._hello()  # if it comes back, it will know us again
@@ -174,7 +174,7 @@ class AsyncEngineClient:
         self.queues[request_id] = q
         finished = False
         try:
-            await self._send(["add", request_id, list(prompt_token_ids), params.to_dict(), list(eos_token_ids or [])])
+            await self._send(AddRequest(request_id, list(prompt_token_ids), params.to_dict(), list(eos_token_ids or [])))
             while True:
                 out: EngineOutput = await q.get()
                 finished = out.finished
@@ -186,9 +186,9 @@ class AsyncEngineClient:
                 del self.queues[request_id]
             if not finished and self.sock is not None:
                 try:
-                    await self._send(["abort", [request_id]])
+                    await self._send(Abort([request_id]))
                 except Exception:  # noqa: BLE001 - socket closing during shutdown
                     pass
 
     async def abort(self, request_id: str) -> None:
-        await self._send(["abort", [request_id]])
+        await self._send(Abort([request_id]))

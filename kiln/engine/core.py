@@ -1,9 +1,9 @@
 """The engine core: scheduler + runner in a loop, in-process (EngineCore) or as its own process over ZMQ.
 
-Wire protocol (msgpack over a ZMQ ROUTER socket; each front end is a DEALER):
-  front end -> engine: ["hello", secret, pid] | ["add", request_id, prompt_ids, params_dict, eos_ids]
-                       | ["abort", [ids]]   (nothing is served before a hello with the per-start secret)
-  engine -> front end: ["out", [EngineOutput.to_wire(), ...]] | ["stats", EngineStats.to_wire()]
+Wire protocol: the typed messages of kiln/engine/wire.py over a ZMQ ROUTER socket (each front end is a DEALER):
+  front end -> engine: Hello(secret, pid) | AddRequest | Abort   (nothing is served before a Hello with the
+                       per-start secret)
+  engine -> front end: Outputs | Stats | Fatal
 Stats go to every front end that said hello, at least every HEARTBEAT_S: health checks read them.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from kiln.engine.request import EngineOutput, EngineStats, FinishReason, Request
 from kiln.engine.sampler import PendingSample
 from kiln.engine.scheduler import ScheduledBatch, Scheduler
 from kiln.engine.structured import GrammarCompiler, PendingGrammars
+from kiln.engine.wire import Abort, AddRequest, Fatal, Hello, Message, Outputs, Stats, WireError, decode, encode
 from kiln.errors import ErrorKind
 
 log = logging.getLogger("kiln.engine")
@@ -266,7 +267,7 @@ class EngineCore:
         return EngineStats(time.time(), len(self.scheduler.running),
                            len(self.scheduler.waiting) + len(self.grammars), self.cfg.max_num_seqs,
                            self.kv.num_free_blocks, self.kv.num_blocks, self.cfg.block_size,
-                           self.scheduler.num_preemptions, self.num_steps, ready)
+                           self.scheduler.num_preemptions, self.num_steps, ready, self.max_model_len)
 
     def warmup(self) -> None:
         """Run a max-length prefill and a full-batch decode once, so the first user request is not the slow one."""
@@ -311,7 +312,7 @@ class FrontEnds:
     """Who may talk to the engine, and whose requests are whose.
 
     The socket listens on 127.0.0.1, where any local process can connect. A front end is admitted by a
-    ["hello", secret, pid] message carrying the per-start secret the supervisor hands to its children (never on
+    Hello(secret, pid) message carrying the per-start secret the supervisor hands to its children (never on
     a command line or in the environment); every message from a socket identity that has not been admitted
     is dropped and logged, so a foreign client gets no tokens and no stats.
 
@@ -325,11 +326,10 @@ class FrontEnds:
         self.owner: dict[str, bytes] = {}      # request id -> the identity that added it
         self._refused: set[bytes] = set()
 
-    def admit(self, ident: bytes, msg) -> bool:
+    def admit(self, ident: bytes, msg: Message) -> bool:
         """Handle a hello; True if `ident` is (now) admitted, False if the message must be dropped."""
-        if isinstance(msg, list) and msg and msg[0] == "hello":
-            given = msg[1] if len(msg) > 1 else None
-            pid = msg[2] if len(msg) > 2 else None
+        if isinstance(msg, Hello):
+            given, pid = msg.secret, msg.pid
             if isinstance(given, str) and hmac.compare_digest(given.encode(), self.secret) and \
                     isinstance(pid, int) and not isinstance(pid, bool):
                 self.pid[ident] = pid
@@ -364,7 +364,6 @@ class FrontEnds:
 def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str = "INFO") -> None:
     """Process entry: load the model, then serve the ROUTER socket until SIGTERM/SIGINT or the parent dies.
     Only front ends that say hello with `secret` are served (see FrontEnds)."""
-    import msgpack
     import zmq
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -387,18 +386,16 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
     sock.bind(address)
     fronts = FrontEnds(secret)
     owner = fronts.owner
-    pack, unpack = msgpack.packb, msgpack.unpackb
 
-    def send(ident: bytes, msg) -> None:
+    def send(ident: bytes, msg: Message) -> None:
         try:
-            sock.send_multipart([ident, pack(msg)], flags=zmq.NOBLOCK)
+            sock.send_multipart([ident, encode(msg)], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
     def broadcast_stats(stats: EngineStats) -> None:
-        w = stats.to_wire()
         for c in list(fronts.pid):
-            send(c, ["stats", w])
+            send(c, Stats(stats))
 
     def receive():
         """(identity, message) of each waiting message from an admitted front end; hellos are answered
@@ -413,9 +410,9 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
                 continue
             ident, raw = frames
             try:
-                msg = unpack(raw)
-            except Exception:  # noqa: BLE001 - not msgpack: not one of ours
-                fronts.refuse(ident, "a message that is not msgpack")
+                msg = decode(raw)
+            except WireError as e:  # not one of ours
+                fronts.refuse(ident, f"a message that is not of the engine protocol ({e})")
                 continue
             if fronts.admit(ident, msg):
                 yield ident, msg
@@ -440,10 +437,10 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
             return
         if poller.poll(100):
             for ident, msg in receive():
-                if msg[0] == "add":
-                    send(ident, ["out", [EngineOutput(msg[1], [], True, "error", 0, error="the engine is still "
-                                                      "loading the model, try again shortly",
-                                                      error_type=ErrorKind.NOT_READY).to_wire()]])
+                if isinstance(msg, AddRequest):
+                    send(ident, Outputs([EngineOutput(msg.request_id, [], True, "error", 0, error="the engine is "
+                                                      "still loading the model, try again shortly",
+                                                      error_type=ErrorKind.NOT_READY)]))
         fronts.reap()
         broadcast_stats(EngineStats(timestamp=time.time(), max_batch_size=cfg.max_num_seqs, ready=False))
     core, load_error = box.get("core"), box.get("error")
@@ -451,7 +448,7 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
     if core is None:
         # stay up long enough to tell the front ends why, then exit non-zero
         for c in list(fronts.pid):
-            send(c, ["fatal", f"engine failed to start: {load_error}"])
+            send(c, Fatal(f"engine failed to start: {load_error}"))
         time.sleep(0.5)
         sock.close()
         ctx.term()
@@ -462,25 +459,24 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
         busy = core.has_unfinished()
         if poller.poll(0 if busy else int(HEARTBEAT_S * 1000)):
             for ident, msg in receive():
-                kind = msg[0]
-                if kind == "hello":
-                    send(ident, ["stats", core.stats().to_wire()])
-                elif kind == "add":
-                    _, rid, prompt, params, eos = msg
+                if isinstance(msg, Hello):
+                    send(ident, Stats(core.stats()))
+                elif isinstance(msg, AddRequest):
+                    rid, prompt = msg.request_id, msg.prompt_token_ids
                     try:
-                        err = core.add_request(rid, prompt, SamplingParams.from_dict(params), eos)
+                        err = core.add_request(rid, prompt, SamplingParams.from_dict(msg.params), msg.eos_token_ids)
                     except (ValueError, TypeError) as e:
-                        err = EngineOutput(rid, [], True, "error", len(prompt), error=str(e),
-                                           error_type=ErrorKind.INVALID)
+                        err = EngineOutput(rid, [], True, "error", len(prompt) if isinstance(prompt, list) else 0,
+                                           error=str(e), error_type=ErrorKind.INVALID)
                     if err is not None:
-                        send(ident, ["out", [err.to_wire()]])
+                        send(ident, Outputs([err]))
                     else:
                         owner[rid] = ident
-                elif kind == "abort":
-                    ids = [r for r in msg[1] if owner.get(r) == ident]
+                elif isinstance(msg, Abort):
+                    ids = [r for r in msg.request_ids if isinstance(r, str) and owner.get(r) == ident]
                     for out in core.abort(ids):
                         owner.pop(out.request_id, None)
-                        send(ident, ["out", [out.to_wire()]])
+                        send(ident, Outputs([out]))
         if core.has_unfinished():
             try:
                 outs = core.step()
@@ -494,9 +490,9 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
                 if out.finished:
                     owner.pop(out.request_id, None)
                 if ident is not None:
-                    per_client.setdefault(ident, []).append(out.to_wire())
+                    per_client.setdefault(ident, []).append(out)
             for ident, batch in per_client.items():
-                send(ident, ["out", batch])
+                send(ident, Outputs(batch))
         now = time.monotonic()
         if now - last_stats >= HEARTBEAT_S / 2:
             last_stats = now

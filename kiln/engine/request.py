@@ -181,14 +181,6 @@ class EngineOutput:
         if self.error_type is not None:
             self.error_type = as_kind(self.error_type)
 
-    def to_wire(self) -> list[Any]:
-        return [self.request_id, self.new_token_ids, self.finished, self.finish_reason, self.num_prompt_tokens,
-                self.logprobs, self.error, self.error_type, self.error_args, self.queue_time]
-
-    @classmethod
-    def from_wire(cls, w: list[Any]) -> "EngineOutput":
-        return cls(*w)
-
 
 @dataclass
 class EngineStats:
@@ -204,10 +196,8 @@ class EngineStats:
     num_preemptions_total: int = 0
     num_steps_total: int = 0
     ready: bool = False                # model loaded and warm-up done
+    # prompt + output tokens a sequence may hold (0 while loading): the one limit every front end reads
+    max_model_len: int = 0
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> "EngineStats":
-        return cls(**d)

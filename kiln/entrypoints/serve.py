@@ -224,7 +224,7 @@ class Supervisor:
 
     def stats(self) -> dict:
         s = getattr(self.client, "stats", None)
-        out = s.to_wire() if s is not None else {}
+        out = s.to_dict() if s is not None else {}
         out["supervisor_pid"] = os.getpid()
         out["processes"] = [{"name": c.name, "kind": c.kind, "pid": c.proc.pid, "alive": c.proc.is_alive(),
                              "restarts": c.restarts} for c in self.children]
