@@ -38,9 +38,15 @@ def host_group():
     return _host_group
 
 
-def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _tp_size > 1:
-        dist.all_reduce(x, op=op)
+        dist.all_reduce(x)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if _tp_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 

@@ -83,10 +83,13 @@ class Linear(nn.Module):
     def quantize_int8(self) -> None:
         """Per-output-channel symmetric int8; the bf16 weight is dropped (half the bytes per decode step)."""
         w = self.weight.data.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        scale = self._channel_absmax(w).clamp(min=1e-8) / 127.0
         self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.scale = scale
         self.weight = None
+
+    def _channel_absmax(self, w: torch.Tensor) -> torch.Tensor:
+        return w.abs().amax(dim=1)
 
     def pack_int4_if_lossless(self, dtype: torch.dtype) -> bool:
         """CPU only: store a weight that is exactly 4-bit per group of 32 (a Q4 GGUF's blocks) as torch's packed
@@ -116,26 +119,40 @@ class Linear(nn.Module):
 
 
 class ColumnParallelLinear(Linear):
-    """Output features split across ranks. `output_sizes` lists fused sub-projections (e.g. q, k, v)."""
+    """Output features split across ranks. `output_sizes` lists fused sub-projections (e.g. q, k, v);
+    `replicas[i]` ranks hold the same slice of sub-projection i (1: split over all ranks)."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 replicas: list[int] | None = None):
         tp = tpd.tp_size()
-        for s in output_sizes:
-            if s % tp:
+        self.replicas = replicas or [1] * len(output_sizes)
+        for s, r in zip(output_sizes, self.replicas):
+            if s % (tp // r):
                 raise ValueError(f"output size {s} is not divisible by the tensor-parallel size {tp}")
-        self.output_sizes = [s // tp for s in output_sizes]
+        self.full_sizes = list(output_sizes)
+        self.output_sizes = [s // (tp // r) for s, r in zip(output_sizes, self.replicas)]
         super().__init__(in_features, sum(self.output_sizes), bias)
 
     def load_weight(self, param, loaded, shard_id=None):
         idx = 0 if shard_id is None else shard_id
         size = self.output_sizes[idx]
         offset = sum(self.output_sizes[:idx])
-        full = size * tpd.tp_size()
+        full = self.full_sizes[idx]
         if loaded.shape[0] != full or loaded.shape[1:] != param.shape[1:]:
             raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected ({full}, "
                              f"{', '.join(map(str, param.shape[1:]))})")
-        shard = loaded.narrow(0, tpd.tp_rank() * size, size)
+        shard = loaded.narrow(0, tpd.tp_rank() // self.replicas[idx] * size, size)
         param.data.narrow(0, offset, size).copy_(shard)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v fused and split by heads. KV heads fewer than the ranks are replicated, as in vLLM: rank r
+    holds KV head r // (ranks / KV heads), the one its query heads read."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool = False):
+        kv_replicas = max(1, tpd.tp_size() // num_kv_heads)
+        super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias,
+                         replicas=[1, kv_replicas, kv_replicas])
 
 
 class RowParallelLinear(Linear):
@@ -156,6 +173,10 @@ class RowParallelLinear(Linear):
             raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected "
                              f"({param.shape[0]}, {size * tpd.tp_size()})")
         param.data.copy_(loaded.narrow(1, tpd.tp_rank() * size, size))
+
+    def _channel_absmax(self, w: torch.Tensor) -> torch.Tensor:
+        # int8 scales over the whole row, not this rank's part: the same weights as on one rank
+        return tpd.all_reduce_max(super()._channel_absmax(w))
 
     def forward(self, x):
         return tpd.all_reduce(super().forward(x))

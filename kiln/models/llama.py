@@ -11,7 +11,7 @@ from torch import nn
 
 from kiln import distributed as tpd
 from kiln.layers.attention import AttentionMetadata, LayerKVCache
-from kiln.layers.linear import ColumnParallelLinear, RowParallelLinear, VocabEmbedding
+from kiln.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabEmbedding
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rope import RotaryEmbedding
 from kiln.models.config import ModelConfig
@@ -24,11 +24,10 @@ class Attention(nn.Module):
         if cfg.num_heads % tp or (cfg.num_kv_heads % tp and tp % cfg.num_kv_heads):
             raise ValueError(f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads cannot be split over {tp} ranks")
         self.num_heads = cfg.num_heads // tp
-        self.num_kv_heads = max(1, cfg.num_kv_heads // tp)
+        self.num_kv_heads = max(1, cfg.num_kv_heads // tp)  # fewer KV heads than ranks: one replicated head
         self.head_dim = cfg.head_dim
         d = cfg.head_dim
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.num_heads * d, cfg.num_kv_heads * d,
-                                                               cfg.num_kv_heads * d], bias=cfg.qkv_bias)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, d, bias=cfg.qkv_bias)
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None

@@ -1,31 +1,209 @@
-"""Tensor parallelism (MP_NUM=2) over gloo on CPU: same greedy tokens as one rank, and as transformers."""
+"""Tensor parallelism (MP_NUM) over gloo on CPU: the same greedy tokens as one rank (and as transformers) for
+every architecture, with async scheduling on and off, under preemption, with replicated KV heads (MP_NUM=4 over
+2 KV heads) and with int8 weights; logits only for the rows that sample; clear errors when MP_NUM does not fit."""
 from __future__ import annotations
 
-import pytest
+import logging
 
+import pytest
+import torch
+
+from kiln import distributed as tpd
 from kiln.engine.config import EngineConfig
 from kiln.engine.core import EngineCore
 from kiln.engine.request import SamplingParams
+from kiln.engine.tp import check_fit, weight_bytes_per_rank
+from kiln.layers.linear import QKVParallelLinear
+from kiln.models.config import ModelConfig
 from tests.helpers.tiny_models import hf_greedy, write_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 47)), [100, 3, 100]]
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+def make_core(model_dir, tp: int, **kw) -> EngineCore:
+    cfg = dict(model=str(model_dir), dtype="float32", block_size=16, num_gpu_blocks=32, device="cpu",
+               tensor_parallel_size=tp)
+    cfg.update(kw)
+    return EngineCore(EngineConfig(**cfg))
+
+
+def generate(core: EngineCore, prompts, sp=GREEDY, tag: str = "") -> list[list[int]]:
+    for i, p in enumerate(prompts):
+        assert core.add_request(f"{tag}{i}", p, sp) is None
+    outs = {f"{tag}{i}": [] for i in range(len(prompts))}
+    steps = 0
+    while core.has_unfinished():
+        steps += 1
+        assert steps < 2000, "the engine did not finish"
+        for o in core.step():
+            outs[o.request_id] += o.new_token_ids
+    assert core.kv.num_free_blocks == core.kv.num_blocks  # every block came back
+    return [outs[f"{tag}{i}"] for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: qkv bias and tied (vocab-split) embeddings
 def test_two_ranks_match_transformers(arch, tmp_path):
     d = write_tiny_model(arch, tmp_path / arch)
     ref = hf_greedy(d, PROMPTS, 16)
-    core = EngineCore(EngineConfig(model=str(d), dtype="float32", block_size=16, num_gpu_blocks=32,
-                                   tensor_parallel_size=2, device="cpu"))
+    core = make_core(d, 2)
     try:
-        sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-        for i, p in enumerate(PROMPTS):
-            assert core.add_request(str(i), p, sp) is None
-        outs = {str(i): [] for i in range(len(PROMPTS))}
-        while core.has_unfinished():
-            for o in core.step():
-                outs[o.request_id] += o.new_token_ids
-        assert [outs[str(i)] for i in range(len(PROMPTS))] == ref
+        assert generate(core, PROMPTS) == ref
         assert core.runner.model.model.layers[0].self_attn.num_heads == 2  # really sharded: 4 heads / 2 ranks
     finally:
         core.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_two_ranks_equal_one_rank_async_and_sync(arch, tmp_path, monkeypatch, caplog):
+    """Chunked prefill (24 tokens a step) so that some steps sample nothing and some read in-flight tokens."""
+    d = write_tiny_model(arch, tmp_path / arch)
+    kw = dict(max_num_batched_tokens=24, max_num_seqs=4, enable_prefix_caching=False)
+    one = make_core(d, 1, async_scheduling=False, **kw)
+    try:
+        ref = generate(one, PROMPTS)
+    finally:
+        one.close()
+    caplog.set_level(logging.INFO, logger="kiln.tp")
+    core = make_core(d, 2, async_scheduling=True, **kw)
+    try:
+        assert core.async_scheduling
+        assert generate(core, PROMPTS, tag="async") == ref
+        assert core.num_overlapped_steps > 0  # steps really were queued before the last one's ids were read
+
+        # synchronous steps on the same ranks; and only the rows that sample reach the LM head's all-gather
+        gathered = []
+        gather = tpd.all_gather_last_dim
+
+        def counting_gather(x):
+            gathered.append(x.shape[0])
+            return gather(x)
+        monkeypatch.setattr(tpd, "all_gather_last_dim", counting_gather)
+        core.async_scheduling = False
+        out = generate(core, PROMPTS, tag="sync")
+        assert out == ref
+        assert sum(gathered) == sum(map(len, out))  # one row per sampled token: prefill chunks gather nothing
+    finally:
+        core.close()
+    plans = [r.getMessage() for r in caplog.records if "memory plan" in r.getMessage()]
+    assert [p.split(":")[0] for p in plans] == ["memory plan, rank 0 of 2", "memory plan, rank 1 of 2"]
+    assert all("weights" in p and "KV cache" in p and "(32 blocks)" in p and "activations" in p for p in plans)
+
+
+def test_two_ranks_under_preemption(tmp_path):
+    """8 blocks of 16 tokens for four requests that grow to 3-4 blocks each: some are preempted and recomputed."""
+    d = write_tiny_model("llama", tmp_path / "llama")
+    prompts = PROMPTS + [list(range(200, 230))]
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    kw = dict(num_gpu_blocks=8, max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=False)
+    one = make_core(d, 1, async_scheduling=False, **kw)
+    try:
+        ref = generate(one, prompts, sp)
+    finally:
+        one.close()
+    core = make_core(d, 2, async_scheduling=True, **kw)
+    try:
+        assert generate(core, prompts, sp) == ref
+        assert core.scheduler.num_preemptions > 0
+    finally:
+        core.close()
+
+
+def test_four_ranks_replicate_two_kv_heads(tmp_path):
+    d = write_tiny_model("qwen3", tmp_path / "qwen3")  # 4 heads, 2 KV heads, q/k norm
+    one = make_core(d, 1, async_scheduling=False)
+    try:
+        ref = generate(one, PROMPTS)
+    finally:
+        one.close()
+    core = make_core(d, 4, async_scheduling=True)
+    try:
+        attn = core.runner.model.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads) == (1, 1)
+        assert core.runner.kv_tensor.shape[-2] == 1  # one KV head's cache per rank
+        assert generate(core, PROMPTS) == ref
+    finally:
+        core.close()
+
+
+def test_two_ranks_int8_weights_equal_one_rank(tmp_path):
+    """w8a16: column shards keep their rows' scales; row-parallel shards take the whole row's scale (a MAX
+    all-reduce), so the int8 weights are the ones a single rank holds."""
+    d = write_tiny_model("qwen2", tmp_path / "qwen2")
+    one = make_core(d, 1, quantization="w8a16", async_scheduling=False)
+    try:
+        ref = generate(one, PROMPTS)
+        ref_scale = one.runner.model.model.layers[0].mlp.down_proj.scale.clone()
+    finally:
+        one.close()
+    core = make_core(d, 2, quantization="w8a16", async_scheduling=True)
+    try:
+        assert torch.equal(core.runner.model.model.layers[0].mlp.down_proj.scale, ref_scale)
+        assert core.runner.model.model.layers[0].self_attn.qkv_proj.qweight is not None
+        assert generate(core, PROMPTS) == ref
+    finally:
+        core.close()
+
+
+# -- sharding of q/k/v with replicated KV heads (no process group needed: loading is local) -------------------
+@pytest.mark.parametrize("rank,kv_head", [(0, 0), (1, 0), (2, 1), (3, 1)])
+def test_qkv_shard_takes_the_replicated_kv_head_of_its_query_heads(rank, kv_head, monkeypatch):
+    monkeypatch.setattr(tpd, "_tp_rank", rank)
+    monkeypatch.setattr(tpd, "_tp_size", 4)
+    d, hidden = 2, 3
+    layer = QKVParallelLinear(hidden, num_heads=4, num_kv_heads=2, head_dim=d, bias=True)
+    q = torch.arange(4 * d * hidden, dtype=torch.float32).view(4 * d, hidden)
+    k, v = q[:2 * d] + 1000, q[:2 * d] + 2000
+    for shard, w in enumerate((q, k, v)):
+        layer.load_weight(layer.weight, w, shard)
+        layer.load_weight(layer.bias, w[:, 0], shard)
+    rows = slice(rank * d, (rank + 1) * d), slice(kv_head * d, (kv_head + 1) * d)
+    expect = torch.cat([q[rows[0]], k[rows[1]], v[rows[1]]])
+    assert torch.equal(layer.weight.data, expect)
+    assert torch.equal(layer.bias.data, expect[:, 0])
+
+
+# -- start-up errors ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    d = write_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+    return d, ModelConfig.from_dir(d)  # 4 heads, 2 KV heads, intermediate 128
+
+
+def test_heads_that_do_not_split_name_the_numbers_and_what_works(tiny_config):
+    _, mc = tiny_config
+    with pytest.raises(ValueError) as e:
+        check_fit(mc, 3, torch.float32, None)
+    assert str(e.value) == ("MP_NUM=3 does not fit the model: 4 attention heads cannot be split over 3 ranks (4 "
+                            "heads, 2 KV heads, intermediate size 128); MP_NUM=1 or 2 or 4 would work")
+
+
+def test_more_ranks_than_gpus(tiny_config):
+    _, mc = tiny_config
+    with pytest.raises(ValueError, match=r"^MP_NUM=4 needs 4 GPUs, 2 visible .*; MP_NUM=1 or 2 would work$"):
+        check_fit(mc, 4, torch.bfloat16, None, visible_gpus=2, gpu_bytes=80 << 30)
+
+
+def test_memory_split_that_cannot_hold_the_model():
+    """A Llama-3-70B shape in bf16 on 40 GiB GPUs: about 66 GiB a rank over 2, 33 GiB over 4."""
+    mc = ModelConfig("LlamaForCausalLM", 128256, 8192, 28672, 80, 64, 8, 128, 1e-5, 5e5, None, 8192, False,
+                     False, False, "bfloat16", [])
+    assert 130 << 30 < weight_bytes_per_rank(mc, 1, torch.bfloat16, None) < 132 << 30  # 70.6e9 parameters
+    with pytest.raises(ValueError) as e:
+        check_fit(mc, 2, torch.bfloat16, None, visible_gpus=8, gpu_bytes=40 << 30)
+    msg = str(e.value)
+    assert msg.startswith("MP_NUM=2 does not fit in GPU memory: each rank holds 65.")
+    assert "MP_NUM=4 or 8 would work (or use w8a16 quantization)" in msg
+    check_fit(mc, 4, torch.bfloat16, None, visible_gpus=8, gpu_bytes=40 << 30)  # fits: no error
+    check_fit(mc, 2, torch.bfloat16, "w8a16", visible_gpus=8, gpu_bytes=40 << 30)  # int8: ~33 GiB a rank
+
+
+def test_engine_refuses_mp_num_that_does_not_fit_before_starting_ranks(tiny_config, monkeypatch):
+    d, _ = tiny_config
+    import kiln.engine.tp as tp
+
+    def no_ranks():
+        raise AssertionError("worker ranks were started")
+    monkeypatch.setattr(tp, "_free_port", no_ranks)  # the first step of starting them
+    with pytest.raises(ValueError, match="MP_NUM=3 does not fit the model"):
+        make_core(d, 3)
