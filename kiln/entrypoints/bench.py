@@ -22,6 +22,10 @@ PRESETS = {
                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
                       bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False, torch_dtype="bfloat16"),
+    "llama3-70b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=8192,
+                       intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False, torch_dtype="bfloat16"),
     "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=3584,
                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
@@ -123,7 +127,7 @@ def _engine(args):
                        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
                        use_cuda_graph=not args.enforce_eager, attention_backend=args.attention_backend,
-                       device=args.device, max_waiting=1 << 30,
+                       device=args.device, max_waiting=1 << 30, tensor_parallel_size=args.tensor_parallel_size,
                        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling])
     return EngineCore(cfg)
 
@@ -441,6 +445,7 @@ def _engine_args(p):
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--tensor-parallel-size", "--mp-num", type=int, default=1, help="GPUs per model (MP_NUM)")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="queue step N+1 before step N's ids reach the host (auto: on with CUDA)")
     p.add_argument("--compare-hf", action="store_true", help="run the same workload through transformers too")

@@ -121,6 +121,8 @@ def test_four_ranks_replicate_two_kv_heads(tmp_path):
         attn = core.runner.model.model.layers[0].self_attn
         assert (attn.num_heads, attn.num_kv_heads) == (1, 1)
         assert core.runner.kv_tensor.shape[-2] == 1  # one KV head's cache per rank
+        # the start-up check's estimate of a rank's weights is what a rank really holds
+        assert core.runner.weight_bytes == weight_bytes_per_rank(core.runner.model_config, 4, torch.float32, None)
         assert generate(core, PROMPTS) == ref
     finally:
         core.close()
@@ -140,6 +142,7 @@ def test_two_ranks_int8_weights_equal_one_rank(tmp_path):
     try:
         assert torch.equal(core.runner.model.model.layers[0].mlp.down_proj.scale, ref_scale)
         assert core.runner.model.model.layers[0].self_attn.qkv_proj.qweight is not None
+        assert core.runner.weight_bytes == weight_bytes_per_rank(core.runner.model_config, 2, torch.float32, "w8a16")
         assert generate(core, PROMPTS) == ref
     finally:
         core.close()
