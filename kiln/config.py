@@ -332,8 +332,6 @@ class KilnConfig:
 
     # --- worked out at start-up (KilnConfig.resolve) ---------------------------------------------------
     model_path: str | None = derived()      # the resolved Hugging Face model directory
-    max_model_len: int | None = derived()   # prompt + output cap: MAX_SEQ_LEN + MAX_DEC_LEN, capped by the model
-    model_max_len: int | None = derived()   # the model's own limit (max_position_embeddings)
     engine_secret: str | None = derived()   # per start, set by the supervisor: admits front ends to the engine
 
     # ------------------------------------------------------------------------------------------------
@@ -429,8 +427,9 @@ class KilnConfig:
         return Path(self.fd_log_dir)
 
     def resolve(self) -> "KilnConfig":
-        """Find the model (converting the bundled/GGUF one once) and work out the length limits.
-        Raises ConfigError with one line when the model is missing or unusable."""
+        """Find the model (converting the bundled/GGUF one once) and check its config.json (the length limit is
+        the engine's to work out: EngineStats.max_model_len). Raises ConfigError with one line when the model is
+        missing or unusable."""
         from kiln.models.default_model import resolve_model_path
 
         if self.model_dir is not None and not Path(self.model_dir).expanduser().exists():
@@ -451,10 +450,6 @@ class KilnConfig:
             raise ConfigError(f"FD_MODEL_CONFIG_PATH={str(cfg_path)!r}: cannot read it ({e})") from None
         if not isinstance(mc, dict):
             raise ConfigError(f"FD_MODEL_CONFIG_PATH={str(cfg_path)!r}: not a JSON object")
-        model_max = mc.get("max_position_embeddings") or mc.get("max_sequence_length") or mc.get("seq_length")
-        self.model_max_len = int(model_max) if model_max else None
-        want = self.max_seq_len + self.max_dec_len
-        self.max_model_len = min(want, self.model_max_len) if self.model_max_len else want
         return self
 
     def to_engine_config(self) -> EngineConfig:
@@ -466,7 +461,8 @@ class KilnConfig:
             load_format=self.load_format,
             device=self.device,
             seed=self.seed,
-            max_model_len=self.max_model_len or (self.max_seq_len + self.max_dec_len),
+            # the engine caps it by the model's own length and publishes the result (EngineStats.max_model_len)
+            max_model_len=self.max_seq_len + self.max_dec_len,
             max_num_seqs=self.batch_size,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_waiting=self.max_cached_task_num,

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Sequence
 from kiln.config import KilnConfig
 from kiln.engine.request import SamplingParams
 from kiln.errors import SEED_CODE_TIMEOUT, ErrorKind, RequestError, as_kind, seed_message
+from kiln.server.sampling import Limits
 
 log = logging.getLogger("kiln.frontend")
 request_log = logging.getLogger("kiln.requests")
@@ -172,7 +173,6 @@ class Frontend:
         self.observer = _Observers(observers)
         self.max_seq_len = cfg.max_seq_len
         self.max_dec_len = cfg.max_dec_len
-        self.max_model_len = cfg.max_model_len or (cfg.max_seq_len + cfg.max_dec_len)
         self.eos_token_ids = list(getattr(tokenizer, "eos_token_ids", []) or [])
         self.model_name = cfg.model_name
         self.created = int(time.time())
@@ -269,23 +269,33 @@ class Frontend:
             return toks[0] if toks and toks[0] is not None else s
         return s
 
-    async def _wait_engine_ready(self, deadline: float | None, record: RequestRecord) -> None:
-        """Requests that arrive while the model loads wait for it (within their deadline)."""
+    async def _wait_engine_ready(self, deadline: float | None) -> Any:
+        """The engine's stats once it is ready: requests that arrive while the model loads wait for it (within
+        their deadline). Raises RequestError (not_ready) when it is down or not ready in time."""
         stats = getattr(self.client, "stats", None)
         if stats is not None and stats.ready and not getattr(self.client, "fatal", None):
-            return
-        err = None
+            return stats
         try:
             timeout = 600.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            await self.client.wait_ready(timeout)
+            return await self.client.wait_ready(timeout)
         except TimeoutError:
-            err = RequestError("the model is still loading: the engine was not ready within the request's "
-                               "timeout", ErrorKind.NOT_READY, SEED_CODE_TIMEOUT)
+            raise RequestError("the model is still loading: the engine was not ready within the request's "
+                               "timeout", ErrorKind.NOT_READY, SEED_CODE_TIMEOUT) from None
         except Exception as e:  # noqa: BLE001 - EngineDeadError
-            err = RequestError(f"infer engine is down: {e}", ErrorKind.NOT_READY)
-        if err is not None:
-            self.reject(record, err)
-            raise err
+            raise RequestError(f"infer engine is down: {e}", ErrorKind.NOT_READY) from None
+
+    @property
+    def max_model_len(self) -> int | None:
+        """Prompt + new tokens per sequence, as the engine publishes it (None until it has)."""
+        stats = getattr(self.client, "stats", None)
+        return stats.max_model_len if stats is not None and stats.max_model_len else None
+
+    async def limits(self, timeout: float | None = None) -> Limits:
+        """The length limits a request is checked against: MAX_SEQ_LEN and MAX_DEC_LEN (this server's
+        settings) and the engine's max_model_len, waiting up to `timeout` s for an engine that is loading."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stats = await self._wait_engine_ready(deadline)
+        return Limits(self.max_seq_len, self.max_dec_len, stats.max_model_len)
 
     # -- the stream ------------------------------------------------------------------------------------
     async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
@@ -305,7 +315,11 @@ class Frontend:
         eos = list(dict.fromkeys(list(eos_token_ids) + self.eos_token_ids))
         state = state if state is not None else GenerationState()
         record.num_prompt_tokens = len(prompt_token_ids)
-        await self._wait_engine_ready(deadline, record)
+        try:
+            await self._wait_engine_ready(deadline)
+        except RequestError as e:
+            self.reject(record, e)
+            raise
         gen = self.client.generate(request_id, prompt_token_ids, params, eos)
         engine_done = False
         n_out = 0

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kiln.engine.request import INT64_MAX, INT64_MIN, UINT64_MAX, SamplingParams
 from kiln.errors import ErrorKind, RequestError
 from kiln.server.frontend import Frontend
+from kiln.server.sampling import LengthWording, Limits, build_sampling_params
 from kiln.server.seed_protocol import normalize_messages
 from kiln.server.structured_api import structured_outputs
 from kiln.server.tool_parsers import ToolCallError, ToolPlan, check_tool_messages, plan_tools, select_parser
@@ -159,52 +160,36 @@ def _parse(model_cls, body: Any):
         raise _bad(msg, param) from None
 
 
-def _params(req: _Common, frontend: Frontend, prompt_len: int, max_tokens: int | None, default_max: int,
-            logprobs: int | None) -> SamplingParams:
-    cfg_max_dec, max_len, max_seq = frontend.max_dec_len, frontend.max_model_len, frontend.max_seq_len
+# OpenAI's words for the length checks (kiln.server.sampling)
+OPENAI_LENGTH_WORDING = LengthWording(
+    prompt_over_seq=("The prompt has {n} tokens, more than the limit MAX_SEQ_LEN ({max_seq}). Please reduce the "
+                     "length of the prompt.", ErrorKind.TOO_LONG, "prompt"),
+    max_over_limit=("max_tokens ({max_tokens}) exceeds the limit MAX_DEC_LEN ({limit})", ErrorKind.INVALID,
+                    "max_tokens"),
+    total_over_len=("This model's maximum context length is {max_len} tokens. However, you requested {total} tokens "
+                    "({n} in the prompt, {max_tokens} in the completion). Please reduce the length of the prompt or "
+                    "completion.", ErrorKind.TOO_LONG, "max_tokens"),
+    min_over_max=("min_tokens ({min_tokens}) must not be greater than max_tokens ({max_tokens})", ErrorKind.INVALID,
+                  "min_tokens"),
+)
+
+
+def _params(req: _Common, frontend: Frontend, limits: Limits, prompt_len: int, max_tokens: int | None,
+            default_max: int | None, logprobs: int | None) -> SamplingParams:
     if prompt_len == 0:
         raise _bad("The prompt is empty", "prompt")
-    if prompt_len > max_seq:
-        raise RequestError(f"The prompt has {prompt_len} tokens, more than the limit MAX_SEQ_LEN ({max_seq}). "
-                           f"Please reduce the length of the prompt.", "too_long", 400, "prompt")
-    if max_tokens is None:
-        max_tokens = max(1, min(default_max, max_len - prompt_len, cfg_max_dec))
-    if max_tokens > cfg_max_dec:
-        raise _bad(f"max_tokens ({max_tokens}) exceeds the limit MAX_DEC_LEN ({cfg_max_dec})", "max_tokens")
-    if prompt_len + max_tokens > max_len:
-        raise RequestError(f"This model's maximum context length is {max_len} tokens. However, you requested "
-                           f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
-                           f"completion). Please reduce the length of the prompt or completion.", "too_long", 400,
-                           "max_tokens")
-    if req.min_tokens > max_tokens:
-        raise _bad(f"min_tokens ({req.min_tokens}) must not be greater than max_tokens ({max_tokens})", "min_tokens")
     if req.logit_bias:
         raise _bad("logit_bias is not supported", "logit_bias")
     stop_token_ids = check_token_ids(req.stop_token_ids or [], getattr(frontend.tokenizer, "vocab_size", None),
                                      "stop_token_ids")
-    temperature = 1.0 if req.temperature is None else req.temperature
-    top_p = 1.0 if req.top_p is None else req.top_p
-    greedy = temperature == 0 or top_p == 0
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            min_tokens=req.min_tokens,
-            temperature=0.0 if greedy else temperature,
-            top_p=1.0 if greedy else top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            presence_penalty=req.presence_penalty or 0.0,
-            seed=req.seed,
-            stop=[s for s in stop if s],
-            stop_token_ids=stop_token_ids,
-            ignore_eos=req.ignore_eos,
-            logprobs=logprobs,
-        )
-    except (ValueError, TypeError) as e:
-        raise _bad(str(e)) from None
+    return build_sampling_params(
+        limits, prompt_len, OPENAI_LENGTH_WORDING, max_tokens=max_tokens, min_tokens=req.min_tokens,
+        default_max_tokens=default_max, temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0, frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0, seed=req.seed, stop=[s for s in stop if s],
+        stop_token_ids=stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs)
 
 
 async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
@@ -240,7 +225,8 @@ async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
                                                size=size)
     else:
         texts = [tok.decode(x, skip_special_tokens=False) for x in prompts]
-    params = [_params(req, frontend, len(ids), req.max_tokens, 16, req.logprobs) for ids in prompts]
+    limits = await frontend.limits(req.timeout or frontend.cfg.request_timeout)
+    params = [_params(req, frontend, limits, len(ids), req.max_tokens, 16, req.logprobs) for ids in prompts]
     for sp in params:
         sp.structured = structured
     so = req.stream_options
@@ -272,7 +258,8 @@ async def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
         raise _bad(str(e), "messages") from None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = _params(req, frontend, len(ids), max_tokens, frontend.max_dec_len, logprobs)
+    limits = await frontend.limits(req.timeout or frontend.cfg.request_timeout)
+    params = _params(req, frontend, limits, len(ids), max_tokens, None, logprobs)
     params.structured = structured
     if tool_plan is not None and tool_plan.schema is not None:
         params.structured = _tool_call(tool_plan.structured_spec)

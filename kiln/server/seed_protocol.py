@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 from kiln.engine.request import INT64_MAX, SamplingParams
 from kiln.errors import ErrorKind, RequestError
 from kiln.server.frontend import Frontend, GenerationState, RequestRecord
+from kiln.server.sampling import LengthWording, build_sampling_params
 from kiln.server.structured_api import structured_outputs
 from kiln.server.validation import check_int, check_prompt_chars, check_token_ids, prompt_char_bound
 
@@ -29,6 +30,21 @@ DEFAULT_TEMPERATURE = 0.95
 DEFAULT_PENALTY_SCORE = 1.0
 DEFAULT_FREQUENCY_SCORE = 0.0
 DEFAULT_PRESENCE_SCORE = 0.0
+
+# the seed's words for the length checks (spec section 3, steps 7-9)
+SEED_LENGTH_WORDING = LengthWording(
+    min_leaves_no_room=("Input text is too long, input_ids_len ({n}) + min_dec_len ({min_tokens}) >= max_seq_len "
+                        "({max_len})", ErrorKind.TOO_LONG, None),
+    prompt_over_seq=("Length of input token({n}) exceeds the limit MAX_SEQ_LEN({max_seq}).", ErrorKind.TOO_LONG, None),
+    max_over_limit=("The parameter max_dec_len({max_tokens}) exceeds the limit MAX_DEC_LEN({limit}).",
+                    ErrorKind.INVALID, "max_dec_len"),
+    min_over_limit=("The parameter min_dec_len({min_tokens}) exceeds the limit MAX_DEC_LEN({limit}).",
+                    ErrorKind.INVALID, "min_dec_len"),
+    total_over_len=("Input text is too long, input_ids_len ({n}) + max_dec_len ({max_tokens}) > max_seq_len "
+                    "({max_len})", ErrorKind.TOO_LONG, None),
+    min_over_max=("The `min_dec_len` ({min_tokens}) must not be greater than `max_dec_len` ({max_tokens})",
+                  ErrorKind.INVALID, "min_dec_len"),
+)
 
 
 @dataclass
@@ -188,6 +204,11 @@ def check_basic_params(d: dict) -> None:
         raise _fail("The `stream` must be a boolean", param="stream")
 
 
+def _value(d: dict, key: str, default: float) -> float:
+    v = d.get(key)
+    return default if v is None else float(v)
+
+
 def _number(d: dict, key: str, default: float, lo: float | None = None, hi: float | None = None,
             lo_open: bool = False) -> float:
     v = d.get(key, default)
@@ -251,8 +272,8 @@ async def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "nativ
 
     cfg = frontend.cfg
     min_dec_len = d.get("min_dec_len", DEFAULT_MIN_DEC_LEN)
-    topp = _number(d, "topp", DEFAULT_TOPP, 0.0, 1.0)
-    temperature = _number(d, "temperature", DEFAULT_TEMPERATURE, 0.0)
+    topp = _value(d, "topp", DEFAULT_TOPP)                       # both checked by check_basic_params
+    temperature = _value(d, "temperature", DEFAULT_TEMPERATURE)
     penalty = _number(d, "penalty_score", DEFAULT_PENALTY_SCORE, 0.0, lo_open=True)
     frequency = _number(d, "frequency_score", DEFAULT_FREQUENCY_SCORE, -2.0, 2.0)
     presence = _number(d, "presence_score", DEFAULT_PRESENCE_SCORE, -2.0, 2.0)
@@ -310,50 +331,15 @@ async def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "nativ
     if not prompt:
         raise _fail("The prompt is empty after tokenization")
 
-    max_seq_len, max_dec_limit, max_len = frontend.max_seq_len, frontend.max_dec_len, frontend.max_model_len
-    if truncate and from_text and len(prompt) > max_seq_len:
-        prompt = prompt[:max_seq_len]  # the seed's enable_text_truncate keeps the head
-    n = len(prompt)
-    max_dec_len = d.get("max_dec_len")
-    if max_dec_len is None:  # step 6
-        max_dec_len = max(1, min(max_len - n, max_dec_limit))
-    if n + min_dec_len >= max_len:  # step 7
-        raise _fail(f"Input text is too long, input_ids_len ({n}) + min_dec_len ({min_dec_len}) >= "
-                    f"max_seq_len ({max_len})", "too_long")
-    if n > max_seq_len:  # step 8
-        raise _fail(f"Length of input token({n}) exceeds the limit MAX_SEQ_LEN({max_seq_len}).", "too_long")
-    if max_dec_len > max_dec_limit:  # step 9
-        raise _fail(f"The parameter max_dec_len({max_dec_len}) exceeds the limit MAX_DEC_LEN({max_dec_limit}).",
-                    param="max_dec_len")
-    if min_dec_len > max_dec_limit:
-        raise _fail(f"The parameter min_dec_len({min_dec_len}) exceeds the limit MAX_DEC_LEN({max_dec_limit}).",
-                    param="min_dec_len")
-    if min_dec_len > max_dec_len:
-        raise _fail(f"The `min_dec_len` ({min_dec_len}) must not be greater than `max_dec_len` ({max_dec_len})",
-                    param="min_dec_len")
-    if n + max_dec_len > max_len:
-        raise _fail(f"Input text is too long, input_ids_len ({n}) + max_dec_len ({max_dec_len}) > "
-                    f"max_seq_len ({max_len})", "too_long")
-
-    greedy = temperature == 0 or topp == 0
-    try:
-        params = SamplingParams(
-            max_tokens=max_dec_len,
-            min_tokens=min_dec_len,
-            temperature=0.0 if greedy else temperature,
-            top_p=1.0 if greedy else topp,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=penalty,
-            frequency_penalty=frequency,
-            presence_penalty=presence,
-            seed=d.get("infer_seed"),
-            stop=stop_strings,
-            stop_token_ids=stop_ids,
-            structured=structured,
-        )
-    except (ValueError, TypeError) as e:
-        raise _fail(str(e)) from None
+    limits = await frontend.limits(float(timeout))
+    if truncate and from_text and len(prompt) > limits.max_seq_len:
+        prompt = prompt[:limits.max_seq_len]  # the seed's enable_text_truncate keeps the head
+    # steps 6-9: the default max_dec_len and the length checks, in the seed's words
+    params = build_sampling_params(
+        limits, len(prompt), SEED_LENGTH_WORDING, max_tokens=d.get("max_dec_len"), min_tokens=min_dec_len,
+        temperature=temperature, top_p=topp, top_k=top_k, min_p=min_p, repetition_penalty=penalty,
+        frequency_penalty=frequency, presence_penalty=presence, seed=d.get("infer_seed"), stop=stop_strings,
+        stop_token_ids=stop_ids, structured=structured)
 
     eos = list(d.get("eos_token_ids") or [])
     now = time.time()
