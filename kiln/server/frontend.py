@@ -214,6 +214,11 @@ class Frontend:
             return False, 3, "infer engine hangs"
         return True, 0, ""
 
+    def check_accepting(self) -> None:
+        """Every API refuses new requests the same way once the server is shutting down."""
+        if self.shutting_down:
+            raise RequestError("the server is shutting down", ErrorKind.NOT_READY)
+
     # -- helpers ----------------------------------------------------------------------------------------
     # Prompts up to this many characters are tokenized inline (faster than a thread hop); longer ones on
     # the tokenizer thread, so a large prompt never stalls the other requests on the event loop.

@@ -32,6 +32,7 @@ import uuid
 from typing import Any, AsyncIterator, Callable
 
 import grpc
+from google.protobuf import json_format
 
 # The KServe v2 / Triton protocol's generated message and service classes, as tritonclient ships them: the
 # server speaks exactly the wire format of the client package it is tested with.
@@ -40,16 +41,23 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from kiln.errors import GRPC_STATUS, ErrorKind, RequestError, as_kind, seed_error_body
+from kiln.server.kserve import (
+    EXTENSIONS,
+    INPUT_NAME,
+    MODEL_NAME,
+    MODEL_VERSION,
+    OUTPUT_NAME,
+    SERVER_NAME,
+    bad,
+    check_model,
+    model_metadata,
+    request_in,
+)
+from kiln.server.kserve import model_config as model_config_dict
 
 log = logging.getLogger("kiln.grpc")
 
-MODEL_NAME = "model"
-MODEL_VERSION = "1"
-INPUT_NAME = "IN"
-OUTPUT_NAME = "OUT"
 FINAL_PARAM = "triton_final_response"
-SERVER_NAME = "kiln"
-EXTENSIONS = ["model_configuration", "generate"]
 MAX_MESSAGE = 2**31 - 1
 
 # A runner takes a seed request dict and streams its seed packets (dicts); final_only asks for just the
@@ -81,19 +89,6 @@ def deserialize_bytes_tensor(raw: bytes) -> list[bytes]:
     return out
 
 
-def check_model(name: str, version: str, aliases: tuple[str, ...] = ()) -> None:
-    if name != MODEL_NAME and name not in aliases:
-        raise RequestError(f"Request for unknown model: '{name}' is not found", ErrorKind.NOT_FOUND)
-    if version not in ("", MODEL_VERSION):
-        raise RequestError(f"Request for unknown model: '{name}' version {version} is not found",
-                           ErrorKind.NOT_FOUND)
-
-
-def bad(msg: str) -> RequestError:
-    """A protocol-level problem (missing IN, wrong shape, not JSON): the seed's bad-body error."""
-    return RequestError(msg, ErrorKind.BAD_BODY)
-
-
 def parse_request(request: pb.ModelInferRequest) -> dict:
     """The seed request dict held in input IN (`json.dumps([request])`; a bare object is accepted too)."""
     if not request.inputs:
@@ -121,21 +116,7 @@ def parse_request(request: pb.ModelInferRequest) -> dict:
     if len(items) != 1 or list(tensor.shape) not in ([1], []):
         raise bad(f"input {INPUT_NAME!r} must have shape [1] (one JSON element), got shape "
                            f"{list(tensor.shape)} with {len(items)} elements")
-    from kiln.server.validation import loads_json
-
-    try:
-        obj = loads_json(items[0], f"input {INPUT_NAME!r}")
-    except RequestError as e:
-        raise bad(f"{e.message}; it must hold json.dumps([request])") from None
-    if isinstance(obj, list):
-        if len(obj) != 1:
-            raise bad(f"input {INPUT_NAME!r} must hold a JSON array of exactly one request object, "
-                               f"got {len(obj)} items")
-        obj = obj[0]
-    if not isinstance(obj, dict):
-        raise bad(f"input {INPUT_NAME!r} must hold a JSON request object (json.dumps([request])), "
-                           f"got {type(obj).__name__}")
-    return obj
+    return request_in(items[0])
 
 
 def is_final(packet: dict) -> bool:
@@ -214,11 +195,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         await self._check_or_abort(request.name, request.version, context)
-        T = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=MODEL_NAME, versions=[MODEL_VERSION], platform="kiln",
-            inputs=[T(name=INPUT_NAME, datatype="BYTES", shape=[1])],
-            outputs=[T(name=OUTPUT_NAME, datatype="BYTES", shape=[1])])
+        return json_format.ParseDict(model_metadata(), pb.ModelMetadataResponse())
 
     async def ModelConfig(self, request, context):
         await self._check_or_abort(request.name, request.version, context)
@@ -333,13 +310,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def model_config() -> mc.ModelConfig:
-    return mc.ModelConfig(
-        name=MODEL_NAME, backend="kiln", max_batch_size=0,
-        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
-        input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_STRING, dims=[1])],
-        output=[mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_STRING, dims=[1])],
-        model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
-        instance_group=[mc.ModelInstanceGroup(name="model_0", kind=mc.ModelInstanceGroup.KIND_MODEL, count=1)])
+    return json_format.ParseDict(model_config_dict(), mc.ModelConfig())
 
 
 async def start_server(servicer: KServeServicer, address: str, interceptors=(),
@@ -374,8 +345,7 @@ def build_runner(frontend: Any) -> Runner:
         arrival = time.time()
         rid = str(body.get("req_id") or "")
         try:
-            if frontend.shutting_down:
-                raise RequestError("the server is shutting down", ErrorKind.NOT_READY)
+            frontend.check_accepting()
             req = await parse_seed_request(body, frontend, api="grpc", arrival_time=arrival)
         except RequestError as e:
             frontend.reject(frontend.new_record(rid, "grpc", arrival), e)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -24,86 +23,28 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from kiln.config import KilnConfig, setup_logging
-from kiln.server import openai_schema as oai
-from kiln.server import kserve_http
-from kiln.server.auth import ApiKeyMiddleware, ApiKeys
 from kiln.errors import ErrorKind, RequestError, openai_error_body, seed_error_body
+from kiln.server import kserve_http
+from kiln.server import openai_schema as oai
+from kiln.server.auth import ApiKeyMiddleware, ApiKeys
 from kiln.server.frontend import Frontend, GenerationState, merge_streams
+from kiln.server.http_common import (
+    SSE_HEADERS,
+    ClientGone,
+    ClosingStreamingResponse,
+    dumps,
+    first_item,
+    race_disconnect,
+    read_json,
+)
 from kiln.server.seed_protocol import collect_seed_result, parse_seed_request, run_seed_request
-from kiln.server.validation import loads_json
 
 log = logging.getLogger("kiln.http")
 
 NDJSON = "application/x-ndjson"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class ClientGone(Exception):
-    """The client closed the connection before the answer was ready."""
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-class ClosingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that always closes its body iterator (so a disconnect aborts the request at once,
-    not when the generator is garbage-collected)."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            close = getattr(self.body_iterator, "aclose", None)
-            if close is not None:
-                task = asyncio.get_running_loop().create_task(close())
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(task)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        msg = await request.receive()
-        if msg["type"] == "http.disconnect":
-            return
-
-
-async def _race_disconnect(request: Request, awaitable) -> Any:
-    """Await `awaitable`; if the client disconnects first, cancel it and raise ClientGone."""
-    task = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        watcher.cancel()
-        raise
-    if task in done:
-        watcher.cancel()
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-    raise ClientGone()
-
-
-async def _first(request: Request, agen: AsyncIterator) -> Any:
-    """The first item of agen (before the response status is chosen), watching for a disconnect."""
-    async def first():
-        return await agen.__anext__()
-    return await _race_disconnect(request, first())
-
-
-async def read_json(request: Request) -> Any:
-    """The request's JSON body, parsed and checked (kiln.server.validation.loads_json); RequestError if bad.
-    BodyLimit has already bounded its size and read time."""
-    raw = await request.body()
-    if not raw.strip():
-        raise RequestError("The request body is empty; send a JSON object", ErrorKind.BAD_BODY)
-    return loads_json(raw)
 
 
 class BodyTooLarge(Exception):
@@ -167,7 +108,7 @@ class BodyLimit:
         else:
             err = RequestError(f"The request body was not sent in time (more than {self.read_timeout:g} s between "
                                f"two pieces)", ErrorKind.BODY_TIMEOUT)
-        body = _dumps(_both_error_body(err)).encode()
+        body = dumps(_both_error_body(err)).encode()
         await send({"type": "http.response.start", "status": err.http_status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -205,10 +146,6 @@ def _is_native_completion(body: Any) -> bool:
     return isinstance(body, dict) and "prompt" not in body and ("text" in body or "input_ids" in body)
 
 
-def _shutting_down() -> RequestError:
-    return RequestError("the server is shutting down", ErrorKind.NOT_READY)
-
-
 # ----------------------------------------------------------------------------------------------------
 # native API
 # ----------------------------------------------------------------------------------------------------
@@ -217,8 +154,7 @@ async def serve_native(request: Request, body: Any, fe: Frontend) -> Response:
     arrival = time.time()
     rid_hint = body.get("req_id") if isinstance(body, dict) else None
     try:
-        if fe.shutting_down:
-            raise _shutting_down()
+        fe.check_accepting()
         req = await parse_seed_request(body, fe, arrival_time=arrival)
     except RequestError as e:
         fe.reject(fe.new_record(str(rid_hint) if rid_hint is not None else "-", "native", arrival), e)
@@ -226,7 +162,7 @@ async def serve_native(request: Request, body: Any, fe: Frontend) -> Response:
 
     if not req.stream:
         try:
-            result = await _race_disconnect(request, collect_seed_result(req, fe))
+            result = await race_disconnect(request, collect_seed_result(req, fe))
         except RequestError as e:
             return _native_error(e, req.req_id)
         except ClientGone:
@@ -235,7 +171,7 @@ async def serve_native(request: Request, body: Any, fe: Frontend) -> Response:
 
     agen = run_seed_request(req, fe)
     try:
-        first = await _first(request, agen)
+        first = await first_item(request, agen)
     except RequestError as e:
         return _native_error(e, req.req_id)
     except ClientGone:
@@ -243,13 +179,13 @@ async def serve_native(request: Request, body: Any, fe: Frontend) -> Response:
 
     async def lines() -> AsyncIterator[str]:
         try:
-            yield _dumps(first) + "\n"
+            yield dumps(first) + "\n"
             if first.get("is_end") == 1:
                 return
             async for packet in agen:
-                yield _dumps(packet) + "\n"
+                yield dumps(packet) + "\n"
         except RequestError as e:
-            yield _dumps(seed_error_body(e, req.req_id)) + "\n"
+            yield dumps(seed_error_body(e, req.req_id)) + "\n"
         finally:
             await agen.aclose()
 
@@ -312,8 +248,7 @@ async def _collect_openai(job: oai.OpenAIJob, fe: Frontend) -> dict:
 async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> Response:
     arrival = time.time()
     try:
-        if fe.shutting_down:
-            raise _shutting_down()
+        fe.check_accepting()
         job = await (oai.parse_chat(body, fe) if kind == "chat" else oai.parse_completion(body, fe))
     except RequestError as e:
         fe.reject(fe.new_record("-", kind, arrival), e)
@@ -321,7 +256,7 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
 
     if not job.stream:
         try:
-            return JSONResponse(await _race_disconnect(request, _collect_openai(job, fe)))
+            return JSONResponse(await race_disconnect(request, _collect_openai(job, fe)))
         except RequestError as e:
             return _openai_error(e)
         except ClientGone:
@@ -330,7 +265,7 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
     streams, states, _records = _streams(job, fe)
     merged = merge_streams(streams)
     try:
-        first = await _first(request, merged)
+        first = await first_item(request, merged)
     except RequestError as e:
         await merged.aclose()
         return _openai_error(e)
@@ -344,7 +279,7 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
     prompt_tokens = sum(len(x) for x in job.prompts)
 
     def sse(obj: Any) -> str:
-        return f"data: {_dumps(obj)}\n\n"
+        return f"data: {dumps(obj)}\n\n"
 
     async def events() -> AsyncIterator[str]:
         started: set[int] = set()

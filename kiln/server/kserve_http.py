@@ -24,22 +24,35 @@ The HTTP app includes `router` (`app.include_router(kserve_http.router)`); it fi
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from kiln.errors import ErrorKind, RequestError
-
-MODEL_NAME = "model"
-MODEL_VERSION = "1"
-SERVER_NAME = "kiln"
-EXTENSIONS = ["model_configuration", "generate"]
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+from kiln.errors import RequestError
+from kiln.server.http_common import (
+    SSE_HEADERS,
+    ClientGone,
+    ClosingStreamingResponse,
+    dumps,
+    race_disconnect,
+    read_json,
+)
+from kiln.server.kserve import (
+    EXTENSIONS,
+    MODEL_NAME,
+    MODEL_VERSION,
+    SERVER_NAME,
+    bad,
+    check_model,
+    model_config,
+    model_metadata,
+    request_in,
+    server_version,
+)
 
 router = APIRouter()
 
@@ -48,63 +61,33 @@ def _fe(request: Request) -> Any:
     return request.app.state.frontend
 
 
-def _version() -> str:
-    import kiln
-
-    return getattr(kiln, "__version__", "")
-
-
-def _known(request: Request, name: str, version: str | None) -> bool:
-    aliases = {MODEL_NAME}
+def _check(request: Request, name: str, version: str | None) -> JSONResponse | None:
+    """None if name/version is the model, else the 404 answer."""
     fe = getattr(request.app.state, "frontend", None)
-    if fe is not None and getattr(fe, "model_name", None):
-        aliases.add(fe.model_name)
-    return name in aliases and version in (None, "", MODEL_VERSION)
-
-
-def _not_found(name: str, version: str | None) -> JSONResponse:
-    v = f" version {version}" if version else ""
-    msg = f"Request for unknown model: '{name}'{v} is not found"
-    return JSONResponse({"error": msg, "error_msg": msg, "error_code": 404}, status_code=404)
-
-
-def _tensor(name: str) -> dict:
-    return {"name": name, "datatype": "BYTES", "shape": [1]}
-
-
-def model_metadata() -> dict:
-    return {"name": MODEL_NAME, "versions": [MODEL_VERSION], "platform": "kiln",
-            "inputs": [_tensor("IN")], "outputs": [_tensor("OUT")]}
-
-
-def model_config_json() -> dict:
-    return {"name": MODEL_NAME, "backend": "kiln", "max_batch_size": 0,
-            "version_policy": {"latest": {"num_versions": 1}},
-            "input": [{"name": "IN", "data_type": "TYPE_STRING", "dims": [1]}],
-            "output": [{"name": "OUT", "data_type": "TYPE_STRING", "dims": [1]}],
-            "model_transaction_policy": {"decoupled": True},
-            "instance_group": [{"name": "model_0", "kind": "KIND_MODEL", "count": 1}]}
+    try:
+        check_model(name, version, (getattr(fe, "model_name", None) or "",))
+    except RequestError as e:
+        return JSONResponse(_error_body(e), status_code=e.http_status)
+    return None
 
 
 # -- metadata and health ------------------------------------------------------------------------------------
 @router.get("/v2")
 async def server_metadata() -> JSONResponse:
-    return JSONResponse({"name": SERVER_NAME, "version": _version(), "extensions": EXTENSIONS})
+    return JSONResponse({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
 
 
 @router.get("/v2/models/{name}")
 @router.get("/v2/models/{name}/versions/{version}")
 async def get_model_metadata(request: Request, name: str, version: str | None = None) -> JSONResponse:
-    if not _known(request, name, version):
-        return _not_found(name, version)
-    return JSONResponse(model_metadata())
+    return _check(request, name, version) or JSONResponse(model_metadata())
 
 
 @router.get("/v2/models/{name}/ready")
 @router.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
-    if not _known(request, name, version):
-        return _not_found(name, version)
+    if (not_found := _check(request, name, version)) is not None:
+        return not_found
     ok, _code, msg = _fe(request).readiness()
     if ok:
         return Response(status_code=200)
@@ -114,34 +97,19 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 @router.get("/v2/models/{name}/config")
 @router.get("/v2/models/{name}/versions/{version}/config")
 async def model_config(request: Request, name: str, version: str | None = None) -> JSONResponse:
-    if not _known(request, name, version):
-        return _not_found(name, version)
-    return JSONResponse(model_config_json())
+    return _check(request, name, version) or JSONResponse(model_config())
 
 
 # -- generate -------------------------------------------------------------------------------------------------
 def seed_body(body: Any) -> Any:
     """A generate body -> the seed request dict (see the module docstring); raises RequestError."""
-    def bad(msg: str) -> RequestError:
-        return RequestError(msg, ErrorKind.BAD_BODY)
-
     if not isinstance(body, dict):
         raise bad("The generate body must be a JSON object")
     if "IN" in body:
         v = body["IN"]
         if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):  # IN as a one-element BYTES tensor
             v = v[0]
-        if isinstance(v, (str, bytes)):
-            from kiln.server.validation import loads_json
-
-            v = loads_json(v, "`IN`")
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise bad(f"`IN` must hold a JSON array of exactly one request object, got {len(v)} items")
-            v = v[0]
-        if not isinstance(v, dict):
-            raise bad("`IN` must hold a request object (json.dumps([request]))")
-        return v
+        return request_in(v)
     if "text_input" in body:
         d = {k: v for k, v in body.items() if k not in ("text_input", "parameters")}
         params = body.get("parameters") or {}
@@ -158,7 +126,7 @@ def seed_body(body: Any) -> Any:
     return d
 
 
-def _error_body(err: Any, req_id: str | None = None) -> dict:
+def _error_body(err: RequestError, req_id: str | None = None) -> dict:
     out = {"error": err.message, "error_msg": err.message, "error_code": err.code}
     if req_id:
         out["req_id"] = req_id
@@ -174,18 +142,15 @@ async def _start(request: Request, name: str, version: str | None, stream: bool)
     """Parse and validate; returns (frontend, SeedRequest) or an error Response."""
     from kiln.server.seed_protocol import parse_seed_request
 
-    if not _known(request, name, version):
-        return None, _not_found(name, version)
+    if (not_found := _check(request, name, version)) is not None:
+        return None, not_found
     fe = _fe(request)
     arrival = time.time()
     rid_hint = None
     try:
-        from kiln.server.http import read_json
-
         d = seed_body(await read_json(request))
         rid_hint = d.get("req_id") if isinstance(d, dict) else None
-        if fe.shutting_down:
-            raise RequestError("the server is shutting down", ErrorKind.NOT_READY)
+        fe.check_accepting()
         req = await parse_seed_request(d, fe, api="kserve", arrival_time=arrival)
     except RequestError as e:
         rid = str(rid_hint) if rid_hint is not None else None
@@ -193,13 +158,6 @@ async def _start(request: Request, name: str, version: str | None, stream: bool)
         return None, JSONResponse(_error_body(e, rid), status_code=e.http_status)
     req.return_all_tokens = req.return_all_tokens or not stream
     return fe, req
-
-
-async def _until_disconnect(request: Request) -> None:
-    while True:
-        msg = await request.receive()
-        if msg["type"] == "http.disconnect":
-            return
 
 
 @router.post("/v2/models/{name}/generate")
@@ -218,34 +176,13 @@ async def generate(request: Request, name: str, version: str | None = None) -> R
                 last = p
         return last
 
-    task = asyncio.ensure_future(final())
-    gone = asyncio.ensure_future(_until_disconnect(request))
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():  # the client went away (or we are cancelled): abort the request
-            task.cancel()
-        gone.cancel()
-    try:
-        packet = await task
-    except asyncio.CancelledError:
+        packet = await race_disconnect(request, final())
+    except ClientGone:  # the request was cancelled, so aborted in the engine
         return Response(status_code=499)
     except RequestError as e:
         return JSONResponse(_error_body(e, req.req_id), status_code=e.http_status)
     return JSONResponse(_answer(packet, packet.get("tokens_all", "")))
-
-
-class _ClosingStream(StreamingResponse):
-    """Closes the body iterator when the response ends for any reason, so a disconnect aborts at once."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            close = getattr(self.body_iterator, "aclose", None)
-            if close is not None:
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(asyncio.ensure_future(close()))
 
 
 @router.post("/v2/models/{name}/generate_stream")
@@ -259,7 +196,7 @@ async def generate_stream(request: Request, name: str, version: str | None = Non
     packets = run_seed_request(req, fe)
 
     def event(obj: dict) -> str:
-        return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+        return "data: " + dumps(obj) + "\n\n"
 
     # the first packet decides the status: a rejection is a plain error response, not a stream
     try:
@@ -286,4 +223,4 @@ async def generate_stream(request: Request, name: str, version: str | None = Non
         finally:
             await packets.aclose()
 
-    return _ClosingStream(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return ClosingStreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

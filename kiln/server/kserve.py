@@ -1,0 +1,75 @@
+"""The KServe v2 / Triton model Kiln serves, shared by gRPC (grpc_server.py) and KServe HTTP (kserve_http.py):
+its name and version, its metadata and configuration, which names reach it, and the request held in its
+input IN (`json.dumps([request])`, the seed's fields)."""
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.errors import ErrorKind, RequestError
+
+MODEL_NAME = "model"
+MODEL_VERSION = "1"
+INPUT_NAME = "IN"
+OUTPUT_NAME = "OUT"
+SERVER_NAME = "kiln"
+EXTENSIONS = ["model_configuration", "generate"]
+
+
+def server_version() -> str:
+    import kiln
+
+    return getattr(kiln, "__version__", "")
+
+
+def _tensor(name: str) -> dict:
+    return {"name": name, "datatype": "BYTES", "shape": [1]}
+
+
+def model_metadata() -> dict:
+    return {"name": MODEL_NAME, "versions": [MODEL_VERSION], "platform": "kiln",
+            "inputs": [_tensor(INPUT_NAME)], "outputs": [_tensor(OUTPUT_NAME)]}
+
+
+def model_config() -> dict:
+    """Triton's model configuration, in its JSON form (gRPC parses it into the protobuf message)."""
+    return {"name": MODEL_NAME, "backend": "kiln", "max_batch_size": 0,
+            "version_policy": {"latest": {"num_versions": 1}},
+            "input": [{"name": INPUT_NAME, "data_type": "TYPE_STRING", "dims": [1]}],
+            "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_STRING", "dims": [1]}],
+            "model_transaction_policy": {"decoupled": True},
+            "instance_group": [{"name": "model_0", "kind": "KIND_MODEL", "count": 1}]}
+
+
+def check_model(name: str, version: str | None, aliases: tuple[str, ...] = ()) -> None:
+    """RequestError (not_found) unless `name` / `version` is the model (`model`, or the served model name)."""
+    if name != MODEL_NAME and name not in aliases:
+        raise RequestError(f"Request for unknown model: '{name}' is not found", ErrorKind.NOT_FOUND)
+    if version not in (None, "", MODEL_VERSION):
+        raise RequestError(f"Request for unknown model: '{name}' version {version} is not found",
+                           ErrorKind.NOT_FOUND)
+
+
+def bad(msg: str) -> RequestError:
+    """A protocol-level problem (missing IN, wrong shape, not JSON): the seed's bad-body error."""
+    return RequestError(msg, ErrorKind.BAD_BODY)
+
+
+def request_in(value: Any) -> dict:
+    """The seed request held in input IN: its JSON text (`json.dumps([request])`; a bare object too), or,
+    over HTTP, the array or object itself."""
+    from kiln.server.validation import loads_json
+
+    if isinstance(value, (str, bytes)):
+        try:
+            value = loads_json(value, f"input {INPUT_NAME!r}")
+        except RequestError as e:
+            raise bad(f"{e.message}; it must hold json.dumps([request])") from None
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise bad(f"input {INPUT_NAME!r} must hold a JSON array of exactly one request object, "
+                      f"got {len(value)} items")
+        value = value[0]
+    if not isinstance(value, dict):
+        raise bad(f"input {INPUT_NAME!r} must hold a JSON request object (json.dumps([request])), "
+                  f"got {type(value).__name__}")
+    return value
