@@ -135,6 +135,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto", help="Kiln's DTYPE (default auto)")
     ap.add_argument("--wait-policy", help="OMP_WAIT_POLICY for the workers (Kiln's engine default: PASSIVE)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="Kiln only")
+    ap.add_argument("--no-kiln", action="store_true", help="llama.cpp only")
     ap.add_argument("--no-busy", action="store_true", help="idle cells only")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per cell")
     ap.add_argument("--json", help="also write every cell's raw figures to this file")
@@ -148,7 +149,7 @@ def main() -> int:
         return 0
 
     import importlib.util
-    engines = [("kiln", [int(t) for t in a.kiln_threads.split(",")])]
+    engines = [] if a.no_kiln else [("kiln", [int(t) for t in a.kiln_threads.split(",")])]
     if not a.no_llama_cpp:
         if importlib.util.find_spec("llama_cpp") is None:
             print("llama.cpp: not installed (pip install llama-cpp-python); Kiln only", file=sys.stderr)
