@@ -241,8 +241,14 @@ class KilnConfig:
         False, "DISABLE_STREAMING", "Send each request's result in one final packet instead of token by token.",
         kind="bool", flags=("--disable-streaming",), group="limits")
     max_num_batched_tokens: int | None = setting(
-        None, "KILN_MAX_NUM_BATCHED_TOKENS", "Tokens per engine step (prefill chunk budget); unset: derived.",
-        kind="optint", flags=("--max-num-batched-tokens",), check=_range(1), group="limits")
+        None, "KILN_MAX_NUM_BATCHED_TOKENS", "Tokens one engine step computes, decodes and prefill chunks together; "
+        "unset: max(2048, BATCH_SIZE).", kind="optint", flags=("--max-num-batched-tokens",), check=_range(1),
+        group="limits")
+    max_prefill_tokens: int | None = setting(
+        None, "KILN_MAX_PREFILL_TOKENS_PER_STEP", "Prefill tokens (prompts, prompt chunks) one step may carry within "
+        "KILN_MAX_NUM_BATCHED_TOKENS, after every running decode has its token: lower it to bound the time per "
+        "output token under mixed load, longer prompts are prefilled in chunks; unset: the whole step budget.",
+        kind="optint", flags=("--max-prefill-tokens",), check=_range(1), group="limits")
 
     # --- KV cache --------------------------------------------------------------------------------------
     block_size: int = setting(
@@ -465,6 +471,7 @@ class KilnConfig:
             max_model_len=self.max_seq_len + self.max_dec_len,
             max_num_seqs=self.batch_size,
             max_num_batched_tokens=self.max_num_batched_tokens,
+            max_prefill_tokens=self.max_prefill_tokens,
             max_waiting=self.max_cached_task_num,
             block_size=self.block_size,
             num_gpu_blocks=self.num_gpu_blocks,

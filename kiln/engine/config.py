@@ -14,7 +14,8 @@ class EngineConfig:
     seed: int = 0
     max_model_len: int | None = None      # prompt + output tokens per sequence; None: the model's limit
     max_num_seqs: int = 50                # BATCH_SIZE: concurrent sequences
-    max_num_batched_tokens: int | None = None  # tokens per step (prefill chunk budget); None: derived
+    max_num_batched_tokens: int | None = None  # tokens per step, decodes + prefills; None: derived
+    max_prefill_tokens: int | None = None  # prefill tokens per step within it; None: no separate bound
     max_waiting: int = 128                # MAX_CACHED_TASK_NUM: waiting-queue cap
     block_size: int = 64                  # BLOCK_SIZE
     num_gpu_blocks: int | None = None     # explicit KV block count (overrides the two below)

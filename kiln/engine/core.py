@@ -67,10 +67,12 @@ class EngineCore:
         mc = self.runner.model_config
         self.max_model_len = self.runner.max_model_len()
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
+                                   cfg.max_prefill_tokens)
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self.num_overlapped_steps = 0  # steps queued while the previous one was still in flight
+        self.num_refused = 0           # requests refused with a full queue
         self.inflight: InFlightStep | None = None
         a = cfg.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if a is None else a
@@ -92,7 +94,7 @@ class EngineCore:
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s, %s); activation peak %s; "
                  "fits %d sequences of max length %d; batch %d, %d tokens per step",
                  self.kv.num_blocks, bs, tokens, self.kv.num_blocks * r.bytes_per_block() / GiB,
-                 "int8" if r.kv_int8 else str(r.dtype).replace("torch.", ""), why,
+                 r.kv_cache_dtype if r.kv_cache_dtype != "auto" else str(r.dtype).replace("torch.", ""), why,
                  "n/a" if act is None else f"{act / GiB:.2f} GiB", self.kv.num_blocks // per_seq,
                  self.max_model_len, self.cfg.max_num_seqs, self.max_num_batched_tokens)
 
@@ -109,6 +111,7 @@ class EngineCore:
                           ErrorKind.DUPLICATE_ID, why="duplicate_id", request_id=request_id)
         num_waiting = len(self.scheduler.waiting) + len(self.grammars)
         if num_waiting >= self.cfg.max_waiting:
+            self.num_refused += 1
             return reject(f"{num_waiting} requests are waiting, the limit (MAX_CACHED_TASK_NUM) is "
                           f"{self.cfg.max_waiting}", ErrorKind.QUEUE_FULL, why="queue_full", waiting=num_waiting,
                           limit=self.cfg.max_waiting)
@@ -267,7 +270,9 @@ class EngineCore:
         return EngineStats(time.time(), len(self.scheduler.running),
                            len(self.scheduler.waiting) + len(self.grammars), self.cfg.max_num_seqs,
                            self.kv.num_free_blocks, self.kv.num_blocks, self.cfg.block_size,
-                           self.scheduler.num_preemptions, self.num_steps, ready, self.max_model_len)
+                           self.scheduler.num_preemptions, self.num_steps, ready, self.max_model_len,
+                           self.num_refused, self.scheduler.prefill_tokens_per_step.cumulative(),
+                           self.scheduler.prefill_tokens_per_step.sum)
 
     def warmup(self) -> None:
         """Run a max-length prefill and a full-batch decode once, so the first user request is not the slow one."""

@@ -126,6 +126,7 @@ class Request:
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
+        self.num_overtaken = 0     # later requests admitted past it while it waited for KV blocks (scheduler)
         self.generator = None  # torch.Generator for seeded sampling, made by the sampler on first use
         self.num_pending_tokens = 0  # trailing PENDING_TOKENs of output_token_ids (0 or 1, 2 for a moment)
         self.pending_row = -1        # row of the last launched step's sampled ids that holds the newest one
@@ -198,6 +199,10 @@ class EngineStats:
     ready: bool = False                # model loaded and warm-up done
     # prompt + output tokens a sequence may hold (0 while loading): the one limit every front end reads
     max_model_len: int = 0
+    num_refused_total: int = 0         # requests refused because the queue was full (MAX_CACHED_TASK_NUM: 429s)
+    # prefill tokens per step: cumulative counts per bound of scheduler.PREFILL_TOKEN_BUCKETS (+Inf last), sum
+    prefill_tokens_buckets: list[int] = field(default_factory=list)
+    prefill_tokens_sum: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

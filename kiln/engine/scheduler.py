@@ -1,10 +1,18 @@
 """Continuous batching under a per-step token budget.
 
-Every request, running or waiting, is just "tokens known" vs "tokens whose K/V are computed". A step hands
-each running request the tokens it still needs (1 for a decode, a chunk for a long prefill) and then admits
-waiting requests FIFO while the budget, the batch slots and the KV blocks allow. Prefill and decode share a
-step; a prompt longer than the budget is prefilled in chunks over several steps. When blocks run out, the
-newest running request is preempted: its blocks are freed and it is recomputed later from its tokens.
+Every request, running or waiting, is just "tokens known" vs "tokens whose K/V are computed". Two budgets
+bound a step:
+  * max_num_batched_tokens (KILN_MAX_NUM_BATCHED_TOKENS): every token the step computes, decodes included;
+  * max_prefill_tokens (KILN_MAX_PREFILL_TOKENS_PER_STEP): the tokens of prefill rows (prompts, prompt chunks,
+    recomputes after preemption) within it. A long prefill stalls every decode of its step, so bounding it
+    bounds the decodes' time per token; a prompt longer than the bound is prefilled in chunks over several steps.
+A step first gives every running decode its one token (decodes are never starved by prefills), then running
+prefills their next chunk, then admits waiting requests while the budgets, the batch slots and the KV blocks
+allow. Admission is FIFO, except that a request whose first chunk does not fit the free KV blocks lets later
+ones that fit go first (it would otherwise make them wait for work they could run beside); each waiting request
+lets at most `max_overtakes` others pass it, then the queue waits for it, so nobody starves. When blocks run
+out, the newest running request not yet in this step is preempted: its blocks are freed and it is recomputed
+later from its tokens, ahead of the queue.
 
 A step has two halves: `launched` (right after the runner queued it: computed counts advance and every
 sampling request gets a PENDING_TOKEN) and `resolve` (when its ids reach the host: tokens filled in, stops
@@ -14,6 +22,8 @@ length is reached by its in-flight token is not scheduled again.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +37,7 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)     # tokens to compute this step, per request
     preempted: list[Request] = field(default_factory=list)
+    num_prefill_tokens: int = 0                              # tokens of rows that are not decodes
 
     @property
     def total_tokens(self) -> int:
@@ -35,16 +46,48 @@ class ScheduledBatch:
     def __bool__(self) -> bool:
         return bool(self.requests)
 
+    def add(self, req: Request, n: int, prefill: bool) -> None:
+        self.requests.append(req)
+        self.num_tokens.append(n)
+        if prefill:
+            self.num_prefill_tokens += n
+
+
+# upper bounds of the prefill-tokens-per-step histogram (kiln:prefill_tokens_per_step)
+PREFILL_TOKEN_BUCKETS = (0, 1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class CumulativeHistogram:
+    """Counts per upper bound (Prometheus style: cumulative, +Inf last) and the sum; cheap to send as stats."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)   # not cumulative here; `cumulative()` sums them
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[int]:
+        return list(itertools.accumulate(self.counts))
+
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 max_prefill_tokens: int | None = None, max_overtakes: int | None = None):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # None: prefills may take the whole step budget
+        self.max_prefill_tokens = min(max_prefill_tokens or max_num_batched_tokens, max_num_batched_tokens)
+        # how many later requests may be admitted past one whose KV blocks are not free yet
+        self.max_overtakes = max_num_seqs if max_overtakes is None else max_overtakes
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefill_tokens_per_step = CumulativeHistogram(PREFILL_TOKEN_BUCKETS)
         # keep a few blocks free when admitting, so running requests can grow without instant preemption
         self.watermark = max(1, kv.num_blocks // 100)
 
@@ -63,47 +106,75 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()  # id() of the running requests already in this step
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if req.num_pending_tokens and self._ends_at(req, len(req.output_token_ids)) is FinishReason.LENGTH:
-                i += 1  # its last token is in flight: nothing left to compute
-                continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+        def grow(req: Request, n: int, prefill: bool) -> bool:
+            """Blocks for n more tokens of running `req`, preempting the newest running requests not in this
+            step; False if req itself had to go."""
             while not self.kv.allocate_slots(req, n):
-                victim = self.running.pop()      # the newest
+                victim = next(r for r in reversed(self.running) if id(r) not in scheduled)
+                self.running.remove(victim)
                 self._preempt(victim, batch)
                 if victim is req:
-                    break
-            else:
-                batch.requests.append(req)
-                batch.num_tokens.append(n)
-                budget -= n
-                i += 1
-                continue
-            break  # req itself was preempted: everything after it is gone too
+                    return False
+            scheduled.add(id(req))
+            batch.add(req, n, prefill)
+            return True
 
-        # admit waiting requests only when no one was preempted this step (they would just thrash)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
-            req = self.waiting[0]
+        # 1. decodes: one token each, before any prefill
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING or req.num_tokens - req.num_computed_tokens != 1:
+                continue
+            if req.num_pending_tokens and self._ends_at(req, len(req.output_token_ids)) is FinishReason.LENGTH:
+                continue  # its last token is in flight: nothing left to compute
+            if grow(req, 1, False):
+                budget -= 1
+
+        # 2. running prefills (chunked prompts, recomputes), oldest first, within the prefill bound
+        prefill_budget = min(self.max_prefill_tokens, budget)
+        for req in list(self.running):
+            if prefill_budget <= 0:
+                break
+            left = req.num_tokens - req.num_computed_tokens
+            if req.status is not RequestStatus.RUNNING or left <= 1 or id(req) in scheduled:
+                continue
+            n = min(left, prefill_budget)
+            if grow(req, n, True):
+                prefill_budget -= n
+
+        # 3. admission, only when no one was preempted this step (they would just thrash)
+        i = 0
+        while (i < len(self.waiting) and prefill_budget > 0 and len(self.running) < self.max_num_seqs
+               and not batch.preempted):
+            req = self.waiting[i]
             cached = self.kv.match_prefix(req) if req.num_computed_tokens == 0 else []
-            n = min(req.num_tokens - len(cached) * self.kv.block_size, budget)
+            n = min(req.num_tokens - len(cached) * self.kv.block_size, prefill_budget)
             if not self.kv.can_admit(req, cached, n, self.watermark if self.running else 0):
-                break  # FIFO: the head waits for blocks, nobody overtakes it
-            self.waiting.popleft()
+                if req.num_overtaken >= self.max_overtakes:
+                    break  # it has let enough others pass: the queue waits for its blocks now
+                i += 1     # later requests that fit go first
+                continue
+            del self.waiting[i]
             self.kv.admit(req, cached)
             if not self.kv.allocate_slots(req, n):  # cannot happen after can_admit; keep the pool honest
                 self.kv.free_request(req)
-                self.waiting.appendleft(req)
+                self.waiting.insert(i, req)
                 break
+            passed = list(itertools.islice(self.waiting, i))
+            for skipped in passed:
+                skipped.num_overtaken += 1
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
             self.running.append(req)
-            batch.requests.append(req)
-            batch.num_tokens.append(n)
-            budget -= n
+            batch.add(req, n, True)
+            prefill_budget -= n
+            if any(r.num_overtaken >= self.max_overtakes for r in passed):
+                break  # one it passed has let enough others go first
+        if batch:
+            self.prefill_tokens_per_step.observe(batch.num_prefill_tokens)
         return batch
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
@@ -111,6 +182,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
+        req.num_overtaken = 0
         self.waiting.appendleft(req)
         batch.preempted.append(req)
 

@@ -29,6 +29,8 @@ Families (all under the `kiln:` prefix unless noted)
     kiln:num_requests_waiting              gauge      requests queued in the engine
     kiln:kv_cache_usage_perc               gauge      used share of the KV-cache blocks, 0..1
     kiln:num_preemptions_total             counter    preemptions (running request evicted, recomputed later)
+    kiln:num_requests_refused_total        counter    requests refused with a full queue (MAX_CACHED_TASK_NUM: 429)
+    kiln:prefill_tokens_per_step           histogram  prefill tokens per engine step (KILN_MAX_PREFILL_TOKENS_PER_STEP)
     kiln:engine_ready                      gauge      1 once the model is loaded and warm
     kiln:time_to_first_token_seconds       histogram  request arrival at the front end -> first token
     kiln:inter_token_latency_seconds       histogram  gap between consecutive tokens of one request
@@ -193,7 +195,7 @@ class EngineStatsCollector:
         self.max_age_s = max_age_s
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
         s = self.stats_source()
         ready = GaugeMetricFamily("kiln:engine_ready", "1 when the engine has loaded the model, warmed up and "
@@ -218,6 +220,18 @@ class EngineStatsCollector:
                                 "cache and recomputed later.")
         c.add_metric([], s.num_preemptions_total)
         yield c
+        c = CounterMetricFamily("kiln:num_requests_refused", "Requests refused because the engine's queue was "
+                                "full (MAX_CACHED_TASK_NUM): HTTP 429, gRPC RESOURCE_EXHAUSTED.")
+        c.add_metric([], s.num_refused_total)
+        yield c
+        if s.prefill_tokens_buckets:
+            from kiln.engine.scheduler import PREFILL_TOKEN_BUCKETS
+
+            h = HistogramMetricFamily("kiln:prefill_tokens_per_step", "Prefill tokens (prompts, prompt chunks, "
+                                      "recomputes) per engine step; bounded by KILN_MAX_PREFILL_TOKENS_PER_STEP.")
+            bounds = [str(b) for b in PREFILL_TOKEN_BUCKETS] + ["+Inf"]
+            h.add_metric([], list(zip(bounds, s.prefill_tokens_buckets)), s.prefill_tokens_sum)
+            yield h
         # The seed's family: one series per label, the label's value being its own name (as the seed's
         # Triton Python backend exposes it), e.g. inference_server_metrics{batch_size="batch_size"} 3
         m = Metric(SEED_FAMILY, "Inference server status (the seed's family): running batch, free and total "
