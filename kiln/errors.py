@@ -43,6 +43,17 @@ GRPC_STATUS: dict[ErrorKind, str] = {
     K.NOT_READY: "UNAVAILABLE", K.TIMEOUT: "DEADLINE_EXCEEDED",
 }
 
+# A full queue (MAX_CACHED_TASK_NUM) is the one refusal worth retrying soon: HTTP `Retry-After`, gRPC trailing
+# metadata `retry-after` and the message say when. One second: a step of a loaded server frees queue slots in
+# tens of milliseconds, so a client that waits this long finds room unless the overload persists.
+RETRY_AFTER_S = 1
+
+
+def retry_after(kind: "ErrorKind | str | None") -> int | None:
+    """Seconds a client should wait before retrying a request that ended with `kind`; None: do not retry."""
+    return RETRY_AFTER_S if kind is not None and as_kind(kind) is ErrorKind.QUEUE_FULL else None
+
+
 # HTTP status -> the OpenAI error object's `type`
 OPENAI_ERROR_TYPE: dict[int, str] = {
     400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error", 429: "rate_limit_error",
@@ -117,6 +128,12 @@ class RequestError(Exception):
     @property
     def grpc_status_name(self) -> str:
         return GRPC_STATUS[self.kind]
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """HTTP headers of the error response: Retry-After for a full queue."""
+        s = retry_after(self.kind)
+        return None if s is None else {"Retry-After": str(s)}
 
     def __repr__(self) -> str:
         return f"RequestError({self.message!r}, {self.kind.value!r}, {self.code})"

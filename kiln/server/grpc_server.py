@@ -40,7 +40,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from kiln.errors import GRPC_STATUS, ErrorKind, RequestError, as_kind, seed_error_body
+from kiln.errors import GRPC_STATUS, ErrorKind, RequestError, as_kind, retry_after, seed_error_body
 from kiln.server.kserve import (
     EXTENSIONS,
     INPUT_NAME,
@@ -225,7 +225,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             kind = final.get("error_type")
             if kind is None:
                 kind = ErrorKind.INTERNAL if final.get("error_code") in (500, 501) else ErrorKind.INVALID
-            await context.abort(grpc_status(kind), str(final.get("error_msg") or f"error {final.get('error_code')}"))
+            msg = str(final.get("error_msg") or f"error {final.get('error_code')}")
+            wait = retry_after(kind)
+            if wait is not None:  # a full queue: say when to retry, in the message and the trailing metadata
+                context.set_trailing_metadata((("retry-after", str(wait)),))
+                msg += f"; retry after {wait} s"
+            await context.abort(grpc_status(kind), msg)
         return make_response(final, request, None)
 
     async def ModelStreamInfer(self, request_iterator, context):

@@ -117,12 +117,13 @@ class BodyLimit:
 
 def _native_error(err: RequestError, req_id: Any = None) -> JSONResponse:
     rid = req_id if isinstance(req_id, (str, int)) and not isinstance(req_id, bool) else None
-    return JSONResponse(seed_error_body(err, None if rid is None else str(rid)), status_code=err.http_status)
+    return JSONResponse(seed_error_body(err, None if rid is None else str(rid)), status_code=err.http_status,
+                        headers=err.headers)
 
 
 def _openai_error(err: RequestError) -> JSONResponse:
     return JSONResponse(openai_error_body(err.message, err.http_status, err.param, err.error_type),
-                        status_code=err.http_status)
+                        status_code=err.http_status, headers=err.headers)
 
 
 def _both_error_body(err: RequestError) -> dict:
@@ -133,7 +134,7 @@ def _both_error_body(err: RequestError) -> dict:
 
 def _both_error(err: RequestError) -> JSONResponse:
     """Error on a route that serves both APIs, before we know which: both bodies in one."""
-    return JSONResponse(_both_error_body(err), status_code=err.http_status)
+    return JSONResponse(_both_error_body(err), status_code=err.http_status, headers=err.headers)
 
 
 def _is_native_chat(body: Any) -> bool:

@@ -67,7 +67,7 @@ def _check(request: Request, name: str, version: str | None) -> JSONResponse | N
     try:
         check_model(name, version, (getattr(fe, "model_name", None) or "",))
     except RequestError as e:
-        return JSONResponse(_error_body(e), status_code=e.http_status)
+        return JSONResponse(_error_body(e), status_code=e.http_status, headers=e.headers)
     return None
 
 
@@ -155,7 +155,7 @@ async def _start(request: Request, name: str, version: str | None, stream: bool)
     except RequestError as e:
         rid = str(rid_hint) if rid_hint is not None else None
         fe.reject(fe.new_record(rid or "-", "kserve", arrival), e)
-        return None, JSONResponse(_error_body(e, rid), status_code=e.http_status)
+        return None, JSONResponse(_error_body(e, rid), status_code=e.http_status, headers=e.headers)
     req.return_all_tokens = req.return_all_tokens or not stream
     return fe, req
 
@@ -181,7 +181,7 @@ async def generate(request: Request, name: str, version: str | None = None) -> R
     except ClientGone:  # the request was cancelled, so aborted in the engine
         return Response(status_code=499)
     except RequestError as e:
-        return JSONResponse(_error_body(e, req.req_id), status_code=e.http_status)
+        return JSONResponse(_error_body(e, req.req_id), status_code=e.http_status, headers=e.headers)
     return JSONResponse(_answer(packet, packet.get("tokens_all", "")))
 
 
@@ -203,7 +203,7 @@ async def generate_stream(request: Request, name: str, version: str | None = Non
         first = await packets.__anext__()
     except RequestError as e:
         await packets.aclose()
-        return JSONResponse(_error_body(e, req.req_id), status_code=e.http_status)
+        return JSONResponse(_error_body(e, req.req_id), status_code=e.http_status, headers=e.headers)
     except StopAsyncIteration:
         return JSONResponse({"error": "the request ended without a result"}, status_code=500)
 

@@ -220,7 +220,7 @@ def test_unary_infer_whole_answer(server):
     with pytest.raises(InferenceServerException, match="temperature") as ei:
         c.infer("model", make_inputs({"req_id": "u2", "text": "bad"}))
     assert ei.value.status() == "StatusCode.INVALID_ARGUMENT"
-    with pytest.raises(InferenceServerException, match="exceeds the limit") as ei:
+    with pytest.raises(InferenceServerException, match=r"exceeds the limit \(4\); retry after 1 s") as ei:
         c.infer("model", make_inputs({"req_id": "u3", "text": "busy"}))
     assert ei.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     with pytest.raises(InferenceServerException, match="unknown model") as ei:
@@ -326,3 +326,29 @@ def test_shutdown_lets_running_requests_finish_and_ends_idle_streams():
     finally:
         loop.call_soon_threadsafe(loop.stop)
         th.join(5)
+
+
+def test_queue_full_carries_a_retry_hint_in_trailing_metadata(server):
+    """RESOURCE_EXHAUSTED from a full queue says when to retry (trailing metadata `retry-after`, seconds); other
+    errors carry none."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    url, _ = server
+
+    def request(text: str):
+        r = service_pb2.ModelInferRequest(model_name="model", id="rt")
+        inp = r.inputs.add(name="IN", datatype="BYTES", shape=[1])
+        inp.contents.bytes_contents.append(json.dumps([{"req_id": "rt", "text": text}]).encode())
+        return r
+
+    with grpc.insecure_channel(url) as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.ModelInfer(request("busy"), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(ei.value.trailing_metadata())["retry-after"] == "1"
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.ModelInfer(request("bad"), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "retry-after" not in dict(ei.value.trailing_metadata() or ())

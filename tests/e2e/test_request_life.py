@@ -122,13 +122,18 @@ def test_queue_full_gets_429(server):
     b = Streamer(url(server), long_body("q-waiting"))
     wait_for(lambda: server.stats()["num_waiting"] == 1, what="a waiting request")
     r = requests.post(url(server), json={"text": "hi", "req_id": "q-rejected", "max_dec_len": 2}, timeout=30)
-    assert r.status_code == 429
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
     assert r.json() == {"req_id": "q-rejected", "error_msg": "cached task num (1) exceeds the limit (1)",
                         "error_code": 200}
-    # OpenAI flavour of the same
-    r = requests.post(server.url + "/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2},
-                      timeout=30)
-    assert r.status_code == 429 and "exceeds the limit" in r.json()["error"]["message"]
+    # OpenAI flavour of the same, streamed or not
+    for stream in (False, True):
+        r = requests.post(server.url + "/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2,
+                                                                 "stream": stream}, timeout=30)
+        assert r.status_code == 429 and "exceeds the limit" in r.json()["error"]["message"]
+        assert r.headers["Retry-After"] == "1"
+    # other refusals say nothing about retrying
+    r = requests.post(url(server), json={"text": "hi", "temperature": -1}, timeout=30)
+    assert r.status_code == 400 and "Retry-After" not in r.headers
     a.close()
     b.close()
     server.wait_idle(30)

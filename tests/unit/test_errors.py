@@ -28,3 +28,13 @@ def test_seed_wording_of_engine_errors():
     assert seed_message("duplicate_id", "x", {"why": "duplicate_id", "request_id": "r1"}) == \
         "The req_id r1 already exists in the current batch, the current request will be ignored."
     assert seed_message("invalid", "top_k must be an int") == "top_k must be an int"   # no seed wording: detail
+
+
+def test_only_a_full_queue_asks_for_a_retry():
+    from kiln.errors import RETRY_AFTER_S, retry_after
+
+    assert RequestError("full", "queue_full").headers == {"Retry-After": str(RETRY_AFTER_S)}
+    assert retry_after("queue_full") == RETRY_AFTER_S
+    for kind in ErrorKind:
+        if kind is not ErrorKind.QUEUE_FULL:
+            assert RequestError("x", kind).headers is None and retry_after(kind) is None
