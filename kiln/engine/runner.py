@@ -22,6 +22,7 @@ from kiln.engine.scheduler import ScheduledBatch
 from kiln.layers.attention import AttentionMetadata, LayerKVCache, make_attention_backend
 from kiln.models.config import ModelConfig, resolve_dtype
 from kiln.models.loader import load_model
+from kiln.quantization.checkpoint import rank_kv_scales, resolve_kv_cache_dtype
 
 log = logging.getLogger("kiln.runner")
 
@@ -49,10 +50,14 @@ class ModelRunner:
         t0 = time.monotonic()
         self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, cfg.quantization, cfg.seed)
         self.load_seconds = time.monotonic() - t0
+        self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.model.quantization)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
             m.qweight.numel() * m.qweight.element_size() + m.scale.numel() * m.scale.element_size()
             for m in self.model.modules() if getattr(m, "qweight", None) is not None)
         self.backend = make_attention_backend(cfg.attention_backend, self.device)
+        if self.kv_cache_dtype == "fp8" and self.backend.name != "torch":
+            raise ValueError("the fp8 KV cache runs on the torch attention backend only (the Triton kernels read "
+                             "bf16/fp16 or int8 caches): use --attention-backend torch or --kv-cache-dtype int8")
         for layer in self.model.model.layers:
             layer.self_attn.backend = self.backend
         self.sampler = Sampler()
@@ -74,12 +79,13 @@ class ModelRunner:
     # -- KV cache ----------------------------------------------------------------------------------
     @property
     def kv_int8(self) -> bool:
-        return self.cfg.kv_cache_dtype == "int8"
+        return self.kv_cache_dtype == "int8"
 
     def bytes_per_block(self) -> int:
         mc = self.model_config
         kv_heads = max(1, mc.num_kv_heads // tpd.tp_size())
-        per_token_head = mc.head_dim * (1 if self.kv_int8 else torch.finfo(self.dtype).bits // 8)
+        eight_bit = self.kv_cache_dtype in ("int8", "fp8")
+        per_token_head = mc.head_dim * (1 if eight_bit else torch.finfo(self.dtype).bits // 8)
         if self.kv_int8:
             per_token_head += 4  # float32 scale
         return 2 * mc.num_layers * self.cfg.block_size * kv_heads * per_token_head
@@ -142,11 +148,15 @@ class ModelRunner:
         mc = self.model_config
         kvh = max(1, mc.num_kv_heads // tpd.tp_size())
         shape = (mc.num_layers, 2, num_blocks, self.cfg.block_size, kvh, mc.head_dim)
-        dtype = torch.int8 if self.kv_int8 else self.dtype
+        dtype = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}.get(self.kv_cache_dtype, self.dtype)
         self.kv_tensor = torch.zeros(shape, dtype=dtype, device=self.device)
         scales = None
         if self.kv_int8:
             scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
+        elif self.kv_cache_dtype == "fp8":  # static per-layer, per-head scales: [layers, 2 (k, v), kv heads]
+            scales = torch.stack([torch.stack([
+                rank_kv_scales(s, mc.num_kv_heads, tpd.tp_rank(), tpd.tp_size()) for s in layer])
+                for layer in self.model.kv_cache_scales]).to(self.device)
         self.kv_caches = [
             LayerKVCache(self.kv_tensor[i, 0], self.kv_tensor[i, 1],
                          None if scales is None else scales[i, 0], None if scales is None else scales[i, 1])

@@ -3,6 +3,7 @@
     kiln serve [flags]      the whole service in the foreground (env vars of the seed + equivalent flags)
     kiln generate ...       offline generation (kiln.entrypoints.generate)
     kiln bench ...          latency / throughput / serve benchmarks (kiln.entrypoints.bench)
+    kiln quantize ...       post-training quantization into a compressed-tensors checkpoint (kiln.entrypoints.quantize)
 
 A subcommand = one `sub.add_parser(...)` with `set_defaults(func=...)` below; `func(args)` returns the exit code.
 """
@@ -74,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     add_bench_parser(sub)
+
+    from kiln.entrypoints.quantize import add_quantize_args, cmd_quantize
+
+    p = sub.add_parser("quantize", help="quantize a checkpoint (w8a8-int8, w8a8-fp8, w8a16; 8-bit KV scales)",
+                       description="Post-training quantization of a Hugging Face checkpoint into a new "
+                                   "compressed-tensors checkpoint that kiln serve (and vLLM) load as is.")
+    add_quantize_args(p)
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -1,7 +1,8 @@
 """Attention over the paged KV cache, behind a small backend interface.
 
 Layout (shared with the Triton kernels): per layer K and V of [num_blocks, block_size, kv_heads, head_dim],
-or int8 with float32 scales [num_blocks, block_size, kv_heads] (symmetric, per token and head).
+or int8 with float32 scales [num_blocks, block_size, kv_heads] (symmetric, per token and head),
+or fp8 (E4M3) with static float32 scales [kv_heads] (per layer and head, from the checkpoint or 1.0).
 A token's slot is block_id * block_size + offset.
 """
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from kiln.quantization import ops as qops
 
 
 @dataclass
@@ -43,6 +46,10 @@ class LayerKVCache:
     def is_int8(self) -> bool:
         return self.k.dtype == torch.int8
 
+    @property
+    def is_fp8(self) -> bool:
+        return self.k.dtype == torch.float8_e4m3fn
+
 
 def quantize_int8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H, D] -> int8 values and float32 scales [T, H]."""
@@ -69,6 +76,9 @@ class TorchAttention:
             vf.index_copy_(0, slot_mapping, vq)
             cache.k_scale.view(nb * bs, h).index_copy_(0, slot_mapping, ks)
             cache.v_scale.view(nb * bs, h).index_copy_(0, slot_mapping, vs)
+        elif cache.is_fp8:
+            kf.index_copy_(0, slot_mapping, qops.to_codes(k, cache.k_scale[:, None], kf.dtype))
+            vf.index_copy_(0, slot_mapping, qops.to_codes(v, cache.v_scale[:, None], vf.dtype))
         else:
             kf.index_copy_(0, slot_mapping, k.to(kf.dtype))
             vf.index_copy_(0, slot_mapping, v.to(vf.dtype))
@@ -82,6 +92,8 @@ class TorchAttention:
         if cache.is_int8:
             k = k.float() * cache.k_scale[blocks].reshape(nblk * bs, h)[:n, :, None]
             v = v.float() * cache.v_scale[blocks].reshape(nblk * bs, h)[:n, :, None]
+        elif cache.is_fp8:
+            k, v = k.float() * cache.k_scale[:, None], v.float() * cache.v_scale[:, None]
         return k.float(), v.float()
 
     def _decode_slots(self, meta: AttentionMetadata, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +121,9 @@ class TorchAttention:
         if cache.is_int8:
             k = k.to(q.dtype) * cache.k_scale.view(nb * bs, h)[slots][..., None].to(q.dtype)
             v = v.to(q.dtype) * cache.v_scale.view(nb * bs, h)[slots][..., None].to(q.dtype)
+        elif cache.is_fp8:
+            k = k.to(q.dtype) * cache.k_scale[:, None].to(q.dtype)
+            v = v.to(q.dtype) * cache.v_scale[:, None].to(q.dtype)
         o = torch.nn.functional.scaled_dot_product_attention(
             q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
             enable_gqa=q.shape[1] != h)                    # [B, Hq, 1, D]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln import distributed as tpd
+from kiln.quantization import ops as qops
 
 
 def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -74,6 +75,8 @@ class Linear(nn.Module):
         self.qweight: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.int4 = False  # qweight holds torch's packed CPU int4 layout, scale the per-group (scale, zero)
+        self.act_quant = False  # W8A8: activations quantized too (per token, or with the static input_scale)
+        self.input_scale: torch.Tensor | None = None
 
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if param.shape != loaded.shape:
@@ -82,10 +85,23 @@ class Linear(nn.Module):
 
     def quantize_int8(self) -> None:
         """Per-output-channel symmetric int8; the bf16 weight is dropped (half the bytes per decode step)."""
+        self.quantize_weights(qops.W8A16)
+
+    def quantize_weights(self, scheme: str) -> None:
+        """Per-output-channel symmetric 8-bit weights (int8, or E4M3 for w8a8-fp8); the float weight is dropped.
+        The w8a8 schemes quantize activations per token as well (kiln/quantization/ops.py)."""
+        dtype = qops.code_dtype(scheme)
         w = self.weight.data.float()
-        scale = self._channel_absmax(w).clamp(min=1e-8) / 127.0
-        self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.scale = scale
+        self.qweight, self.scale = qops.quantize_weight(w, dtype, qops.channel_scales(w, dtype, self._channel_absmax(w)))
+        self.act_quant = scheme != qops.W8A16
+        self.weight = None
+
+    def prepare_quantized(self, scheme: str) -> None:
+        """Empty 8-bit weights and per-channel scales for a quantized checkpoint's tensors to be loaded into."""
+        dev = self.weight.device
+        self.qweight = torch.zeros(self.out_features, self.in_features, dtype=qops.code_dtype(scheme), device=dev)
+        self.scale = torch.zeros(self.out_features, dtype=torch.float32, device=dev)
+        self.act_quant = scheme != qops.W8A16
         self.weight = None
 
     def _channel_absmax(self, w: torch.Tensor) -> torch.Tensor:
@@ -114,6 +130,8 @@ class Linear(nn.Module):
         if self.qweight is not None:
             if self.int4:
                 return _w4a16(x, self.qweight, self.scale, self.bias)
+            if self.act_quant:
+                return qops.w8a8_linear(x, self.qweight, self.scale, self.bias, self.input_scale)
             return _w8a16(x, self.qweight, self.scale, self.bias)
         return _dense(x, self.weight, self.bias)
 

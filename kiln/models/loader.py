@@ -11,6 +11,8 @@ from safetensors import safe_open
 from kiln.layers.linear import Linear
 from kiln.models.config import ModelConfig
 from kiln.models.llama import LlamaForCausalLM
+from kiln.quantization import ops as qops
+from kiln.quantization.checkpoint import CheckpointQuant, read_quantization, unpack_int8
 
 log = logging.getLogger("kiln.loader")
 
@@ -36,12 +38,14 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> L
     return model.to(dtype=dtype).eval().requires_grad_(False)
 
 
-def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
+def load_weights(model: LlamaForCausalLM, model_dir: Path, quant: CheckpointQuant | None = None) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[tuple[str, int | None]] = set()
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
+                if quant is not None and _load_quantized(model, name, lambda: f.get_tensor(name), loaded):
+                    continue
                 target = model.map_checkpoint_name(name)
                 if target is None:
                     continue
@@ -56,10 +60,69 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
                 loaded.add((pname, shard))
-    expected = _expected_loads(model)
+    expected = _expected_loads(model) | (_expected_quantized(model, quant) if quant else set())
     missing = sorted(f"{p}" + ("" if s is None else f"[{s}]") for p, s in expected - loaded)
     if missing:
         raise ValueError(f"checkpoint in {model_dir} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+_QUANT_LEAVES = ("weight", "weight_packed", "weight_scale", "weight_shape", "input_scale", "weight_zero_point")
+
+
+def _load_quantized(model: LlamaForCausalLM, name: str, get, loaded: set) -> bool:
+    """A compressed-tensors tensor (8-bit codes, scales, KV-cache scales) into its layer; False: not one."""
+    base, leaf = name.rsplit(".", 1)
+    if leaf in ("k_scale", "v_scale") or leaf == "output_scale" and base.rsplit(".", 1)[-1] in ("k_proj", "v_proj"):
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        which = 0 if leaf == "k_scale" or base.endswith("k_proj") else 1
+        model.kv_cache_scales[layer][which] = get().float().reshape(-1)
+        loaded.add((f"kv_cache_scales.{layer}", which))
+        return True
+    if leaf not in _QUANT_LEAVES or base.rsplit(".", 1)[-1] not in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"):
+        return False
+    pname, shard = model.map_checkpoint_name(base + ".weight")
+    mpath = pname[: -len(".weight")]
+    m = model.get_submodule(mpath)
+    t = get()
+    try:
+        if leaf == "weight_zero_point":
+            raise ValueError("zero points (asymmetric weights) are not supported")
+        if leaf in ("weight", "weight_packed"):
+            codes = unpack_int8(t) if leaf == "weight_packed" else t
+            if codes.dtype != m.qweight.dtype:
+                raise ValueError(f"{codes.dtype} weights, expected {m.qweight.dtype} (quantization_config)")
+            m.load_weight(m.qweight, codes, shard)
+            loaded.add((mpath + ".qweight", shard))
+        elif leaf == "weight_scale":
+            s = t.float().reshape(-1)
+            rows = m.full_sizes[shard] if hasattr(m, "full_sizes") else m.out_features
+            if s.numel() == 1:  # per-tensor: the same scale for each of the sub-projection's channels
+                s = s.expand(rows)
+            if hasattr(m, "full_sizes"):
+                m.load_weight(m.scale, s, shard)
+            else:  # row-parallel: scales over whole rows, the same on every rank
+                _copy(m.scale, s)
+            loaded.add((mpath + ".scale", shard))
+        elif leaf == "input_scale":  # fused q/k/v or gate/up: one activation, the largest of their scales
+            s = t.float().reshape(-1).amax().reshape(1).to(m.scale.device)
+            m.input_scale = s if m.input_scale is None else torch.maximum(m.input_scale, s)
+            loaded.add((mpath + ".input_scale", shard))
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return True
+
+
+def _expected_quantized(model: LlamaForCausalLM, quant: CheckpointQuant) -> set[tuple[str, int | None]]:
+    out = set()
+    for name, m in model.named_modules():
+        if isinstance(m, Linear) and m.qweight is not None:
+            shards = range(len(m.output_sizes)) if hasattr(m, "output_sizes") else [None]
+            leaves = ("qweight", "scale", "input_scale") if quant.static_activations else ("qweight", "scale")
+            out |= {(f"{name}.{leaf}", s) for s in shards for leaf in leaves}
+    if quant.kv_cache:
+        out |= {(f"kv_cache_scales.{i}", w) for i in range(model.config.num_layers) for w in (0, 1)}
+    return out
 
 
 def _copy(param, tensor):
@@ -106,13 +169,25 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     cfg = ModelConfig.from_dir(model_dir)
     # a float32 checkpoint served in bfloat16 on CPU may be a dequantized Q4 GGUF: read it in float32 so that
     # linear layers whose weights lie on a 4-bit grid can be kept as int4 (bf16 rounding would hide the grid)
+    quant = read_quantization(model_dir) if load_format != "dummy" else None
+    if quant is not None and quantization not in (None, "", "none", quant.scheme):
+        raise ValueError(f"{model_dir} holds a {quant.scheme} checkpoint; --quantization {quantization} cannot "
+                         f"apply to it (leave it unset)")
     find_int4 = (device.type == "cpu" and dtype == torch.bfloat16 and quantization in (None, "", "none")
-                 and load_format != "dummy" and cfg.torch_dtype in ("float32", None))
+                 and load_format != "dummy" and cfg.torch_dtype in ("float32", None) and quant is None)
     model = build_model(cfg, torch.float32 if find_int4 else dtype, device)
+    model.quantization = quant
+    model.kv_cache_scales = [[None, None] for _ in range(cfg.num_layers)]  # static K/V scales [kv heads], if any
+    if quant is not None:
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.prepare_quantized(quant.scheme)
+        log.info("quantized checkpoint: %s (%s), KV cache scales: %s", quant.scheme, quant.description,
+                 quant.kv_cache or "none")
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     elif load_format in ("auto", "safetensors"):
-        load_weights(model, model_dir)
+        load_weights(model, model_dir, quant)
     else:
         raise ValueError(f"unknown load format {load_format!r} (auto | safetensors | dummy)")
     if find_int4:
@@ -121,10 +196,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
         if packed:
             log.info("%d of %d linear layers hold 4-bit weights (a Q4 checkpoint): kept as int4", packed, len(linears))
         model.to(dtype)
-    if quantization == "w8a16":
+    if quantization in qops.SCHEMES and quant is None:  # quantize at load: per-channel weights, dynamic activations
         for m in model.modules():
             if isinstance(m, Linear):
-                m.quantize_int8()
-    elif quantization not in (None, "", "none"):
-        raise ValueError(f"unknown quantization {quantization!r} (w8a16)")
+                m.quantize_weights(quantization)
+    elif quantization not in (None, "", "none") and quantization not in qops.SCHEMES:
+        raise ValueError(f"unknown quantization {quantization!r} ({' | '.join(qops.SCHEMES)})")
     return model

@@ -1,0 +1,1 @@
+"""Quantization: 8-bit weight/activation math, compressed-tensors checkpoints, post-training quantization."""
