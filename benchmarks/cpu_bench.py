@@ -48,9 +48,13 @@ def _llama_cpp_worker(args) -> dict:
     from kiln.models.default_model import default_gguf_path
     from kiln.threads import usable_cores
     threads = args.threads or usable_cores()
-    llm = llama_cpp.Llama(str(default_gguf_path()), n_ctx=args.batch * 512, n_batch=args.batch * 512,
-                          n_threads=threads, n_threads_batch=threads, n_seq_max=args.batch, verbose=False)
-    ctx, vocab = llm._ctx.ctx, llm.n_vocab()
+    llm = llama_cpp.Llama(str(default_gguf_path()), n_ctx=512, n_threads=threads, verbose=False)
+    # the high-level Llama holds one sequence: a context of our own runs `batch` sequences side by side
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = args.batch * 512
+    params.n_seq_max, params.n_threads, params.n_threads_batch = args.batch, threads, threads
+    params.kv_unified = True  # one KV buffer for all sequences, as llama-server runs parallel slots
+    ctx, vocab = llama_cpp.llama_init_from_model(llm._model.model, params), llm.n_vocab()
     prompt = llm.tokenize(_chat_text().encode(), add_bos=False, special=True)  # the same tokens Kiln gets
     batch = llama_cpp.llama_batch_init(max(len(prompt) * args.batch, args.batch), 0, args.batch)
 
@@ -70,8 +74,9 @@ def _llama_cpp_worker(args) -> dict:
                 add(n, tok, p, s, p == len(prompt) - 1)
                 n += 1
         batch.n_tokens = n
-        if llama_cpp.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed (prefill)")
+        rc = llama_cpp.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed (prefill): {rc}")
         last = greedy([(s + 1) * len(prompt) - 1 for s in range(args.batch)])
         made = args.batch
         for step in range(1, tokens):
@@ -87,6 +92,7 @@ def _llama_cpp_worker(args) -> dict:
     run(8)
     out = _repeat(lambda: run(args.tokens), args.repeats) | {"threads": threads}
     llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
     return out
 
 
