@@ -19,11 +19,13 @@ import traceback
 from dataclasses import dataclass
 
 from kiln.engine.config import EngineConfig
+from kiln.engine.cuda_graph import batch_size_ladder
 from kiln.engine.kv_cache import KVCacheManager
 from kiln.engine.request import EngineOutput, EngineStats, FinishReason, Request, RequestStatus, SamplingParams
-from kiln.engine.sampler import PendingSample
+from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import ScheduledBatch, Scheduler
 from kiln.engine.structured import GrammarCompiler, PendingGrammars
+from kiln.engine.variants import VariantLog, compiled_triton_kernels
 from kiln.engine.wire import Abort, AddRequest, Fatal, Hello, Message, Outputs, Stats, WireError, decode, encode
 from kiln.errors import ErrorKind
 
@@ -81,6 +83,7 @@ class EngineCore:
         self.grammars = PendingGrammars(GrammarCompiler(self.model_dir, mc.vocab_size, self.eos_token_ids),
                                         cfg.grammar_compile_timeout)
         self._log_budget(why)
+        self.variants = VariantLog(cfg.max_num_seqs)  # what steps have run: the warm-up's checklist
         if cfg.warmup:
             self.warmup()
 
@@ -229,6 +232,7 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001
             outs += self._fail(batch.requests, e)
             return None
+        self.variants.record_step(batch.num_tokens, batch.num_decode_rows, len(sampling), Sampler.paths(sampling))
         # sample is None only for a step in which nobody samples (a middle chunk of a prefill): sampling is []
         return InFlightStep(batch, sampling, self.scheduler.launched(batch, sampling), sample)
 
@@ -274,18 +278,78 @@ class EngineCore:
                            self.num_refused, self.scheduler.prefill_tokens_per_step.cumulative(),
                            self.scheduler.prefill_tokens_per_step.sum)
 
+    # one request per sampler path (Sampler.paths): each path's ops run once before ready
+    WARMUP_SAMPLING = (
+        dict(temperature=0.0),
+        dict(temperature=0.8),
+        dict(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05),
+        dict(temperature=0.8, seed=1),
+        dict(temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.1, presence_penalty=0.1),
+        dict(temperature=0.0, min_tokens=2, stop_token_ids=[0]),
+        dict(temperature=0.0, logprobs=0),
+        dict(temperature=0.0, logprobs=5),
+    )
+
     def warmup(self) -> None:
-        """Run a max-length prefill and a full-batch decode once, so the first user request is not the slow one."""
+        """Before ready, run every kind of step traffic can produce (kiln/engine/variants.py): prefill, a chunked
+        prefill beside decodes (mixed and mixed+chunk steps), each sampler path, a decode at every CUDA-graph
+        ladder size and each prefill tile class, so the first user requests compile and initialise nothing.
+        Logs what it ran and how long it took. (Structured-output grammars are not warmed: their compile is per
+        schema and off the engine loop anyway.)"""
         t0 = time.monotonic()
-        n = min(self.max_num_batched_tokens, self.max_model_len - 1, self.kv.num_blocks * self.cfg.block_size - 1)
-        p = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        self.add_request("__warmup_prefill", [0] * max(1, n), p)
-        for i in range(min(self.cfg.max_num_seqs, self.kv.num_blocks)):
-            self.add_request(f"__warmup_{i}", [0], p)
-        while self.has_unfinished():
+        steps0 = self.num_steps
+        budget = self.scheduler.max_prefill_tokens
+        room = min(self.max_model_len, self.kv.num_blocks * self.cfg.block_size)  # tokens one request may hold
+        n_req = 0
+        max_waiting, self.cfg.max_waiting = self.cfg.max_waiting, 1 << 30  # a batch of warm-up requests is no overload
+
+        def add(prompt_len: int, max_tokens: int, **params) -> None:
+            nonlocal n_req
+            n_req += 1
+            prompt_len = max(1, min(prompt_len, room - max_tokens - 1))
+            # distinct tokens per request: no prefix-cache hit turns a prefill into something smaller
+            prompt = [(n_req * 7919 + i) % max(2, self.runner.model_config.vocab_size - 1) + 1
+                      for i in range(prompt_len)]
+            err = self.add_request(f"__warmup_{n_req}", prompt, SamplingParams(ignore_eos=True, max_tokens=max_tokens,
+                                                                               **params))
+            if err is not None:
+                raise RuntimeError(f"warm-up request refused: {err.error}")
+
+        def drain() -> None:
+            while self.has_unfinished():
+                self.step()
+
+        # 1. the sampler paths (in groups that leave a batch slot free), the first group decoding while a prompt
+        #    longer than the prefill budget comes in chunks beside it: prefill, mixed+chunk, mixed, decode steps
+        group = max(1, self.cfg.max_num_seqs - 1)
+        for i in range(0, len(self.WARMUP_SAMPLING), group):
+            for params in self.WARMUP_SAMPLING[i:i + group]:
+                add(4, 6, **params)
             self.step()
+            if i == 0:
+                add(2 * budget + budget // 2, 4, temperature=0.0)
+            drain()
+        # 2. a prefill alone of each tile class (the step's longest prompt row: <= 16, 32, 64 tokens), then a prompt
+        #    over the budget alone (prefill+chunk, then prefill)
+        for n in (16, 32, 64):
+            add(min(n, budget), 1, temperature=0.0)
+            drain()
+        add(budget + budget // 2 + 1, 1, temperature=0.0)
+        drain()
+        # 3. a decode at every CUDA-graph ladder size (eager on CPU; on the GPU the graphs were captured, this
+        #    runs their replay and the sampler at that batch)
+        for size in batch_size_ladder(self.cfg.max_num_seqs):
+            for _ in range(min(size, self.kv.num_blocks // 2)):
+                add(1, 2, temperature=0.0)
+            drain()
         self.kv.reset_prefix_cache()
-        log.info("warm-up done in %.1f s", time.monotonic() - t0)
+        # the warm-up's steps are not traffic: start the published step statistics afresh
+        self.scheduler.prefill_tokens_per_step.reset()
+        self.cfg.max_waiting = max_waiting
+        kernels = compiled_triton_kernels()
+        log.info("warm-up: %d requests, %d steps in %.1f s; reached %s%s", n_req, self.num_steps - steps0,
+                 time.monotonic() - t0, VariantLog.describe(self.variants.seen),
+                 f"; Triton kernel variants compiled: {sum(kernels.values())}" if any(kernels.values()) else "")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -109,6 +109,30 @@ class Sampler:
         return _Row(p.greedy, 1.0 if p.greedy else float(p.temperature), min(p.top_k, vocab) or vocab,
                     float(p.top_p), float(p.min_p), masked, p.logprobs)
 
+    @staticmethod
+    def paths(reqs: list[Request]) -> frozenset[str]:
+        """The code paths of `sample` these rows take (kiln/engine/variants.py: what a warm-up must reach)."""
+        out = set()
+        for r in reqs:
+            p = r.params
+            if p.greedy:
+                out.add("greedy")
+            else:
+                out.add("seeded" if p.seed is not None else "random")
+                if p.top_k or p.top_p < 1.0:
+                    out.add("top_k_top_p")
+                if p.min_p > 0:
+                    out.add("min_p")
+            if r.needs_output_history:
+                out.add("penalties")
+            if len(r.output_token_ids) < p.min_tokens and r.stop_token_set and r.grammar is None:
+                out.add("min_tokens")
+            if p.logprobs is not None:
+                out.add("logprobs" if p.logprobs == 0 else "top_logprobs")
+            if r.grammar is not None:
+                out.add("grammar")
+        return frozenset(out)
+
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> PendingSample:
         logits = logits.float()
         dev = logits.device

@@ -38,6 +38,7 @@ class ScheduledBatch:
     num_tokens: list[int] = field(default_factory=list)     # tokens to compute this step, per request
     preempted: list[Request] = field(default_factory=list)
     num_prefill_tokens: int = 0                              # tokens of rows that are not decodes
+    num_decode_rows: int = 0                                 # decodes come first in `requests`
 
     @property
     def total_tokens(self) -> int:
@@ -51,6 +52,8 @@ class ScheduledBatch:
         self.num_tokens.append(n)
         if prefill:
             self.num_prefill_tokens += n
+        else:
+            self.num_decode_rows += 1
 
 
 # upper bounds of the prefill-tokens-per-step histogram (kiln:prefill_tokens_per_step)
@@ -68,6 +71,10 @@ class CumulativeHistogram:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    def reset(self) -> None:
+        self.counts = [0] * len(self.counts)
+        self.sum = 0.0
 
     def cumulative(self) -> list[int]:
         return list(itertools.accumulate(self.counts))

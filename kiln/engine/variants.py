@@ -1,0 +1,80 @@
+"""The kinds of work the engine has run: what a warm-up must reach so that nothing new runs (or compiles) after
+ready.
+
+Each engine step reports keys (family, value) to the core's VariantLog:
+  ("step", kind)            decode | prefill | mixed, with "+chunk" when a prefill row samples nothing (a middle
+                            chunk of a prompt longer than the step's prefill budget)
+  ("decode_batch", size)    the CUDA-graph ladder size a decode-only step of this batch replays (on CPU the same
+                            ladder, so the CPU test checks what the GPU captures)
+  ("prefill_tile", bucket)  the Triton prefill kernel's BLOCK_M class of the step's longest prefill row: 16, 32, 64
+                            (next power of two of short rows) or "full" (docs/kernels.md)
+  ("sampler", path)         each of the sampler's code paths the step's rows take (Sampler.paths)
+The warm-up (EngineCore.warmup) drives the engine until it has seen every key traffic can reach; a test runs a
+mixed load after it and checks the load reached none it did not.
+"""
+from __future__ import annotations
+
+from kiln.engine.cuda_graph import batch_size_ladder
+
+
+def prefill_tile(max_query_len: int) -> int | str:
+    """The prefill kernel's tile class for a step whose longest prefill row has max_query_len tokens."""
+    if max_query_len > 64:
+        return "full"
+    return max(16, 1 << (max_query_len - 1).bit_length())
+
+
+def ladder_size(n: int, max_num_seqs: int) -> int:
+    return next(s for s in batch_size_ladder(max_num_seqs) if s >= n)
+
+
+class VariantLog:
+    def __init__(self, max_num_seqs: int):
+        self.max_num_seqs = max_num_seqs
+        self.seen: set[tuple[str, object]] = set()
+
+    def record_step(self, num_tokens: list[int], num_decode_rows: int, num_sampling: int,
+                    sampler_paths: frozenset[str]) -> None:
+        rows = len(num_tokens)
+        prefill = rows - num_decode_rows
+        kind = "decode" if not prefill else "prefill" if not num_decode_rows else "mixed"
+        if num_sampling < rows:
+            kind += "+chunk"
+        self.seen.add(("step", kind))
+        if not prefill:
+            self.seen.add(("decode_batch", ladder_size(rows, self.max_num_seqs)))
+        else:
+            self.seen.add(("prefill_tile", prefill_tile(max(num_tokens[num_decode_rows:]))))
+        self.seen.update(("sampler", p) for p in sampler_paths)
+
+    def snapshot(self) -> set[tuple[str, object]]:
+        return set(self.seen)
+
+    @staticmethod
+    def describe(keys: set[tuple[str, object]]) -> str:
+        by: dict[str, list[str]] = {}
+        for fam, v in keys:
+            by.setdefault(fam, []).append(str(v))
+        return "; ".join(f"{fam}: {', '.join(sorted(vs, key=lambda s: (len(s), s)))}" for fam, vs in sorted(by.items()))
+
+
+def compiled_triton_kernels() -> dict[str, int]:
+    """Compiled specializations per Kiln Triton kernel in this process (GPU only; {} without Triton or in the
+    interpreter). Compared before and after a load, it shows whether anything compiled after ready."""
+    out: dict[str, int] = {}
+    try:
+        import importlib
+
+        from triton.runtime.jit import JITFunction
+    except Exception:  # noqa: BLE001 - no Triton: nothing compiles
+        return out
+    for mod in ("cache", "decode_attention", "prefill_attention", "rmsnorm", "rotary", "activation", "w8a16"):
+        try:
+            m = importlib.import_module(f"kiln.kernels.{mod}")
+        except Exception:  # noqa: BLE001
+            continue
+        for name, fn in vars(m).items():
+            if isinstance(fn, JITFunction):
+                caches = getattr(fn, "device_caches", {}) or {}
+                out[f"{mod}.{name}"] = sum(len(c[0]) if isinstance(c, tuple) else len(c) for c in caches.values())
+    return out

@@ -1,0 +1,97 @@
+"""Nothing new runs after ready (issue 11): the warm-up reaches every kind of step the scheduler can produce
+(prefill, mixed, chunked, every decode ladder size, each prefill tile class) and every sampler path; a mixed load
+after it (different lengths, sampling parameters, chunked prefills, arrivals mid-decode) reaches none that the
+warm-up did not."""
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+
+from kiln.engine.config import EngineConfig
+from kiln.engine.core import EngineCore
+from kiln.engine.cuda_graph import batch_size_ladder
+from kiln.engine.request import SamplingParams
+from kiln.engine.variants import VariantLog, prefill_tile
+from tests.helpers.tiny_models import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+CFG = dict(dtype="float32", block_size=16, num_gpu_blocks=96, max_num_seqs=6, max_num_batched_tokens=96,
+           max_prefill_tokens=80, max_waiting=4)
+
+
+def random_params(rnd: random.Random) -> SamplingParams:
+    p = dict(max_tokens=rnd.randint(1, 12), ignore_eos=True)
+    if rnd.random() < 0.5:
+        p["temperature"] = 0.0
+    else:
+        p["temperature"] = rnd.choice([0.5, 1.0])
+        p.update(rnd.choice([{}, {"top_k": 7}, {"top_p": 0.8}, {"min_p": 0.1}, {"seed": rnd.randint(0, 99)}]))
+    p.update(rnd.choice([{}, {}, {"repetition_penalty": 1.2}, {"presence_penalty": 0.5}, {"min_tokens": 1},
+                         {"logprobs": 0}, {"logprobs": 3}]))
+    return SamplingParams(**p)
+
+
+def test_mixed_load_after_warmup_reaches_nothing_new(model_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="kiln.engine"):
+        core = EngineCore(EngineConfig(model=str(model_dir), warmup=True, **CFG))
+    warm = core.variants.snapshot()
+    # what the warm-up must have reached, whatever the load below happens to do
+    must = {("step", k) for k in ("prefill", "prefill+chunk", "mixed", "mixed+chunk", "decode")}
+    must |= {("decode_batch", s) for s in batch_size_ladder(CFG["max_num_seqs"])}
+    must |= {("prefill_tile", t) for t in (16, 32, 64, "full")}
+    must |= {("sampler", p) for p in ("greedy", "random", "seeded", "top_k_top_p", "min_p", "penalties",
+                                      "min_tokens", "logprobs", "top_logprobs")}
+    assert must <= warm, must - warm
+    # start-up says what the warm-up did and how long it took
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up:"))
+    assert " steps in " in line and "mixed+chunk" in line and "decode_batch: 1, 2, 4, 6" in line
+    # the engine is as if fresh: no request, every block free, no step statistics from the warm-up
+    assert not core.has_unfinished() and core.kv.num_free_blocks == core.kv.num_blocks
+    assert core.scheduler.prefill_tokens_per_step.sum == 0 and core.stats().num_refused_total == 0
+    assert core.cfg.max_waiting == CFG["max_waiting"]
+
+    rnd = random.Random(11)
+    n = 0
+    for _ in range(120):  # arrivals between steps: idle, mid-decode, mid-chunk
+        while len(core.scheduler.waiting) < 3 and rnd.random() < 0.4:
+            n += 1
+            core.add_request(f"r{n}", [rnd.randrange(1, 250) for _ in range(rnd.choice([1, 5, 17, 40, 70, 130]))],
+                             random_params(rnd))
+        if core.has_unfinished():
+            core.step()
+    while core.has_unfinished():
+        core.step()
+    load = core.variants.snapshot()
+    assert n >= 30 and ("step", "mixed+chunk") in load and ("prefill_tile", "full") in load
+    assert load - warm == set(), f"the load reached what the warm-up did not: {load - warm}"
+
+
+def test_a_load_outside_the_warmup_is_caught(model_dir):
+    """The check above can fail: a warm-up that skipped decodes at batch 6 shows up as a new key."""
+    core = EngineCore(EngineConfig(model=str(model_dir), **CFG))
+    p = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    core.add_request("a", [1, 2, 3], p)
+    while core.has_unfinished():
+        core.step()
+    before = core.variants.snapshot()
+    for i in range(4):
+        core.add_request(f"b{i}", [5 + i] * 3, p)
+    while core.has_unfinished():
+        core.step()
+    assert core.variants.snapshot() - before == {("decode_batch", 4)}
+
+
+def test_variant_keys():
+    assert [prefill_tile(n) for n in (1, 16, 17, 33, 64, 65, 4000)] == [16, 16, 32, 64, 64, "full", "full"]
+    log = VariantLog(max_num_seqs=50)
+    log.record_step([1, 1, 1], 3, 3, frozenset({"greedy"}))
+    log.record_step([1, 40, 48], 1, 2, frozenset({"greedy", "top_logprobs"}))
+    assert log.seen == {("step", "decode"), ("decode_batch", 4), ("sampler", "greedy"), ("step", "mixed+chunk"),
+                        ("prefill_tile", 64), ("sampler", "top_logprobs")}
