@@ -76,6 +76,7 @@ def _engine_main(engine_cfg, address: str, cfg: KilnConfig) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_role_title("engine")
     setup_logging(cfg, "kiln-engine")
+    log.info("engine: Triton compile cache %s", os.environ.get("TRITON_CACHE_DIR") or "unset (Triton's default)")
     from kiln.engine.core import run_engine_core
 
     run_engine_core(engine_cfg, address, cfg.engine_secret, "DEBUG" if cfg.fd_debug else "INFO")
@@ -411,10 +412,27 @@ def _prepare(cfg: KilnConfig) -> tuple[socket.socket | None, socket.socket]:
     return http_sock, health_sock
 
 
+def setup_compile_cache() -> str:
+    """Triton's compile cache under Kiln's cache directory ($KILN_CACHE_DIR or ~/.cache/kiln, then triton/), so a
+    restart on this machine loads the kernels the last run compiled instead of compiling them again. Set in the
+    supervisor's environment before any child (which inherit it) imports triton; an explicit TRITON_CACHE_DIR
+    wins. (Kiln uses no torch.compile, so there is no Inductor cache to keep.) Returns the directory."""
+    from kiln.models.gguf import default_cache_root
+
+    path = os.environ.get("TRITON_CACHE_DIR") or str(default_cache_root() / "triton")
+    os.makedirs(path, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = path
+    return path
+
+
 def serve(cfg: KilnConfig) -> int:
     """Run the service in the foreground until SIGTERM/SIGINT. Raises ConfigError for start-up problems."""
     http_sock, health_sock = _prepare(cfg)
     setup_logging(cfg, "kiln-supervisor")
+    try:
+        log.info("Triton compile cache: %s", setup_compile_cache())
+    except OSError as e:  # an unwritable cache costs compile time on the next start, nothing else
+        log.warning("no persistent Triton compile cache (%s): kernels compile again on every start", e)
     set_role_title("supervisor")
     # per start: the engine serves only processes that know it (handed to children with their config,
     # never on a command line or in the environment)
