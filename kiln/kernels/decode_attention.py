@@ -18,7 +18,8 @@ from ._utils import interpreting, kv_scale_args, next_pow2, num_sms
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
+@triton.jit(do_not_specialize=['stride_bt', 'num_partitions'])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
@@ -103,7 +104,8 @@ def _decode_kernel(
         tl.store(part_l_ptr + row, l_i, mask=gmask)
 
 
-@triton.jit
+# values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
+@triton.jit(do_not_specialize=['num_partitions'])
 def _decode_reduce_kernel(
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr,
     stride_ob, stride_oh, num_heads, num_partitions,

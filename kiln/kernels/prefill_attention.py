@@ -72,7 +72,8 @@ def _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
     return acc, m_new, l_i
 
 
-@triton.jit
+# values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
+@triton.jit(do_not_specialize=['stride_bt'])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr,
     query_start_loc_ptr, seq_lens_ptr, out_ptr,

@@ -21,7 +21,8 @@ SMALL_T = 64    # up to here: decode-sized tiles (the weight read dominates)
 LARGE_T = 256   # above: dequantize once, then torch.matmul
 
 
-@triton.jit
+# values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
+@triton.jit(do_not_specialize=['M'])
 def _w8a16_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr,
     M, N, K, K_SPLIT,
@@ -71,7 +72,8 @@ def _w8a16_kernel(
         tl.store(p, acc, mask=mmask[:, None] & nmask[None, :])
 
 
-@triton.jit
+# values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
+@triton.jit(do_not_specialize=['M'])
 def _w8a16_reduce_kernel(part_ptr, s_ptr, b_ptr, out_ptr, M, N, stride_om,
                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_SCALE: tl.constexpr = True):
