@@ -16,7 +16,8 @@ from typing import Callable, Iterable, Sequence
 
 from kiln.engine.config import EngineConfig
 from kiln.engine.core import EngineCore
-from kiln.engine.request import EngineOutput, FinishReason, SamplingParams
+from kiln.engine.output_processor import OutputProcessor
+from kiln.engine.request import SamplingParams
 
 
 @dataclass
@@ -76,11 +77,9 @@ class LLM:
     # -- the loop ----------------------------------------------------------------------------------------
     def _run(self, prompt_ids: list[list[int]], params: list[SamplingParams],
              on_text: Callable[[int, str], None] | None) -> list[CompletionOutput]:
-        from kiln.tokenizer import IncrementalDetokenizer
-
         results: list[CompletionOutput] = []
         index: dict[str, int] = {}
-        detok: dict[str, IncrementalDetokenizer] = {}
+        processors: dict[str, OutputProcessor] = {}
         for i, (ids, sp) in enumerate(zip(prompt_ids, params)):
             rid = f"llm-{next(self._ids)}"
             out = CompletionOutput(rid, ids, logprobs=[] if sp.logprobs is not None else None)
@@ -89,31 +88,23 @@ class LLM:
             if err is not None:
                 raise ValueError(f"prompt {i}: {err.error}")
             index[rid] = i
-            detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, stop=sp.stop)
+            processors[rid] = OutputProcessor(self.tokenizer, ids, sp)
         while self.engine.has_unfinished():
             for eo in self.engine.step():
-                self._absorb(eo, results[index[eo.request_id]], detok[eo.request_id], on_text, index[eo.request_id])
+                i, proc = index[eo.request_id], processors[eo.request_id]
+                events = proc.process(eo)
+                if not events:
+                    continue
+                if events[-1].finished and not eo.finished:
+                    # a stop string ended it: the engine still holds the request, drop it there
+                    self.engine.abort([eo.request_id])
+                out = results[i]
+                out.text, out.token_ids, out.logprobs = proc.text, list(proc.token_ids), proc.logprobs
+                out.finish_reason, out.stop_reason, out.error = proc.finish_reason, proc.stop_reason, proc.error
+                delta = "".join(ev.text for ev in events)
+                if on_text and delta:
+                    on_text(i, delta)
         return results
-
-    def _absorb(self, eo: EngineOutput, out: CompletionOutput, dt, on_text, i: int) -> None:
-        out.token_ids.extend(eo.new_token_ids)
-        if eo.logprobs and out.logprobs is not None:
-            out.logprobs.extend(eo.logprobs)
-        delta = dt.add(eo.new_token_ids)
-        if dt.stopped:
-            # a stop string ended it: the engine still holds the request, drop it there
-            self.engine.abort([eo.request_id])
-            out.finish_reason = FinishReason.STOP.value
-            out.stop_reason = dt.stop_reason
-        elif eo.finished:
-            out.finish_reason = eo.finish_reason
-            out.error = eo.error
-            delta += dt.flush()
-            if eo.finish_reason == FinishReason.STOP.value and eo.new_token_ids:
-                out.stop_reason = eo.new_token_ids[-1]
-        out.text = dt.text
-        if on_text and delta:
-            on_text(i, delta)
 
     def get_tokenizer(self):
         return self.tokenizer

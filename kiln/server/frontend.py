@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
 from kiln.config import KilnConfig
+from kiln.engine.output_processor import OutputProcessor, TokenEvent
 from kiln.engine.request import SamplingParams
 from kiln.errors import SEED_CODE_TIMEOUT, ErrorKind, RequestError, as_kind, seed_message
 from kiln.server.sampling import Limits
@@ -138,20 +139,6 @@ def _default_observers(cfg: KilnConfig) -> list[RequestObserver]:
 # ----------------------------------------------------------------------------------------------------
 # one request's token stream
 # ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class TokenEvent:
-    """New output of one request: usually one token; the last event has finished=True."""
-
-    token_ids: list[int]
-    text: str                                  # the text that became visible (may be "")
-    logprobs: list | None = None               # per token: (logprob, [(token_id, logprob), ...]) or None
-    finished: bool = False
-    finish_reason: str | None = None           # stop | length | abort
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0                 # total so far
-    stop_reason: str | None = None             # the stop string that ended it
-
 
 @dataclass
 class GenerationState:
@@ -313,10 +300,8 @@ class Frontend:
         Raises RequestError on rejection (queue full, duplicate id, too long...), engine failure and on the
         deadline (time.monotonic()) passing; leaving early (break, close, cancellation) aborts the request in
         the engine at once."""
-        from kiln.tokenizer import IncrementalDetokenizer
-
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, skip_special_tokens=skip_special_tokens,
-                                       stop=params.stop, include_stop_str_in_output=include_stop_str_in_output)
+        processor = OutputProcessor(self.tokenizer, prompt_token_ids, params, skip_special_tokens=skip_special_tokens,
+                                    include_stop_str_in_output=include_stop_str_in_output)
         eos = list(dict.fromkeys(list(eos_token_ids) + self.eos_token_ids))
         state = state if state is not None else GenerationState()
         record.num_prompt_tokens = len(prompt_token_ids)
@@ -327,7 +312,6 @@ class Frontend:
             raise
         gen = self.client.generate(request_id, prompt_token_ids, params, eos)
         engine_done = False
-        n_out = 0
         last_t = None
         started = False
         try:
@@ -339,14 +323,14 @@ class Frontend:
                     out = await asyncio.wait_for(gen.__anext__(), remaining)
                 else:
                     out = await gen.__anext__()
+                engine_done = out.finished
                 if out.finish_reason == "error":
-                    engine_done = True
                     kind = as_kind(out.error_type)
                     raise RequestError(seed_message(kind, out.error, out.error_args), kind)
                 if not started:
                     started = True
                     self.observer.on_request(record)
-                ids = list(out.new_token_ids or [])
+                ids = out.new_token_ids or []
                 now = time.time()
                 if ids:
                     if record.first_token_time is None:
@@ -359,38 +343,16 @@ class Frontend:
                     else:
                         self.observer.on_token(record, len(ids), now - (last_t or now))
                     last_t = now
-                for i, tid in enumerate(ids):
-                    n_out += 1
-                    record.num_output_tokens = n_out
-                    state.token_ids.append(tid)
-                    delta = detok.add([tid])
-                    lp = None
-                    if out.logprobs and i < len(out.logprobs):
-                        lp = out.logprobs[i]
-                    if detok.stopped:
-                        # a stop string: the text is cut there; the engine request is aborted below
-                        state.text = detok.text
-                        state.finish_reason = "stop"
-                        yield TokenEvent([tid], delta, None if lp is None else [lp], True, "stop",
-                                         len(prompt_token_ids), n_out, detok.stop_reason)
+                for ev in processor.process(out):
+                    record.num_output_tokens = ev.num_output_tokens
+                    state.token_ids.extend(ev.token_ids)
+                    if ev.finished:
+                        # a stop string ends it before the engine does (engine_done stays False): the finally
+                        # below aborts it there
+                        state.text, state.finish_reason = processor.text, ev.finish_reason
+                    yield ev
+                    if ev.finished:
                         return
-                    last = out.finished and i == len(ids) - 1
-                    if last:
-                        delta += detok.flush()
-                        engine_done = True
-                        state.text = detok.text
-                        state.finish_reason = out.finish_reason
-                    yield TokenEvent([tid], delta, None if lp is None else [lp], last,
-                                     out.finish_reason if last else None, len(prompt_token_ids), n_out)
-                    if last:
-                        return
-                if out.finished:  # finished without a token (abort)
-                    engine_done = True
-                    tail = detok.flush()
-                    state.text = detok.text
-                    state.finish_reason = out.finish_reason
-                    yield TokenEvent([], tail, None, True, out.finish_reason, len(prompt_token_ids), n_out)
-                    return
         except asyncio.TimeoutError:
             t = f" of {timeout_s:g} s" if timeout_s else ""
             err = RequestError(f"Timeout for getting inference result: the request's timeout{t} expired and "
