@@ -118,7 +118,9 @@ def _repeat(run, repeats: int) -> dict:
 def _cell(engine: str, batch: int, threads: int, busy: bool, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--batch", str(batch), "--threads",
            str(threads), "--tokens", str(a.tokens), "--repeats", str(a.repeats), "--dtype", a.dtype]
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    # one core busy until this cell ends (or this script dies: the spinner stops once its parent is gone)
+    spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin]) if busy else None
     try:
         env = dict(os.environ, **({"OMP_WAIT_POLICY": a.wait_policy} if a.wait_policy else {}))
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
