@@ -96,7 +96,7 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 
 @router.get("/v2/models/{name}/config")
 @router.get("/v2/models/{name}/versions/{version}/config")
-async def model_config(request: Request, name: str, version: str | None = None) -> JSONResponse:
+async def get_model_config(request: Request, name: str, version: str | None = None) -> JSONResponse:
     return _check(request, name, version) or JSONResponse(model_config())
 
 

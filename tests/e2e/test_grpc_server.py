@@ -1,7 +1,8 @@
 """The KServe v2 gRPC API of a real `kiln serve` (default model, HTTP API off), driven by the real
 tritonclient.grpc: the seed's streaming client pattern, unary infer, health and metadata, invalid requests,
 duplicate req_id, several requests on one stream, cancellation (the engine frees the request at once). The
-KServe v2 HTTP routes (kiln.server.kserve_http) are checked here too, on a front end of the same engine."""
+KServe v2 HTTP routes (kiln.server.kserve_http) are checked here too, on the session's shared server with the HTTP
+API on."""
 from __future__ import annotations
 
 import json
@@ -334,29 +335,14 @@ def test_serves_normally_after_all_that(url, client):
     assert got[-1][0]["is_end"] == 1 and got[-1][0]["error_code"] == 0
 
 
-# -- KServe v2 over HTTP (kiln.server.kserve_http), on a front end of this server's engine --------------------
+# -- KServe v2 over HTTP (kiln.server.kserve_http), on the session's shared server (HTTP API on) -------------
 @pytest.fixture(scope="module")
-def kserve_http(server):
-    from contextlib import asynccontextmanager
+def kserve_http(default_server):
+    # A real server: a front end built here could not reach an engine, which admits only the processes of its
+    # own start (they get its per-start secret from the supervisor).
+    import httpx
 
-    from fastapi import FastAPI
-    from starlette.testclient import TestClient
-
-    from kiln.config import KilnConfig
-    from kiln.server import kserve_http
-    from kiln.server.frontend import Frontend
-
-    cfg = KilnConfig.load(env=server.env)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        app.state.frontend = await Frontend.start(cfg)
-        yield
-        await app.state.frontend.close()
-
-    app = FastAPI(lifespan=lifespan)
-    app.include_router(kserve_http.router)
-    with TestClient(app) as c:
+    with httpx.Client(base_url=default_server.url, timeout=120) as c:
         yield c
 
 
@@ -371,7 +357,7 @@ def test_kserve_http_metadata(kserve_http):
     assert kserve_http.get("/v2/models/model/config").json()["model_transaction_policy"] == {"decoupled": True}
 
 
-def test_kserve_http_generate(kserve_http, url):
+def test_kserve_http_generate(kserve_http):
     req = {"req_id": "gen-1", "text": PROMPT, "max_dec_len": 6, "temperature": 0}
     r = kserve_http.post("/v2/models/model/generate", json={"IN": json.dumps([req])})
     assert r.status_code == 200, r.text
