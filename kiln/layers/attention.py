@@ -77,8 +77,11 @@ class TorchAttention:
             cache.k_scale.view(nb * bs, h).index_copy_(0, slot_mapping, ks)
             cache.v_scale.view(nb * bs, h).index_copy_(0, slot_mapping, vs)
         elif cache.is_fp8:
-            kf.index_copy_(0, slot_mapping, qops.to_codes(k, cache.k_scale[:, None], kf.dtype))
-            vf.index_copy_(0, slot_mapping, qops.to_codes(v, cache.v_scale[:, None], vf.dtype))
+            # as bytes: index_copy_ has no float8 kernel on CPU
+            kf.view(torch.uint8).index_copy_(0, slot_mapping, qops.to_codes(k, cache.k_scale[:, None], kf.dtype)
+                                             .view(torch.uint8))
+            vf.view(torch.uint8).index_copy_(0, slot_mapping, qops.to_codes(v, cache.v_scale[:, None], vf.dtype)
+                                             .view(torch.uint8))
         else:
             kf.index_copy_(0, slot_mapping, k.to(kf.dtype))
             vf.index_copy_(0, slot_mapping, v.to(vf.dtype))
