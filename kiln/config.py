@@ -163,8 +163,11 @@ class KilnConfig:
         check=_choice("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "half", "float"),
         group="model", seed_default="bfloat16")
     quantization: str | None = setting(
-        None, "KILN_QUANTIZATION", "Weight quantization: none or w8a16 (weight-only int8).", kind="optstr",
-        flags=("--quantization",), check=lambda v: None if v in (None, "none", "w8a16") else "must be none or w8a16",
+        None, "KILN_QUANTIZATION", "Quantize a float checkpoint while loading: none, w8a16 (weight-only int8), "
+        "w8a8-int8 or w8a8-fp8 (per-channel weights, per-token activations). A quantized (compressed-tensors) "
+        "checkpoint needs no setting.", kind="optstr", flags=("--quantization",),
+        check=lambda v: None if v in (None, "none", "w8a16", "w8a8-int8", "w8a8-fp8")
+        else "must be none, w8a16, w8a8-int8 or w8a8-fp8",
         group="model")
     load_format: str = setting(
         "auto", "KILN_LOAD_FORMAT", "auto: read the weights; dummy: random weights of config.json's shape (benchmarks "
@@ -282,6 +285,11 @@ class KilnConfig:
     use_cache_kv_int8: bool = setting(
         False, "USE_CACHE_KV_INT8", "Store the KV cache in int8.", kind="bool", flags=("--use-cache-kv-int8",),
         group="cache")
+    kv_cache_dtype: str = setting(
+        "auto", "KILN_KV_CACHE_DTYPE", "KV-cache storage: auto (the checkpoint's kv_cache_scheme, else the model "
+        "dtype), int8, or fp8 (E4M3 with the checkpoint's static per-head scales, else 1.0; torch attention "
+        "backend only). USE_CACHE_KV_INT8=1 means int8.", kind="str", flags=("--kv-cache-dtype",),
+        check=lambda v: None if v in ("auto", "int8", "fp8") else "must be auto, int8 or fp8", group="cache")
     enable_prefix_caching: bool = setting(
         True, "KILN_ENABLE_PREFIX_CACHING", "Reuse the KV blocks of identical prompt prefixes.", kind="bool",
         flags=("--enable-prefix-caching",), group="cache")
@@ -478,7 +486,7 @@ class KilnConfig:
             block_bs=self.block_bs,
             gpu_memory_utilization=self.gpu_memory_utilization,
             cpu_kv_cache_gib=self.cpu_kv_cache_gib,
-            kv_cache_dtype="int8" if self.use_cache_kv_int8 else "auto",
+            kv_cache_dtype="int8" if self.use_cache_kv_int8 else self.kv_cache_dtype,
             quantization=None if self.quantization in (None, "none") else self.quantization,
             tensor_parallel_size=self.mp_num,
             enable_prefix_caching=self.enable_prefix_caching,
