@@ -25,6 +25,13 @@ from typing import Any, Callable, Mapping
 from kiln.engine.config import EngineConfig
 
 
+# What one HTTP worker streams per second of its CPU (benchmarks/frontend_bench.py, docs/benchmarks.md: 23,000
+# to 26,000 SSE events per CPU-second on a shared 2-core CPU; rounded down) and how often a GPU emits a token
+# per running stream (~8 ms a decode step at batch 256): PUSH_MODE_HTTP_WORKERS' effective default on a GPU.
+HTTP_WORKER_EVENTS_PER_S = 20_000
+GPU_TOKEN_INTERVAL_S = 0.008
+
+
 class ConfigError(ValueError):
     """A setting is wrong; the message is one line that says what to fix."""
 
@@ -190,9 +197,12 @@ class KilnConfig:
         9965, "PUSH_MODE_HTTP_PORT", "Port of the HTTP API (native seed API + OpenAI API); -1 switches HTTP off.",
         kind="port", flags=("--push-mode-http-port", "--port"), aliases=("SERVICE_HTTP_PORT",), check=_port(True),
         seed_default="-1 (start script: 9965)")
-    push_mode_http_workers: int = setting(
-        1, "PUSH_MODE_HTTP_WORKERS", "HTTP worker processes (tokenize, detokenize, stream); up to 8 is useful.",
-        kind="int", flags=("--push-mode-http-workers", "--workers"), check=_range(1, 64),
+    push_mode_http_workers: int | None = setting(
+        None, "PUSH_MODE_HTTP_WORKERS", "HTTP worker processes (tokenize, detokenize, stream). Unset: 1 on CPU; "
+        "on a GPU enough that the front end is never the bottleneck: BATCH_SIZE streams at one token per 8 ms, "
+        "twice over, at 20,000 streamed events/s a worker (measured: benchmarks/frontend_bench.py), between 2 and "
+        "8 and at most half the usable cores (BATCH_SIZE=256: 4; 50: 2). An explicit value always wins.",
+        kind="optint", flags=("--push-mode-http-workers", "--workers"), check=_range(1, 64),
         seed_default="1 (start script: 4)")
     engine_threads: int | None = setting(
         None, "KILN_ENGINE_THREADS", "CPU threads of the engine process (torch/OpenMP); auto: every core the "
@@ -413,6 +423,17 @@ class KilnConfig:
     @property
     def engine_address(self) -> str:
         return f"tcp://127.0.0.1:{self.infer_queue_port}"
+
+    def http_workers(self, on_gpu: bool) -> int:
+        """PUSH_MODE_HTTP_WORKERS, or its effective default (see its help): one worker carries about
+        HTTP_WORKER_EVENTS_PER_S streamed events a second, a GPU emits BATCH_SIZE / GPU_TOKEN_INTERVAL_S."""
+        if self.push_mode_http_workers is not None:
+            return self.push_mode_http_workers
+        if not on_gpu:
+            return 1
+        need = -(-2 * self.batch_size // int(GPU_TOKEN_INTERVAL_S * HTTP_WORKER_EVENTS_PER_S))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        return max(1, min(max(2, need), 8, cores // 2))
 
     @property
     def http_enabled(self) -> bool:

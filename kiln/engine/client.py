@@ -27,6 +27,7 @@ from kiln.errors import ErrorKind
 log = logging.getLogger("kiln.client")
 
 ENGINE_DOWN = "infer engine is down"
+_DEADLINE = object()  # put in a request's queue when its deadline passes
 
 
 class EngineDeadError(RuntimeError):
@@ -158,8 +159,11 @@ class AsyncEngineClient:
         raise TimeoutError(f"the engine at {self.address} was not ready within {timeout:.0f} s")
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       eos_token_ids: list[int] | None = None) -> AsyncIterator[EngineOutput]:
-        """Stream the outputs of one request; the last has finished=True. Leaving early aborts it."""
+                       eos_token_ids: list[int] | None = None, deadline: float | None = None
+                       ) -> AsyncIterator[EngineOutput]:
+        """Stream the outputs of one request; the last has finished=True. Leaving early aborts it. Past
+        `deadline` (time.monotonic()) the next wait raises asyncio.TimeoutError: one timer per request, not a
+        wait_for (a task) per token, which cost a tenth of an HTTP worker's time (benchmarks/frontend_bench.py)."""
         if request_id in self.queues:
             yield EngineOutput(request_id, [], True, "error", len(prompt_token_ids),
                                error=f"request id {request_id!r} already exists among this front end's requests",
@@ -173,15 +177,23 @@ class AsyncEngineClient:
         q: asyncio.Queue = asyncio.Queue()
         self.queues[request_id] = q
         finished = False
+        timer = None
+        if deadline is not None:
+            timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()),
+                                                          q.put_nowait, _DEADLINE)
         try:
             await self._send(AddRequest(request_id, list(prompt_token_ids), params.to_dict(), list(eos_token_ids or [])))
             while True:
                 out: EngineOutput = await q.get()
+                if out is _DEADLINE:
+                    raise asyncio.TimeoutError
                 finished = out.finished
                 yield out
                 if finished:
                     return
         finally:
+            if timer is not None:
+                timer.cancel()
             if self.queues.get(request_id) is q:
                 del self.queues[request_id]
             if not finished and self.sock is not None:

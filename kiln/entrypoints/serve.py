@@ -425,6 +425,15 @@ def setup_compile_cache() -> str:
     return path
 
 
+def _gpu_present(cfg: KilnConfig) -> bool:
+    """Whether the engine will run on a GPU, told without importing torch in the supervisor: KILN_DEVICE=cuda,
+    or auto with an NVIDIA device node that CUDA_VISIBLE_DEVICES does not hide."""
+    if cfg.device != "auto":
+        return cfg.device == "cuda"
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")
+    return os.path.exists("/dev/nvidiactl") and not hidden
+
+
 def serve(cfg: KilnConfig) -> int:
     """Run the service in the foreground until SIGTERM/SIGINT. Raises ConfigError for start-up problems."""
     http_sock, health_sock = _prepare(cfg)
@@ -437,6 +446,7 @@ def serve(cfg: KilnConfig) -> int:
     # per start: the engine serves only processes that know it (handed to children with their config,
     # never on a command line or in the environment)
     cfg.engine_secret = secrets.token_hex(32)
+    cfg.push_mode_http_workers = cfg.http_workers(on_gpu=_gpu_present(cfg))
     try:
         from kiln.server import metrics as _metrics  # noqa: F401
         if cfg.metrics_enabled and hasattr(_metrics, "setup_multiprocess_dir"):
