@@ -310,19 +310,13 @@ class Frontend:
         except RequestError as e:
             self.reject(record, e)
             raise
-        gen = self.client.generate(request_id, prompt_token_ids, params, eos)
+        gen = self.client.generate(request_id, prompt_token_ids, params, eos, deadline=deadline)
         engine_done = False
         last_t = None
         started = False
         try:
             while True:
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise asyncio.TimeoutError
-                    out = await asyncio.wait_for(gen.__anext__(), remaining)
-                else:
-                    out = await gen.__anext__()
+                out = await gen.__anext__()  # raises asyncio.TimeoutError past the deadline
                 engine_done = out.finished
                 if out.finish_reason == "error":
                     kind = as_kind(out.error_type)
