@@ -3,7 +3,10 @@
 latency / throughput run the engine in this process on random token ids (ignore_eos, fixed lengths), optionally
 the same workload through transformers in the same process for a side-by-side ratio. serve is a client for a
 running server over the OpenAI streaming API with vLLM's metric definitions: TTFT (request sent -> first token),
-TPOT ((e2e - TTFT) / (output tokens - 1)), ITL (gaps between streamed chunks), E2E latency.
+TPOT ((e2e - TTFT) / (output tokens - 1)), ITL (gaps between streamed chunks), E2E latency; beside them the
+server's split of the same requests from its FD_LOG_DIR/requests.log (queue, prefill, decode, server TTFT and
+TPOT). `serve --cold` starts the server itself on an empty compile cache and measures from the first request
+after ready, so a cold figure is one command.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -355,7 +359,146 @@ def _free_cuda():
 
 # -- serving benchmark ----------------------------------------------------------------------------------
 
+_LOG_FIELD = re.compile(r"(\w+)=(\S+)")
+
+
+def parse_request_log(text: str) -> dict[str, dict[str, float | str]]:
+    """req_id -> the fields of its FD_LOG_DIR/requests.log line (kiln.server.frontend.RequestLogObserver):
+    numbers as floats, "-" (unknown) left out, anything else as text."""
+    out: dict[str, dict[str, float | str]] = {}
+    for line in text.splitlines():
+        start = line.find("req_id=")
+        if start < 0:
+            continue
+        fields: dict[str, float | str] = {}
+        for key, value in _LOG_FIELD.findall(line[start:].split(" error=", 1)[0]):
+            if value == "-":
+                continue
+            try:
+                fields[key] = float(value)
+            except ValueError:
+                fields[key] = value
+        out[str(fields.pop("req_id"))] = fields
+    return out
+
+
+def server_split(records: dict[str, dict], request_ids: list[str]) -> dict[str, list[float]]:
+    """Seconds per request of the server's side of each request: queue (the engine's arrival to first
+    scheduling), prefill (the rest of the server's TTFT), decode (first token to the end), the server's TTFT and
+    TPOT; only requests that have the field."""
+    split: dict[str, list[float]] = {"queue": [], "prefill": [], "decode": [], "ttft": [], "tpot": []}
+    for rid in request_ids:
+        r = records.get(rid)
+        if r is None:
+            continue
+        for name, key in (("queue", "queue_s"), ("prefill", "prefill_s"), ("decode", "decode_s"), ("ttft", "ttft_s")):
+            if isinstance(r.get(key), float):
+                split[name].append(r[key])
+        n = r.get("output_tokens")
+        if isinstance(r.get("decode_s"), float) and isinstance(n, float) and n > 1:
+            split["tpot"].append(r["decode_s"] / (n - 1))
+    return split
+
+
+def _read_request_log(path: Path, request_ids: list[str], wait_s: float = 10.0) -> dict[str, dict]:
+    """The log lines of these requests (a worker writes a line as its request ends, just after the client has
+    the last byte: wait up to wait_s for all of them)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = parse_request_log(path.read_text(errors="replace")) if path.exists() else {}
+        if all(r in records for r in request_ids) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+class ColdServer:
+    """`kiln serve` started by the benchmark on free ports with an empty Triton compile cache and its own log
+    directory (both in a temp dir), the rest of its settings from this environment (MODEL_DIR, BATCH_SIZE, ...)
+    and --server-env. start() returns the seconds from launch to ready."""
+
+    def __init__(self, server_env: list[str]):
+        import socket
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="kiln-cold-")
+        root = Path(self.tmp.name)
+        socks = [socket.socket() for _ in range(4)]
+        for sk in socks:
+            sk.bind(("127.0.0.1", 0))
+        http, health, metrics, engine = (sk.getsockname()[1] for sk in socks)
+        for sk in socks:
+            sk.close()
+        self.env = dict(os.environ)
+        self.env.update({"PUSH_MODE_HTTP_PORT": str(http), "HTTP_PORT": str(health), "METRICS_PORT": str(metrics),
+                         "INFER_QUEUE_PORT": str(engine), "GRPC_PORT": "-1", "FD_LOG_DIR": str(root / "log"),
+                         "TRITON_CACHE_DIR": str(root / "triton-cache"), "KILN_HOST": "127.0.0.1"})
+        for kv in server_env:
+            key, sep, value = kv.partition("=")
+            if not sep:
+                raise SystemExit(f"--server-env {kv!r}: expected KEY=VALUE")
+            self.env[key] = value
+        self.url = f"http://127.0.0.1:{self.env['PUSH_MODE_HTTP_PORT']}"
+        self.health_url = f"http://127.0.0.1:{self.env['HTTP_PORT']}/v2/health/ready"
+        self.log_path = Path(self.env["FD_LOG_DIR"]) / "requests.log"
+        self.console = root / "console.log"
+        self.proc = None
+
+    def start(self, timeout: float) -> float:
+        import subprocess
+        import urllib.error
+        import urllib.request
+
+        t0 = time.perf_counter()
+        with open(self.console, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kiln.entrypoints.cli", "serve"], env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        deadline = t0 + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.console.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"kiln serve exited ({self.proc.returncode}) during start-up:\n{tail}")
+            try:
+                with urllib.request.urlopen(self.health_url, timeout=2) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - t0
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"kiln serve was not ready within {timeout:.0f} s (console: {self.console})")
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.tmp.cleanup()
+
+
 def cmd_serve(args) -> dict:
+    cold = None
+    if args.cold:
+        cold = ColdServer(args.server_env)
+        try:
+            start_to_ready = cold.start(args.timeout)
+            args.base_url = cold.url
+            args.request_log = str(cold.log_path)
+            res = _run_serve(args)
+            res["cold"] = {"start_to_ready_s": start_to_ready,
+                           "note": "kiln serve started on an empty Triton compile cache (a temp dir, removed); "
+                                   "measured from the first request after ready"}
+            return res
+        finally:
+            cold.stop()
+    return _run_serve(args)
+
+
+def _run_serve(args) -> dict:
     import asyncio
 
     import httpx
@@ -370,7 +513,7 @@ def cmd_serve(args) -> dict:
             body = {"model": args.served_model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0,
                     "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
             t0 = time.perf_counter()
-            ttft, times, n_tok, err = None, [], 0, None
+            ttft, times, n_tok, err, rid = None, [], 0, None, None
             try:
                 async with client.stream("POST", url, json=body) as r:
                     if r.status_code != 200:
@@ -379,6 +522,7 @@ def cmd_serve(args) -> dict:
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         chunk = json.loads(line[6:])
+                        rid = rid or chunk.get("id")
                         if chunk.get("usage"):
                             n_tok = chunk["usage"].get("completion_tokens", n_tok)
                         if chunk.get("choices") and chunk["choices"][0].get("text"):
@@ -392,7 +536,8 @@ def cmd_serve(args) -> dict:
             if err or ttft is None:
                 return dict(ok=False, error=err or "no tokens")
             n_tok = n_tok or len(times)
-            return dict(ok=True, ttft=ttft, e2e=e2e, n=n_tok, itl=list(np.diff(times)),
+            # the server logs the request under the engine id of its choice 0 (openai_schema.request_ids)
+            return dict(ok=True, ttft=ttft, e2e=e2e, n=n_tok, itl=list(np.diff(times)), request_id=f"{rid}-0",
                         tpot=(e2e - ttft) / (n_tok - 1) if n_tok > 1 else None)
 
     async def main():
@@ -418,13 +563,20 @@ def cmd_serve(args) -> dict:
         return {"mean": float(a.mean()), "median": float(np.median(a)), "p99": float(np.percentile(a, 99))}
 
     out_tokens = sum(r["n"] for r in ok)
+    server = None
+    log_path = Path(args.request_log) if args.request_log else Path(os.environ.get("FD_LOG_DIR", "log")) / "requests.log"
+    if log_path.exists():
+        ids = [r["request_id"] for r in ok]
+        split = server_split(_read_request_log(log_path, ids), ids)
+        server = {"request_log": str(log_path), "matched": len(split["ttft"]),
+                  **{f"{k}_ms": stats(v) for k, v in split.items()}}
     return dict(bench="serve", completed=len(ok), failed=len(results) - len(ok), duration_s=dur,
                 request_rate=args.request_rate, max_concurrency=args.max_concurrency,
                 req_s=len(ok) / dur, output_tok_s=out_tokens / dur,
                 total_tok_s=(out_tokens + len(ok) * args.input_len) / dur,
                 ttft_ms=stats([r["ttft"] for r in ok]), tpot_ms=stats([r["tpot"] for r in ok if r["tpot"]]),
                 itl_ms=stats([x for r in ok for x in r["itl"]]), e2e_ms=stats([r["e2e"] for r in ok]),
-                errors=[r["error"] for r in results if not r["ok"]][:5])
+                server=server, errors=[r["error"] for r in results if not r["ok"]][:5])
 
 
 # -- argument parsing -----------------------------------------------------------------------------------
@@ -477,6 +629,15 @@ def add_bench_parser(sub) -> None:
     srv.add_argument("--timeout", type=float, default=600)
     srv.add_argument("--seed", type=int, default=0)
     srv.add_argument("--output-json", default=None)
+    srv.add_argument("--request-log", default=None,
+                     help="the server's requests.log for its queue/prefill/decode split (default: "
+                          "$FD_LOG_DIR/requests.log, ./log/requests.log; skipped if absent)")
+    srv.add_argument("--cold", action="store_true",
+                     help="start `kiln serve` here on free ports with an empty Triton compile cache (temp dir), its "
+                          "settings from the environment and --server-env, measure from the first request after "
+                          "ready, then stop it")
+    srv.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                     help="a setting of the --cold server (repeatable), e.g. BATCH_SIZE=256")
     wc = bsub.add_parser("write-checkpoint", help="write a random HF checkpoint of a real model shape")
     wc.add_argument("--preset", required=True, choices=sorted(PRESETS))
     wc.add_argument("--out", required=True)

@@ -103,9 +103,17 @@ class RequestLogObserver(RequestObserver):
         decode = None
         if r.first_token_time is not None and r.end_time is not None and r.num_output_tokens > 1:
             decode = (r.num_output_tokens - 1) / max(r.end_time - r.first_token_time, 1e-9)
+        # the server-side split of a request (kiln bench serve reads it): queue = the engine's arrival to first
+        # scheduling; prefill = the rest of the server's TTFT; decode = first token to the end
+        def secs(v: float | None) -> str:
+            return "-" if v is None else f"{v:.4f}"
+        queue = r.queue_time_s
+        prefill = None if r.ttft_s is None else r.ttft_s - (queue or 0.0)
+        decode_s = None if r.first_token_time is None or r.end_time is None else r.end_time - r.first_token_time
         line = (f"req_id={r.request_id} api={r.api} prompt_tokens={r.num_prompt_tokens} "
                 f"output_tokens={r.num_output_tokens} ttft_s={ttft} e2e_s={e2e} "
-                f"decode_tok_s={'-' if decode is None else f'{decode:.1f}'} finish_reason={r.finish_reason}")
+                f"decode_tok_s={'-' if decode is None else f'{decode:.1f}'} finish_reason={r.finish_reason} "
+                f"queue_s={secs(queue)} prefill_s={secs(prefill)} decode_s={secs(decode_s)}")
         if r.error:
             line += f" error_type={r.error_type} error={r.error!r}"
         request_log.info(line)

@@ -54,3 +54,65 @@ def test_offline_benchmarks_count_the_tokens_they_ran():
     lat = bench("latency", "--batch-size", "3", "--input-len", "10", "--output-len", "7", "--iters", "1")
     assert lat["decode_steps"] == 6 and lat["decode_mean_batch"] == pytest.approx(3)
     assert lat["total_s"] == pytest.approx(lat["prefill_s"] + lat["decode_s"])
+
+
+def test_request_log_line_gives_the_server_split():
+    """What the server writes (RequestLogObserver) is what `bench serve` reads back (parse_request_log)."""
+    import logging
+
+    from kiln.entrypoints.bench import parse_request_log, server_split
+    from kiln.server.frontend import RequestLogObserver, RequestRecord
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    log = logging.getLogger("kiln.requests")
+    handler, level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        obs = RequestLogObserver()
+        # arrival at 100 s, engine queue 0.25 s, first token at 100.75 s, 11 tokens ending at 101.75 s
+        obs.on_finish(RequestRecord("cmpl-a-0", "completions", 100.0, num_prompt_tokens=5, num_output_tokens=11,
+                                    first_token_time=100.75, end_time=101.75, finish_reason="length",
+                                    queue_time_s=0.25))
+        obs.on_finish(RequestRecord("bad-1", "native", 100.0, end_time=100.0, finish_reason="error",
+                                    error_type="invalid", error="a message with spaces and key=value"))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    records = parse_request_log("\n".join(f"2026-01-01 00:00:00 INFO {ln}" for ln in lines))
+    assert records["cmpl-a-0"]["queue_s"] == pytest.approx(0.25)
+    assert records["cmpl-a-0"]["prefill_s"] == pytest.approx(0.5)
+    assert records["cmpl-a-0"]["decode_s"] == pytest.approx(1.0)
+    assert records["cmpl-a-0"]["finish_reason"] == "length"
+    assert "queue_s" not in records["bad-1"] and records["bad-1"]["finish_reason"] == "error"
+    split = server_split(records, ["cmpl-a-0", "bad-1", "never-logged"])
+    assert split["queue"] == pytest.approx([0.25]) and split["prefill"] == pytest.approx([0.5])
+    assert split["decode"] == pytest.approx([1.0]) and split["ttft"] == pytest.approx([0.75])
+    assert split["tpot"] == pytest.approx([0.1])      # 1.0 s over the 10 tokens after the first
+
+
+def test_bench_serve_cold_starts_its_own_server(tmp_path):
+    """--cold: kiln serve on the bundled model, an empty compile cache, its own ports and log dir; the client's
+    figures and the server's split of the same requests in one report, the server stopped afterwards."""
+    env = {"BATCH_SIZE": "8", "MAX_SEQ_LEN": "512", "MAX_DEC_LEN": "64", "KILN_NUM_BLOCKS": "160",
+           "BLOCK_SIZE": "16", "USE_WARMUP": "0"}
+    p = subprocess.run([sys.executable, "-m", "kiln.entrypoints.bench", "serve", "--cold", "--num-prompts", "3",
+                        "--input-len", "16", "--output-len", "6", "--vocab-limit", "2000",
+                        "--output-json", str(tmp_path / "r.json"),
+                        *[a for k, v in env.items() for a in ("--server-env", f"{k}={v}")]],
+                       capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["completed"] == 3 and r["failed"] == 0
+    assert r["cold"]["start_to_ready_s"] > 0
+    server = r["server"]
+    assert server["matched"] == 3
+    for part in ("queue_ms", "prefill_ms", "decode_ms", "ttft_ms", "tpot_ms"):
+        assert server[part]["median"] is not None and server[part]["median"] >= 0
+    # the server's TTFT is inside the client's (the client also pays the connection and the HTTP round trip)
+    assert server["ttft_ms"]["median"] <= r["ttft_ms"]["median"] + 1.0
