@@ -18,6 +18,7 @@ import re
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 # Real model shapes for runs with random weights (no checkpoint needed: --load-format dummy).
@@ -421,15 +422,15 @@ class ColdServer:
 
         self.tmp = tempfile.TemporaryDirectory(prefix="kiln-cold-")
         root = Path(self.tmp.name)
-        socks = [socket.socket() for _ in range(4)]
+        socks = [socket.socket() for _ in range(5)]
         for sk in socks:
             sk.bind(("127.0.0.1", 0))
-        http, health, metrics, engine = (sk.getsockname()[1] for sk in socks)
+        http, health, metrics, engine, grpc = (sk.getsockname()[1] for sk in socks)
         for sk in socks:
             sk.close()
         self.env = dict(os.environ)
         self.env.update({"PUSH_MODE_HTTP_PORT": str(http), "HTTP_PORT": str(health), "METRICS_PORT": str(metrics),
-                         "INFER_QUEUE_PORT": str(engine), "GRPC_PORT": "-1", "FD_LOG_DIR": str(root / "log"),
+                         "INFER_QUEUE_PORT": str(engine), "GRPC_PORT": str(grpc), "FD_LOG_DIR": str(root / "log"),
                          "TRITON_CACHE_DIR": str(root / "triton-cache"), "KILN_HOST": "127.0.0.1"})
         for kv in server_env:
             key, sep, value = kv.partition("=")
@@ -437,6 +438,7 @@ class ColdServer:
                 raise SystemExit(f"--server-env {kv!r}: expected KEY=VALUE")
             self.env[key] = value
         self.url = f"http://127.0.0.1:{self.env['PUSH_MODE_HTTP_PORT']}"
+        self.grpc_url = f"127.0.0.1:{self.env['GRPC_PORT']}"
         self.health_url = f"http://127.0.0.1:{self.env['HTTP_PORT']}/v2/health/ready"
         self.log_path = Path(self.env["FD_LOG_DIR"]) / "requests.log"
         self.console = root / "console.log"
@@ -486,7 +488,7 @@ def cmd_serve(args) -> dict:
         cold = ColdServer(args.server_env)
         try:
             start_to_ready = cold.start(args.timeout)
-            args.base_url = cold.url
+            args.base_url, args.grpc_url = cold.url, cold.grpc_url
             args.request_log = str(cold.log_path)
             res = _run_serve(args)
             res["cold"] = {"start_to_ready_s": start_to_ready,
@@ -505,45 +507,113 @@ def _run_serve(args) -> dict:
     import numpy as np
 
     url = args.base_url.rstrip("/") + "/v1/completions"
+    native_url = args.base_url.rstrip("/") + "/v1/chat/completions"
     rnd = random.Random(args.seed)
     prompts = [[rnd.randrange(100, args.vocab_limit) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
 
+    async def openai_tokens(client, prompt):
+        """(new tokens, final count or None) per streamed chunk; the first item is the server's log id."""
+        body = {"model": args.served_model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0,
+                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            rid = None
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if rid is None:
+                    rid = chunk.get("id")
+                    yield f"{rid}-0"  # the engine id of choice 0 (openai_schema.request_ids)
+                if chunk.get("usage"):
+                    yield 0, chunk["usage"].get("completion_tokens")
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    yield 1, None
+
+    async def native_tokens(client, prompt):
+        rid = f"bench-{uuid.uuid4().hex}"
+        yield rid
+        body = {"req_id": rid, "input_ids": prompt, "max_dec_len": args.output_len, "min_dec_len": args.output_len,
+                "temperature": 0, "stream": True}
+        async with client.stream("POST", native_url, json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if line.strip():
+                    packet = json.loads(line)
+                    if packet.get("error_code"):
+                        raise RuntimeError(f"error packet: {packet}")
+                    yield len(packet.get("token_ids") or []), None
+
+    async def grpc_tokens(client, prompt):
+        import numpy as np_
+        import tritonclient.grpc.aio as grpcclient
+
+        rid = f"bench-{uuid.uuid4().hex}"
+        yield rid
+        inp = grpcclient.InferInput("IN", [1], "BYTES")
+        req = {"req_id": rid, "input_ids": prompt, "max_dec_len": args.output_len, "min_dec_len": args.output_len,
+               "temperature": 0}
+        inp.set_data_from_numpy(np_.array([json.dumps([req]).encode()], dtype=np_.object_))
+        done = asyncio.Event()
+
+        async def requests():
+            yield {"model_name": "model", "inputs": [inp], "request_id": rid,
+                   "outputs": [grpcclient.InferRequestedOutput("OUT")]}
+            await done.wait()  # the stream stays open until the final response
+
+        try:
+            async for result, error in client.stream_infer(requests()):
+                if error is not None:
+                    raise RuntimeError(str(error))
+                msg = json.loads(result.as_numpy("OUT")[0])
+                packet = msg[0] if isinstance(msg, list) else msg
+                if packet.get("error_code"):
+                    raise RuntimeError(f"error packet: {packet}")
+                yield len(packet.get("token_ids") or []), None
+                if packet.get("is_end"):
+                    break
+        finally:
+            done.set()
+
+    stream_of = {"openai": openai_tokens, "native": native_tokens, "grpc": grpc_tokens}[args.api]
+
     async def one(client, prompt, sem):
         async with sem:
-            body = {"model": args.served_model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0,
-                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
             t0 = time.perf_counter()
-            ttft, times, n_tok, err, rid = None, [], 0, None, None
+            ttft, times, n_tok, final_n, err, rid = None, [], 0, None, None, None
             try:
-                async with client.stream("POST", url, json=body) as r:
-                    if r.status_code != 200:
-                        return dict(ok=False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        rid = rid or chunk.get("id")
-                        if chunk.get("usage"):
-                            n_tok = chunk["usage"].get("completion_tokens", n_tok)
-                        if chunk.get("choices") and chunk["choices"][0].get("text"):
-                            now = time.perf_counter()
-                            if ttft is None:
-                                ttft = now - t0
-                            times.append(now)
+                async for item in stream_of(client, prompt):
+                    if isinstance(item, str):
+                        rid = item
+                        continue
+                    n, final = item
+                    final_n = final if final is not None else final_n
+                    if n:
+                        now = time.perf_counter()
+                        if ttft is None:
+                            ttft = now - t0
+                        times.append(now)
+                        n_tok += n
             except Exception as e:  # noqa: BLE001
-                err = str(e)
+                err = str(e) or type(e).__name__
             e2e = time.perf_counter() - t0
             if err or ttft is None:
                 return dict(ok=False, error=err or "no tokens")
-            n_tok = n_tok or len(times)
-            # the server logs the request under the engine id of its choice 0 (openai_schema.request_ids)
-            return dict(ok=True, ttft=ttft, e2e=e2e, n=n_tok, itl=list(np.diff(times)), request_id=f"{rid}-0",
+            n_tok = final_n or n_tok
+            return dict(ok=True, ttft=ttft, e2e=e2e, n=n_tok, itl=list(np.diff(times)), request_id=rid,
                         tpot=(e2e - ttft) / (n_tok - 1) if n_tok > 1 else None)
 
     async def main():
         sem = asyncio.Semaphore(args.max_concurrency or len(prompts))
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
+        if args.api == "grpc":
+            import tritonclient.grpc.aio as grpcclient
+            client = grpcclient.InferenceServerClient(args.grpc_url)
+        else:
+            client = httpx.AsyncClient(timeout=args.timeout, limits=limits)
+        async with client:
             tasks = []
             t0 = time.perf_counter()
             for p in prompts:
@@ -570,7 +640,7 @@ def _run_serve(args) -> dict:
         split = server_split(_read_request_log(log_path, ids), ids)
         server = {"request_log": str(log_path), "matched": len(split["ttft"]),
                   **{f"{k}_ms": stats(v) for k, v in split.items()}}
-    return dict(bench="serve", completed=len(ok), failed=len(results) - len(ok), duration_s=dur,
+    return dict(bench="serve", api=args.api, completed=len(ok), failed=len(results) - len(ok), duration_s=dur,
                 request_rate=args.request_rate, max_concurrency=args.max_concurrency,
                 req_s=len(ok) / dur, output_tok_s=out_tokens / dur,
                 total_tok_s=(out_tokens + len(ok) * args.input_len) / dur,
@@ -620,6 +690,10 @@ def add_bench_parser(sub) -> None:
     srv = bsub.add_parser("serve", help="client for a running server (OpenAI streaming API)")
     srv.add_argument("--base-url", default="http://127.0.0.1:9965")
     srv.add_argument("--served-model", default="default")
+    srv.add_argument("--api", default="openai", choices=["openai", "native", "grpc"],
+                     help="streamed over the OpenAI completions API, the seed's native HTTP API (NDJSON) or KServe "
+                          "v2 gRPC ModelStreamInfer; native and grpc force the output length with min_dec_len")
+    srv.add_argument("--grpc-url", default="127.0.0.1:8811", help="the gRPC server (--api grpc)")
     srv.add_argument("--num-prompts", type=int, default=100)
     srv.add_argument("--input-len", type=int, default=128)
     srv.add_argument("--output-len", type=int, default=128)

@@ -96,19 +96,22 @@ def test_request_log_line_gives_the_server_split():
     assert split["tpot"] == pytest.approx([0.1])      # 1.0 s over the 10 tokens after the first
 
 
-def test_bench_serve_cold_starts_its_own_server(tmp_path):
+@pytest.mark.parametrize("api", ["openai", "native", "grpc"])
+def test_bench_serve_cold_starts_its_own_server(tmp_path, api):
     """--cold: kiln serve on the bundled model, an empty compile cache, its own ports and log dir; the client's
-    figures and the server's split of the same requests in one report, the server stopped afterwards."""
+    figures (over each streaming API) and the server's split of the same requests in one report."""
     env = {"BATCH_SIZE": "8", "MAX_SEQ_LEN": "512", "MAX_DEC_LEN": "64", "KILN_NUM_BLOCKS": "160",
            "BLOCK_SIZE": "16", "USE_WARMUP": "0"}
-    p = subprocess.run([sys.executable, "-m", "kiln.entrypoints.bench", "serve", "--cold", "--num-prompts", "3",
+    p = subprocess.run([sys.executable, "-m", "kiln.entrypoints.bench", "serve", "--cold", "--api", api,
+                        "--num-prompts", "3",
                         "--input-len", "16", "--output-len", "6", "--vocab-limit", "2000",
                         "--output-json", str(tmp_path / "r.json"),
                         *[a for k, v in env.items() for a in ("--server-env", f"{k}={v}")]],
                        capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["completed"] == 3 and r["failed"] == 0
+    assert r["api"] == api and r["completed"] == 3 and r["failed"] == 0, r["errors"]
+    assert r["output_tok_s"] * r["duration_s"] == pytest.approx(3 * 6)   # every token counted once
     assert r["cold"]["start_to_ready_s"] > 0
     server = r["server"]
     assert server["matched"] == 3
