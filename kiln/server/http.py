@@ -277,6 +277,8 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
 
     builders = [oai.LogprobsBuilder(job, fe) for _ in streams]
     choice_streams = [oai.ChatChoiceStream(job) for _ in streams]
+    text_events = [oai.TextDeltaEvent(job, idx, dumps) for idx in range(len(streams))]
+    plain = not (job.include_usage and job.continuous_usage)  # events that carry only the text
     prompt_tokens = sum(len(x) for x in job.prompts)
 
     def sse(obj: Any) -> str:
@@ -300,6 +302,9 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
                     deltas = [{"content": ""}]
                 for k, delta in enumerate(deltas):
                     last = k == len(deltas) - 1
+                    if plain and lp is None and not (last and ev.finished) and delta.keys() == {"content"}:
+                        out.append(text_events[idx].sse(delta["content"]))
+                        continue
                     c = oai.chat_chunk(job, idx, delta, finish_reason if last and ev.finished else None,
                                        lp if k == 0 else None)
                     if job.include_usage and job.continuous_usage:
@@ -312,7 +317,9 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
                     if job.echo:
                         text = job.prompt_texts[p] + text
                 lp = builders[idx].completion_part(ev.token_ids, ev.logprobs)
-                if text or ev.finished or lp:
+                if plain and text and not ev.finished and lp is None:
+                    out.append(text_events[idx].sse(text))
+                elif text or ev.finished or lp:
                     c = oai.completion_chunk(job, idx, text, ev.finish_reason if ev.finished else None, lp)
                     if job.include_usage and job.continuous_usage:
                         c["usage"] = oai.usage(len(job.prompts[p]), ev.num_output_tokens)
