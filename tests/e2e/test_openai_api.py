@@ -48,7 +48,11 @@ def test_guide_openai_snippet_as_written(server, capsys):
     )
     print(response)
     print("\n")
-    assert response.choices[0].text and response.usage.completion_tokens <= 50
+    # sampled at temperature 1 without a seed: about 1 run in 9 the bundled model ends at once (EOS first), so an
+    # empty text is a right answer when, and only when, it stopped there
+    choice = response.choices[0]
+    assert 1 <= response.usage.completion_tokens <= 50
+    assert choice.finish_reason in ("stop", "length") and (choice.text or choice.finish_reason == "stop")
 
     # 流式返回
     response = client.completions.create(
