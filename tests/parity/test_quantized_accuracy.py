@@ -1,6 +1,10 @@
 """Accuracy of the quantized paths on the bundled SmolLM2-135M (real weights): perplexity of a fixed text
 (tests/data/perplexity.txt, ~400 tokens) within 2% of the unquantized float32 model, and a checkpoint made by
-`kiln quantize` still answers "Paris". Every figure is printed (pytest -s)."""
+`kiln quantize` still answers "Paris". The table of every figure is printed at the end of the module.
+
+Each model variant is loaded once (module fixtures); a perplexity is one prefill of the whole text through a
+fresh paged cache of the given storage (`sequence_forward`, the torch backend the CPU engine runs), so the
+8-bit caches are written and read back as in serving; `kiln quantize` runs once, on a few calibration samples."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +19,24 @@ from kiln.quantization.ptq import QuantizeOptions, quantize_checkpoint
 TEXT = Path(__file__).parent.parent / "data" / "perplexity.txt"
 BOUND = 1.02
 CPU = torch.device("cpu")
+SMOOTHQUANT_ALPHA = 0.8
+
+
+@pytest.fixture(scope="module")
+def figures(request):
+    """name -> perplexity of every path measured here, printed as one table when the module ends (also under
+    -q, where a test's own prints are captured)."""
+    rows: dict[str, float] = {}
+    yield rows
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is None or capture is None or "float32" not in rows:
+        return
+    base = rows["float32"]
+    with capture.global_and_fixture_disabled():  # the terminal itself, past pytest's fd capture
+        reporter.write_line("\nperplexity of tests/data/perplexity.txt (SmolLM2-135M, float32 on CPU; bound +2%):")
+        for name, ppl in rows.items():
+            reporter.write_line(f"  {name:<66} {ppl:8.3f}  {(ppl / base - 1) * 100:+6.2f}%")
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +46,21 @@ def ids(default_model_dir):
 
 
 @pytest.fixture(scope="module")
-def base_ppl(default_model_dir, ids):
-    ppl = perplexity(load_model(default_model_dir, torch.float32, CPU), ids)
+def model_for(default_model_dir):
+    """quantization at load (None, w8a16, w8a8-int8, w8a8-fp8) -> the model, loaded once per module."""
+    loaded = {}
+
+    def get(quantization):
+        if quantization not in loaded:
+            loaded[quantization] = load_model(default_model_dir, torch.float32, CPU, quantization=quantization)
+        return loaded[quantization]
+    return get
+
+
+@pytest.fixture(scope="module")
+def base_ppl(model_for, ids, figures):
+    ppl = perplexity(model_for(None), ids)
+    figures["float32"] = ppl
     print(f"\nperplexity float32 (unquantized): {ppl:.3f} over {len(ids)} tokens")
     return ppl
 
@@ -33,45 +68,60 @@ def base_ppl(default_model_dir, ids):
 @pytest.fixture(scope="module")
 def smoothquant_checkpoint(default_model_dir, tmp_path_factory):
     """w8a8-int8 with SmoothQuant and calibrated fp8 KV scales, from Kiln's default calibration text (not the
-    evaluation text); few samples keep it to seconds."""
+    evaluation text); 8 samples of 256 tokens keep it to seconds."""
     out = tmp_path_factory.mktemp("q") / "smol-w8a8-int8"
     return quantize_checkpoint(default_model_dir, out, QuantizeOptions(
-        "w8a8-int8", kv_cache_scheme="fp8", smoothquant_alpha=0.8, calib_samples=8, calib_seq_len=256),
-        progress=lambda line: None)
+        "w8a8-int8", kv_cache_scheme="fp8", smoothquant_alpha=SMOOTHQUANT_ALPHA, calib_samples=8,
+        calib_seq_len=256), progress=lambda line: None)
 
 
-def _check(name, ppl, base):
+@pytest.fixture(scope="module")
+def smoothquant_model(smoothquant_checkpoint):
+    return load_model(smoothquant_checkpoint, torch.float32, CPU)
+
+
+def _check(figures, name, ppl, base):
+    figures[name] = ppl
     print(f"perplexity {name}: {ppl:.3f} ({(ppl / base - 1) * 100:+.2f}% vs float32 {base:.3f})")
-    assert ppl <= base * BOUND, f"{name}: {ppl:.3f} is more than 2% above {base:.3f}"
+    assert ppl <= base * BOUND, f"{name}: {ppl:.3f} is {(ppl / base - 1) * 100:+.2f}%, more than 2% above {base:.3f}"
+
+
+def _known_miss(figure: str, why: str):
+    """A path measured over the bound: strict, so the test fails the day it passes or its cause changes."""
+    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"measured {figure} vs float32: {why}")
 
 
 @pytest.mark.parametrize("quantization,kv", [
     ("w8a16", "auto"), (None, "int8"), (None, "fp8"), ("w8a16", "int8"),
-    # measured +6.0%: per-token int8 activations without SmoothQuant (SmolLM2's activation outliers); the
-    # w8a8-int8 checkpoint of `kiln quantize --smoothquant-alpha` below is the scheme that holds the bound
-    pytest.param("w8a8-int8", "auto", marks=pytest.mark.xfail(strict=True, reason="no SmoothQuant at load: +6%")),
-    # measured +3.5%: E4M3's 3-bit mantissa on the weights (+3.5% alone, spread over all layers) and on the
-    # activations (+2.4% alone); per-channel / per-token scales do not change a float format's relative step
-    pytest.param("w8a8-fp8", "auto", marks=pytest.mark.xfail(strict=True, reason="E4M3 rounding: +3.5%")),
+    # per-token int8 activations without SmoothQuant: SmolLM2's activation outliers; the w8a8-int8 checkpoint
+    # of `kiln quantize --smoothquant-alpha` below is the scheme that holds the bound
+    pytest.param("w8a8-int8", "auto", marks=_known_miss("+6.01%", "no SmoothQuant at load (activation outliers)")),
+    # E4M3's 3-bit mantissa on the weights (+3.5% alone, spread over all layers) and on the activations
+    # (+2.4% alone); per-channel / per-token scales do not change a float format's relative step
+    pytest.param("w8a8-fp8", "auto", marks=_known_miss("+3.51%", "E4M3 rounding of weights and activations")),
 ])
-def test_perplexity_within_two_percent(default_model_dir, ids, base_ppl, quantization, kv):
-    model = load_model(default_model_dir, torch.float32, CPU, quantization=quantization)
-    _check(f"{quantization or 'float32'} weights, {kv} KV cache", perplexity(model, ids, kv), base_ppl)
+def test_perplexity_within_two_percent(model_for, ids, base_ppl, figures, quantization, kv):
+    model = model_for(quantization)
+    _check(figures, f"{quantization or 'float32'} weights, {kv} KV cache", perplexity(model, ids, kv), base_ppl)
 
 
-def test_kiln_quantize_smoothquant_checkpoint(smoothquant_checkpoint, ids, base_ppl):
-    model = load_model(smoothquant_checkpoint, torch.float32, CPU)
+def test_kiln_quantize_smoothquant_checkpoint(smoothquant_model, ids, base_ppl, figures):
+    model = smoothquant_model
     assert model.quantization.scheme == "w8a8-int8" and model.quantization.kv_cache == "fp8"
     assert model.model.layers[0].mlp.down_proj.qweight.dtype == torch.int8
     assert all(s is not None for layer in model.kv_cache_scales for s in layer)
-    _check("kiln quantize w8a8-int8 SmoothQuant 0.8", perplexity(model, ids), base_ppl)
+    _check(figures, f"kiln quantize w8a8-int8 SmoothQuant {SMOOTHQUANT_ALPHA}, float KV cache",
+           perplexity(model, ids), base_ppl)
 
 
-# measured +2.02% (SmoothQuant W8A8 +1.75%, the fp8 cache alone +1.0%, they add up): open, see docs/quantization.md
-@pytest.mark.xfail(strict=False, reason="W8A8 + fp8 KV together measured at +2.02%")
-def test_kiln_quantize_checkpoint_with_fp8_kv_cache(smoothquant_checkpoint, ids, base_ppl):
-    model = load_model(smoothquant_checkpoint, torch.float32, CPU)
-    _check("kiln quantize w8a8-int8 SmoothQuant 0.8 + calibrated fp8 KV", perplexity(model, ids, "fp8"), base_ppl)
+# The SmoothQuant W8A8 weights (+1.75%) and the calibrated fp8 cache (-0.51% on the float32 model) together:
+# +2.02%. On this 396-token text the fp8 cache's effect moves by about +-1.5% with changes of its scales that
+# keep E4M3's relative step (power-of-two headroom: only clipping and subnormals change), so this is at the
+# resolution of the measurement; see docs/quantization.md.
+@_known_miss("+2.02%", "SmoothQuant W8A8 +1.75% and the calibrated fp8 KV cache together")
+def test_kiln_quantize_checkpoint_with_fp8_kv_cache(smoothquant_model, ids, base_ppl, figures):
+    _check(figures, f"kiln quantize w8a8-int8 SmoothQuant {SMOOTHQUANT_ALPHA}, calibrated fp8 KV cache",
+           perplexity(smoothquant_model, ids, "fp8"), base_ppl)
 
 
 def test_kiln_quantize_checkpoint_answers_paris(smoothquant_checkpoint):
