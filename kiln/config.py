@@ -25,9 +25,10 @@ from typing import Any, Callable, Mapping
 from kiln.engine.config import EngineConfig
 
 
-# What one HTTP worker streams per second of its CPU (benchmarks/frontend_bench.py, docs/benchmarks.md: 23,000
-# to 26,000 SSE events per CPU-second on a shared 2-core CPU; rounded down) and how often a GPU emits a token
-# per running stream (~8 ms a decode step at batch 256): PUSH_MODE_HTTP_WORKERS' effective default on a GPU.
+# What one HTTP worker streams per second of its CPU (benchmarks/frontend_bench.py, docs/benchmarks.md: 31,000 to
+# 36,000 events per CPU-second on a shared 2-core CPU; taken lower, as prompts must be tokenized too and a GPU
+# host's core may be slower or busier) and how often a GPU emits a token per running stream (~8 ms a decode step
+# at batch 256): PUSH_MODE_HTTP_WORKERS' effective default on a GPU.
 HTTP_WORKER_EVENTS_PER_S = 20_000
 GPU_TOKEN_INTERVAL_S = 0.008
 
