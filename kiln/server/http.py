@@ -327,12 +327,15 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
             return out
 
         try:
+            # one write per engine output: its chunks (a chat stream's role chunk, several tool-call deltas) joined
             if first is not None:
-                for c in chunks(*first):
-                    yield c
+                head = "".join(chunks(*first))
+                if head:
+                    yield head
                 async for idx, ev in merged:
-                    for c in chunks(idx, ev):
-                        yield c
+                    out = chunks(idx, ev)
+                    if out:
+                        yield "".join(out)
             if job.include_usage:
                 yield sse(oai.usage_chunk(job, prompt_tokens, sum(len(st.token_ids) for st in states)))
         except RequestError as e:
