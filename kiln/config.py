@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 from kiln.engine.config import EngineConfig
 
 
-# What one HTTP worker streams per second of its CPU (benchmarks/frontend_bench.py, docs/benchmarks.md: 31,000 to
+# What one HTTP worker streams per second of its CPU (benchmarks/frontend_bench.py, docs/benchmarks.md: 25,000 to
 # 36,000 events per CPU-second on a shared 2-core CPU; taken lower, as prompts must be tokenized too and a GPU
 # host's core may be slower or busier) and how often a GPU emits a token per running stream (~8 ms a decode step
 # at batch 256): PUSH_MODE_HTTP_WORKERS' effective default on a GPU.
