@@ -21,18 +21,19 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return F.linear(x, weight, bias)
 
 
-# torch's CPU int8pack matmul runs one weight pass per row: its time grows with the rows (SmolLM2's MLP, 2 cores:
-# 0.3 ms at 1 row, 115 ms at 396 against 4 ms dequantized), so a prefill dequantizes the weight once instead
-INT8PACK_MAX_ROWS = 4
+# torch's CPU int8pack matmul has a fast path for bf16 activations only: with float32 ones its time grows with the
+# rows (SmolLM2's 1536 x 576, 2 cores: 0.3 ms at 1 row, 220 ms at 396 against 7 ms dequantized; bf16: 2 ms at 396),
+# so a float32 prefill dequantizes the weight once instead
+INT8PACK_MAX_FLOAT32_ROWS = 4
 
 
 def _w8a16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if x.is_cuda:
         from kiln.kernels import w8a16_matmul
         return w8a16_matmul(x, qweight, scale, bias)
-    rows = x.numel() // x.shape[-1]
-    if (rows <= INT8PACK_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16)
-            and hasattr(torch, "_weight_int8pack_mm")):
+    fast = x.dtype == torch.bfloat16 or (x.dtype == torch.float32
+                                         and x.numel() // x.shape[-1] <= INT8PACK_MAX_FLOAT32_ROWS)
+    if fast and hasattr(torch, "_weight_int8pack_mm"):
         # PyTorch's CPU int8-weight matmul (what gpt-fast uses): no dequantized copy of the weight
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale.to(x.dtype))
         y = y.reshape(*x.shape[:-1], -1)

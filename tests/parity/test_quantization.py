@@ -45,3 +45,21 @@ def test_int8_kv_attention_close_to_full_precision():
     a = TorchAttention().forward(q, k, v, full, meta, d ** -0.5)
     b = TorchAttention().forward(q, k, v, i8, meta, d ** -0.5)
     assert (a - b).norm() / a.norm() < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4, 5, 37])
+def test_cpu_w8a16_linear_matches_dequantized_reference(rows, dtype):
+    """Both CPU paths (torch's int8pack matmul for bf16 and for a few float32 rows, the dequantized weight for
+    a float32 prefill) compute x (codes * scale)^T + b."""
+    from kiln.layers.linear import Linear
+    from kiln.quantization import ops as qops
+    torch.manual_seed(rows)
+    lin = Linear(64, 48, bias=True)
+    lin.weight.data.normal_()
+    lin.bias.data.normal_()
+    lin.quantize_weights(qops.W8A16)
+    x = torch.randn(rows, 64).to(dtype)
+    want = qops.w8a16_reference(x.float(), lin.qweight, lin.scale, lin.bias.float())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(lin(x).float(), want, atol=tol * want.abs().max().item(), rtol=tol)
