@@ -14,7 +14,6 @@ import time
 from functools import partial
 
 import numpy as np
-import pytest
 import requests
 
 import tritonclient.grpc as grpcclient

@@ -9,7 +9,6 @@ import time
 import pytest
 import requests
 
-import hypothesis
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
