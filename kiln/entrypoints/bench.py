@@ -268,7 +268,6 @@ def cmd_latency(args) -> dict:
 def _profile_decode(core, prompts, path: str, steps: int = 16) -> None:
     """Where a decode step's time goes: prefill first (not profiled), then `steps` decode steps timed on the
     host (schedule / prepare+launch / sync) and under torch.profiler (GPU kernel time). Printed and saved."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from kiln.engine.request import SamplingParams
