@@ -28,6 +28,7 @@ from kiln.engine.structured import GrammarCompiler, PendingGrammars
 from kiln.engine.variants import VariantLog, compiled_triton_kernels
 from kiln.engine.wire import Abort, AddRequest, Fatal, Hello, Message, Outputs, Stats, WireError, decode, encode
 from kiln.errors import ErrorKind
+from kiln.threads import follow_free_cores
 
 log = logging.getLogger("kiln.engine")
 
@@ -78,6 +79,7 @@ class EngineCore:
         self.inflight: InFlightStep | None = None
         a = cfg.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if a is None else a
+        self.on_cpu = self.runner.device.type == "cpu"  # auto CPU threads follow the free cores
         self.eos_token_ids = list(mc.eos_token_ids)
         # structured-output requests wait here while their grammar compiles (off this loop)
         self.grammars = PendingGrammars(GrammarCompiler(self.model_dir, mc.vocab_size, self.eos_token_ids),
@@ -175,6 +177,8 @@ class EngineCore:
         launched = None
         if batch:
             self.num_steps += 1
+            if self.on_cpu:
+                follow_free_cores(batch.total_tokens)
             launched = self._launch(batch, outs)
         if self.inflight is not None:
             if launched is not None:

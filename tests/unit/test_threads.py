@@ -49,3 +49,53 @@ def test_engine_threads_setting():
         KilnConfig.load({"KILN_ENGINE_THREADS": "two"})
     with pytest.raises(ConfigError, match="KILN_ENGINE_THREADS"):
         KilnConfig.load({"KILN_ENGINE_THREADS": "-1"})
+
+
+def test_threads_for_leaves_the_cores_others_keep_busy():
+    from kiln.threads import threads_for
+
+    assert threads_for(2, 0.0) == 2
+    assert threads_for(2, 0.3) == 2      # a front end streaming beside the engine: keep both
+    assert threads_for(2, 0.7) == 1      # one core taken: one thread on the free one
+    assert threads_for(2, 1.0) == 1
+    assert threads_for(2, 5.0) == 1      # never zero
+    assert threads_for(8, 2.2) == 6
+
+
+def test_governor_follows_other_processes_and_the_step_size(monkeypatch):
+    import torch
+
+    from kiln import threads
+
+    clock = {"t": 100.0, "busy": 0, "own": 0}
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(threads, "_busy_ticks", lambda cpus: clock["busy"])
+    monkeypatch.setattr(threads, "_own_ticks", lambda: clock["own"])
+    before = torch.get_num_threads()
+    try:
+        gov = threads.CoreShareGovernor(2)
+        monkeypatch.setattr(threads, "_governor", gov)
+        hz = gov.hz
+
+        def step(seconds, engine_cores, other_cores, tokens=8):
+            clock["t"] += seconds
+            clock["own"] += int(engine_cores * seconds * hz)
+            clock["busy"] += int((engine_cores + other_cores) * seconds * hz)
+            threads.follow_free_cores(tokens)
+            return torch.get_num_threads()
+
+        assert step(1.0, 1.9, 0.0) == 2                          # idle machine
+        assert step(0.1, 1.9, 0.0, tokens=1) == 1                # a one-token step: one thread
+        assert step(0.1, 1.9, 0.0) == 2
+        assert step(1.0, 1.3, 0.7) == 1                          # another process takes a core
+        assert step(0.2, 1.0, 0.0) == 1                          # polled within the period: no change
+        assert step(1.0, 1.0, 1.0) == 1
+        assert step(1.0, 1.0, 0.0) == 2                          # it stopped: both cores again
+        # an explicit KILN_ENGINE_THREADS (or one core) means no governor at all
+        monkeypatch.setattr(threads, "_governor", None)
+        for var in threads._POOL_VARS + ("OMP_WAIT_POLICY",):  # restored after the test
+            monkeypatch.delenv(var, raising=False)
+        threads.configure_threads(threads.ENGINE, 2)
+        assert threads._governor is None
+    finally:
+        torch.set_num_threads(before)
