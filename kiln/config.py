@@ -206,8 +206,9 @@ class KilnConfig:
         kind="optint", flags=("--push-mode-http-workers", "--workers"), check=_range(1, 64),
         seed_default="1 (start script: 4)")
     engine_threads: int | None = setting(
-        None, "KILN_ENGINE_THREADS", "CPU threads of the engine process (torch/OpenMP); auto: every core the "
-        "process may use (its CPU affinity). HTTP workers, gRPC and metrics always use one thread each.",
+        None, "KILN_ENGINE_THREADS", "CPU threads of the engine process (torch/OpenMP); auto: the cores of its "
+        "CPU affinity that other processes leave free (checked every second), one thread for one-token steps. "
+        "HTTP workers, gRPC and metrics always use one thread each.",
         kind="optint", flags=("--engine-threads",), check=_range(1, 1024))
     http_port: int = setting(
         8110, "HTTP_PORT", "Health port: /v2/health/live and /v2/health/ready.", kind="port",
