@@ -12,11 +12,14 @@ import pytest
 import requests
 
 LONG = 120     # tokens of a "long" request (min_dec_len = max_dec_len: it cannot stop early)
+# tokens of a request that must outlast a timeout of a few seconds: the CPU path runs ~70 tok/s at batch 1,
+# so LONG alone ends in under 2 s
+SLOW = 1000
 
 
 @pytest.fixture(scope="module")
 def server(kiln_server_factory):
-    return kiln_server_factory(BATCH_SIZE="1", MAX_CACHED_TASK_NUM="1")
+    return kiln_server_factory(BATCH_SIZE="1", MAX_CACHED_TASK_NUM="1", MAX_DEC_LEN=str(SLOW + 24))
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +161,8 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
 
 def test_disconnect_non_stream_aborts(server):
     with pytest.raises(requests.exceptions.ReadTimeout):
-        requests.post(url(server), json=long_body("gone-2", stream=False), timeout=2)
+        requests.post(url(server), json=long_body("gone-2", stream=False, max_dec_len=SLOW, min_dec_len=SLOW),
+                      timeout=2)
     st = server.wait_idle(10)
     assert st["num_free_blocks"] == st["num_total_blocks"]
 
@@ -199,7 +203,8 @@ def test_disconnect_while_waiting_in_queue(server):
 
 def test_timeout_non_stream(server):
     t0 = time.monotonic()
-    r = requests.post(url(server), json=long_body("to-1", stream=False, timeout=1), timeout=60)
+    r = requests.post(url(server), json=long_body("to-1", stream=False, timeout=1, max_dec_len=SLOW, min_dec_len=SLOW),
+                      timeout=60)
     assert time.monotonic() - t0 < 10
     assert r.status_code == 504
     b = r.json()
@@ -209,21 +214,22 @@ def test_timeout_non_stream(server):
 
 
 def test_timeout_stream_ends_with_error_packet(server):
-    res = requests.post(url(server), json=long_body("to-2", timeout=2.5), stream=True, timeout=60)
+    res = requests.post(url(server), json=long_body("to-2", timeout=2.5, max_dec_len=SLOW, min_dec_len=SLOW),
+                        stream=True, timeout=60)
     lines = [json.loads(x) for x in res.iter_lines() if x]
     if res.status_code == 504:       # a very busy machine: not even the first token within the timeout
         assert len(lines) == 1 and lines[0]["error_code"] == 501
     else:
         assert res.status_code == 200
         assert len(lines) >= 2 and all(p["is_end"] == 0 for p in lines[:-1])
-        assert len(lines) - 1 < LONG
+        assert len(lines) - 1 < SLOW
     assert lines[-1]["error_code"] == 501 and "Timeout" in lines[-1]["error_msg"]
     server.wait_idle(10)
 
 
 def test_timeout_openai(server):
-    r = requests.post(server.url + "/v1/completions", json={"model": "m", "prompt": "Once", "max_tokens": LONG,
-                                                             "min_tokens": LONG, "timeout": 1}, timeout=60)
+    r = requests.post(server.url + "/v1/completions", json={"model": "m", "prompt": "Once", "max_tokens": SLOW,
+                                                             "min_tokens": SLOW, "timeout": 1}, timeout=60)
     assert r.status_code == 504 and "Timeout" in r.json()["error"]["message"]
 
 
