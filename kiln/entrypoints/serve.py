@@ -265,7 +265,11 @@ class Supervisor:
             def capture_signals(self):  # the supervisor handles signals itself
                 yield
 
-        health = HealthServer(uvicorn.Config(create_health_app(self.readiness, self.stats), log_config=None,
+        from kiln.server.auth import ApiKeyMiddleware, ApiKeys
+
+        # the probes stay open; /stats (pids, processes, cache use) needs the API key when one is set
+        health_app = ApiKeyMiddleware(create_health_app(self.readiness, self.stats), ApiKeys.for_api(self.cfg))
+        health = HealthServer(uvicorn.Config(health_app, log_config=None,
                                              access_log=False, lifespan="off", timeout_keep_alive=5))
         health_task = loop.create_task(health.serve(sockets=[self.health_sock]))
 

@@ -121,7 +121,9 @@ class KilnServer:
         raise TimeoutError(f"kiln serve not ready within {timeout} s:\n{self.tail()}")
 
     def stats(self) -> dict:
-        return requests.get(self.health_url + "/stats", timeout=5).json()
+        key = self.env.get("KILN_API_KEY", "").split(",")[0].strip()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.get(self.health_url + "/stats", headers=headers, timeout=5).json()
 
     def wait_idle(self, timeout: float = 30.0) -> dict:
         """Until nothing runs or waits in the engine and every KV block is free; returns the stats."""

@@ -124,3 +124,12 @@ def test_the_key_is_not_logged(server):
     text = (server.log_dir / "server.log").read_text(errors="replace") + server.tail(400)
     assert "KILN_API_KEY=***" in text
     assert "first-key-123" not in text and "second-key-456" not in text
+
+
+def test_health_stats_need_the_key(server):
+    url = server.health_url + "/stats"
+    assert requests.get(url, timeout=10).status_code == 401
+    assert requests.get(url, headers=bearer("wrong"), timeout=10).status_code == 401
+    r = requests.get(url, headers=bearer("second-key-456"), timeout=10)
+    assert r.status_code == 200 and r.json()["processes"]
+    assert server.stats()["processes"]  # the test helper sends the key
