@@ -364,7 +364,7 @@ def _parent_alive(ppid: int) -> bool:
     return os.getppid() == ppid
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """A front end's process still runs (a zombie, killed but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
@@ -426,7 +426,7 @@ class FrontEnds:
 
     def reap(self) -> dict[bytes, list[str]]:
         """Forget front ends whose process is gone; returns their request ids (to abort)."""
-        gone = {ident: self.requests_of(ident) for ident, pid in self.pid.items() if not _pid_alive(pid)}
+        gone = {ident: self.requests_of(ident) for ident, pid in self.pid.items() if not pid_alive(pid)}
         for ident, rids in gone.items():
             log.warning("front end pid %d is gone: aborting its %d request(s)", self.pid.pop(ident), len(rids))
             for rid in rids:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import requests
 
+from kiln.engine.core import pid_alive  # noqa: F401 - the e2e tests' check that a process is gone
+
 REPO = Path(__file__).resolve().parents[2]
 
 # a small, fast configuration for the default model on CPU
@@ -172,18 +174,3 @@ def with_suppress_kill(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except OSError:
         pass
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie still answers kill(0): look at its state
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
