@@ -36,13 +36,7 @@ def kiln_greedy(path, prompts, n, **kw):
     core = EngineCore(EngineConfig(model=str(path), dtype="bfloat16", device="cuda", block_size=kw.pop("block_size", 64),
                                    gpu_memory_utilization=0.5, max_num_seqs=kw.pop("max_num_seqs", 16), **kw))
     sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        assert core.add_request(str(i), p, sp) is None
-    outs = {str(i): [] for i in range(len(prompts))}
-    while core.has_unfinished():
-        for o in core.step():
-            outs[o.request_id] += o.new_token_ids
-    res = [outs[str(i)] for i in range(len(prompts))]
+    res = core.run_to_completion(prompts, sp)
     pre = core.scheduler.num_preemptions
     graphs = core.runner.graphs is not None
     del core

@@ -24,15 +24,10 @@ def greedy(model: str, mp_num: int, prompts: list[list[int]], n: int, **kw) -> t
                                    max_model_len=4096, **kw))
     try:
         sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-        for i, p in enumerate(prompts):
-            assert core.add_request(str(i), p, sp) is None
-        outs = {str(i): [] for i in range(len(prompts))}
-        while core.has_unfinished():
-            for o in core.step():
-                outs[o.request_id] += o.new_token_ids
+        res = core.run_to_completion(prompts, sp)
         info = dict(async_scheduling=core.async_scheduling, overlapped_steps=core.num_overlapped_steps,
                     cuda_graphs=core.runner.graphs is not None, preemptions=core.scheduler.num_preemptions)
-        return [outs[str(i)] for i in range(len(prompts))], info
+        return res, info
     finally:
         core.close()
         del core

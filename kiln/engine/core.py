@@ -166,6 +166,17 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self.inflight is not None or bool(self.grammars)
 
+    def run_to_completion(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Run prompts together to the end, in this process; each one's new token ids (parity checks, benchmarks)."""
+        for i, p in enumerate(prompts):
+            err = self.add_request(str(i), p, params)
+            assert err is None, err
+        outs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+        while self.has_unfinished():
+            for o in self.step():
+                outs[o.request_id] += o.new_token_ids
+        return [outs[str(i)] for i in range(len(prompts))]
+
     # -- one step ------------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
         """Queue the next batch, then collect the step before it (async) or this one (sync)."""

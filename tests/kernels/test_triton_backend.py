@@ -23,13 +23,7 @@ def greedy(d, backend, kv):
                                    num_gpu_blocks=64, kv_cache_dtype=kv, max_num_batched_tokens=32,
                                    use_cuda_graph=False))
     sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    for i, p in enumerate(PROMPTS):
-        core.add_request(str(i), p, sp)
-    outs = {str(i): [] for i in range(len(PROMPTS))}
-    while core.has_unfinished():
-        for o in core.step():
-            outs[o.request_id] += o.new_token_ids
-    return [outs[str(i)] for i in range(len(PROMPTS))]
+    return core.run_to_completion(PROMPTS, sp)
 
 
 @pytest.mark.parametrize("kv", ["auto", "int8"])

@@ -64,13 +64,7 @@ def test_greedy_unchanged_under_preemption(tiny):
 
 
 def _run(core: EngineCore, prompts, sp):
-    for i, p in enumerate(prompts):
-        assert core.add_request(str(i), p, sp) is None
-    outs = {str(i): [] for i in range(len(prompts))}
-    while core.has_unfinished():
-        for o in core.step():
-            outs[o.request_id] += o.new_token_ids
-    return [outs[str(i)] for i in range(len(prompts))]
+    return core.run_to_completion(prompts, sp)
 
 
 def test_llm_generate_batches_token_prompts_in_order(default_model_dir, tmp_path):
