@@ -13,17 +13,8 @@ import openai
 import pytest
 import requests
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 20},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "color": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 2},
-    },
-    "required": ["name", "age", "color", "tags"],
-}
-ASK = [{"role": "user", "content": "Describe a person as JSON: name, age, favourite color, tags."}]
+from tests.helpers.structured import ASK_PERSON as ASK, PERSON
+
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 
 

@@ -13,18 +13,8 @@ import pytest
 from kiln.engine.request import SamplingParams
 from kiln.engine.structured import StructuredSpec
 from kiln.entrypoints.llm import LLM
+from tests.helpers.structured import ASK_PERSON, PERSON
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 20},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "color": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 2},
-    },
-    "required": ["name", "age", "color", "tags"],
-}
-ASK_PERSON = [{"role": "user", "content": "Describe a person as JSON: name, age, favourite color, tags."}]
 PLAIN_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 
 
