@@ -661,8 +661,9 @@ def _engine_args(p):
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
-    p.add_argument("--quantization", default=None, choices=[None, "w8a16"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"])
+    p.add_argument("--quantization", default=None, choices=[None, "w8a16", "w8a8-int8", "w8a8-fp8"],
+                   help="quantize the weights while loading (dummy weights too)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
