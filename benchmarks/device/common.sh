@@ -1,8 +1,9 @@
 # Sourced by the run_*.sh scripts (device tool, repository root): the carried wheels (.whl: fastapi, uvicorn,
 # pyzmq, ... for the server), paths, and helpers. Each run leaves its files under $OUT/r.
-if [ -d .whl ]; then
+if [ -d .whl ] && [ ! -f /tmp/site/.kiln-wheels ]; then  # once per machine (scripts source this again)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
+  touch /tmp/site/.kiln-wheels
 fi
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
 R=$OUT/r; mkdir -p $R
