@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import kv_scale_args, next_pow2
+from ._utils import FP8_MAX, KV_FP8, KV_INT8, kv_scale_args, next_pow2
 
 
 @triton.jit
@@ -17,7 +17,7 @@ def _reshape_and_cache_kernel(
     stride_sb, stride_st, stride_sh,
     num_heads,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUANT: tl.constexpr,
+    KV_KIND: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -33,7 +33,7 @@ def _reshape_and_cache_kernel(
     k = tl.load(key_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask, other=0.0)
     v = tl.load(value_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0)
     c_off = blk * stride_cb + off * stride_ct + offs_h[:, None] * stride_ch + offs_d[None, :]
-    if QUANT:
+    if KV_KIND == KV_INT8:  # per-token-head scales
         kf = k.to(tl.float32)
         vf = v.to(tl.float32)
         k_amax = tl.max(tl.abs(kf), axis=1)
@@ -47,6 +47,13 @@ def _reshape_and_cache_kernel(
         s_off = blk * stride_sb + off * stride_st + offs_h * stride_sh
         tl.store(k_scale_ptr + s_off, k_amax / 127.0, mask=hmask)
         tl.store(v_scale_ptr + s_off, v_amax / 127.0, mask=hmask)
+    elif KV_KIND == KV_FP8:  # E4M3: static per-head scales; x / scale (IEEE division, as torch) then RTNE cast
+        ks = tl.load(k_scale_ptr + offs_h * stride_sh, mask=hmask, other=1.0)
+        vs = tl.load(v_scale_ptr + offs_h * stride_sh, mask=hmask, other=1.0)
+        kq = tl.minimum(tl.maximum(tl.div_rn(k.to(tl.float32), ks[:, None]), -FP8_MAX), FP8_MAX)
+        vq = tl.minimum(tl.maximum(tl.div_rn(v.to(tl.float32), vs[:, None]), -FP8_MAX), FP8_MAX)
+        tl.store(k_cache_ptr + c_off, kq.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + c_off, vq.to(v_cache_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(k_cache_ptr + c_off, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + c_off, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
@@ -58,7 +65,8 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
     """Write key/value [T, Hkv, D] into k_cache/v_cache [num_blocks, block_size, Hkv, D] at
     slot_mapping [T] (slot = block * block_size + offset; -1 = skip). With an int8 cache,
     quantizes per token and head (symmetric, scale = absmax / 127) and writes k_scale/v_scale
-    [num_blocks, block_size, Hkv]. In place; returns None."""
+    [num_blocks, block_size, Hkv]. With an fp8 (E4M3) cache, writes x / scale[head] clamped to +-448
+    with the static k_scale/v_scale [Hkv] (read only). In place; returns None."""
     T, H, D = key.shape
     if T == 0:
         return
@@ -67,7 +75,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
     assert k_cache.shape[2] == H and k_cache.shape[3] == D
     assert key.stride(-1) == 1 and value.stride(-1) == 1 and k_cache.stride(-1) == 1
     assert slot_mapping.shape[0] == T
-    quant, k_scale, v_scale, s_strides = kv_scale_args(k_cache, k_scale, v_scale)
+    kind, k_scale, v_scale, s_strides = kv_scale_args(k_cache, k_scale, v_scale)
     block_d = next_pow2(D)
     block_h = min(next_pow2(H), max(1, 2048 // block_d))
     grid = (T, triton.cdiv(H, block_h))
@@ -77,6 +85,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         s_strides[0], s_strides[1], s_strides[2],
         H,
-        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d, QUANT=quant,
+        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d,
+        KV_KIND=kind,
         num_warps=4,
     )

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, kv_scale_args, next_pow2, num_sms
+from ._utils import KV_FLOAT, KV_FP8, KV_INT8, interpreting, kv_scale_args, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -32,7 +32,7 @@ def _decode_kernel(
     num_partitions,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
-    QUANT: tl.constexpr, DIRECT: tl.constexpr, FP32: tl.constexpr,
+    KV_KIND: tl.constexpr, DIRECT: tl.constexpr, FP32: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -50,11 +50,15 @@ def _decode_kernel(
     b64 = b.to(tl.int64)
     q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=gmask[:, None], other=0.0)
-    if QUANT:
-        cdtype = q.dtype
-    else:
+    if KV_KIND == KV_FLOAT:
         cdtype = k_cache_ptr.dtype.element_ty
         q = q.to(cdtype)
+    else:  # 8-bit codes are converted to q's dtype (exact for int8 and E4M3)
+        cdtype = q.dtype
+    if KV_KIND == KV_FP8:
+        # one static scale per kv head, so per program: K's folds into the score scale, V's multiplies the
+        # finished accumulator (P.V is linear in V); no per-token scale loads
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kvh * stride_sh)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -71,7 +75,7 @@ def _decode_kernel(
             s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k.to(cdtype)))
-        if QUANT:
+        if KV_KIND == KV_INT8:
             s_off = blk * stride_sb + (offs_n % BLOCK_SIZE) * stride_st + kvh * stride_sh
             ks = tl.load(k_scale_ptr + s_off, mask=nmask, other=0.0)
             vs = tl.load(v_scale_ptr + s_off, mask=nmask, other=0.0)
@@ -83,7 +87,7 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if QUANT:
+        if KV_KIND == KV_INT8:
             p = p * vs[None, :]
         if FP32:
             pv = tl.dot(p.to(cdtype), v.to(cdtype), input_precision="ieee")
@@ -92,7 +96,10 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    acc = acc / l_i[:, None]
+    if KV_KIND == KV_FP8:
+        acc = acc * (tl.load(v_scale_ptr + kvh * stride_sh) / l_i)[:, None]
+    else:
+        acc = acc / l_i[:, None]
     if DIRECT:
         o_ptrs = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
@@ -175,7 +182,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = torch.empty_like(q)
     if B == 0:
         return out
-    quant, k_scale, v_scale, s_strides = kv_scale_args(k_cache, k_scale, v_scale)
+    kind, k_scale, v_scale, s_strides = kv_scale_args(k_cache, k_scale, v_scale)
     fp32 = q.dtype == torch.float32
 
     # BLOCK_N 128, 4 warps, 2 stages: best or within 1% of the best of the configs tried on
@@ -210,7 +217,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_parts,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION=part,
-        QUANT=quant, DIRECT=direct, FP32=fp32,
+        KV_KIND=kind, DIRECT=direct, FP32=fp32,
         num_warps=warps, num_stages=stages,
     )
     if not direct:

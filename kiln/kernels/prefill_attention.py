@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, kv_scale_args, next_pow2
+from ._utils import KV_FLOAT, KV_FP8, KV_INT8, interpreting, kv_scale_args, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -23,7 +23,7 @@ def _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
                   k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
                   stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  QUANT: tl.constexpr, MASK: tl.constexpr, FP32: tl.constexpr):
+                  KV_KIND: tl.constexpr, MASK: tl.constexpr, FP32: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     if MASK:
@@ -40,7 +40,7 @@ def _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
-    if QUANT:
+    if KV_KIND == KV_INT8:
         s_off = blk * stride_sb + (offs_n % BLOCK_SIZE) * stride_st + kvh * stride_sh
         if MASK:
             ks = tl.load(k_scale_ptr + s_off, mask=nmask, other=0.0)
@@ -58,7 +58,7 @@ def _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if QUANT:
+    if KV_KIND == KV_INT8:
         p = p * vs[None, :]
     if MASK:
         v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
@@ -85,7 +85,7 @@ def _prefill_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    QUANT: tl.constexpr, FP32: tl.constexpr,
+    KV_KIND: tl.constexpr, FP32: tl.constexpr,
 ):
     # heaviest (last, longest-context) query tiles first: better tail balance under causality
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -106,8 +106,11 @@ def _prefill_kernel(
     rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=mmask[:, None], other=0.0)
-    if not QUANT:
+    if KV_KIND == KV_FLOAT:
         q = q.to(k_cache_ptr.dtype.element_ty)
+    if KV_KIND == KV_FP8:
+        # static per-head scales: K's folds into the score scale, V's multiplies the finished accumulator
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kvh * stride_sh)
     q_pos = ctx_len + offs_m
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -121,15 +124,18 @@ def _prefill_kernel(
         acc, m_i, l_i = _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
                                       k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
                                       stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
-                                      HEAD_DIM, BLOCK_SIZE, BLOCK_N, QUANT, False, FP32)
+                                      HEAD_DIM, BLOCK_SIZE, BLOCK_N, KV_KIND, False, FP32)
     end = tl.minimum(seq_len, ctx_len + m_start + BLOCK_M)
     for n0 in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
                                       k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, qk_scale,
                                       stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
-                                      HEAD_DIM, BLOCK_SIZE, BLOCK_N, QUANT, True, FP32)
+                                      HEAD_DIM, BLOCK_SIZE, BLOCK_N, KV_KIND, True, FP32)
 
-    acc = acc / l_i[:, None]
+    if KV_KIND == KV_FP8:
+        acc = acc * (tl.load(v_scale_ptr + kvh * stride_sh) / l_i)[:, None]
+    else:
+        acc = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None])
 
@@ -154,15 +160,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     B = query_start_loc.shape[0] - 1
     if T == 0 or B == 0 or max_query_len == 0:
         return out
-    quant, k_scale, v_scale, s_strides = kv_scale_args(k_cache, k_scale, v_scale)
+    kind, k_scale, v_scale, s_strides = kv_scale_args(k_cache, k_scale, v_scale)
     fp32 = q.dtype == torch.float32
     # Tiles measured on an H100 (docs/kernels.md, 8 x 512 tokens with and without a 1536
-    # prefix): bf16/fp16 128x128 8 warps 2 stages; int8 cache 64x128 4 warps 2 stages.
+    # prefix): bf16/fp16 128x128 8 warps 2 stages; int8 cache 64x128 4 warps 2 stages (fp8 takes the
+    # int8 tile until measured: both convert K/V tiles in registers).
     if interpreting():
         block_m, block_n, warps, stages = 16, 16, 4, 1
     elif fp32:
         block_m, block_n, warps, stages = 64, 32, 4, 2
-    elif quant or D > 128:
+    elif kind != KV_FLOAT.value or D > 128:
         block_m, block_n, warps, stages = 64, 128 if D <= 128 else 64, 4, 2
     else:
         block_m, block_n, warps, stages = 128, 128, 8, 2
@@ -181,7 +188,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        QUANT=quant, FP32=fp32,
+        KV_KIND=kind, FP32=fp32,
         num_warps=warps, num_stages=stages,
     )
     return out

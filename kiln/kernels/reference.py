@@ -8,7 +8,9 @@ back to them where Triton is not available (CPU).
 Data layouts (shared with the Triton kernels):
 - k_cache / v_cache: [num_blocks, block_size, num_kv_heads, head_dim], dtype =
   compute dtype, or int8 with k_scale / v_scale float32 [num_blocks, block_size,
-  num_kv_heads] (symmetric, x ~= q * scale, scale = absmax / 127).
+  num_kv_heads] (symmetric, x ~= q * scale, scale = absmax / 127), or float8_e4m3fn
+  with static k_scale / v_scale float32 [num_kv_heads] (x ~= code * scale[head]; codes
+  as kiln.quantization.ops.to_codes writes them: x / scale clamped to +-448, cast).
 - slot = block_id * block_size + offset; slot -1 = padding (skipped).
 - block_tables int32 [B, max_blocks_per_seq]; seq_lens int32 [B] (context length
   including this step's tokens); query_start_loc int32 [B + 1].
@@ -17,6 +19,8 @@ Data layouts (shared with the Triton kernels):
 from __future__ import annotations
 
 import torch
+
+from kiln.quantization import ops as qops
 
 __all__ = [
     "quantize_int8",
@@ -63,6 +67,9 @@ def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, 
         v_cache[blk, off] = vq
         k_scale[blk, off] = ks
         v_scale[blk, off] = vs
+    elif k_cache.dtype == torch.float8_e4m3fn:
+        k_cache[blk, off] = qops.to_codes(key, k_scale[:, None], k_cache.dtype)
+        v_cache[blk, off] = qops.to_codes(value, v_scale[:, None], v_cache.dtype)
     else:
         k_cache[blk, off] = key.to(k_cache.dtype)
         v_cache[blk, off] = value.to(v_cache.dtype)
@@ -77,6 +84,8 @@ def gather_kv(cache, scale, block_table_row, seq_len):
     if cache.dtype == torch.int8:
         s = scale[blocks].reshape(-1, cache.shape[2])[:seq_len].float()
         x = x * s.unsqueeze(-1)
+    elif cache.dtype == torch.float8_e4m3fn:
+        x = x * scale.float()[:, None]
     return x
 
 

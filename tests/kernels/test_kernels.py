@@ -26,6 +26,7 @@ pytest.importorskip("triton")
 
 from kiln import kernels as K  # noqa: E402
 from kiln.kernels import reference as R  # noqa: E402
+from kiln.quantization import ops as qops  # noqa: E402
 
 DEVICE = "cpu" if INTERP else "cuda"
 gpu_only = pytest.mark.skipif(INTERP, reason="large shape: GPU only (too slow for the interpreter)")
@@ -51,9 +52,15 @@ def rand(*shape, dtype=torch.float32, scale=1.0):
 # ----------------------------------------------------------------------------- paged cache
 
 
-def make_paged(seq_lens, num_kv_heads, head_dim, block_size, dtype, quant, extra_blocks=3):
+def fp8_head_scales(num_kv_heads):
+    """Non-trivial static per-head scales of an fp8 cache: N(0, 1) data then spans E4M3 codes up to ~150-450."""
+    return torch.rand(num_kv_heads, device=DEVICE) * 0.02 + 0.01
+
+
+def make_paged(seq_lens, num_kv_heads, head_dim, block_size, dtype, kv=None, extra_blocks=3):
     """Random paged K/V caches holding len(seq_lens) sequences in shuffled, non-contiguous
-    blocks; unused block-table entries hold an out-of-range id so a stray read shows."""
+    blocks; unused block-table entries hold an out-of-range id so a stray read shows.
+    kv: None (a `dtype` cache), "int8" (per-token-head scales) or "fp8" (E4M3, per-head scales)."""
     nblk_per = [math.ceil(L / block_size) for L in seq_lens]
     max_blocks = max(nblk_per) + 1
     num_blocks = sum(nblk_per) + extra_blocks
@@ -65,10 +72,14 @@ def make_paged(seq_lens, num_kv_heads, head_dim, block_size, dtype, quant, extra
         i += n
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     kf, vf = rand(*shape), rand(*shape)
-    if quant:
+    if kv == "int8":
         kq, ks = R.quantize_int8(kf)
         vq, vs = R.quantize_int8(vf)
         caches = (kq, vq, ks, vs)
+    elif kv == "fp8":
+        ks, vs = fp8_head_scales(num_kv_heads), fp8_head_scales(num_kv_heads)
+        caches = (qops.to_codes(kf, ks[:, None], torch.float8_e4m3fn),
+                  qops.to_codes(vf, vs[:, None], torch.float8_e4m3fn), ks, vs)
     else:
         caches = (kf.to(dtype), vf.to(dtype), None, None)
     return caches, tables.to(DEVICE), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
@@ -123,6 +134,34 @@ def test_reshape_and_cache(T, H, D, bs, nb, dtype):
         assert torch.equal(kc, ref[0]) and torch.equal(vc, ref[1])
 
 
+@pytest.mark.parametrize("T,H,D,bs,nb", CACHE_CASES)
+@pytest.mark.parametrize("act_dtype", ALL_DTYPES)
+def test_reshape_and_cache_fp8(T, H, D, bs, nb, act_dtype):
+    """fp8 (E4M3) cache: the kernel writes the torch reference's codes bit for bit (x / scale[head], clamped
+    to +-448, round to nearest even), leaves the static scales and the skipped slots alone."""
+    slots = torch.randperm(nb * bs)[:T]
+    slots[torch.rand(T) < 0.2] = -1
+    slots = slots.to(DEVICE)
+    key, value = rand(T, H, D, dtype=act_dtype, scale=2.0), rand(T, H, D, dtype=act_dtype)
+    key[0, :, :4] = torch.tensor([0.0, -0.0, 1e-6, 60.0], dtype=act_dtype)  # zeros, a subnormal code, a clamp
+    ks, vs = fp8_head_scales(H), fp8_head_scales(H)
+    ks[0] = 0.001  # head 0's 2.0-sigma values pass 448 * scale: the clamp is exercised
+    kc = (torch.randn(nb, bs, H, D, device=DEVICE) * 50).to(torch.float8_e4m3fn)
+    vc = (torch.randn(nb, bs, H, D, device=DEVICE) * 50).to(torch.float8_e4m3fn)
+    ref_k, ref_v, ks0, vs0 = kc.clone(), vc.clone(), ks.clone(), vs.clone()
+    R.reshape_and_cache(key, value, ref_k, ref_v, slots, ks, vs)
+    K.reshape_and_cache(key, value, kc, vc, slots, ks, vs)
+    assert torch.equal(kc.view(torch.uint8), ref_k.view(torch.uint8))
+    assert torch.equal(vc.view(torch.uint8), ref_v.view(torch.uint8))
+    assert torch.equal(ks, ks0) and torch.equal(vs, vs0)
+    valid = slots >= 0
+    blk, off = slots[valid] // bs, slots[valid] % bs
+    assert (kc[blk, off, 0].float().abs() == 448).any()  # the clamp was reached (and written, not NaN)
+    # dequantized V (its values fit the E4M3 range) vs the written values: 3 mantissa bits, ~2.5% rms
+    deq = vc[blk, off].float() * vs[None, :, None]
+    assert rel_err(deq, value[valid].float()) < 4e-2
+
+
 # ----------------------------------------------------------------------------- decode attention
 
 DECODE_CASES = [
@@ -142,12 +181,12 @@ DECODE_CASES = [
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,D,bs,lens,part", DECODE_CASES)
-@pytest.mark.parametrize("dtype", DOT_DTYPES + ["int8"])
+@pytest.mark.parametrize("dtype", DOT_DTYPES + ["int8", "fp8"])
 def test_paged_decode_attention(B, Hq, Hkv, D, bs, lens, part, dtype):
-    quant = dtype == "int8"
-    qdtype = (torch.float16 if INTERP else torch.bfloat16) if quant else dtype
+    kv = dtype if dtype in ("int8", "fp8") else None
+    qdtype = (torch.float16 if INTERP else torch.bfloat16) if kv else dtype
     seq_lens = random_lens(B, *lens)
-    (kc, vc, ks, vs), tables, sl = make_paged(seq_lens, Hkv, D, bs, qdtype, quant)
+    (kc, vc, ks, vs), tables, sl = make_paged(seq_lens, Hkv, D, bs, qdtype, kv)
     q = rand(B, Hq, D, dtype=qdtype)
     scale = D ** -0.5
     out = torch.full_like(q, float("nan"))
@@ -161,7 +200,7 @@ def test_paged_decode_attention(B, Hq, Hkv, D, bs, lens, part, dtype):
 def test_paged_decode_attention_max_seq_len(dtype):
     """An explicit max_seq_len bound (the engine's, no device sync) gives the same result."""
     seq_lens = random_lens(3, 10, 120)
-    (kc, vc, _, _), tables, sl = make_paged(seq_lens, 2, 64, 16, dtype, False)
+    (kc, vc, _, _), tables, sl = make_paged(seq_lens, 2, 64, 16, dtype)
     q = rand(3, 4, 64, dtype=dtype)
     a = K.paged_decode_attention(q, kc, vc, tables, sl, 0.125, max_seq_len=max(seq_lens))
     b = K.paged_decode_attention(q, kc, vc, tables, sl, 0.125, partition_size=32)
@@ -186,13 +225,13 @@ PREFILL_CASES = [
 
 
 @pytest.mark.parametrize("Hq,Hkv,D,bs,seqs", PREFILL_CASES)
-@pytest.mark.parametrize("dtype", DOT_DTYPES + ["int8"])
+@pytest.mark.parametrize("dtype", DOT_DTYPES + ["int8", "fp8"])
 def test_paged_prefill_attention(Hq, Hkv, D, bs, seqs, dtype):
-    quant = dtype == "int8"
-    qdtype = (torch.float16 if INTERP else torch.bfloat16) if quant else dtype
+    kv = dtype if dtype in ("int8", "fp8") else None
+    qdtype = (torch.float16 if INTERP else torch.bfloat16) if kv else dtype
     seq_lens = [c + n for c, n in seqs]
     q_lens = [n for _, n in seqs]
-    (kc, vc, ks, vs), tables, sl = make_paged(seq_lens, Hkv, D, bs, qdtype, quant)
+    (kc, vc, ks, vs), tables, sl = make_paged(seq_lens, Hkv, D, bs, qdtype, kv)
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     T = sum(q_lens)
     q = rand(T, Hq, D, dtype=qdtype)
@@ -208,7 +247,7 @@ def test_paged_prefill_attention(Hq, Hkv, D, bs, seqs, dtype):
 def test_prefill_matches_decode(dtype):
     """A prefill step of q_len 1 per sequence is a decode step."""
     seq_lens = random_lens(3, 1, 90)
-    (kc, vc, _, _), tables, sl = make_paged(seq_lens, 2, 64, 16, dtype, False)
+    (kc, vc, _, _), tables, sl = make_paged(seq_lens, 2, 64, 16, dtype)
     q = rand(3, 4, 64, dtype=dtype)
     qsl = torch.arange(4, dtype=torch.int32, device=DEVICE)
     a = K.paged_prefill_attention(q, kc, vc, tables, qsl, sl, 0.125, 1)
