@@ -2,7 +2,8 @@
 
 Kernels (each in its own module, each a Python function on torch tensors):
     reshape_and_cache, paged_decode_attention, paged_prefill_attention,
-    rmsnorm, fused_add_rmsnorm, rotary_embedding, silu_and_mul, w8a16_matmul, skinny_matmul.
+    rmsnorm, fused_add_rmsnorm, rotary_embedding, silu_and_mul, w8a16_matmul, skinny_matmul,
+    quantize_activation and scale_int32 (W8A8).
 
 `kiln.kernels.reference` holds float32 PyTorch versions of all of them and needs no
 Triton. When Triton is not installed, HAS_TRITON is False and the kernel names here are
@@ -30,6 +31,7 @@ if HAS_TRITON:
     from .cache import reshape_and_cache
     from .decode_attention import paged_decode_attention
     from .prefill_attention import paged_prefill_attention
+    from .quant import quantize_activation, scale_int32
     from .rmsnorm import fused_add_rmsnorm, rmsnorm
     from .rotary import rotary_embedding
     from .skinny import skinny_matmul, use_skinny
@@ -53,6 +55,20 @@ else:  # pragma: no cover
     def dequantize_int8_weight(w_int8, w_scale, dtype):
         return (w_int8.float() * w_scale.float()[:, None]).to(dtype)
 
+    def quantize_activation(x, dtype, static_scale=None, pad_rows=0):
+        import torch
+
+        from kiln.quantization.ops import quantize_activation as quantize
+        codes, scales = quantize(x, dtype, static_scale)
+        pad = max(0, pad_rows - x.shape[0])
+        return (torch.cat([codes, torch.zeros(pad, x.shape[1], device=x.device).to(dtype)]),
+                torch.cat([scales, torch.ones(pad, 1, device=x.device)]))
+
+    def scale_int32(acc, row_scale, channel_scale, bias, out_dtype, rows=None):
+        rows = acc.shape[0] if rows is None else rows
+        y = acc[:rows].float() * row_scale[:rows] * channel_scale.float()[None, :]
+        return (y if bias is None else y + bias.float()).to(out_dtype)
+
 __all__ = [
     "HAS_TRITON",
     "reference",
@@ -67,4 +83,6 @@ __all__ = [
     "skinny_matmul",
     "use_skinny",
     "dequantize_int8_weight",
+    "quantize_activation",
+    "scale_int32",
 ]

@@ -1,4 +1,7 @@
-"""w8a16_matmul: weight-only int8 linear layer, y = x @ (w_int8 * w_scale[:, None]).T + bias.
+"""w8a16_matmul: weight-only 8-bit linear layer, y = x @ (w_codes * w_scale[:, None]).T + bias.
+
+The codes are int8, or E4M3 (float8_e4m3fn: a W8A8 FP8 checkpoint's weights, which the W8A8 path runs through
+here at small batch; Triton converts them on sm_89+ GPUs).
 
 At decode sizes (T <= 64) the work is reading the weight: this kernel streams the int8
 weight (half the bytes of bf16), converts each tile to the activation dtype in registers,
@@ -19,6 +22,7 @@ from ._utils import interpreting, next_pow2, num_sms
 
 SMALL_T = 64    # up to here: decode-sized tiles (the weight read dominates)
 LARGE_T = 256   # above: dequantize once, then torch.matmul
+CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
 # values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
@@ -49,11 +53,11 @@ def _w8a16_kernel(
         offs_k = k0 + offs_kb
         if EVEN_K:
             x = tl.load(x_rows + offs_k[None, :], mask=mmask[:, None], other=0.0)
-            w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None], other=0)
+            w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None], other=0.0)
         else:
             kmask = offs_k < k_end
             x = tl.load(x_rows + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+            w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
         if FP32:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
         else:
@@ -97,12 +101,12 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, stride_wn, stride_on, BLOCK: tl.co
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K
     s = tl.load(s_ptr + n).to(tl.float32)
-    w = tl.load(w_ptr + n * stride_wn + offs, mask=mask, other=0).to(tl.float32)
+    w = tl.load(w_ptr + n * stride_wn + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + n * stride_on + offs, (w * s).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def dequantize_int8_weight(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[N, K] int8 * scale[N] -> [N, K] dtype (float32 math, one pass)."""
+    """[N, K] int8 (or E4M3) * scale[N] -> [N, K] dtype (float32 math, one pass)."""
     N, K = w_int8.shape
     out = torch.empty((N, K), dtype=dtype, device=w_int8.device)
     block = 1024
@@ -154,10 +158,11 @@ def rows_and_out(x: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
 def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32) @ dequant(w_int8 [N, K], w_scale [N]).T (+ bias [N]) ->
-    [..., N] in x's dtype. config overrides the tile choice (tuning/benchmarks only)."""
+    [..., N] in x's dtype; w_int8 holds int8 or E4M3 codes. config overrides the tile choice (tuning/benchmarks
+    only)."""
     K = x.shape[-1]
     N, Kw = w_int8.shape
-    assert Kw == K and w_int8.dtype == torch.int8 and w_int8.stride(-1) == 1
+    assert Kw == K and w_int8.dtype in CODE_DTYPES and w_int8.stride(-1) == 1
     x2, out = rows_and_out(x, N)
     M = x2.shape[0]
     if M == 0:
@@ -175,7 +180,7 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
 def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
                    out: torch.Tensor, config: tuple) -> None:
     """out [M, N] = x2 [M, K] @ (w [N, K] (* w_scale[:, None])).T (+ bias), K split over `config`'s SPLIT_K
-    programs and summed by a second kernel. w is int8 with a scale, or in x's dtype with w_scale None."""
+    programs and summed by a second kernel. w is int8 or E4M3 with a scale, or in x's dtype with w_scale None."""
     M, K = x2.shape
     N = w.shape[0]
     bm, bn, bk, split, warps, stages = config

@@ -5,10 +5,14 @@ One home for these numbers: the linear layers (kiln/layers/linear.py), `kiln qua
 compressed-tensors checkpoints all quantize through here, so what is written is what is served.
 
 The CPU path is the reference: int8 through `torch._int_mm` (exact int32 accumulation), FP8 emulated (E4M3
-codes cast to float32, scaled fp32 matmul). On CUDA the same math runs through `torch._scaled_mm` (FP8) and
-`torch._int_mm` (int8) with the scales applied after; that branch is written but not tested in CI (no GPU).
+codes cast to float32, scaled fp32 matmul). On CUDA (docs/quantization.md, "GPU path"): up to
+WEIGHT_ONLY_MAX_T rows the 8-bit weight goes through the weight-only kernel (kiln/kernels/w8a16.py) with the
+activations unquantized; above, one Triton pass quantizes the activations (kiln/kernels/quant.py), then
+`torch._int_mm` + a fused scale epilogue (int8) or `torch._scaled_mm` with row-wise scales (FP8).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -66,13 +70,14 @@ def quantize_activation(x: torch.Tensor, dtype: torch.dtype, static_scale: torch
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None,
                 input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ b) with W = qweight * wscale[:, None] (int8 or E4M3 codes, [N, K]) and x quantized to the
-    same 8-bit type per token (or with the static input_scale); accumulation in int32 / fp32, output x.dtype."""
+    same 8-bit type per token (or with the static input_scale); accumulation in int32 / fp32, output x.dtype.
+    On CUDA, at most WEIGHT_ONLY_MAX_T rows skip the activation quantization (see _w8a8_kernels)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    xq, xs = quantize_activation(x2, qweight.dtype, input_scale)
     if x.is_cuda:
-        y = _w8a8_cuda(xq, xs, qweight, wscale, x.dtype)
-    elif qweight.dtype == torch.int8:
+        return _w8a8_kernels(x2, qweight, wscale, bias, input_scale).reshape(*shape[:-1], -1)
+    xq, xs = quantize_activation(x2, qweight.dtype, input_scale)
+    if qweight.dtype == torch.int8:
         y = torch._int_mm(xq, qweight.t()).float() * xs * wscale[None, :]
     else:  # FP8 emulated: the E4M3 values are exact in float32
         y = (xq.float() @ qweight.float().t()) * xs * wscale[None, :]
@@ -80,16 +85,32 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bi
     return y if bias is None else y + bias
 
 
-def _w8a8_cuda(xq, xs, qweight, wscale, out_dtype):  # pragma: no cover - needs a GPU
+# At a few rows a linear layer is a read of its weight, and cuBLAS's FP8 GEMM streams it well below the copy rate
+# (issue 10: 2.4 TB/s at M=64 on an H200, where bf16 reaches 3.4). Up to this many rows the 8-bit weight runs
+# through the weight-only kernel instead: codes converted to the activation dtype in registers, times the channel
+# scale, activations not quantized (so more accurate than W8A8, not less). 0 turns it off.
+WEIGHT_ONLY_MAX_T = int(os.environ.get("KILN_W8A8_WEIGHT_ONLY_MAX_T", "16"))
+INT_MM_MIN_ROWS = 17      # cuBLAS int8 (torch._int_mm) needs M > 16
+SCALED_MM_ROW_MULTIPLE = 16  # torch._scaled_mm wants M a multiple of 16 in some versions: codes padded with zeros
+
+
+def _w8a8_kernels(x2, qweight, wscale, bias, input_scale):
+    """The CUDA path on rows x2 [M, K]. It also runs on CPU tensors under Triton's interpreter (the tests do)."""
+    from kiln import kernels
+    m = x2.shape[0]
+    if m <= WEIGHT_ONLY_MAX_T:
+        return kernels.w8a16_matmul(x2, qweight, wscale, bias)
     if qweight.dtype == torch.int8:
-        m = xq.shape[0]
-        if m <= 16:  # cuBLAS int8 needs M > 16: pad the few rows of a small decode batch
-            xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - m))
-        y = torch._int_mm(xq, qweight.t())[:m]
-        return y.float() * xs * wscale[None, :]
-    # row-wise scales in the epilogue; qweight.t() of a row-major [N, K] tensor is the column-major B it wants
-    return torch._scaled_mm(xq, qweight.t(), scale_a=xs.contiguous(), scale_b=wscale[None, :].float().contiguous(),
-                            out_dtype=out_dtype)
+        xq, xs = kernels.quantize_activation(x2, torch.int8, input_scale, pad_rows=INT_MM_MIN_ROWS)
+        return kernels.scale_int32(torch._int_mm(xq, qweight.t()), xs, wscale, bias, x2.dtype, rows=m)
+    pad = -(-m // SCALED_MM_ROW_MULTIPLE) * SCALED_MM_ROW_MULTIPLE
+    xq, xs = kernels.quantize_activation(x2, FP8_DTYPE, input_scale, pad_rows=pad)
+    # row-wise scales in cuBLAS's epilogue (bf16 output only); qweight.t() of a row-major [N, K] tensor is the
+    # column-major B it wants
+    fused_bias = bias if bias is not None and bias.dtype == torch.bfloat16 else None
+    y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=wscale.float().reshape(1, -1),
+                         bias=fused_bias, out_dtype=torch.bfloat16)[:m].to(x2.dtype)
+    return y if bias is None or fused_bias is not None else y + bias
 
 
 def w8a16_reference(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,

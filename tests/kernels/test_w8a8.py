@@ -1,0 +1,249 @@
+"""The W8A8 GPU path (kiln/kernels/quant.py, E4M3 codes in w8a16.py, kiln.quantization.ops._w8a8_kernels) against
+the CPU reference path of kiln.quantization.ops.
+
+Runs on a CUDA GPU (all shapes), or on CPU under TRITON_INTERPRET=1 (small shapes; `gpu_only` ones skip), where
+_w8a8_kernels runs on CPU tensors (torch._int_mm and torch._scaled_mm have CPU versions). Interpreter caveats
+(Triton 3.9): tl.dot on bfloat16 is wrong, so the weight-only path is checked in fp16/fp32 there; and its
+float32 -> float8e4nv cast does not carry a rounded-up mantissa into the exponent (a value just below 2^e becomes
+2^(e-1) instead of 2^e), so under the interpreter E4M3 codes may differ from torch's in exactly that way, and the
+end-to-end FP8 cases use activations that are exact E4M3 multiples of their scale (no rounding). On a GPU the
+codes must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+if not INTERP and not HAS_CUDA:
+    pytest.skip("kernel tests need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+
+from kiln import kernels as K  # noqa: E402
+from kiln.quantization import ops as qops  # noqa: E402
+
+DEVICE = "cpu" if INTERP else "cuda"
+gpu_only = pytest.mark.skipif(INTERP, reason="large shape: GPU only (too slow for the interpreter)")
+FP8 = torch.float8_e4m3fn
+DOT_DTYPES = [torch.float16, torch.float32] if INTERP else [torch.bfloat16, torch.float16, torch.float32]
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3, torch.float32: 1e-5}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element?)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+def e4m3_exact_rows(m, k, dtype):
+    """Rows whose values are E4M3 numbers times a power-of-two row scale, each row's absmax exactly 448 x scale:
+    quantizing them rounds nothing (the interpreter's cast bug cannot show)."""
+    codes = torch.randn(m, k).clamp(-400, 400).mul(50).to(FP8).float()
+    codes[:, 0] = 448.0
+    scale = 2.0 ** torch.randint(-8, -2, (m, 1)).float()
+    return (codes * scale).to(dtype).to(DEVICE)
+
+
+def assert_codes_match(codes, ref):
+    """Equal codes; under the interpreter, E4M3 codes may also be half the reference where the reference is a power
+    of two (its cast's missing exponent carry, see the module doc)."""
+    assert codes.dtype == ref.dtype and codes.shape == ref.shape
+    if codes.dtype == torch.int8 or not INTERP:
+        assert torch.equal(codes.view(torch.uint8).cpu(), ref.view(torch.uint8).cpu())
+        return
+    got, want = codes.float().cpu(), ref.float().cpu()
+    bad = got != want
+    mant, _ = torch.frexp(want[bad].abs())
+    assert torch.equal(got[bad] * 2, want[bad]) and bool((mant == 0.5).all()), "E4M3 codes differ beyond the known carry"
+
+
+# ----------------------------------------------------------------------------- per-token activation quantization
+
+QUANT_CASES = [
+    # M, K
+    (1, 64),
+    (7, 200),
+    (33, 4096),
+    (3, 20000),                                # longer than one tile: the two-loop path
+    pytest.param(300, 4096, marks=gpu_only),
+    pytest.param(64, 14336, marks=gpu_only),
+    pytest.param(5, 28672, marks=gpu_only),
+]
+
+
+@pytest.mark.parametrize("M,Kd", QUANT_CASES)
+@pytest.mark.parametrize("code", [torch.int8, FP8], ids=["int8", "e4m3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_quantize_activation_matches_reference(M, Kd, code, dtype, static):
+    x = rand(M, Kd, dtype=dtype, scale=3.0)
+    x[0, :5] = 0.0
+    static_scale = torch.tensor([0.02], device=DEVICE) if static else None
+    codes, scales = K.quantize_activation(x, code, static_scale)
+    ref_codes, ref_scales = qops.quantize_activation(x, code, static_scale)
+    assert scales.shape == (M, 1) and scales.dtype == torch.float32
+    assert torch.equal(scales, ref_scales)
+    assert_codes_match(codes, ref_codes)
+
+
+def test_int8_rounds_half_to_even_like_torch_round():
+    # absmax 127 makes the row scale exactly 1: every x / scale below is a tie or near one
+    row = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.4999998, 126.5, -126.5, 0.49999997, 0.0])
+    x = row[None, :].to(DEVICE)
+    codes, scales = K.quantize_activation(x, torch.int8)
+    assert scales.item() == 1.0
+    assert codes.cpu().tolist() == [[127, 0, 2, 2, 0, -2, -2, 3, 126, -126, 0, 0]]
+    assert_codes_match(codes, qops.quantize_activation(x, torch.int8)[0])
+
+
+@pytest.mark.parametrize("code", [torch.int8, FP8], ids=["int8", "e4m3"])
+def test_padding_rows_are_zero_codes(code):
+    x = rand(5, 96)
+    codes, scales = K.quantize_activation(x, code, pad_rows=17)
+    assert codes.shape == (17, 96) and scales.shape == (17, 1)
+    assert not codes[5:].float().any()
+    assert_codes_match(codes[:5], qops.quantize_activation(x, code)[0])
+
+
+def test_all_zero_row_gets_the_floor_scale():
+    x = torch.zeros(2, 64, device=DEVICE)
+    codes, scales = K.quantize_activation(x, torch.int8)
+    assert torch.equal(scales, qops.quantize_activation(x, torch.int8)[1]) and not codes.any()
+
+
+# ----------------------------------------------------------------------------- int8 GEMM epilogue
+
+@pytest.mark.parametrize("M,N,rows", [(17, 96, 5), (40, 300, 40), pytest.param(1024, 28672, 1000, marks=gpu_only)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_scale_int32_matches_float32_math(M, N, rows, dtype, bias):
+    acc = torch.randint(-2 ** 20, 2 ** 20, (M, N), dtype=torch.int32, device=DEVICE)
+    xs = torch.rand(M, 1, device=DEVICE) / 127
+    ws = torch.rand(N, device=DEVICE) / 127
+    b = rand(N, dtype=dtype) if bias else None
+    out = K.scale_int32(acc, xs, ws, b, dtype, rows=rows)
+    ref = acc[:rows].float() * xs[:rows] * ws[None, :]
+    ref = (ref if b is None else ref + b.float()).to(dtype)
+    assert out.shape == (rows, N) and out.dtype == dtype
+    if dtype == torch.bfloat16 and INTERP:  # the interpreter truncates float32 -> bfloat16: one ulp
+        assert torch.allclose(out.float(), ref.float(), rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(out, ref)
+
+
+# ----------------------------------------------------------------------------- weight-only path with E4M3 codes
+
+GEMV_CASES = [
+    # M, N, K, bias
+    (1, 96, 160, False),
+    (5, 64, 256, True),
+    (16, 40, 64, False),
+    pytest.param(1, 4096, 4096, False, marks=gpu_only),
+    pytest.param(16, 6144, 4096, True, marks=gpu_only),
+    pytest.param(7, 4096, 14336, False, marks=gpu_only),
+    pytest.param(64, 28672, 4096, True, marks=gpu_only),
+]
+
+
+@pytest.mark.parametrize("M,N,Kd,bias", GEMV_CASES)
+@pytest.mark.parametrize("code", [torch.int8, FP8], ids=["int8", "e4m3"])
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+def test_w8a16_matmul_takes_8bit_codes(M, N, Kd, bias, code, dtype):
+    x = rand(M, Kd, dtype=dtype)
+    wq, ws = qops.quantize_weight(rand(N, Kd, scale=0.05), code)
+    b = rand(N, dtype=dtype) if bias else None
+    out = K.w8a16_matmul(x, wq, ws, b)
+    # float32 math on the exact weight values (E4M3 and int8 codes are exact in every compute dtype)
+    ref = (x.float() @ (wq.float() * ws[:, None]).t() + (b.float() if bias else 0)).to(dtype)
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    # and the weight-only reference of ops.py, which rounds the dequantized weight to x's dtype first
+    assert rel_err(out, qops.w8a16_reference(x, wq, ws, b)) < max(TOL[dtype], 4e-3)
+
+
+# ----------------------------------------------------------------------------- w8a8_linear's CUDA path
+
+def _scheme_input(M, Kd, code, dtype):
+    if code == FP8 and INTERP:
+        return e4m3_exact_rows(M, Kd, dtype)
+    return rand(M, Kd, dtype=dtype)
+
+
+def _run_kernel_path(x, wq, ws, b, static):
+    if x.is_cuda:
+        return qops.w8a8_linear(x, wq, ws, b, static)
+    return qops._w8a8_kernels(x, wq, ws, b, static)
+
+
+W8A8_M = [1, 7, 16, 17, 64, 300]
+W8A8_DTYPES = [torch.float16, torch.float32] if INTERP else [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("M", W8A8_M)
+@pytest.mark.parametrize("code", [torch.int8, FP8], ids=["int8", "e4m3"])
+@pytest.mark.parametrize("dtype", W8A8_DTYPES)
+@pytest.mark.parametrize("bias,static", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "bias", "bias-static"])
+def test_w8a8_kernel_path_matches_reference(M, code, dtype, bias, static):
+    N, Kd = (96, 128) if INTERP else (1000, 4096)
+    x = _scheme_input(M, Kd, code, dtype)
+    wq, ws = qops.quantize_weight(rand(N, Kd, scale=0.05), code)
+    b = rand(N, dtype=dtype) if bias else None
+    static_scale = (x.float().abs().amax() / qops.qmax(code)).reshape(1) if static else None
+    out = _run_kernel_path(x, wq, ws, b, static_scale)
+    assert out.shape == (M, N) and out.dtype == dtype
+    if M <= qops.WEIGHT_ONLY_MAX_T:  # the weight-only kernel: activations not quantized
+        ref = (x.float() @ (wq.float() * ws[:, None]).t() + (b.float() if bias else 0)).to(dtype)
+        tol = TOL[dtype]
+    else:  # the CPU reference of the same W8A8 arithmetic
+        ref = qops.w8a8_linear(x.cpu(), wq.cpu(), ws.cpu(), None if b is None else b.cpu(),
+                               None if static_scale is None else static_scale.cpu())
+        # int8: identical codes and exact int32 sums, only the bias rounding differs (the reference rounds
+        # before adding); FP8: cuBLAS accumulates in its own order and rounds to bf16 first
+        tol = 2e-3 if code == torch.int8 else 1e-2
+    assert rel_err(out, ref) < tol
+
+
+@pytest.mark.skipif(qops.WEIGHT_ONLY_MAX_T < 1, reason="KILN_W8A8_WEIGHT_ONLY_MAX_T=0: no weight-only path")
+@pytest.mark.parametrize("code", [torch.int8, FP8], ids=["int8", "e4m3"])
+def test_weight_only_path_is_more_accurate_than_w8a8(code):
+    dtype = torch.float32 if INTERP else torch.bfloat16
+    M, N, Kd = min(8, qops.WEIGHT_ONLY_MAX_T), 96, 256
+    x = rand(M, Kd, dtype=dtype)
+    x[:, :3] *= 20  # an outlier channel, as real activations have
+    w = rand(N, Kd, scale=0.05)
+    wq, ws = qops.quantize_weight(w, code)
+    truth = x.double() @ w.double().t()
+    fast = _run_kernel_path(x, wq, ws, None, None)
+    w8a8 = qops.w8a8_linear(x.cpu(), wq.cpu(), ws.cpu(), None)
+    assert rel_err(fast, truth) < rel_err(w8a8, truth)
+
+
+@gpu_only
+@pytest.mark.parametrize("M", [1, 16, 17, 256])
+@pytest.mark.parametrize("code", [torch.int8, FP8], ids=["int8", "e4m3"])
+def test_linear_layer_w8a8_on_cuda_matches_cpu(M, code):
+    from kiln.layers.linear import Linear
+    layer = Linear(4096, 6144)
+    layer.weight.data.copy_(torch.randn(6144, 4096) * 0.02)
+    cpu = Linear(4096, 6144)
+    cpu.weight.data.copy_(layer.weight.data)
+    scheme = qops.W8A8_INT8 if code == torch.int8 else qops.W8A8_FP8
+    for lin in (layer, cpu):
+        lin.quantize_weights(scheme)
+    layer.qweight, layer.scale = layer.qweight.cuda(), layer.scale.cuda()
+    x = torch.randn(M, 4096).to(torch.bfloat16)
+    out = layer(x.cuda())
+    truth = x.double() @ (cpu.qweight.double() * cpu.scale.double()[:, None]).t()
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, truth) < 4e-2
+    assert rel_err(out, cpu(x)) < (TOL[torch.bfloat16] if M <= qops.WEIGHT_ONLY_MAX_T else 1e-2) * 4
