@@ -299,8 +299,8 @@ class KilnConfig:
         group="cache")
     kv_cache_dtype: str = setting(
         "auto", "KILN_KV_CACHE_DTYPE", "KV-cache storage: auto (the checkpoint's kv_cache_scheme, else the model "
-        "dtype), int8, or fp8 (E4M3 with the checkpoint's static per-head scales, else 1.0; torch attention "
-        "backend only). USE_CACHE_KV_INT8=1 means int8.", kind="str", flags=("--kv-cache-dtype",),
+        "dtype), int8, or fp8 (E4M3 with the checkpoint's static per-head scales, else 1.0; on a GPU needs compute "
+        "capability 8.9+). USE_CACHE_KV_INT8=1 means int8.", kind="str", flags=("--kv-cache-dtype",),
         check=lambda v: None if v in ("auto", "int8", "fp8") else "must be auto, int8 or fp8", group="cache")
     enable_prefix_caching: bool = setting(
         True, "KILN_ENABLE_PREFIX_CACHING", "Reuse the KV blocks of identical prompt prefixes.", kind="bool",

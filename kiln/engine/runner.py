@@ -55,9 +55,11 @@ class ModelRunner:
             m.qweight.numel() * m.qweight.element_size() + m.scale.numel() * m.scale.element_size()
             for m in self.model.modules() if getattr(m, "qweight", None) is not None)
         self.backend = make_attention_backend(cfg.attention_backend, self.device)
-        if self.kv_cache_dtype == "fp8" and self.backend.name != "torch":
-            raise ValueError("the fp8 KV cache runs on the torch attention backend only (the Triton kernels read "
-                             "bf16/fp16 or int8 caches): use --attention-backend torch or --kv-cache-dtype int8")
+        if (self.kv_cache_dtype == "fp8" and self.backend.name == "triton" and self.device.type == "cuda"
+                and torch.cuda.get_device_capability(self.device) < (8, 9)):
+            # Triton converts E4M3 (fp8e4nv) only on compute capability 8.9+ (Ada, Hopper)
+            raise ValueError("the fp8 KV cache needs a GPU of compute capability 8.9+ (Ada, Hopper) for the Triton "
+                             "attention kernels: use --kv-cache-dtype int8 or --attention-backend torch")
         for layer in self.model.model.layers:
             layer.self_attn.backend = self.backend
         self.sampler = Sampler()
