@@ -13,7 +13,8 @@ both again and prints them), time / floor, and the torch reference's time (the f
 code in kiln.kernels.reference unless the row says otherwise) and its ratio.
 
 --sweep also times a few tile/partition choices of decode attention and w8a16 (for
-tuning the heuristics). --smoke runs tiny shapes on CPU through Triton's interpreter
+tuning the heuristics), and a grid of configs of the 8-bit (int8, fp8) decode kernel at
+B=256, context ~1,100 (`decode8`: BLOCK_N 64/128/256 x warps 4/8 x stages 2/3/4). --smoke runs tiny shapes on CPU through Triton's interpreter
 (set TRITON_INTERPRET=1) to check the script itself.
 """
 
@@ -159,8 +160,15 @@ def ceilings():
 
 # ----------------------------------------------------------------------------- paged setup
 
-def paged(seq_lens, hkv, d, bs, quant, dtype=DT):
-    """Caches holding the sequences in shuffled blocks (non-contiguous block tables)."""
+KV_KINDS = (None, "int8", "fp8")  # the cache kinds: compute dtype, int8 per-token scales, fp8 per-head scales
+
+
+def kv_label(kv):
+    return f" {kv}" if kv else ""
+
+
+def paged(seq_lens, hkv, d, bs, kv, dtype=DT):
+    """Caches holding the sequences in shuffled blocks (non-contiguous block tables); kv as in KV_KINDS."""
     nblk = [math.ceil(L / bs) for L in seq_lens]
     num_blocks = sum(nblk)
     perm = torch.randperm(num_blocks, device=DEV).to(torch.int32)
@@ -170,21 +178,28 @@ def paged(seq_lens, hkv, d, bs, quant, dtype=DT):
         tables[b, :n] = perm[i:i + n]
         i += n
     shape = (num_blocks, bs, hkv, d)
-    if quant:
+    if kv == "int8":
         kc = torch.randint(-127, 128, shape, dtype=torch.int8, device=DEV)
         vc = torch.randint(-127, 128, shape, dtype=torch.int8, device=DEV)
         ks = torch.rand(shape[:3], device=DEV) / 127
         vs = torch.rand(shape[:3], device=DEV) / 127
+    elif kv == "fp8":
+        kc = rand(*shape, dtype=torch.float32, scale=100.0).clamp_(-448, 448).to(torch.float8_e4m3fn)
+        vc = rand(*shape, dtype=torch.float32, scale=100.0).clamp_(-448, 448).to(torch.float8_e4m3fn)
+        ks = torch.rand(hkv, device=DEV) / 100 + 1e-3
+        vs = torch.rand(hkv, device=DEV) / 100 + 1e-3
     else:
         kc, vc = rand(*shape), rand(*shape)
         ks = vs = None
     return kc, vc, ks, vs, tables, torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
 
 
-def kv_bytes(seq_lens, hkv, d, quant, dtype=DT):
+def kv_bytes(seq_lens, hkv, d, kv, dtype=DT):
+    """K and V bytes read: 1-byte codes for the 8-bit caches, plus int8's float32 scale per token and head
+    (fp8's per-head scales are 2 x hkv floats per layer: not counted)."""
     tok = sum(seq_lens)
-    esize = 1 if quant else torch.finfo(dtype).bits // 8
-    return tok * hkv * d * esize * 2 + (tok * hkv * 4 * 2 if quant else 0)
+    esize = 1 if kv else torch.finfo(dtype).bits // 8
+    return tok * hkv * d * esize * 2 + (tok * hkv * 4 * 2 if kv == "int8" else 0)
 
 
 # ----------------------------------------------------------------------------- benches
@@ -197,21 +212,21 @@ def bench_decode(cfg, sweep):
         if lens is None:
             lo, hi = (1024, 4096) if not SMOKE else (20, 90)
             lens = torch.randint(lo, hi + 1, (B,), generator=g).tolist()
-        for quant in (False, True):
-            for bs in ((64, 16) if (B == 64 and not quant and not SMOKE) else (64 if not SMOKE else 16,)):
-                kc, vc, ks, vs, tables, sl = paged(lens, hkv, d, bs, quant)
+        for kv in KV_KINDS:
+            for bs in ((64, 16) if (B == 64 and not kv and not SMOKE) else (64 if not SMOKE else 16,)):
+                kc, vc, ks, vs, tables, sl = paged(lens, hkv, d, bs, kv)
                 q = rand(B, hq, d)
                 scale = d ** -0.5
                 max_len = max(lens)
-                nbytes = kv_bytes(lens, hkv, d, quant) + 2 * q.numel() * q.element_size() + tables.numel() * 4
+                nbytes = kv_bytes(lens, hkv, d, kv) + 2 * q.numel() * q.element_size() + tables.numel() * 4
                 fn = lambda: K.paged_decode_attention(q, kc, vc, tables, sl, scale, ks, vs, max_seq_len=max_len)
                 err = rel_err(fn(), R.paged_decode_attention(q.float(), kc, vc, tables, sl, scale, ks, vs))
                 ms = bench(fn)
                 ref_ms = ref_time(lambda: R.paged_decode_attention(q, kc, vc, tables, sl, scale, ks, vs))
-                shape = f"B={B} ctx={min(lens)}-{max_len} bs={bs}{' int8' if quant else ''}"
+                shape = f"B={B} ctx={min(lens)}-{max_len} bs={bs}{kv_label(kv)}"
                 row("paged_decode_attention", shape, ms, nbytes, ref_ms=ref_ms,
                     note=f"err={err:.1e}")
-                if B == 1 and not quant and not SMOKE:
+                if B == 1 and not kv and not SMOKE:
                     kk = rand(1, hkv, lens[0], d)
                     vv = rand(1, hkv, lens[0], d)
                     qq = q.view(1, hq, 1, d)
@@ -228,6 +243,52 @@ def bench_decode(cfg, sweep):
 
 DECODE_CONFIGS = [(64, 4, 3), (128, 8, 2), (128, 4, 3), (256, 8, 2)]  # (BLOCK_N, warps, stages); default is
 # (128, 4, 2)
+DECODE8_CONFIGS = [(n, w, s) for n in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
+DECODE8_BEST: list[dict] = []
+
+
+def bench_decode8_sweep(cfg):
+    """The 8-bit decode kernel's config grid at the issue-10 shape (B=256, context ~1,100, Llama-3-8B heads): each
+    (BLOCK_N, warps, stages) for the int8 and the fp8 cache, its error against the float32 reference, the best per
+    kind (kept in the JSON as decode8_best); the bf16 cache at the default config beside them."""
+    hq, hkv, d = cfg["hq"], cfg["hkv"], cfg["d"]
+    g = torch.Generator().manual_seed(1)
+    B, (lo, hi), bs = (256, (1000, 1200), 64) if not SMOKE else (3, (30, 60), 16)
+    lens = torch.randint(lo, hi + 1, (B,), generator=g).tolist()
+    configs = DECODE8_CONFIGS if not SMOKE else [(32, 4, 2), (64, 4, 3)]
+    for kv in KV_KINDS:
+        kc, vc, ks, vs, tables, sl = paged(lens, hkv, d, bs, kv)
+        q = rand(B, hq, d)
+        scale, max_len = d ** -0.5, max(lens)
+        nbytes = kv_bytes(lens, hkv, d, kv) + 2 * q.numel() * q.element_size() + tables.numel() * 4
+        ref = R.paged_decode_attention(q.float(), kc, vc, tables, sl, scale, ks, vs)
+        shape = f"B={B} ctx={min(lens)}-{max_len} bs={bs}{kv_label(kv)}"
+        fn = lambda: K.paged_decode_attention(q, kc, vc, tables, sl, scale, ks, vs, max_seq_len=max_len)
+        row("paged_decode_attention", shape, bench(fn), nbytes, note=f"err={rel_err(fn(), ref):.1e} default config")
+        if not kv:
+            continue
+        timed = []
+        for c in configs:
+            f2 = lambda: K.paged_decode_attention(q, kc, vc, tables, sl, scale, ks, vs, max_seq_len=max_len, config=c)
+            try:
+                err = rel_err(f2(), ref)
+                ms = bench_graph(f2)
+            except Exception as e:  # out of shared memory / registers
+                print(f"    decode8 {shape} cfg={c}: failed {type(e).__name__}: {str(e)[:150]}", flush=True)
+                if not SMOKE:
+                    torch.cuda.synchronize()
+                continue
+            ok = err < 2e-2
+            print(f"    decode8 {shape} cfg={c}: {ms * 1e3:8.1f} us ({nbytes / ms / 1e6:5.0f} GB/s,"
+                  f" {ms / (nbytes / BW * 1e3):4.2f}x floor) err={err:.1e}{'' if ok else ' WRONG'}", flush=True)
+            if ok:
+                timed.append((ms, c))
+        if timed:
+            ms, c = min(timed)
+            DECODE8_BEST.append(dict(kv=kv, shape=shape, config=c, ms=ms, gbps=nbytes / ms / 1e6,
+                                     floor_ms=nbytes / BW * 1e3))
+            print(f"    best decode8{kv_label(kv)}: {c} {ms * 1e3:.1f} us ({nbytes / ms / 1e6:.0f} GB/s)", flush=True)
+        del kc, vc, ks, vs
 PREFILL_CONFIGS = [(128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3)]  # (BLOCK_M, BLOCK_N, warps,
 # stages)
 
@@ -259,10 +320,10 @@ def bench_prefill(cfg, sweep):
     hq, hkv, d = cfg["hq"], cfg["hkv"], cfg["d"]
     cases = [[(0, 512)] * 8, [(1536, 512)] * 8] if not SMOKE else [[(0, 40)] * 2]
     for ctx_q in cases:
-        for quant in (False, True):
+        for kv in KV_KINDS:
             seq_lens = [c + n for c, n in ctx_q]
             q_lens = [n for _, n in ctx_q]
-            kc, vc, ks, vs, tables, sl = paged(seq_lens, hkv, d, 64 if not SMOKE else 16, quant)
+            kc, vc, ks, vs, tables, sl = paged(seq_lens, hkv, d, 64 if not SMOKE else 16, kv)
             T = sum(q_lens)
             qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
             q = rand(T, hq, d)
@@ -270,17 +331,17 @@ def bench_prefill(cfg, sweep):
             mq = max(q_lens)
             fn = lambda: K.paged_prefill_attention(q, kc, vc, tables, qsl, sl, scale, mq, ks, vs)
             err = rel_err(fn(), R.paged_prefill_attention(q.float(), kc, vc, tables, qsl, sl, scale, mq, ks, vs))
-            nbytes = kv_bytes(seq_lens, hkv, d, quant) + 2 * q.numel() * q.element_size()
+            nbytes = kv_bytes(seq_lens, hkv, d, kv) + 2 * q.numel() * q.element_size()
             flops = causal_flops(ctx_q, hq, d)
             ms = bench(fn)
             ref_ms = ref_time(lambda: R.paged_prefill_attention(q, kc, vc, tables, qsl, sl, scale, mq, ks, vs))
-            shape = f"{len(ctx_q)}x{q_lens[0]} prefix={ctx_q[0][0]}{' int8' if quant else ''}"
+            shape = f"{len(ctx_q)}x{q_lens[0]} prefix={ctx_q[0][0]}{kv_label(kv)}"
             row("paged_prefill_attention", shape, ms, nbytes, flops, ref_ms=ref_ms, note=f"err={err:.1e}")
             if sweep and not SMOKE:
                 for c in PREFILL_CONFIGS:
                     f2 = lambda: K.paged_prefill_attention(q, kc, vc, tables, qsl, sl, scale, mq, ks, vs, config=c)
                     sweep_line(f"prefill {shape} cfg={c}", f2, nbytes, flops)
-            if not quant and not SMOKE and ctx_q[0][0] == 0:
+            if not kv and not SMOKE and ctx_q[0][0] == 0:
                 B, n = len(ctx_q), q_lens[0]
                 qq = rand(B, hq, n, d)
                 kk, vv = rand(B, hkv, n, d), rand(B, hkv, n, d)
@@ -293,25 +354,31 @@ def bench_prefill(cfg, sweep):
 def bench_cache(cfg):
     hkv, d = cfg["hkv"], cfg["d"]
     for T in ((256, 4096) if not SMOKE else (8,)):
-        for quant in (False, True):
+        for kv in KV_KINDS:
             nb = (T + 63) // 64 * 2
             bs = 64
             shape_c = (nb, bs, hkv, d)
-            if quant:
+            if kv == "int8":
                 kc = torch.zeros(shape_c, dtype=torch.int8, device=DEV)
                 vc = torch.zeros_like(kc)
                 ks = torch.zeros(shape_c[:3], device=DEV)
                 vs = torch.zeros_like(ks)
+            elif kv == "fp8":
+                kc = torch.zeros(shape_c, dtype=torch.float8_e4m3fn, device=DEV)
+                vc = torch.zeros_like(kc)
+                ks = torch.rand(hkv, device=DEV) / 100 + 1e-3
+                vs = torch.rand(hkv, device=DEV) / 100 + 1e-3
             else:
                 kc, vc = rand(*shape_c), rand(*shape_c)
                 ks = vs = None
             key, value = rand(T, hkv, d), rand(T, hkv, d)
             slots = torch.randperm(nb * bs, device=DEV)[:T]
             fn = lambda: K.reshape_and_cache(key, value, kc, vc, slots, ks, vs)
-            nbytes = 2 * key.numel() * 2 + 2 * key.numel() * (1 if quant else 2) + (2 * T * hkv * 4 if quant else 0) + T * 8
+            nbytes = (2 * key.numel() * 2 + 2 * key.numel() * (1 if kv else 2) + (2 * T * hkv * 4 if kv == "int8" else 0)
+                      + T * 8)
             ms = bench(fn)
             ref_ms = ref_time(lambda: R.reshape_and_cache(key, value, kc, vc, slots, ks, vs))
-            row("reshape_and_cache", f"T={T}{' int8' if quant else ''}", ms, nbytes, ref_ms=ref_ms)
+            row("reshape_and_cache", f"T={T}{kv_label(kv)}", ms, nbytes, ref_ms=ref_ms)
 
 
 def bench_norm(cfg):
@@ -477,7 +544,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default=None, help="comma list: decode,prefill,cache,norm,rope,silu,w8a16,skinny")
+    ap.add_argument("--only", default=None,
+                    help="comma list: decode,decode8,prefill,cache,norm,rope,silu,w8a16,skinny (decode8: with --sweep)")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = dict(hidden=4096, hq=32, hkv=8, d=128, inter=14336)
@@ -490,6 +558,7 @@ def main():
     env.update(ceilings())
     only = set(args.only.split(",")) if args.only else None
     steps = [("cache", lambda: bench_cache(cfg)), ("decode", lambda: bench_decode(cfg, args.sweep)),
+             ("decode8", lambda: bench_decode8_sweep(cfg) if args.sweep else None),
              ("prefill", lambda: bench_prefill(cfg, args.sweep)), ("norm", lambda: bench_norm(cfg)),
              ("rope", lambda: bench_rope(cfg)), ("silu", lambda: bench_silu(cfg)),
              ("w8a16", lambda: bench_w8a16(cfg, args.sweep)), ("skinny", lambda: bench_skinny(cfg, args.sweep))]
@@ -512,7 +581,7 @@ def main():
         kernel_stats()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(env=env, rows=ROWS, skinny_best=SKINNY_BEST), f, indent=1)
+            json.dump(dict(env=env, rows=ROWS, skinny_best=SKINNY_BEST, decode8_best=DECODE8_BEST), f, indent=1)
 
 
 if __name__ == "__main__":
