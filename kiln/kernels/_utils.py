@@ -61,7 +61,7 @@ def patch_interpreter() -> None:
 
 
 def _patch_fp8_downcast(_interp) -> None:
-    """The interpreter's float -> float8e4nv cast (Triton 3.6-3.9) rounds half up and drops the carry when
+    """The interpreter's float -> float8e4nv cast (seen with Triton 3.9) rounds half up and drops the carry when
     rounding overflows the mantissa (124.8 becomes 64, not 128). This casts through torch instead: round to
     nearest even, saturated to +-448 as the GPU's cvt.rn.satfinite does. Other casts are left to the interpreter."""
     import numpy as np
