@@ -25,7 +25,7 @@ from kiln.engine.request import EngineOutput, EngineStats, FinishReason, Request
 from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import ScheduledBatch, Scheduler
 from kiln.engine.structured import GrammarCompiler, PendingGrammars
-from kiln.engine.variants import VariantLog, compiled_triton_kernels
+from kiln.engine.variants import CompileWatch, VariantLog, compiled_triton_kernels
 from kiln.engine.wire import Abort, AddRequest, Fatal, Hello, Message, Outputs, Stats, WireError, decode, encode
 from kiln.errors import ErrorKind
 from kiln.threads import follow_free_cores
@@ -86,8 +86,10 @@ class EngineCore:
                                         cfg.grammar_compile_timeout)
         self._log_budget(why)
         self.variants = VariantLog(cfg.max_num_seqs)  # what steps have run: the warm-up's checklist
+        self.compile_watch = CompileWatch().install()  # names any kernel compiled after ready
         if cfg.warmup:
             self.warmup()
+        self.compile_watch.ready = True
 
     def _log_budget(self, why: str) -> None:
         r, bs = self.runner, self.cfg.block_size

@@ -14,7 +14,12 @@ mixed load after it and checks the load reached none it did not.
 """
 from __future__ import annotations
 
+import logging
+import time
+
 from kiln.engine.cuda_graph import batch_size_ladder
+
+log = logging.getLogger("kiln.engine")
 
 
 def prefill_tile(max_query_len: int) -> int | str:
@@ -78,3 +83,42 @@ def compiled_triton_kernels() -> dict[str, int]:
                 caches = getattr(fn, "device_caches", {}) or {}
                 out[f"{mod}.{name}"] = sum(len(c[0]) if isinstance(c, tuple) else len(c) for c in caches.values())
     return out
+
+
+class CompileWatch:
+    """Names every Triton kernel this process compiles after ready: each such compile stalls the step that hit it
+    for up to seconds, and is a variant the warm-up missed (or a value a kernel should not specialize on).
+    Installed through Triton's JIT hooks (triton.knobs.runtime); a no-op where Triton has none (or interprets)."""
+
+    def __init__(self):
+        self.ready = False
+        self.after_ready: list[tuple[str, float]] = []  # (kernel and specialization, compile seconds)
+        self._started: dict[int, float] = {}
+        self.installed = False
+
+    def install(self) -> "CompileWatch":
+        try:
+            from triton import knobs
+            rt = knobs.runtime
+            prev_pre, prev_post = rt.jit_cache_hook, rt.jit_post_compile_hook
+        except Exception:  # noqa: BLE001 - an older Triton or none: nothing to watch
+            return self
+
+        def pre(*args, **kwargs):
+            self._started[id(kwargs.get("key"))] = time.perf_counter()
+            return prev_pre(*args, **kwargs) if prev_pre else None
+
+        def post(*args, **kwargs):
+            self.compiled(str(kwargs.get("repr", "?")), time.perf_counter() - self._started.pop(id(kwargs.get("key")),
+                                                                                                time.perf_counter()))
+            return prev_post(*args, **kwargs) if prev_post else None
+
+        rt.jit_cache_hook, rt.jit_post_compile_hook = pre, post
+        self.installed = True
+        return self
+
+    def compiled(self, what: str, seconds: float) -> None:
+        if self.ready:
+            self.after_ready.append((what, seconds))
+            log.warning("Triton compiled a kernel after ready (%.0f ms, stalling the step that needed it; a variant "
+                        "the warm-up did not reach, docs/kernels.md): %s", 1e3 * seconds, what[:600])

@@ -95,3 +95,39 @@ def test_variant_keys():
     log.record_step([1, 40, 48], 1, 2, frozenset({"greedy", "top_logprobs"}))
     assert log.seen == {("step", "decode"), ("decode_batch", 4), ("sampler", "greedy"), ("step", "mixed+chunk"),
                         ("prefill_tile", 64), ("sampler", "top_logprobs")}
+
+
+def test_compile_watch_names_compiles_after_ready_only(caplog):
+    """What the watch does when Triton reports a compile (the GPU's JIT calls the same hooks): compiles during the
+    warm-up are quiet, one after ready is recorded and logged with its name and time."""
+    from kiln.engine.variants import CompileWatch
+
+    watch = CompileWatch()
+    watch.compiled("_decode_kernel[num_warps=4](...)", 0.5)
+    assert watch.after_ready == []
+    watch.ready = True
+    with caplog.at_level("WARNING", logger="kiln.engine"):
+        watch.compiled("_prefill_kernel[num_warps=8](q_ptr: *bf16, ...)", 0.75)
+    assert watch.after_ready == [("_prefill_kernel[num_warps=8](q_ptr: *bf16, ...)", 0.75)]
+    assert "after ready (750 ms" in caplog.text and "_prefill_kernel" in caplog.text
+
+
+def test_compile_watch_chains_triton_hooks():
+    """Installed through triton.knobs, the watch keeps any hook that was there before it."""
+    knobs = pytest.importorskip("triton").knobs
+    from kiln.engine.variants import CompileWatch
+
+    rt = knobs.runtime
+    saved = rt.jit_cache_hook, rt.jit_post_compile_hook
+    seen = []
+    try:
+        rt.jit_cache_hook, rt.jit_post_compile_hook = (lambda **kw: seen.append("pre")), (lambda **kw: seen.append("post"))
+        watch = CompileWatch().install()
+        assert watch.installed
+        watch.ready = True
+        key = object()
+        rt.jit_cache_hook(key=key, repr="k")
+        rt.jit_post_compile_hook(key=key, repr="k")
+        assert seen == ["pre", "post"] and [w for w, _ in watch.after_ready] == ["k"]
+    finally:
+        rt.jit_cache_hook, rt.jit_post_compile_hook = saved
