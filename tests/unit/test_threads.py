@@ -99,3 +99,4 @@ def test_governor_follows_other_processes_and_the_step_size(monkeypatch):
         assert threads._governor is None
     finally:
         torch.set_num_threads(before)
+
