@@ -7,18 +7,20 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git rev-parse --
 X=""; python3 -c "import xdist" 2>/dev/null && X="-n 8"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -W ignore $X tests/kernels 2>&1 | tail -6
 timeout 100 python3 benchmarks/gpu_w8a8_check.py --m 1,16,64,256 --json $R/w8a8.json > $R/w8a8.log 2>&1; tail -42 $R/w8a8.log
-timeout 100 python3 benchmarks/kernels/bench_kernels.py --only decode --sweep --json $R/decode.json > $R/decode.log 2>&1
-grep -E "measured ceilings|decode8|best|int8|fp8" $R/decode.log | tail -16
+[ -n "$SWEEP" ] && timeout 100 python3 benchmarks/kernels/bench_kernels.py --only decode --sweep --json $R/decode.json \
+  > $R/decode.log 2>&1 && grep -E "measured ceilings|decode8|best|int8|fp8" $R/decode.log | tail -16
 b1() {  # b1 NAME ARGS: batch-1 decode, 128 in / 256 out
   timeout 60 $L --batch-size 1 --input-len 128 --output-len 256 --max-num-seqs 8 --output-json $R/b1_$1.json "${@:2}" \
     > $R/b1_$1.log 2>&1; echo "b1 $1: $(j $R/b1_$1.json output_tok_s decode_ms_per_step) $(grep -m1 -E 'Error|error' $R/b1_$1.log)"
 }
-b1 bf16; b1 w8a16 --quantization w8a16; b1 fp8 --quantization w8a8-fp8; b1 int8 --quantization w8a8-int8
+b1 bf16; b1 w8a16 --quantization w8a16; b1 fp8 --quantization w8a8-fp8
 b256() {  # b256 NAME ARGS: batch-256 decode step, context 1000..1200
   timeout 90 $L --batch-size 256 --input-len 1000 --output-len 200 --max-num-seqs 256 --iters 1 --warmup-iters 1 \
     --output-json $R/b256_$1.json "${@:2}" > $R/b256_$1.log 2>&1
   echo "b256 $1: $(j $R/b256_$1.json decode_ms_per_step output_tok_s) $(grep -m1 -E 'Error|error' $R/b256_$1.log)"
 }
 b256 bf16; b256 kv8 --kv-cache-dtype int8; b256 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8
-b256 fp8-kv8 --quantization w8a8-fp8 --kv-cache-dtype int8
+# issue 11: the first request after ready on a cold server, with the server's log (CompileWatch)
+COLD_TIMEOUT=100 bash benchmarks/device/run_serving.sh first 2>&1 | grep -v "^tar"
+grep -h "after ready\|warm-up:" $R/first.json.server.log | cut -c1-500 | head -12
 tar czf $OUT/run_g.tgz -C $OUT r

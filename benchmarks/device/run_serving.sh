@@ -35,6 +35,8 @@ cold() {  # cold NAME ARGS...: kiln bench serve --cold
   show $name
 }
 case $part in
+  first)
+    cold first --num-prompts 1 --output-len 16 ;;
   cold)
     cold first --num-prompts 1 --output-len 16
     cold rate4 --request-rate 4 --num-prompts 200
