@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device run G (one call, repository root, carrying .whl): the quantized path's first GPU run. Kernel tests at real
+# Device run G (one call, repository root, carrying .whl and .carry (the SmolLM2 tokenizer files)): the quantized path's first GPU run. Kernel tests at real
 # shapes (fp8 KV, W8A8), the W8A8 GEMM check and timing, the 8-bit decode kernel's config sweep, then issue 10's
 # engine figures: batch 1 for each weight format, the batch-256 decode step at context ~1,100 per cache dtype.
 source benchmarks/device/common.sh
@@ -20,6 +20,9 @@ b256() {  # b256 NAME ARGS: batch-256 decode step, context 1000..1200
   echo "b256 $1: $(j $R/b256_$1.json decode_ms_per_step output_tok_s) $(grep -m1 -E 'Error|error' $R/b256_$1.log)"
 }
 b256 bf16; b256 kv8 --kv-cache-dtype int8; b256 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8
+# issue 12: batch 64 with a json_schema on every request vs without (carry .carry: the SmolLM2 tokenizer)
+timeout 120 python3 benchmarks/grammar_tpot.py --tokenizer .carry/smollm2-tok --batch 64 --json $R/grammar.json \
+  > $R/grammar.log 2>&1; tail -4 $R/grammar.log
 # issue 11: the first request after ready on a cold server, with the server's log (CompileWatch)
 COLD_TIMEOUT=100 bash benchmarks/device/run_serving.sh first 2>&1 | grep -v "^tar"
 grep -h "after ready\|warm-up:" $R/first.json.server.log | cut -c1-500 | head -12
