@@ -42,30 +42,61 @@ PRESETS = {
 }
 
 
-def resolve_model(model: str | None, preset: str | None) -> str | None:
-    """A preset becomes a directory holding only its config.json (for --load-format dummy)."""
+def resolve_model(model: str | None, preset: str | None, tokenizer: bool = False) -> str | None:
+    """A preset becomes a directory holding its config.json (for --load-format dummy), and with `tokenizer` the
+    synthetic tokenizer (structured outputs compile against it)."""
     if preset is None:
         return model
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
     d = Path(tempfile.mkdtemp(prefix=f"kiln-{preset}-"))
-    (d / "config.json").write_text(json.dumps(PRESETS[preset], indent=1))
+    cfg = PRESETS[preset]
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    if tokenizer:
+        write_synthetic_tokenizer(d, cfg["vocab_size"], cfg["eos_token_id"], cfg.get("bos_token_id"))
     return str(d)
 
 
-def write_synthetic_tokenizer(out_dir: Path, vocab_size: int, eos_token_id: int) -> None:
-    """A word-level tokenizer with one word per id ("w0" .. "wN"), so that every id a random model samples
-    detokenizes to text (a real tokenizer of another vocabulary would drop ids beyond its size, and a serving
-    benchmark would then see fewer streamed chunks than tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+SYNTHETIC_EOS, SYNTHETIC_BOS = "<|end_of_text|>", "<|begin_of_text|>"
 
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+
+def write_synthetic_tokenizer(out_dir: Path, vocab_size: int, eos_token_id: int, bos_token_id: int | None = None,
+                              seed: int = 0) -> None:
+    """A byte-level BPE tokenizer (no merges) of exactly `vocab_size` ids, like a real model's: the 256 byte
+    tokens, end/begin-of-text specials at the model's ids, and random printable-ASCII strings of 2-8 characters for
+    every other id. Every id decodes to text (a serving benchmark sees a chunk per token), any text encodes (byte
+    by byte), and JSON's `{`, `"`, `,` appear inside tokens as in a real vocabulary, so a grammar can advance on
+    it and xgrammar's token masks cost what they cost with a real tokenizer of that size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # byte -> the ByteLevel symbol of it
+
+    special = {eos_token_id: SYNTHETIC_EOS}
+    if bos_token_id is not None and bos_token_id != eos_token_id:
+        special[bos_token_id] = SYNTHETIC_BOS
+    if vocab_size < 256 + len(special):
+        raise ValueError(f"a byte-level vocabulary needs at least {256 + len(special)} ids, got {vocab_size}")
+    free = (i for i in range(vocab_size) if i not in special)
+    symbols = [bytes_to_unicode()[b] for b in range(256)]
+    vocab = {sym: next(free) for sym in symbols}
+    rnd = random.Random(seed)
+    printable = symbols[32:127]
+    for i in free:
+        while True:
+            s = "".join(rnd.choices(printable, k=rnd.randint(2, 8)))
+            if s not in vocab:
+                break
+        vocab[s] = i
+    vocab.update({text: i for i, text in special.items()})
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(text, special=True) for text in special.values()])
     tok.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": f"w{eos_token_id}", "model_max_length": 1 << 20,
-        "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SYNTHETIC_EOS, "model_max_length": 1 << 20,
+              "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}
+    if SYNTHETIC_BOS in special.values():
+        config["bos_token"] = SYNTHETIC_BOS
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int = 0, weights: bool = True) -> Path:
@@ -82,7 +113,7 @@ def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int =
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg["eos_token_id"]}))
-    write_synthetic_tokenizer(out_dir, cfg["vocab_size"], cfg["eos_token_id"])
+    write_synthetic_tokenizer(out_dir, cfg["vocab_size"], cfg["eos_token_id"], cfg.get("bos_token_id"))
     if not weights:
         return out_dir
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
@@ -126,7 +157,7 @@ def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int =
 def _engine(args):
     from kiln.engine.config import EngineConfig
     from kiln.engine.core import EngineCore
-    cfg = EngineConfig(model=resolve_model(args.model, args.preset), dtype=args.dtype, load_format=args.load_format,
+    cfg = EngineConfig(model=resolve_model(args.model, args.preset, tokenizer=bool(args.json_schema)), dtype=args.dtype, load_format=args.load_format,
                        max_num_seqs=args.max_num_seqs, max_model_len=args.input_len + args.output_len + 8,
                        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
@@ -149,11 +180,20 @@ def _sync(core):
         torch.cuda.synchronize()
 
 
-def run_batch(core, prompts, output_len: int) -> dict:
-    """All prompts at once, ignore_eos. prefill_s: until every request has its first token (prefill chunks of
-    the later requests run beside the decodes of the earlier ones); decode_s: the rest."""
+def _structured(args):
+    """--json-schema FILE as the constraint of every request, or None."""
+    if not getattr(args, "json_schema", None):
+        return None
+    from kiln.engine.structured import StructuredSpec
+    return StructuredSpec.json_schema(Path(args.json_schema).read_text())
+
+
+def run_batch(core, prompts, output_len: int, structured=None) -> dict:
+    """All prompts at once, ignore_eos (a `structured` constraint may still end a request early: ended_early
+    counts those). prefill_s: until every request has its first token (prefill chunks of the later requests run
+    beside the decodes of the earlier ones); decode_s: the rest."""
     from kiln.engine.request import SamplingParams
-    sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, structured=structured)
     base = f"b{time.monotonic_ns()}-"
     _sync(core)
     t0 = time.perf_counter()
@@ -166,10 +206,12 @@ def run_batch(core, prompts, output_len: int) -> dict:
     started: set[str] = set()
     n_out = 0
     steps = 0
+    ended_early = 0
     while core.has_unfinished():
         outs = core.step()
         steps += 1
         n_out += sum(len(o.new_token_ids) for o in outs)
+        ended_early += sum(1 for o in outs if o.finished and o.finish_reason != "length")
         if first_token_at is None:
             started.update(o.request_id for o in outs if o.new_token_ids)
             if len(started) == len(prompts):
@@ -178,6 +220,7 @@ def run_batch(core, prompts, output_len: int) -> dict:
     _sync(core)
     t1 = time.perf_counter()
     return dict(total_s=t1 - t0, prefill_s=(first_token_at or t1) - t0, output_tokens=n_out, steps=steps,
+                ended_early=ended_early,
                 decode_s=t1 - (first_token_at or t1), decode_steps=steps - prefill_steps,
                 decode_tokens=n_out - prefill_tokens)
 
@@ -241,9 +284,11 @@ def cmd_latency(args) -> dict:
     core = _engine(args)
     vocab = core.runner.model_config.vocab_size
     prompts = _random_prompts(args.batch_size, args.input_len, vocab)
+    structured = _structured(args)
     for _ in range(args.warmup_iters):
-        run_batch(core, _random_prompts(args.batch_size, args.input_len, vocab, seed=99), min(8, args.output_len))
-    runs = [run_batch(core, prompts, args.output_len) for _ in range(args.iters)]
+        run_batch(core, _random_prompts(args.batch_size, args.input_len, vocab, seed=99), min(8, args.output_len),
+                  structured)
+    runs = [run_batch(core, prompts, args.output_len, structured) for _ in range(args.iters)]
     runs.sort(key=lambda r: r["total_s"])
     r = runs[len(runs) // 2]
     decode_steps = max(1, r["decode_steps"])
@@ -253,7 +298,8 @@ def cmd_latency(args) -> dict:
                decode_steps=r["decode_steps"],
                decode_ms_per_step=1000 * r["decode_s"] / decode_steps,
                decode_tok_s=r["decode_tokens"] / r["decode_s"] if r["decode_s"] else None,
-               decode_mean_batch=r["decode_tokens"] / decode_steps)
+               decode_mean_batch=r["decode_tokens"] / decode_steps, ended_early=r["ended_early"],
+               json_schema=args.json_schema, overlapped_steps=core.num_overlapped_steps, steps=core.num_steps)
     if args.profile:
         _profile_decode(core, prompts, args.profile)
     if args.compare_hf:
@@ -330,7 +376,7 @@ def cmd_throughput(args) -> dict:
     vocab = core.runner.model_config.vocab_size
     run_batch(core, _random_prompts(min(args.num_prompts, 8), args.input_len, vocab, seed=99), 4)  # warm-up
     prompts = _random_prompts(args.num_prompts, args.input_len, vocab)
-    r = run_batch(core, prompts, args.output_len)
+    r = run_batch(core, prompts, args.output_len, _structured(args))
     res = dict(bench="throughput", num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
                total_s=r["total_s"], output_tok_s=r["output_tokens"] / r["total_s"],
                total_tok_s=(r["output_tokens"] + args.num_prompts * args.input_len) / r["total_s"],
@@ -515,11 +561,19 @@ def _run_serve(args) -> dict:
     native_url = args.base_url.rstrip("/") + "/v1/chat/completions"
     rnd = random.Random(args.seed)
     prompts = [[rnd.randrange(100, args.vocab_limit) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    response_format = None
+    if args.json_schema:
+        if args.api != "openai":
+            raise SystemExit("--json-schema: only with --api openai")
+        response_format = {"type": "json_schema",
+                           "json_schema": {"name": "bench", "schema": json.loads(Path(args.json_schema).read_text())}}
 
     async def openai_tokens(client, prompt):
         """(new tokens, final count or None) per streamed chunk; the first item is the server's log id."""
         body = {"model": args.served_model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0,
                 "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        if response_format is not None:
+            body["response_format"] = response_format
         async with client.stream("POST", url, json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
@@ -679,6 +733,9 @@ def _engine_args(p):
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="queue step N+1 before step N's ids reach the host (auto: on with CUDA)")
     p.add_argument("--compare-hf", action="store_true", help="run the same workload through transformers too")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="every request's output follows this JSON schema (structured outputs; e.g. "
+                        "benchmarks/json_schema_long.json, which a random model does not finish early)")
     p.add_argument("--output-json", default=None)
 
 
@@ -710,6 +767,8 @@ def add_bench_parser(sub) -> None:
     srv.add_argument("--vocab-limit", type=int, default=30000, help="random prompt ids are drawn in [100, this)")
     srv.add_argument("--timeout", type=float, default=600)
     srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--json-schema", default=None, metavar="FILE",
+                     help="add response_format json_schema (this file) to every request (--api openai)")
     srv.add_argument("--output-json", default=None)
     srv.add_argument("--request-log", default=None,
                      help="the server's requests.log for its queue/prefill/decode split (default: "

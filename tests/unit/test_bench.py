@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +20,8 @@ def test_checkpoint_loads_and_generates(tmp_path):
     llm = LLM(str(d), dtype="float32", device="cpu")
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 6
-    # the synthetic tokenizer spells every id, so the text is exactly the ids
-    assert out.text.split() == [f"w{i}" for i in out.token_ids]
+    # the synthetic tokenizer spells every id: the text is the ids' text, and it encodes back
+    assert out.text == llm.tokenizer.decode(out.token_ids) and out.text
 
 
 def test_synthetic_tokenizer_covers_the_whole_vocabulary(tmp_path):
@@ -29,8 +30,32 @@ def test_synthetic_tokenizer_covers_the_whole_vocabulary(tmp_path):
     tok = Tokenizer.from_dir(d)
     vocab = PRESETS["tiny"]["vocab_size"]
     assert tok.eos_token_ids == [PRESETS["tiny"]["eos_token_id"]]
-    assert tok.decode([0, vocab // 2, vocab - 1]) == f"w0 w{vocab // 2} w{vocab - 1}"
-    assert tok.encode("w3 w17", add_special_tokens=False) == [3, 17]
+    specials = (PRESETS["tiny"]["eos_token_id"], PRESETS["tiny"]["bos_token_id"])  # decoded as nothing
+    ids = [i for i in range(vocab) if i not in specials]
+    # byte-level: every id decodes to text of its own; any text encodes (byte by byte) and decodes back
+    assert all(tok.decode([i]) for i in ids)
+    text = '{"a": [1, "b\u00e9"]}'
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    # JSON's punctuation appears inside multi-character tokens, as in a real vocabulary
+    assert sum(1 for i in ids if len(tok.decode([i])) > 1 and '"' in tok.decode([i])) > 10
+
+
+def test_synthetic_tokenizer_lets_xgrammar_advance(tmp_path):
+    """A JSON schema constrains a random model on the synthetic tokenizer: the output is a prefix of JSON that
+    follows the schema (benchmarks/json_schema_long.json, which a random model does not finish early)."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from kiln import LLM, SamplingParams
+    from kiln.engine.structured import StructuredSpec
+    d = write_checkpoint("tiny", str(tmp_path / "tiny"), dtype="float32")
+    info = xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(d), vocab_size=PRESETS["tiny"]["vocab_size"])
+    assert info.vocab_type == xgr.VocabType.BYTE_LEVEL
+    llm = LLM(str(d), dtype="float32", device="cpu")
+    schema = (Path(__file__).parents[2] / "benchmarks" / "json_schema_long.json").read_text()
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                      structured=StructuredSpec.json_schema(schema)))[0]
+    assert out.finish_reason == "length" and out.text.startswith('{"title": "'), out.text
 
 
 def test_load_format_setting_reaches_the_engine(tmp_path):
@@ -54,6 +79,10 @@ def test_offline_benchmarks_count_the_tokens_they_ran():
     lat = bench("latency", "--batch-size", "3", "--input-len", "10", "--output-len", "7", "--iters", "1")
     assert lat["decode_steps"] == 6 and lat["decode_mean_batch"] == pytest.approx(3)
     assert lat["total_s"] == pytest.approx(lat["prefill_s"] + lat["decode_s"])
+    # every request under a JSON schema that keeps a random model going: nobody ends early
+    js = bench("latency", "--batch-size", "3", "--input-len", "10", "--output-len", "12", "--iters", "1",
+               "--json-schema", "benchmarks/json_schema_long.json")
+    assert js["ended_early"] == 0 and js["decode_mean_batch"] == pytest.approx(3) and js["decode_steps"] == 11
 
 
 def test_request_log_line_gives_the_server_split():
