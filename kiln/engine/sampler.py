@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.engine.request import Request
-from kiln.engine.structured import apply_grammar_masks
+from kiln.engine.structured import GrammarMasks
 
 log = logging.getLogger("kiln.sampler")
 
@@ -90,6 +90,9 @@ _NEUTRAL = _Row(True, 1.0, 0, 1.0, 0.0, [], None)
 
 
 class Sampler:
+    def __init__(self):
+        self.grammar_masks = GrammarMasks()
+
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         return self.sample(logits, reqs).result()
 
@@ -157,7 +160,7 @@ class Sampler:
             if w.masked_ids:
                 logits[i, rows_to_device(w.masked_ids, torch.long, dev)] = float("-inf")
         if any(r.grammar is not None for r in reqs):
-            apply_grammar_masks(logits, reqs)  # rows with a grammar keep only the tokens it allows
+            self.grammar_masks.apply(logits, reqs)  # rows with a grammar keep only the tokens it allows
 
         greedy_ids = logits.argmax(dim=-1)
         if all(w.greedy for w in rows):

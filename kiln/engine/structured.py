@@ -182,20 +182,58 @@ class RequestGrammar:
         return self.matcher.is_terminated()
 
 
-def apply_grammar_masks(logits: "torch.Tensor", reqs: list["Request"]) -> None:
-    """Mask, in place and on the logits' device, every token that the grammar of each grammar row forbids
-    (stop tokens included until the grammar may end). Rows without a grammar are untouched."""
-    import xgrammar as xgr
+class GrammarMasks:
+    """Applies the grammar rows' token bitmasks to a step's logits, in place on the logits' device. The host
+    bitmask is allocated once and reused (on CUDA: two pinned buffers used in turn, a buffer refilled only once
+    its last copy to the device has run), and more than `batch_threshold` rows are filled by xgrammar's
+    BatchGrammarMatcher on several threads (a row costs ~50-150 us with a 128k vocabulary). Rows without a
+    grammar are untouched."""
 
-    rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
-    if not rows:
-        return
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
-    for i in rows:
-        reqs[i].grammar.matcher.fill_next_token_bitmask(bitmask, i)
-    if logits.is_cuda:
-        bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    def __init__(self, batch_threshold: int = 4, max_threads: int | str = "auto"):
+        self.batch_threshold = batch_threshold
+        self.max_threads = max_threads
+        self._host: list = [None, None]
+        self._copied: list = [None, None]
+        self._turn = 0
+        self._batch_matcher = None
+
+    def _buffer(self, rows: int, width: int, pinned: bool) -> "torch.Tensor":
+        import torch
+
+        k = self._turn = 1 - self._turn if pinned else 0
+        if pinned and self._copied[k] is not None:
+            self._copied[k].synchronize()  # two steps ago: long done
+        buf = self._host[k]
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != width:
+            buf = self._host[k] = torch.empty(max(rows, 2 * (0 if buf is None else buf.shape[0])), width,
+                                              dtype=torch.int32, pin_memory=pinned)
+        return buf[:rows]
+
+    def apply(self, logits: "torch.Tensor", reqs: list["Request"]) -> None:
+        import torch
+        import xgrammar as xgr
+
+        from kiln.engine.request import RequestStatus
+
+        # a request finished since its row was scheduled (its grammar ended, an abort) samples a dropped token
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and r.status != RequestStatus.FINISHED]
+        if not rows:
+            return
+        cuda = logits.is_cuda
+        bitmask = self._buffer(logits.shape[0], xgr.get_bitmask_shape(1, logits.shape[1])[1], cuda)
+        matchers = [reqs[i].grammar.matcher for i in rows]
+        if len(rows) > self.batch_threshold:
+            if self._batch_matcher is None:
+                self._batch_matcher = xgr.BatchGrammarMatcher(self.max_threads)
+            self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        else:
+            for i, m in zip(rows, matchers):
+                m.fill_next_token_bitmask(bitmask, i)
+        if cuda:
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+            self._copied[self._turn] = torch.cuda.Event()
+            self._copied[self._turn].record()
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
 
 
 class PendingGrammars:

@@ -166,3 +166,15 @@ def test_aborting_a_compiling_request(llm):
     assert core.stats().num_waiting == 1 and core.has_unfinished()
     [out] = core.abort(["x"])
     assert out.finish_reason == "abort" and not core.has_unfinished() and not core.requests
+
+
+def test_many_grammar_rows_fill_on_threads_like_one(llm):
+    """More grammar rows than GrammarMasks.batch_threshold go through xgrammar's BatchGrammarMatcher (reused
+    host bitmask): each output is what it is alone."""
+    spec = StructuredSpec.json_schema(PERSON)
+    alone = llm.chat(ASK_PERSON, greedy(60, spec))[0]
+    n = llm.engine.runner.sampler.grammar_masks.batch_threshold + 2
+    outs = llm.generate([chat_ids(llm, ASK_PERSON)] * n, greedy(60, spec))
+    assert llm.engine.runner.sampler.grammar_masks._batch_matcher is not None
+    assert all(o.token_ids == alone.token_ids for o in outs)
+    check_person(outs[0])
