@@ -9,6 +9,10 @@ Each engine step reports keys (family, value) to the core's VariantLog:
   ("prefill_tile", bucket)  the Triton prefill kernel's BLOCK_M class of the step's longest prefill row: 16, 32, 64
                             (next power of two of short rows) or "full" (docs/kernels.md)
   ("sampler", path)         each of the sampler's code paths the step's rows take (Sampler.paths)
+and, once `watch_kernels()` is on, every Triton kernel launch reports its compiled variant:
+  ("kernel", key)           kiln.kernels._utils.variant_key: the kernel, its constexprs and options, and the
+                            specialization of each other argument (what Triton compiles one binary for). It works
+                            the same under TRITON_INTERPRET=1, so a CPU test sees what a GPU would compile.
 The warm-up (EngineCore.warmup) drives the engine until it has seen every key traffic can reach; a test runs a
 mixed load after it and checks the load reached none it did not.
 """
@@ -37,6 +41,14 @@ class VariantLog:
     def __init__(self, max_num_seqs: int):
         self.max_num_seqs = max_num_seqs
         self.seen: set[tuple[str, object]] = set()
+        self.kernels = None  # a kiln.kernels._utils.KernelVariants while watch_kernels() is on
+
+    def watch_kernels(self) -> None:
+        """Record the variant key of every Triton kernel launch from now on (tests and diagnosis: it costs a few
+        microseconds per launch, so a server leaves it off)."""
+        from kiln.kernels._utils import KernelVariants
+        if self.kernels is None:
+            self.kernels = KernelVariants().start()
 
     def record_step(self, num_tokens: list[int], num_decode_rows: int, num_sampling: int,
                     sampler_paths: frozenset[str]) -> None:
@@ -53,13 +65,19 @@ class VariantLog:
         self.seen.update(("sampler", p) for p in sampler_paths)
 
     def snapshot(self) -> set[tuple[str, object]]:
-        return set(self.seen)
+        kernels = self.kernels.keys if self.kernels is not None else ()
+        return self.seen | {("kernel", k) for k in kernels}
 
     @staticmethod
     def describe(keys: set[tuple[str, object]]) -> str:
         by: dict[str, list[str]] = {}
+        per_kernel: dict[str, int] = {}
         for fam, v in keys:
-            by.setdefault(fam, []).append(str(v))
+            if fam == "kernel":  # too long to list: variants per kernel
+                per_kernel[v[0]] = per_kernel.get(v[0], 0) + 1
+            else:
+                by.setdefault(fam, []).append(str(v))
+        by.update({"kernel variants": [f"{k} x{n}" for k, n in per_kernel.items()]} if per_kernel else {})
         return "; ".join(f"{fam}: {', '.join(sorted(vs, key=lambda s: (len(s), s)))}" for fam, vs in sorted(by.items()))
 
 
@@ -73,7 +91,7 @@ def compiled_triton_kernels() -> dict[str, int]:
         from triton.runtime.jit import JITFunction
     except Exception:  # noqa: BLE001 - no Triton: nothing compiles
         return out
-    for mod in ("cache", "decode_attention", "prefill_attention", "rmsnorm", "rotary", "activation", "w8a16"):
+    for mod in ("cache", "decode_attention", "prefill_attention", "rmsnorm", "rotary", "activation", "w8a16", "quant"):
         try:
             m = importlib.import_module(f"kiln.kernels.{mod}")
         except Exception:  # noqa: BLE001

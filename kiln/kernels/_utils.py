@@ -113,3 +113,105 @@ def kv_scale_args(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: 
         return KV_INT8.value, k_scale, v_scale, k_scale.stride()
     assert k_scale.shape == (k_cache.shape[2],) == v_scale.shape, "fp8 KV scales are [kv_heads]"
     return KV_FP8.value, k_scale, v_scale, (0, 0, k_scale.stride(0))
+
+
+# ---- launching, and the compiled variants a launch selects ------------------------------------------------------
+#
+# Triton compiles one binary per *variant* of a kernel: its constexpr values, its options (num_warps, num_stages),
+# and for each other argument not in the kernel's do_not_specialize: a tensor's dtype and whether its address is
+# 16-byte aligned, an int's width and whether it == 1 or is divisible by 16. A variant first met after ready compiles
+# in the request's path. Every Kiln kernel launch goes through `launch`, so that a KernelVariants recorder sees the
+# variant key of each launch, computed as Triton's JIT computes it and the same under TRITON_INTERPRET=1 (where
+# nothing compiles): CI sees what a GPU would compile.
+
+_recorders: list["KernelVariants"] = []
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs), telling any active KernelVariants which variant it selects (one list check
+    when none is active)."""
+    if _recorders:
+        key = variant_key(kernel, args, kwargs)
+        for rec in _recorders:
+            rec.keys.add(key)
+    return kernel[grid](*args, **kwargs)
+
+
+class KernelVariants:
+    """Records the variant key (`variant_key`) of every Kiln kernel launch while started: `with KernelVariants() as
+    v: ...; v.keys`, or start() / stop() around a longer span."""
+
+    def __init__(self):
+        self.keys: set[tuple] = set()
+
+    def start(self) -> "KernelVariants":
+        if self not in _recorders:
+            _recorders.append(self)
+        return self
+
+    def stop(self) -> None:
+        if self in _recorders:
+            _recorders.remove(self)
+
+    def __enter__(self) -> "KernelVariants":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+_params: dict[int, tuple] = {}
+
+
+def _kernel_params(kernel) -> tuple:
+    """(name, signature, {param: (is_constexpr, specialize, align)}) of a @triton.jit kernel, compiled (JITFunction)
+    or interpreted (InterpretedFunction, which keeps the jit arguments in .kwargs)."""
+    got = _params.get(id(kernel))
+    if got is None:
+        import inspect
+        opts = getattr(kernel, "kwargs", None) or {}
+        dns = getattr(kernel, "do_not_specialize", None) or opts.get("do_not_specialize") or ()
+        dns_align = (getattr(kernel, "do_not_specialize_on_alignment", None)
+                     or opts.get("do_not_specialize_on_alignment") or ())
+        sig = inspect.signature(kernel.fn)
+        kinds = {}
+        for i, (name, p) in enumerate(sig.parameters.items()):
+            ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+            kinds[name] = ("constexpr" in ann, not (i in dns or name in dns), not (i in dns_align or name in dns_align))
+        got = _params[id(kernel)] = (kernel.fn.__name__, sig, kinds)
+    return got
+
+
+def variant_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """(kernel name, ((constexpr, value), ...), ((argument, specialization), ...), ((option, value), ...)): what
+    selects the compiled binary of this launch (Triton's JITFunction.run key). A non-constexpr argument's
+    specialization is Triton's own (native_specialize_impl): "*fp16:D" (a 16-byte aligned fp16 tensor), "i32:D"
+    (divisible by 16), "i32", "=1" (an int equal to 1 becomes a constant); none for do_not_specialize arguments."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    name, sig, kinds = _kernel_params(kernel)
+    params = {k: v for k, v in kwargs.items() if k in kinds}
+    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in kinds))
+    bound = sig.bind(*args, **params)
+    bound.apply_defaults()
+    constexprs, specs = [], []
+    for arg, value in bound.arguments.items():
+        is_constexpr, specialize, align = kinds[arg]
+        if is_constexpr:
+            constexprs.append((arg, value))
+            continue
+        ty, attr = native_specialize_impl(BaseBackend, value, False, specialize, align)
+        specs.append((arg, f"={attr}" if ty == "constexpr" else ty + (":D" if attr == "D" else "")))
+    return name, tuple(constexprs), tuple(specs), options
+
+
+def describe_variant(key: tuple, like: tuple | None = None) -> str:
+    """A variant key as text; with `like` (another variant of the same kernel), only what differs from it."""
+    name, constexprs, specs, options = key
+    fields = [f"{k}={v}" for k, v in constexprs] + [f"{k}: {v}" for k, v in specs] + [f"{k}={v}" for k, v in options]
+    if like is not None:
+        _, c2, s2, o2 = like
+        old = set(f"{k}={v}" for k, v in c2) | set(f"{k}: {v}" for k, v in s2) | set(f"{k}={v}" for k, v in o2)
+        fields = [f for f in fields if f not in old]
+    return f"{name}({', '.join(fields)})"

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import launch
+
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, I, BLOCK: tl.constexpr):
@@ -30,6 +32,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if T == 0:
         return out
     block = 1024
-    _silu_and_mul_kernel[(T, triton.cdiv(I, block))](x2, o2, x2.stride(0), o2.stride(0), I,
-                                                      BLOCK=block, num_warps=4)
+    launch(_silu_and_mul_kernel, (T, triton.cdiv(I, block)), x2, o2, x2.stride(0), o2.stride(0), I,
+           BLOCK=block, num_warps=4)
     return out

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import FP8_MAX, KV_FP8, KV_INT8, kv_scale_args, next_pow2
+from ._utils import FP8_MAX, KV_FP8, KV_INT8, kv_scale_args, launch, next_pow2
 
 
 @triton.jit
@@ -79,7 +79,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
     block_d = next_pow2(D)
     block_h = min(next_pow2(H), max(1, 2048 // block_d))
     grid = (T, triton.cdiv(H, block_h))
-    _reshape_and_cache_kernel[grid](
+    launch(_reshape_and_cache_kernel, grid,
         key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import KV_FLOAT, KV_FP8, KV_INT8, interpreting, kv_scale_args, next_pow2, num_sms
+from ._utils import KV_FLOAT, KV_FP8, KV_INT8, interpreting, kv_scale_args, launch, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -219,7 +219,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_l = torch.empty((B, Hq, num_parts), dtype=torch.float32, device=q.device)
 
     group_pad = max(16, next_pow2(group))
-    _decode_kernel[(B, Hkv, num_parts)](
+    launch(_decode_kernel, (B, Hkv, num_parts),
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
         out, part_out, part_m, part_l,
         scale * LOG2E,
@@ -235,7 +235,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_warps=warps, num_stages=stages,
     )
     if not direct:
-        _decode_reduce_kernel[(B, Hq)](
+        launch(_decode_reduce_kernel, (B, Hq),
             out, part_out, part_m, part_l, seq_lens,
             out.stride(0), out.stride(1), Hq, num_parts,
             HEAD_DIM=D, PARTITION=part, CHUNK=min(32, next_pow2(num_parts)),

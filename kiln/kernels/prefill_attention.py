@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import KV_FLOAT, KV_FP8, KV_INT8, interpreting, kv_scale_args, next_pow2
+from ._utils import KV_FLOAT, KV_FP8, KV_INT8, interpreting, kv_scale_args, launch, next_pow2
 from .decode_attention import _codes_to
 
 LOG2E = 1.4426950408889634
@@ -182,7 +182,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if config is not None:
         block_m, block_n, warps, stages = config
     grid = (triton.cdiv(max_query_len, block_m), B, Hq)
-    _prefill_kernel[grid](
+    launch(_prefill_kernel, grid,
         q, k_cache, v_cache, k_scale, v_scale, block_tables, query_start_loc, seq_lens, out,
         scale * LOG2E,
         q.stride(0), q.stride(1),

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2
+from ._utils import launch, next_pow2
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -96,9 +96,9 @@ def quantize_activation(x: torch.Tensor, dtype: torch.dtype, static_scale: torch
     one_tile = K <= ONE_TILE_MAX_K
     block = next_pow2(K) if one_tile else 4096
     int8 = dtype == torch.int8
-    _quant_rows_kernel[(rows,)](x, codes, scales, static_scale if static else scales, M, K, x.stride(0),
-                                codes.stride(0), INT8=int8, QMAX=INT8_MAX if int8 else FP8_MAX, STATIC=static,
-                                BLOCK_K=block, ONE_TILE=one_tile, num_warps=8 if block >= 4096 else 4)
+    launch(_quant_rows_kernel, (rows,), x, codes, scales, static_scale if static else scales, M, K, x.stride(0),
+           codes.stride(0), INT8=int8, QMAX=INT8_MAX if int8 else FP8_MAX, STATIC=static,
+           BLOCK_K=block, ONE_TILE=one_tile, num_warps=8 if block >= 4096 else 4)
     return codes, scales
 
 
@@ -136,6 +136,6 @@ def scale_int32(acc: torch.Tensor, row_scale: torch.Tensor, channel_scale: torch
     has_bias = bias is not None
     bm, bn = 16, 256
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
-    _scale_int32_kernel[grid](acc, xs, ws, bias.contiguous() if has_bias else ws, out, M, N, acc.stride(0),
-                              out.stride(0), BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=has_bias, num_warps=4)
+    launch(_scale_int32_kernel, grid, acc, xs, ws, bias.contiguous() if has_bias else ws, out, M, N, acc.stride(0),
+           out.stride(0), BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=has_bias, num_warps=4)
     return out

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2
+from ._utils import launch, next_pow2
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _launch(x, residual, weight, eps, out, res_out):
         r2 = ro2 = x2
         rs = ros = 0
     assert x2.stride(-1) == 1 and o2.stride(-1) == 1 and weight.is_contiguous()
-    _rmsnorm_kernel[(T,)](
+    launch(_rmsnorm_kernel, (T,),
         x2, r2, weight, o2, ro2,
         x2.stride(0), rs, o2.stride(0), ros,
         H, float(eps),

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2
+from ._utils import launch, next_pow2
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     per_tile = max(1, 4096 // half_pad)
     block_hq = min(next_pow2(Hq), per_tile)
     block_hk = min(next_pow2(Hk), per_tile)
-    _rope_kernel[(T,)](
+    launch(_rope_kernel, (T,),
         positions, q, k, cos_sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         Hq, Hk,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, next_pow2, num_sms
+from ._utils import interpreting, launch, next_pow2, num_sms
 
 SMALL_T = 64    # up to here: decode-sized tiles (the weight read dominates)
 LARGE_T = 256   # above: dequantize once, then torch.matmul
@@ -110,8 +110,8 @@ def dequantize_int8_weight(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: t
     N, K = w_int8.shape
     out = torch.empty((N, K), dtype=dtype, device=w_int8.device)
     block = 1024
-    _dequant_kernel[(N, triton.cdiv(K, block))](w_int8, w_scale, out, K, w_int8.stride(0), out.stride(0),
-                                                BLOCK=block, num_warps=4)
+    launch(_dequant_kernel, (N, triton.cdiv(K, block)), w_int8, w_scale, out, K, w_int8.stride(0), out.stride(0),
+           BLOCK=block, num_warps=4)
     return out
 
 
@@ -192,7 +192,7 @@ def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | No
     s = w_scale if has_scale else w
     b = bias if has_bias else s
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
-    _w8a16_kernel[grid](
+    launch(_w8a16_kernel, grid,
         x2, w, s, b, out, part,
         M, N, K, k_split,
         x2.stride(0), w.stride(0), out.stride(0),
@@ -202,6 +202,5 @@ def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | No
     )
     if split > 1:
         block = 1024
-        _w8a16_reduce_kernel[(M, triton.cdiv(N, block))](part, s, b, out, M, N, out.stride(0),
-                                                        SPLIT_K=split, BLOCK=block, HAS_BIAS=has_bias,
-                                                        HAS_SCALE=has_scale, num_warps=4)
+        launch(_w8a16_reduce_kernel, (M, triton.cdiv(N, block)), part, s, b, out, M, N, out.stride(0),
+               SPLIT_K=split, BLOCK=block, HAS_BIAS=has_bias, HAS_SCALE=has_scale, num_warps=4)
