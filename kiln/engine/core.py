@@ -43,6 +43,7 @@ class InFlightStep:
     sampling: list[Request]     # the requests that sample this step, in the order of the sampled ids
     slots: list[int]            # where each one's token goes in its output list
     sample: PendingSample | None
+    logits: object = None       # torch.Tensor: logits still to sample (grammar rows wait for the previous ids)
 
 
 class EngineCore:
@@ -51,7 +52,9 @@ class EngineCore:
     With async scheduling (default on CUDA) a step queues the next batch on the GPU before it
     collects the previous batch's ids, so the host's work (scheduling, inputs, outputs) hides behind the GPU's;
     outputs then come one step later. Steps run synchronously while a request with penalties is running
-    (they read the whole output on the host). Under tensor parallelism rank 0 sends its sampled ids to the other
+    (they read the whole output on the host). A step with grammar rows still overlaps: its forward is queued
+    first, then the previous step's ids are collected and accepted into the matchers (their masks are filled
+    while the GPU runs the forward), then it is sampled. Under tensor parallelism rank 0 sends its sampled ids to the other
     ranks with the step that reads them (kiln/engine/tp.py).
     """
 
@@ -198,6 +201,8 @@ class EngineCore:
                 self.num_overlapped_steps += 1
             outs += self._collect(self.inflight)
             self.inflight = None
+        if launched is not None and launched.logits is not None:
+            self._sample(launched, outs)
         if launched is not None:
             if self.async_scheduling:
                 self.inflight = launched
@@ -206,9 +211,8 @@ class EngineCore:
         return outs
 
     def _may_overlap(self) -> bool:
-        # penalties read the whole output, a grammar's next mask needs the previous token: both on the host
-        return self.async_scheduling and not any(r.needs_output_history or r.grammar is not None
-                                                 for r in self.scheduler.running)
+        # penalties read the whole output on the host (a grammar's mask waits in _sample instead)
+        return self.async_scheduling and not any(r.needs_output_history for r in self.scheduler.running)
 
     def _admit_compiled(self) -> list[EngineOutput]:
         """Requests whose grammar compiled go to the scheduler; those whose grammar failed or timed out end."""
@@ -245,13 +249,27 @@ class EngineCore:
 
     def _launch(self, batch: ScheduledBatch, outs: list[EngineOutput]) -> InFlightStep | None:
         try:
-            sampling, sample = self.runner.execute(batch)
+            sampling, logits = self.runner.launch(batch)
+            # grammar rows' masks need the ids of the step in flight: sampled after it is collected (_sample)
+            deferred = logits is not None and self.inflight is not None and any(r.grammar is not None
+                                                                                 for r in sampling)
+            sample = None if logits is None or deferred else self.runner.sample(logits, sampling)
         except Exception as e:  # noqa: BLE001
             outs += self._fail(batch.requests, e)
             return None
         self.variants.record_step(batch.num_tokens, batch.num_decode_rows, len(sampling), Sampler.paths(sampling))
-        # sample is None only for a step in which nobody samples (a middle chunk of a prefill): sampling is []
-        return InFlightStep(batch, sampling, self.scheduler.launched(batch, sampling), sample)
+        # sample is None for a step in which nobody samples (a middle chunk of a prefill: sampling is []) or
+        # whose sampling is deferred (logits kept)
+        return InFlightStep(batch, sampling, self.scheduler.launched(batch, sampling), sample,
+                            logits if deferred else None)
+
+    def _sample(self, step: InFlightStep, outs: list[EngineOutput]) -> None:
+        """Sample a step whose sampling waited for the previous step's ids (now accepted by the matchers)."""
+        try:
+            step.sample = self.runner.sample(step.logits, step.sampling)
+        except Exception as e:  # noqa: BLE001
+            outs += self._fail(step.batch.requests, e)
+        step.logits = None
 
     def _collect(self, step: InFlightStep) -> list[EngineOutput]:
         try:
@@ -365,7 +383,7 @@ class EngineCore:
         self.cfg.max_waiting = max_waiting
         kernels = compiled_triton_kernels()
         log.info("warm-up: %d requests, %d steps in %.1f s; reached %s%s", n_req, self.num_steps - steps0,
-                 time.monotonic() - t0, VariantLog.describe(self.variants.seen),
+                 time.monotonic() - t0, VariantLog.describe(self.variants.snapshot()),
                  f"; Triton kernel variants compiled: {sum(kernels.values())}" if any(kernels.values()) else "")
 
 

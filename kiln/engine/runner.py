@@ -297,16 +297,24 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[list[Request], PendingSample | None]:
         """Queue one step (inputs, model, sampling) without waiting for it; the sampled ids arrive through the
         returned PendingSample."""
+        sampling, logits = self.launch(batch)
+        return sampling, None if logits is None else self.sample(logits, sampling)
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> tuple[list[Request], torch.Tensor | None]:
+        """Queue one step's forward without waiting for it: the requests that sample and their logits (None if
+        nobody samples). `sample` must follow before the next launch (its ids are that step's inputs)."""
         inputs, sampling = self.prepare(batch)
         packed = self.pack(inputs)
         if self.tp_group is not None:
             self.tp_group.send_step(packed, self.last_sampled_ids)
-        logits = self.forward_packed(packed)
-        if logits is None:
-            return sampling, None
+        return sampling, self.forward_packed(packed)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, sampling: list[Request]) -> PendingSample:
         pending = self.sampler.sample(logits, sampling)
         self.last_sampled_ids = pending.ids
-        return sampling, pending
+        return pending
 
 
 @dataclass

@@ -89,7 +89,25 @@ def test_async_scheduling_with_grammar_rows(plain_alone):
     outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs[:-1]] == plain_alone
     check_person(outs[-1])
-    assert llm.engine.num_overlapped_steps > 0  # the plain-only steps still overlapped
+    assert llm.engine.num_overlapped_steps > 0
+
+
+def test_grammar_rows_overlap_and_match_sync(llm):
+    """Under async scheduling a step with grammar rows is queued before the previous one's ids are read (its
+    masks wait for them): grammar outputs are token-identical to synchronous steps, requests that end by their
+    grammar deliver nothing past the end and give their blocks back, and steps overlap with only grammar rows."""
+    spec = StructuredSpec.json_schema(PERSON)
+    prompts = [chat_ids(llm, ASK_PERSON), chat_ids(llm, [{"role": "user", "content": "yes?"}])]
+    params = [greedy(80, spec), greedy(10, StructuredSpec.choice(["yes", "no"]))]
+    sync = llm.generate(prompts, params)
+    asy = LLM(dtype="float32", async_scheduling=True)
+    outs = asy.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in sync]
+    assert [o.finish_reason for o in outs] == ["stop", "stop"]
+    check_person(outs[0])
+    steps = asy.engine.num_steps
+    assert asy.engine.num_overlapped_steps >= steps // 2  # grammar-only steps overlapped (0 before)
+    assert asy.engine.kv.num_free_blocks == asy.engine.kv.num_blocks and not asy.engine.requests
 
 
 def test_preemption_keeps_the_grammar_state(llm):
