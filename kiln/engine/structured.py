@@ -4,8 +4,9 @@ A request's `SamplingParams.structured` is a `StructuredSpec` (kind + text). The
 model's vocabulary off the engine loop (`GrammarCompiler`: a thread pool, a cache keyed by the spec, a time
 limit); the request waits outside the scheduler meanwhile. Once scheduled, its `RequestGrammar` (an xgrammar
 matcher) gives the sampler a token bitmask per step and advances with every sampled token; a matcher that has
-accepted a stop token ends the request ("stop"). Steps with grammar rows run synchronously (the next mask needs
-the previous token). The front end validates a spec with `grammar_of` before the engine sees it.
+accepted a stop token ends the request ("stop"). Under async scheduling a step with grammar rows is sampled only
+after the previous step's ids are accepted (EngineCore._sample), its forward already queued. The front end
+validates a spec with `grammar_of` before the engine sees it.
 """
 from __future__ import annotations
 
