@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device run G (one call, repository root, carrying .whl and .carry (the SmolLM2 tokenizer files)): the quantized
+# Device run G (one call, repository root, carrying .whl): the quantized
 # path's first GPU run, trimmed to the ~5 minutes of device time left, most wanted first: the 8-bit kernel tests at
 # real shapes (W8A8; the fp8-KV attention after the fp16 tile-product change), issue 12's grammar check, the 8-bit
 # decode kernel's time, batch-1 decode with FP8 / int8 weights, issue 11's cold first request with the server's
@@ -8,8 +8,11 @@ source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git rev-parse --short HEAD 2>/dev/null
 X=""; python3 -c "import xdist" 2>/dev/null && X="-n 8"
 timeout 80 python3 -m pytest -q -p no:cacheprovider -W ignore $X tests/kernels -k "w8a8 or int8 or fp8" 2>&1 | tail -3
-timeout 90 python3 benchmarks/grammar_tpot.py --tokenizer .carry/smollm2-tok --batch 64 --json $R/grammar.json \
-  > $R/grammar.log 2>&1; tail -2 $R/grammar.log
+for g in plain schema; do  # issue 12: batch 64, a json_schema on every request or none
+  timeout 60 $L --batch-size 64 --input-len 128 --output-len 256 --max-num-seqs 64 --output-json $R/b64_$g.json \
+    $([ $g = schema ] && echo --json-schema benchmarks/json_schema_long.json) > $R/b64_$g.log 2>&1
+  echo "b64 $g: $(j $R/b64_$g.json decode_ms_per_step output_tok_s ended_early overlapped_steps steps) $(grep -m1 -E 'Error|error' $R/b64_$g.log)"
+done
 timeout 60 python3 benchmarks/kernels/bench_kernels.py --only decode --json $R/decode.json > $R/decode.log 2>&1
 grep -E "measured ceilings|B=256" $R/decode.log | cut -c1-160
 b1() {  # b1 NAME ARGS: batch-1 decode, 128 in / 256 out
