@@ -327,8 +327,9 @@ class EngineCore:
 
     def warmup(self) -> None:
         """Before ready, run every kind of step traffic can produce (kiln/engine/variants.py): prefill, a chunked
-        prefill beside decodes (mixed and mixed+chunk steps), each sampler path, a decode at every CUDA-graph
-        ladder size and each prefill tile class, so the first user requests compile and initialise nothing.
+        prefill beside decodes (mixed and mixed+chunk steps), a long-context decode beside a prompt, each sampler
+        path, a decode at every CUDA-graph ladder size and each prefill tile class, so the first user requests
+        compile and initialise nothing (tests/unit/test_warmup_variants.py checks the Triton kernels' variants).
         Logs what it ran and how long it took. (Structured-output grammars are not warmed: their compile is per
         schema and off the engine loop anyway.)"""
         t0 = time.monotonic()
@@ -364,14 +365,25 @@ class EngineCore:
             if i == 0:
                 add(2 * budget + budget // 2, 4, temperature=0.0)
             drain()
-        # 2. a prefill alone of each tile class (the step's longest prompt row: <= 16, 32, 64 tokens), then a prompt
-        #    over the budget alone (prefill+chunk, then prefill)
-        for n in (16, 32, 64):
-            add(min(n, budget), 1, temperature=0.0)
+        # 2. a decode row with a long context beside a prompt (a mixed step): at a small batch the decode kernel
+        #    splits a context over 2 x its BLOCK_N (256) tokens into partitions (DIRECT off), the short rows above
+        #    ran whole (docs/kernels.md)
+        add(4096, 8, temperature=0.0)
+        long_req = self.requests.get(f"__warmup_{n_req}")
+        while long_req is not None and long_req.num_computed_tokens < len(long_req.prompt_token_ids) \
+                and self.has_unfinished():
+            self.step()
+        add(16, 1, temperature=0.0)
+        drain()
+        # 3. a prefill alone of each tile class (the step's longest prompt row: <= 16, 32, 64 tokens; 128 and 256
+        #    reach the int8-weight kernel's row classes on a GPU), then a prompt over the budget alone
+        #    (prefill+chunk, then prefill)
+        for n in sorted({min(n, budget) for n in (16, 32, 64, 128, 256)}):
+            add(n, 1, temperature=0.0)
             drain()
         add(budget + budget // 2 + 1, 1, temperature=0.0)
         drain()
-        # 3. a decode at every CUDA-graph ladder size (eager on CPU; on the GPU the graphs were captured, this
+        # 4. a decode at every CUDA-graph ladder size (eager on CPU; on the GPU the graphs were captured, this
         #    runs their replay and the sampler at that batch)
         for size in batch_size_ladder(self.cfg.max_num_seqs):
             for _ in range(min(size, self.kv.num_blocks // 2)):

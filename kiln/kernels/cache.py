@@ -9,7 +9,8 @@ import triton.language as tl
 from ._utils import FP8_MAX, KV_FP8, KV_INT8, kv_scale_args, launch, next_pow2
 
 
-@triton.jit
+# the slot mapping's address follows the step's layout (a slice of the packed step); it is one scalar load
+@triton.jit(do_not_specialize=['slot_ptr'])
 def _reshape_and_cache_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,

@@ -16,6 +16,9 @@ import triton.language as tl
 from ._utils import KV_FLOAT, KV_FP8, KV_INT8, interpreting, kv_scale_args, launch, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
+# partitions the reduce kernel merges per pass: fixed, so the partition count selects no variant (a pass over fewer
+# partitions masks the rest: loads that move no bytes)
+REDUCE_CHUNK = 32
 
 
 @triton.jit
@@ -28,8 +31,12 @@ def _codes_to(x, cdtype: tl.constexpr):
     return x.to(cdtype)
 
 
-# values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
-@triton.jit(do_not_specialize=['stride_bt', 'num_partitions'])
+# Values that change with traffic are not specialized on, so no new variant compiles after warm-up
+# (docs/kernels.md): the partition length and count follow the batch and the longest context; the block table's,
+# seq lens' addresses follow the step's layout (a mixed step passes row slices). None of them buys speed as a
+# specialization: the partition start gets its divisibility back from tl.multiple_of, the block-table row's
+# alignment is unknown anyway (stride_bt), and seq_lens is one scalar load.
+@triton.jit(do_not_specialize=['block_tables_ptr', 'seq_lens_ptr', 'stride_bt', 'num_partitions', 'partition'])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
@@ -39,19 +46,19 @@ def _decode_kernel(
     stride_sb, stride_st, stride_sh,
     stride_bt,
     stride_ob, stride_oh,
-    num_partitions,
+    num_partitions, partition,  # partition: tokens per program, a power of two, a multiple of BLOCK_N
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_KIND: tl.constexpr, DIRECT: tl.constexpr, FP32: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    start = part * PARTITION
+    start = tl.multiple_of(part * partition, BLOCK_N)
     if start >= seq_len:
         return
-    end = tl.minimum(start + PARTITION, seq_len)
+    end = tl.minimum(start + partition, seq_len)
 
     offs_g = tl.arange(0, GROUP_PAD)
     gmask = offs_g < GROUP
@@ -126,16 +133,16 @@ def _decode_kernel(
 
 
 # values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
-@triton.jit(do_not_specialize=['num_partitions'])
+@triton.jit(do_not_specialize=['seq_lens_ptr', 'num_partitions', 'partition'])
 def _decode_reduce_kernel(
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr,
-    stride_ob, stride_oh, num_heads, num_partitions,
-    HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, CHUNK: tl.constexpr,
+    stride_ob, stride_oh, num_heads, num_partitions, partition,
+    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    n_parts = tl.cdiv(seq_len, PARTITION)
+    n_parts = tl.cdiv(seq_len, partition)
     base = (b.to(tl.int64) * num_heads + h) * num_partitions
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -209,6 +216,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
     part = partition_size or choose_partition(B, Hkv, max_ctx, q.device, block_n)
     block_n = min(block_n, part)
+    assert part % block_n == 0, "partition_size: a power of two >= 32"
     num_parts = triton.cdiv(max_ctx, part)
     direct = num_parts == 1
     if direct:
@@ -228,17 +236,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         s_strides[0], s_strides[1], s_strides[2],
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        num_parts,
+        num_parts, part,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION=part,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n,
         KV_KIND=kind, DIRECT=direct, FP32=fp32,
         num_warps=warps, num_stages=stages,
     )
     if not direct:
         launch(_decode_reduce_kernel, (B, Hq),
             out, part_out, part_m, part_l, seq_lens,
-            out.stride(0), out.stride(1), Hq, num_parts,
-            HEAD_DIM=D, PARTITION=part, CHUNK=min(32, next_pow2(num_parts)),
+            out.stride(0), out.stride(1), Hq, num_parts, part,
+            HEAD_DIM=D, CHUNK=REDUCE_CHUNK,
             num_warps=4,
         )
     return out

@@ -73,8 +73,11 @@ def _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
     return acc, m_new, l_i
 
 
-# values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
-@triton.jit(do_not_specialize=['stride_bt'])
+# Values that change with traffic are not specialized on, so no new variant compiles after warm-up
+# (docs/kernels.md): the block table's width, and the addresses of the index tensors, which a mixed step passes as
+# row slices (block_tables[nd:], seq_lens[nd:]). As specializations they bought nothing: the block-table row's
+# alignment is unknown anyway (stride_bt), the others are scalar loads.
+@triton.jit(do_not_specialize=['block_tables_ptr', 'query_start_loc_ptr', 'seq_lens_ptr', 'stride_bt'])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr,
     query_start_loc_ptr, seq_lens_ptr, out_ptr,
@@ -168,17 +171,18 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # Tiles measured on an H100 (docs/kernels.md, 8 x 512 tokens with and without a 1536
     # prefix): bf16/fp16 and fp8 caches 128x128 8 warps 2 stages (fp8: 121/493 us against 136/560 with the
     # int8 tile); int8 cache 64x128 4 warps 2 stages.
-    if interpreting():
-        block_m, block_n, warps, stages = 16, 16, 4, 1
-    elif fp32:
+    if fp32:
         block_m, block_n, warps, stages = 64, 32, 4, 2
     elif kind == KV_INT8.value or D > 128:
         block_m, block_n, warps, stages = 64, 128 if D <= 128 else 64, 4, 2
     else:
         block_m, block_n, warps, stages = 128, 128, 8, 2
-    if max_query_len <= 64 and not interpreting():
+    # short rows (decode-sized chunks): a BLOCK_M class of 16, 32 or 64 (kiln.engine.variants.prefill_tile)
+    if max_query_len <= 64:
         block_m = max(16, next_pow2(max_query_len))
         warps = 4
+    if interpreting():  # the GPU's BLOCK_M classes, so CI launches the variants a GPU compiles; small K/V tiles
+        block_n, stages = 16, 1
     if config is not None:
         block_m, block_n, warps, stages = config
     grid = (triton.cdiv(max_query_len, block_m), B, Hq)

@@ -26,7 +26,9 @@ def _rope_rotate(ptr, stride_h, n_heads, cos, sin, HALF: tl.constexpr, BLOCK_H: 
         tl.store(p1 + HALF, o2.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# the positions' address follows the step's token count (a slice of the packed step: aligned for even counts);
+# it is one scalar load
+@triton.jit(do_not_specialize=['pos_ptr'])
 def _rope_kernel(
     pos_ptr, q_ptr, k_ptr, cache_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_c,

@@ -175,9 +175,10 @@ class TritonAttention(TorchAttention):
 
     def forward(self, q, k, v, cache, meta, scale):
         self.write_kv(cache, k, v, meta.slot_mapping)
+        # max_seq_len (host-known, None in a CUDA graph: the table's width bounds it) sizes the decode partitions
         if meta.decode_only:
             return self.k.paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.seq_lens, scale,
-                                                 cache.k_scale, cache.v_scale)
+                                                 cache.k_scale, cache.v_scale, max_seq_len=meta.max_seq_len)
         nd = meta.num_decode_rows
         if nd == 0:
             return self.k.paged_prefill_attention(q, cache.k, cache.v, meta.block_tables, meta.query_start_loc,
@@ -187,7 +188,8 @@ class TritonAttention(TorchAttention):
         # would read their KV once per q head), the rest through the prefill kernel
         out = torch.empty_like(q)
         self.k.paged_decode_attention(q[:nd], cache.k, cache.v, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                                      cache.k_scale, cache.v_scale, out=out[:nd])
+                                      cache.k_scale, cache.v_scale, max_seq_len=max(meta.seq_lens_list[:nd]),
+                                      out=out[:nd])
         self.k.paged_prefill_attention(q[nd:], cache.k, cache.v, meta.block_tables[nd:],
                                        meta.query_start_loc[nd:] - nd, meta.seq_lens[nd:], scale, meta.max_query_len,
                                        cache.k_scale, cache.v_scale, out=out[nd:])

@@ -5,9 +5,11 @@ warm-up did not."""
 from __future__ import annotations
 
 import logging
+import os
 import random
 
 import pytest
+import torch
 
 from kiln.engine.config import EngineConfig
 from kiln.engine.core import EngineCore
@@ -131,3 +133,84 @@ def test_compile_watch_chains_triton_hooks():
         assert seen == ["pre", "post"] and [w for w, _ in watch.after_ready] == ["k"]
     finally:
         rt.jit_cache_hook, rt.jit_post_compile_hook = saved
+
+
+# ------------------------------------------------------------------------------ the Triton kernels' own variants
+
+needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                                  reason="needs CUDA or TRITON_INTERPRET=1 (the Triton attention backend)")
+
+# the Triton attention backend (reshape_and_cache, decode and prefill attention: the kernels a CPU engine runs);
+# contexts up to max_model_len = 300 (decode partitions split above 256 tokens on the interpreter's 4 "SMs"), an odd
+# batch cap, prompts longer than the per-step prefill budget
+TRITON_CFG = dict(dtype="float32", attention_backend="triton", block_size=16, num_gpu_blocks=150, max_num_seqs=5,
+                  max_num_batched_tokens=96, max_prefill_tokens=80, max_model_len=300, use_cuda_graph=False)
+
+
+def new_kernel_variants(warm: set, load: set) -> list[str]:
+    """Each kernel variant of the load that the warm-up did not launch, as what differs from its nearest warm-up
+    variant of the same kernel."""
+    from kiln.kernels._utils import describe_variant
+
+
+    def distance(a, b):
+        return sum(x != y for x, y in zip(a[1] + a[2] + a[3], b[1] + b[2] + b[3]))
+
+    out = []
+    for _, key in sorted(k for k in load - warm if k[0] == "kernel"):
+        same = [w for fam, w in warm if fam == "kernel" and w[0] == key[0]]
+        out.append(describe_variant(key, min(same, key=lambda w: distance(key, w)) if same else None))
+    return out
+
+
+@needs_triton
+def test_mixed_load_launches_no_kernel_variant_the_warmup_did_not(model_dir, caplog):
+    """Issue 11's check, on the kernels themselves: every Triton kernel launch's variant key (what Triton compiles a
+    binary for) during a warm-up, then during a mixed load: long contexts up to max_model_len, odd numbers of decode
+    rows beside prefills, chunked prompts, every sampler path. The load launches no variant the warm-up did not."""
+    from kiln.kernels._utils import KernelVariants
+
+    core = EngineCore(EngineConfig(model=str(model_dir), **TRITON_CFG))
+    core.variants.watch_kernels()
+    try:
+        with caplog.at_level(logging.INFO, logger="kiln.engine"):
+            core.warmup()
+        warm = core.variants.snapshot()
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up:"))
+        assert "kernel variants: " in line and "_decode_kernel x" in line
+        kernels = {k[0] for fam, k in warm if fam == "kernel"}
+        assert {"_reshape_and_cache_kernel", "_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel"} <= kernels
+
+        mixed_decode_rows = set()  # decode rows of the load's mixed steps
+        record_step = core.variants.record_step
+
+        def spy(num_tokens, num_decode_rows, *rest):
+            if num_decode_rows < len(num_tokens):
+                mixed_decode_rows.add(num_decode_rows)
+            record_step(num_tokens, num_decode_rows, *rest)
+
+        core.variants.record_step = spy
+        during_load = KernelVariants().start()
+        rnd = random.Random(5)
+        n = 0
+        for _ in range(36):  # arrivals between steps: idle, mid-decode, mid-chunk
+            while len(core.scheduler.waiting) < 2 and rnd.random() < 0.5:
+                n += 1
+                prompt_len = rnd.choice([1, 3, 17, 40, 70, 150, 270, core.max_model_len - 13])
+                core.add_request(f"r{n}", [rnd.randrange(1, 250) for _ in range(prompt_len)], random_params(rnd))
+            if core.has_unfinished():
+                core.step()
+        while core.has_unfinished():
+            core.step()
+        load = core.variants.snapshot()
+        during_load.stop()
+    finally:
+        core.variants.kernels.stop()
+    # the load did what it is for: chunked prompts beside decodes, odd numbers of decode rows in mixed steps, long
+    # contexts (the decode kernel split into partitions: its reduce kernel ran)
+    assert n >= 15 and ("step", "mixed+chunk") in load and ("step", "mixed") in load
+    assert any(r % 2 for r in mixed_decode_rows), mixed_decode_rows
+    assert "_decode_reduce_kernel" in {k[0] for k in during_load.keys}
+    new = new_kernel_variants(warm, {("kernel", k) for k in during_load.keys})
+    assert not new, "the load launched kernel variants the warm-up did not:\n" + "\n".join(new)
+    assert load - warm == set(), load - warm
