@@ -12,26 +12,15 @@ are checked in float16 and float32; bfloat16 is covered on the GPU.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-
-if not INTERP and not HAS_CUDA:
-    pytest.skip("kernel tests need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+from tests.kernels.kernel_env import DEVICE, DOT_DTYPES, HAS_CUDA, INTERP, gpu_only  # skips where no kernels run
 
 from kiln import kernels as K  # noqa: E402
 from kiln.kernels import reference as R  # noqa: E402
 from kiln.quantization import ops as qops  # noqa: E402
-
-DEVICE = "cpu" if INTERP else "cuda"
-gpu_only = pytest.mark.skipif(INTERP, reason="large shape: GPU only (too slow for the interpreter)")
-
-DOT_DTYPES = [torch.float16, torch.float32] if INTERP else [torch.bfloat16, torch.float16, torch.float32]
 ALL_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 TOL = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3, torch.float32: 1e-5}
 # Attention/matmul outputs round p or the result to the compute dtype: a bit looser.

@@ -4,15 +4,11 @@ addresses of the index tensors a mixed step passes as row slices. On CPU under T
 computed the same there); the last test compares the keys with the compiled-kernel cache of the real JIT (GPU)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if not INTERP and not HAS_CUDA:
-    pytest.skip("kernel tests need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from tests.kernels.kernel_env import HAS_CUDA, INTERP  # skips where no kernels run
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

@@ -9,25 +9,16 @@ patched to torch's (kiln.kernels._utils), so codes are compared bit for bit ever
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-
-if not INTERP and not HAS_CUDA:
-    pytest.skip("kernel tests need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+from tests.kernels.kernel_env import DEVICE, DOT_DTYPES, INTERP, gpu_only  # skips where no kernels run
 
 from kiln import kernels as K  # noqa: E402
 from kiln.quantization import ops as qops  # noqa: E402
 
-DEVICE = "cpu" if INTERP else "cuda"
-gpu_only = pytest.mark.skipif(INTERP, reason="large shape: GPU only (too slow for the interpreter)")
 FP8 = torch.float8_e4m3fn
-DOT_DTYPES = [torch.float16, torch.float32] if INTERP else [torch.bfloat16, torch.float16, torch.float32]
 TOL = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3, torch.float32: 1e-5}
 
 
