@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device run H (one call, repository root, carrying .whl; right after run G on the same machine): issue 10's
 # offline 1000 x (1000 in / 1000 out) with FP8 weights and an fp8 cache (batch up to 512), then issue 11's cold
-# serving again, now with the server's own log kept (CompileWatch names any kernel compiled after ready).
+# serving again, now with the server's own log kept (CompileWatch names any kernel compiled after ready). NOT RUN yet
+# (2026-12-05: no device time left).
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name --format=csv,noheader; git rev-parse --short HEAD 2>/dev/null
 [ -n "$GRAMMAR" ] && bash -c "$GRAMMAR"
