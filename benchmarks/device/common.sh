@@ -1,6 +1,9 @@
 # Sourced by the run_*.sh scripts (device tool, repository root): the carried wheels (.whl: fastapi, uvicorn,
 # pyzmq, ... for the server), paths, and helpers. Each run leaves its files under $OUT/r.
-if [ -d .whl ] && [ ! -f /tmp/site/.kiln-wheels ]; then  # once per machine (scripts source this again)
+PRESET=${PRESET:-llama3-8b}  # PRESET=tiny: a smoke run of a script here on CPU (this checkout's .venv) first
+if [ "$PRESET" = tiny ]; then
+  export PATH=$PWD/.venv/bin:$PATH
+elif [ -d .whl ] && [ ! -f /tmp/site/.kiln-wheels ]; then  # once per machine (scripts source this again)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   touch /tmp/site/.kiln-wheels
@@ -8,14 +11,14 @@ fi
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
 R=$OUT/r; mkdir -p $R
 B="python3 -m kiln.entrypoints.cli bench"
-L="$B latency --preset llama3-8b"
+L="$B latency --preset $PRESET"
 # j FILE KEY...: the keys of a bench JSON file, on one line
 j() { python3 -c "import json,sys;r=json.load(open(sys.argv[1]));print(*[f'{k}={r[k]:.4g}' if isinstance(r[k],float) else f'{k}={r[k]}' for k in sys.argv[2:] if k in r])" "$@"; }
 # start_server LOG [ENV=VALUE ...]: a random Llama-3-8B shape behind the HTTP API, batch 64; waits until ready
 start_server() {
   local log=$1; shift
-  [ -d /tmp/m8 ] || $B write-checkpoint --preset llama3-8b --out /tmp/m8 --no-weights > /dev/null
-  env "$@" KILN_LOAD_FORMAT=dummy MODEL_DIR=/tmp/m8 BATCH_SIZE=64 MAX_SEQ_LEN=2048 MAX_DEC_LEN=1024 GRPC_PORT=-1 \
+  [ -d /tmp/m-$PRESET ] || $B write-checkpoint --preset $PRESET --out /tmp/m-$PRESET --no-weights > /dev/null
+  env "$@" KILN_LOAD_FORMAT=dummy MODEL_DIR=/tmp/m-$PRESET BATCH_SIZE=64 MAX_SEQ_LEN=2048 MAX_DEC_LEN=1024 GRPC_PORT=-1 \
     setsid python3 -m kiln.entrypoints.cli serve > $log 2>&1 &
   for i in $(seq 90); do
     python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8110/v2/health/ready')" 2>/dev/null && break

@@ -5,7 +5,7 @@
 # (2026-12-05: no device time left).
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name --format=csv,noheader; git rev-parse --short HEAD 2>/dev/null
-timeout 170 $B throughput --preset llama3-8b --num-prompts 1000 --input-len 1000 --output-len 1000 \
+timeout 170 $B throughput --preset $PRESET --num-prompts 1000 --input-len 1000 --output-len 1000 \
   --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 512 --output-json $R/t1000_fp8.json > $R/t1000_fp8.log 2>&1
 echo "1000x1000 w8a8-fp8 + fp8 KV, batch <= 512: $(j $R/t1000_fp8.json output_tok_s total_s preemptions kv_blocks)"
 grep -m2 -E "KV cache:|Error" $R/t1000_fp8.log | cut -c1-300

@@ -13,8 +13,8 @@
 # the server's queue/prefill/decode split from its requests.log. Not run yet (written without a GPU).
 source benchmarks/device/common.sh
 part=${1:-cold}
-[ -d /tmp/m8 ] || $B write-checkpoint --preset llama3-8b --out /tmp/m8 --no-weights > /dev/null
-export KILN_LOAD_FORMAT=dummy MODEL_DIR=/tmp/m8 BATCH_SIZE=256 MAX_SEQ_LEN=2048 MAX_DEC_LEN=1024
+[ -d /tmp/m-$PRESET ] || $B write-checkpoint --preset $PRESET --out /tmp/m-$PRESET --no-weights > /dev/null
+export KILN_LOAD_FORMAT=dummy MODEL_DIR=/tmp/m-$PRESET BATCH_SIZE=256 MAX_SEQ_LEN=2048 MAX_DEC_LEN=1024
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > $R/gpu.txt; git rev-parse HEAD > $R/commit.txt 2>/dev/null
 # show NAME: the client's and the server's figures of one bench JSON, on two lines
 show() {
