@@ -87,6 +87,11 @@ def _parse(kind: str, raw: Any) -> Any:
             return float(s)
         except ValueError:
             raise ValueError("expected a number") from None
+    if kind == "optbool":  # empty / auto -> None (the default decides)
+        s = str(raw).strip().lower()
+        if s in ("", "none", "auto"):
+            return None
+        return _parse("bool", raw)
     if kind == "optint":
         s = str(raw).strip()
         if s == "" or s.lower() in ("none", "auto", "0"):
@@ -314,9 +319,11 @@ class KilnConfig:
         flags=("--async-scheduling",), check=_choice("auto", "on", "off"), group="runtime")
 
     # --- behaviour -------------------------------------------------------------------------------------
-    use_warmup: bool = setting(
-        False, "USE_WARMUP", "Run a max-length prefill and a full-batch decode before reporting ready.",
-        kind="bool", flags=("--use-warmup",), group="runtime")
+    use_warmup: bool | None = setting(
+        None, "USE_WARMUP", "Before reporting ready, run every kind of step traffic can produce (prefill, chunked "
+        "and mixed steps, each decode batch size, each sampler path, long contexts), so that no kernel compiles "
+        "after ready. Unset: on with a GPU, off on CPU (nothing compiles there). 1 / 0 force it.",
+        kind="optbool", flags=("--use-warmup",), group="runtime")
     use_hf_tokenizer: bool = setting(
         False, "USE_HF_TOKENIZER", "Accepted for compatibility; Kiln always uses the model's Hugging Face tokenizer.",
         kind="bool", flags=("--use-hf-tokenizer",), group="runtime")
@@ -588,7 +595,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         shown = "unset" if default is None else (int(default) if m["kind"] == "bool" else default)
         text = f"{m['help']} [env {' / '.join(names)}; default {shown}]"
         g = groups[m["group"]]
-        if m["kind"] == "bool":
+        if m["kind"] in ("bool", "optbool"):
             g.add_argument(*m["flags"], dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                            help=text)
         else:

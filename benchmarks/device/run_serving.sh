@@ -30,6 +30,7 @@ PY
 }
 cold() {  # cold NAME ARGS...: kiln bench serve --cold
   local name=$1; shift
+  [ "$PRESET" = tiny ] && set -- "$@" --vocab-limit 1000  # the tiny preset's vocabulary is 1024
   timeout ${COLD_TIMEOUT:-580} $B serve --cold --input-len 1000 --output-len 1000 --timeout $((${COLD_TIMEOUT:-580} - 20)) "$@" --output-json $R/$name.json \
     > $R/$name.log 2>&1
   show $name

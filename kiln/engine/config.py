@@ -30,7 +30,7 @@ class EngineConfig:
     use_cuda_graph: bool = True
     # queue step N+1 before step N's ids reach the host; None: on with CUDA
     async_scheduling: bool | None = None
-    warmup: bool = False                  # USE_WARMUP
+    warmup: bool | None = False           # USE_WARMUP; None: on with CUDA (where kernels compile), off on CPU
     grammar_compile_timeout: float = 10.0  # s a structured-output request may wait for its grammar to compile
     extra: dict[str, Any] = field(default_factory=dict)
 

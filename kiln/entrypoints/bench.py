@@ -424,7 +424,9 @@ def parse_request_log(text: str) -> dict[str, dict[str, float | str]]:
                 fields[key] = float(value)
             except ValueError:
                 fields[key] = value
-        out[str(fields.pop("req_id"))] = fields
+        rid = fields.pop("req_id", None)
+        if rid is not None:  # "-": refused before it had an id (e.g. a bad prompt): no split to report
+            out[str(rid)] = fields
     return out
 
 

@@ -113,6 +113,9 @@ def test_request_log_line_gives_the_server_split():
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+    # a request refused before it had an id is logged with req_id=-: skipped, not a crash (it was one)
+    lines.append("req_id=- api=completions prompt_tokens=0 output_tokens=0 ttft_s=- e2e_s=0.000 decode_tok_s=- "
+                 "finish_reason=error queue_s=- prefill_s=- decode_s=- error_type=invalid error='bad ids'")
     records = parse_request_log("\n".join(f"2026-01-01 00:00:00 INFO {ln}" for ln in lines))
     assert records["cmpl-a-0"]["queue_s"] == pytest.approx(0.25)
     assert records["cmpl-a-0"]["prefill_s"] == pytest.approx(0.5)
@@ -123,6 +126,7 @@ def test_request_log_line_gives_the_server_split():
     assert split["queue"] == pytest.approx([0.25]) and split["prefill"] == pytest.approx([0.5])
     assert split["decode"] == pytest.approx([1.0]) and split["ttft"] == pytest.approx([0.75])
     assert split["tpot"] == pytest.approx([0.1])      # 1.0 s over the 10 tokens after the first
+    assert set(records) == {"cmpl-a-0", "bad-1"}
 
 
 @pytest.mark.parametrize("api", ["openai", "native", "grpc"])

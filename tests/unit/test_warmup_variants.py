@@ -214,3 +214,24 @@ def test_mixed_load_launches_no_kernel_variant_the_warmup_did_not(model_dir, cap
     new = new_kernel_variants(warm, {("kernel", k) for k in during_load.keys})
     assert not new, "the load launched kernel variants the warm-up did not:\n" + "\n".join(new)
     assert load - warm == set(), load - warm
+
+
+def test_server_warms_up_by_default_on_a_gpu_only():
+    """USE_WARMUP unset: the engine warms up on CUDA (run F: without it the first request after ready spent 1.8 s
+    compiling) and not on CPU; 1 / 0 and --use-warmup / --no-use-warmup force it either way."""
+    from kiln.config import KilnConfig
+    from kiln.engine.core import warmup_enabled
+
+    assert KilnConfig.load({}).to_engine_config().warmup is None
+    assert warmup_enabled(None, "cuda") and not warmup_enabled(None, "cpu")
+    assert KilnConfig.load({"USE_WARMUP": "1"}).to_engine_config().warmup is True
+    assert KilnConfig.load({"USE_WARMUP": "0"}).to_engine_config().warmup is False
+    assert warmup_enabled(True, "cpu") and not warmup_enabled(False, "cuda")
+    import argparse
+
+    from kiln.config import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert KilnConfig.load({}, parser.parse_args(["--no-use-warmup"])).use_warmup is False
+    assert KilnConfig.load({"USE_WARMUP": "0"}, parser.parse_args(["--use-warmup"])).use_warmup is True
+    assert KilnConfig.load({"USE_WARMUP": "0"}, parser.parse_args([])).use_warmup is False
