@@ -20,13 +20,25 @@ start_server() {
   [ -d /tmp/m-$PRESET ] || $B write-checkpoint --preset $PRESET --out /tmp/m-$PRESET --no-weights > /dev/null
   env "$@" KILN_LOAD_FORMAT=dummy MODEL_DIR=/tmp/m-$PRESET BATCH_SIZE=64 MAX_SEQ_LEN=2048 MAX_DEC_LEN=1024 GRPC_PORT=-1 \
     setsid python3 -m kiln.entrypoints.cli serve > $log 2>&1 &
+  SERVER_PID=$!
   for i in $(seq 90); do
     python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8110/v2/health/ready')" 2>/dev/null && break
     sleep 1
   done
   echo "server ready after ${i}s"
 }
-stop_server() { pkill -f "kiln.entrypoints.cli serve"; sleep 3; }
+# serve_bg LOG: kiln serve in its own session with this environment; SERVER_PID is its process group
+serve_bg() { setsid python3 -m kiln.entrypoints.cli serve > $1 2>&1 & SERVER_PID=$!; }
+# stop_server: SIGTERM to the server's process group (its processes rename themselves "kiln serve: ...", so a
+# pkill on the command line misses them), then SIGKILL if it is still there after 60 s
+stop_server() {
+  [ -n "$SERVER_PID" ] || return 0
+  kill -TERM -- -$SERVER_PID 2>/dev/null
+  for i in $(seq 120); do kill -0 -- -$SERVER_PID 2>/dev/null || break; sleep 0.5; done
+  kill -KILL -- -$SERVER_PID 2>/dev/null; SERVER_PID=
+}
+# the tiny preset's vocabulary is 1024: its random prompts must stay under it
+VOCAB=""; [ "$PRESET" = tiny ] && VOCAB="--vocab-limit 1000"
 # serve_c64 NAME: 128 prompts of 1000 tokens, 1000 out, concurrency 64, over the OpenAI streaming API
 serve_c64() {
   timeout 100 $B serve --num-prompts 128 --max-concurrency 64 --input-len 1000 --output-len 1000 \

@@ -30,8 +30,7 @@ PY
 }
 cold() {  # cold NAME ARGS...: kiln bench serve --cold
   local name=$1; shift
-  [ "$PRESET" = tiny ] && set -- "$@" --vocab-limit 1000  # the tiny preset's vocabulary is 1024
-  timeout ${COLD_TIMEOUT:-580} $B serve --cold --input-len 1000 --output-len 1000 --timeout $((${COLD_TIMEOUT:-580} - 20)) "$@" --output-json $R/$name.json \
+  timeout ${COLD_TIMEOUT:-580} $B serve $VOCAB --cold --input-len 1000 --output-len 1000 --timeout $((${COLD_TIMEOUT:-580} - 20)) "$@" --output-json $R/$name.json \
     > $R/$name.log 2>&1
   show $name
 }
@@ -48,7 +47,7 @@ case $part in
     export TRITON_CACHE_DIR=/tmp/triton-warm
     for i in 1 2; do
       t0=$(date +%s.%N)
-      setsid python3 -m kiln.entrypoints.cli serve > $R/warm$i.log 2>&1 &
+      serve_bg $R/warm$i.log
       until python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8110/v2/health/ready')" 2>/dev/null; do
         sleep 0.2; done
       echo "start $i ($([ $i = 1 ] && echo empty || echo warm) compile cache): ready after $(python3 -c "import time;print(round(time.time()-$t0,1))") s"
@@ -56,12 +55,12 @@ case $part in
       stop_server
     done ;;
   apis)
-    GRPC_PORT=8811 setsid python3 -m kiln.entrypoints.cli serve > $R/apis_server.log 2>&1 &
+    GRPC_PORT=8811 serve_bg $R/apis_server.log
     until python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8110/v2/health/ready')" 2>/dev/null; do
       sleep 0.5; done
-    timeout 60 $B serve --num-prompts 64 --input-len 1000 --output-len 16 > /dev/null 2>&1  # warm-up load
+    timeout 60 $B serve $VOCAB --num-prompts 64 --input-len 1000 --output-len 16 > /dev/null 2>&1  # warm-up load
     for api in openai native grpc; do
-      timeout 150 $B serve --api $api --num-prompts 128 --max-concurrency 64 --input-len 1000 --output-len 1000 \
+      timeout 150 $B serve $VOCAB --api $api --num-prompts 128 --max-concurrency 64 --input-len 1000 --output-len 1000 \
         --request-log log/requests.log --output-json $R/c64_$api.json > $R/c64_$api.log 2>&1
       show c64_$api
     done

@@ -50,7 +50,7 @@ PY
 
 [ -d /tmp/m70 ] || $B write-checkpoint --preset llama3-70b --out /tmp/m70 --no-weights > /dev/null
 MP_NUM=$N KILN_LOAD_FORMAT=dummy MODEL_DIR=/tmp/m70 BATCH_SIZE=64 MAX_SEQ_LEN=2048 MAX_DEC_LEN=1024 GRPC_PORT=-1 \
-  setsid python3 -m kiln.entrypoints.cli serve > $R/serve_70b_tp$N.log 2>&1 &
+  serve_bg $R/serve_70b_tp$N.log
 for i in $(seq 300); do
   python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8110/v2/health/ready')" 2>/dev/null && break
   sleep 1
