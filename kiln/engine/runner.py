@@ -294,13 +294,6 @@ class ModelRunner:
         return self.model.compute_logits(hidden[logits_indices])
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[Request], PendingSample | None]:
-        """Queue one step (inputs, model, sampling) without waiting for it; the sampled ids arrive through the
-        returned PendingSample."""
-        sampling, logits = self.launch(batch)
-        return sampling, None if logits is None else self.sample(logits, sampling)
-
-    @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> tuple[list[Request], torch.Tensor | None]:
         """Queue one step's forward without waiting for it: the requests that sample and their logits (None if
         nobody samples). `sample` must follow before the next launch (its ids are that step's inputs)."""
