@@ -3,6 +3,7 @@
 #   bash benchmarks/device/run_serving.sh cold     first request after ready (1000 in / 16 out) and start-to-ready
 #                                                  on an empty compile cache; 4 req/s x 200 and 8 req/s x 400
 #                                                  Poisson, each on a freshly started server with an empty cache
+#   bash benchmarks/device/run_serving.sh rates    the two loads of `cold` alone
 #   bash benchmarks/device/run_serving.sh burst    all at once, 1,000 requests, MAX_CACHED_TASK_NUM=1000 (cold)
 #   bash benchmarks/device/run_serving.sh warm     start to ready twice on one compile cache (the second is warm)
 #   bash benchmarks/device/run_serving.sh apis     concurrency 64, 1000 in / 1000 out: OpenAI vs native vs gRPC
@@ -39,6 +40,9 @@ case $part in
     cold first --num-prompts 1 --output-len 16 ;;
   cold)
     cold first --num-prompts 1 --output-len 16
+    cold rate4 --request-rate 4 --num-prompts 200
+    cold rate8 --request-rate 8 --num-prompts 400 ;;
+  rates)
     cold rate4 --request-rate 4 --num-prompts 200
     cold rate8 --request-rate 8 --num-prompts 400 ;;
   burst)

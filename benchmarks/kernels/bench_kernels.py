@@ -427,6 +427,22 @@ W8_SWEEP = {  # T -> (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages) configs
 }
 
 
+def w8_small_sweep(T, N, Kd):
+    """At T <= 16: the default tiles with the FP16_CODES conversion (7th element), and K split further (about
+    2 programs per SM, as skinny_matmul does), with and without it."""
+    if T > 16:
+        return []
+    bm, bn, bk, split, warps, stages = K.w8a16._config(T, N, Kd, torch.device(DEV))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    more = split
+    while -(-N // bn) * more < 2 * sms and Kd // (more * 2) >= 4 * bk:
+        more *= 2
+    out = [(bm, bn, bk, split, warps, stages, True), (bm, 64, 128, split, warps, stages, True)]
+    if more != split:
+        out += [(bm, bn, bk, more, warps, stages, False), (bm, bn, bk, more, warps, stages, True)]
+    return out
+
+
 def bench_w8a16(cfg, sweep):
     h, inter, hq, hkv, d = cfg["hidden"], cfg["inter"], cfg["hq"], cfg["hkv"], cfg["d"]
     shapes = [("qkv", (hq + 2 * hkv) * d, h), ("o", h, hq * d), ("gate_up", 2 * inter, h), ("down", h, inter)]
@@ -447,7 +463,7 @@ def bench_w8a16(cfg, sweep):
                 ref_name="bf16 torch.matmul",
                 note=f"err={err:.1e} bf16-floor={(N * Kd * 2 + T * (Kd + N) * 2) / BW * 1e6:.1f}us")
             if sweep and not SMOKE:
-                for c in W8_SWEEP.get(T, []):
+                for c in W8_SWEEP.get(T, []) + w8_small_sweep(T, N, Kd):
                     sweep_line(f"w8a16 {name} T={T} cfg={c}", lambda: K.w8a16_matmul(x, wq, ws, config=c), nbytes,
                                flops)
             del wq, ws, wb
