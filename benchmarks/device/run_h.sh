@@ -17,5 +17,5 @@ echo "1000x1000 w8a8-fp8 + fp8 KV, batch <= 512: $(j $R/t1000_fp8.json output_to
 grep -m2 -E "KV cache:|Error" $R/t1000_fp8.log | cut -c1-300
 COLD_TIMEOUT=70 bash benchmarks/device/run_serving.sh first 2>&1 | grep -v "^tar"
 grep -h "after ready" $R/first.json.server.log | sed 's/.*after ready//' | cut -c1-260 | sort | uniq -c | sort -rn | head -12
-grep -h -m2 -E "warm-up:|captured" $R/first.json.server.log | cut -c1-400
+grep -h -E "starting Kiln|loaded in|warm-up:|captured|ready in" $R/first.json.server.log | cut -c1-300
 tar czf $OUT/run_h.tgz -C $OUT r
