@@ -49,7 +49,7 @@ class Attention(nn.Module):
         else:  # CPU: q and k side by side in qkv, rotated in one pass (half the small ops of the step's rope)
             qk = self.rope.rotate(positions, qkv[:, :nq + nkv].view(t, self.num_heads + self.num_kv_heads, -1))
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        o = self.backend.forward(q, k, v.contiguous(), cache, meta, self.scale)
+        o = self.backend.forward(q, k, v, cache, meta, self.scale)  # views of qkv: the cache write takes strides
         return self.o_proj(o.reshape(t, nq))
 
 
