@@ -5,7 +5,8 @@
 #                                                  Poisson, each on a freshly started server with an empty cache
 #   bash benchmarks/device/run_serving.sh rates    the two loads of `cold` alone
 #   bash benchmarks/device/run_serving.sh burst    all at once, 1,000 requests, MAX_CACHED_TASK_NUM=1000 (cold)
-#   bash benchmarks/device/run_serving.sh warm     start to ready twice on one compile cache (the second is warm)
+#   bash benchmarks/device/run_serving.sh warm     start to ready twice on one compile cache (the second is warm),
+#                                                  from a real safetensors checkpoint of the preset's shape
 #   bash benchmarks/device/run_serving.sh apis     concurrency 64, 1000 in / 1000 out: OpenAI vs native vs gRPC
 #                                                  streaming on one warm server (TPOT within 10% is the target)
 # A random Llama-3-8B shape (dummy weights), BATCH_SIZE=256, MAX_SEQ_LEN=2048, MAX_DEC_LEN=1024, prompts of
@@ -48,14 +49,16 @@ case $part in
   burst)
     cold burst --num-prompts 1000 --server-env MAX_CACHED_TASK_NUM=1000 ;;
   warm)
-    export TRITON_CACHE_DIR=/tmp/triton-warm
+    # a real checkpoint (random weights in sharded bf16 safetensors, 16 GB; in the page cache after writing)
+    [ -f /tmp/ckpt-$PRESET/config.json ] || $B write-checkpoint --preset $PRESET --out /tmp/ckpt-$PRESET > /dev/null
+    export TRITON_CACHE_DIR=/tmp/triton-warm MODEL_DIR=/tmp/ckpt-$PRESET; unset KILN_LOAD_FORMAT
     for i in 1 2; do
       t0=$(date +%s.%N)
       serve_bg $R/warm$i.log
       until python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8110/v2/health/ready')" 2>/dev/null; do
         sleep 0.2; done
       echo "start $i ($([ $i = 1 ] && echo empty || echo warm) compile cache): ready after $(python3 -c "import time;print(round(time.time()-$t0,1))") s"
-      grep -E "warm-up|Triton compile cache" $R/warm$i.log | head -4
+      grep -E "loaded in|warm-up|captured|Triton compile cache" $R/warm$i.log | cut -c1-300 | head -5
       stop_server
     done ;;
   apis)
