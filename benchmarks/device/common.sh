@@ -46,3 +46,38 @@ serve_c64() {
   python3 -c "import json;r=json.load(open('$R/$1.json'));print('$1:',r['completed'],'ok',r['failed'],'failed',
     round(r['output_tok_s']),'tok/s; TPOT',r['tpot_ms'],'TTFT',r['ttft_ms'],'ITL',r['itl_ms'],'E2E',r['e2e_ms'],r['errors'][:1])"
 }
+# grammar_b64: batch 64 (128 in / 256 out) without and with a json_schema on every request (issue 12: <= 10% TPOT)
+grammar_b64() {
+  for g in plain schema; do
+    timeout 60 $L --batch-size 64 --input-len 128 --output-len 256 --max-num-seqs 64 --output-json $R/b64_$g.json \
+      $([ $g = schema ] && echo --json-schema benchmarks/json_schema_long.json) > $R/b64_$g.log 2>&1
+    echo "b64 $g: $(j $R/b64_$g.json decode_ms_per_step output_tok_s ended_early overlapped_steps steps) $(grep -m1 -E 'Error|error' $R/b64_$g.log)"
+  done
+}
+# kernel_tests: tests/kernels at every shape, 8 workers where xdist is there
+kernel_tests() {
+  local x=""; python3 -c "import xdist" 2>/dev/null && x="-n 8"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -W ignore $x tests/kernels 2>&1 | tail -3
+}
+# b1 NAME ARGS: batch-1 decode, 128 in / 256 out
+b1() {
+  timeout 50 $L --batch-size 1 --input-len 128 --output-len 256 --max-num-seqs 8 --output-json $R/b1_$1.json "${@:2}" \
+    > $R/b1_$1.log 2>&1; echo "b1 $1: $(j $R/b1_$1.json output_tok_s decode_ms_per_step) $(grep -m1 -E 'Error|error' $R/b1_$1.log)"
+}
+# b256 NAME ARGS: batch-256 decode step, context 1000..1200
+b256() {
+  timeout 80 $L --batch-size 256 --input-len 1000 --output-len 200 --max-num-seqs 256 --iters 1 --warmup-iters 1 \
+    --output-json $R/b256_$1.json "${@:2}" > $R/b256_$1.log 2>&1
+  echo "b256 $1: $(j $R/b256_$1.json decode_ms_per_step output_tok_s) $(grep -m1 -E 'Error|error' $R/b256_$1.log)"
+}
+# w8_sweep: W8A16 at T <= 16 (default tiles, FP16_CODES, deeper K splits); the sweep goes on to larger T if time allows
+w8_sweep() {
+  timeout ${1:-100} python3 benchmarks/kernels/bench_kernels.py --sweep --only w8a16 --json $R/w8.json > $R/w8.log 2>&1
+  grep -E "T=1 |T=16 " $R/w8.log | cut -c1-150
+}
+# first_request: the cold first request after ready (1000 in / 16 out) and the server's start-up lines
+first_request() {
+  COLD_TIMEOUT=70 bash benchmarks/device/run_serving.sh first 2>&1 | grep -v "^tar"
+  grep -h "after ready" $R/first.json.server.log | sed 's/.*after ready//' | cut -c1-200 | sort | uniq -c | sort -rn | head -6
+  grep -h -E "starting Kiln|loaded in|warm-up:|captured|ready in" $R/first.json.server.log | cut -c1-300
+}

@@ -5,17 +5,10 @@
 # server's log (CompileWatch names any kernel compiled after ready). The loads at 4 and 8 req/s: run_i.sh.
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name --format=csv,noheader; git rev-parse --short HEAD 2>/dev/null
-b256() {  # b256 NAME ARGS: batch-256 decode step, context 1000..1200
-  timeout 80 $L --batch-size 256 --input-len 1000 --output-len 200 --max-num-seqs 256 --iters 1 --warmup-iters 1 \
-    --output-json $R/b256_$1.json "${@:2}" > $R/b256_$1.log 2>&1
-  echo "b256 $1: $(j $R/b256_$1.json decode_ms_per_step output_tok_s) $(grep -m1 -E 'Error|error' $R/b256_$1.log)"
-}
 b256 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8; b256 bf16; b256 kv8 --kv-cache-dtype int8
 timeout 170 $B throughput --preset $PRESET --num-prompts 1000 --input-len 1000 --output-len 1000 \
   --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 512 --output-json $R/t1000_fp8.json > $R/t1000_fp8.log 2>&1
 echo "1000x1000 w8a8-fp8 + fp8 KV, batch <= 512: $(j $R/t1000_fp8.json output_tok_s total_s preemptions kv_blocks)"
 grep -m2 -E "KV cache:|Error" $R/t1000_fp8.log | cut -c1-300
-COLD_TIMEOUT=70 bash benchmarks/device/run_serving.sh first 2>&1 | grep -v "^tar"
-grep -h "after ready" $R/first.json.server.log | sed 's/.*after ready//' | cut -c1-260 | sort | uniq -c | sort -rn | head -12
-grep -h -E "starting Kiln|loaded in|warm-up:|captured|ready in" $R/first.json.server.log | cut -c1-300
+first_request
 tar czf $OUT/run_h.tgz -C $OUT r
