@@ -370,27 +370,24 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None) -> FastAPI:
     def fe_of(request: Request) -> Frontend:
         return request.app.state.frontend
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def native_or_openai(request: Request, is_native, kind: str):
+        """The OpenAI paths also take the seed's native bodies (is_native tells them apart)."""
         fe = fe_of(request)
         try:
             body = await read_json(request)
         except RequestError as e:
             return _both_error(e)
-        if _is_native_chat(body):
+        if is_native(body):
             return await serve_native(request, body, fe)
-        return await serve_openai(request, body, fe, "chat")
+        return await serve_openai(request, body, fe, kind)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await native_or_openai(request, _is_native_chat, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        fe = fe_of(request)
-        try:
-            body = await read_json(request)
-        except RequestError as e:
-            return _both_error(e)
-        if _is_native_completion(body):
-            return await serve_native(request, body, fe)
-        return await serve_openai(request, body, fe, "completions")
+        return await native_or_openai(request, _is_native_completion, "completions")
 
     @app.post("/v1/chat/completions/completions")
     async def genA_completions(request: Request):
