@@ -31,6 +31,16 @@ def _codes_to(x, cdtype: tl.constexpr):
     return x.to(cdtype)
 
 
+@triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One tile of the streaming softmax (base 2): scores s [M, N] against the running max m_i and sum l_i [M] ->
+    (p, the factor alpha that rescales what came before, the new max, the new sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
 # Values that change with traffic are not specialized on, so no new variant compiles after warm-up
 # (docs/kernels.md): the partition length and count follow the batch and the longest context; the block table's,
 # seq lens' addresses follow the step's layout (a mixed step passes row slices). None of them buys speed as a
@@ -104,10 +114,7 @@ def _decode_kernel(
         else:
             s = s * qk_scale
         s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
         if KV_KIND == KV_INT8:
             p = p * vs[None, :]
         if FP32:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._utils import KV_FLOAT, KV_FP8, KV_INT8, interpreting, kv_scale_args, launch, next_pow2
-from .decode_attention import _codes_to
+from .decode_attention import _codes_to, _online_softmax
 
 LOG2E = 1.4426950408889634
 
@@ -55,10 +55,7 @@ def _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
     if MASK:
         causal = (offs_n[None, :] <= q_pos[:, None]) & nmask[None, :]
         s = tl.where(causal, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
     if KV_KIND == KV_INT8:
         p = p * vs[None, :]
     if MASK:
