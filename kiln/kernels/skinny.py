@@ -46,14 +46,13 @@ def skinny_config(M: int, N: int, K: int, device: torch.device) -> tuple:
 
 
 def skinny_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: tuple | None = None, gated: bool = False) -> torch.Tensor:
-    """x [..., K] @ w [N, K].T (+ bias [N]) -> [..., N], w in x's dtype. gated: x is [..., 2K] = [g | u] and the
-    input is silu(g) * u. config overrides the tiles (tuning)."""
-    K = x.shape[-1] // (2 if gated else 1)
+                  config: tuple | None = None) -> torch.Tensor:
+    """x [..., K] @ w [N, K].T (+ bias [N]) -> [..., N], w in x's dtype. config overrides the tiles (tuning)."""
+    K = x.shape[-1]
     N, Kw = w.shape
     assert Kw == K and w.dtype == x.dtype and w.stride(-1) == 1
     x2, out = rows_and_out(x, N)
     M = x2.shape[0]
     if M:
-        small_m_matmul(x2, w, None, bias, out, config or skinny_config(M, N, K, x.device), gated)
+        small_m_matmul(x2, w, None, bias, out, config or skinny_config(M, N, K, x.device))
     return out.view(*x.shape[:-1], N)

@@ -31,18 +31,6 @@ CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 FP16_CODES = os.environ.get("KILN_W8A16_FP16_CODES", "0") == "1"
 
 
-@triton.jit
-def _x_tile(x_rows, offs_k, mask, K, GATED: tl.constexpr):
-    """The activation tile [BLOCK_M, BLOCK_K]. GATED: x_rows are rows of a fused gate/up output [g | u] (width 2K)
-    and the tile is silu(g) * u, computed as kernels.silu_and_mul computes it (float32, then x's dtype), so the
-    fused down projection gives the same result as the two kernels did."""
-    if GATED:
-        g = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_rows + K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        return (g / (1.0 + tl.exp(-g)) * u).to(x_rows.dtype.element_ty)
-    return tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
-
-
 # values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
 @triton.jit(do_not_specialize=['M'])
 def _w8a16_kernel(
@@ -51,7 +39,7 @@ def _w8a16_kernel(
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
-    HAS_SCALE: tl.constexpr = True, FP16_CODES: tl.constexpr = False, GATED: tl.constexpr = False,
+    HAS_SCALE: tl.constexpr = True, FP16_CODES: tl.constexpr = False,
 ):
     # HAS_SCALE=False: a plain bf16/fp16 weight (kiln.kernels.skinny reuses this kernel).
     # FP16_CODES: int8 codes as fp16 (x + 1152 is an fp16 of exponent 10 whose mantissa holds x + 128: an integer
@@ -73,11 +61,11 @@ def _w8a16_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + offs_kb
         if EVEN_K:
-            x = _x_tile(x_rows, offs_k, mmask[:, None], K, GATED)
+            x = tl.load(x_rows + offs_k[None, :], mask=mmask[:, None], other=0.0)
             w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None], other=0.0)
         else:
             kmask = offs_k < k_end
-            x = _x_tile(x_rows, offs_k, mmask[:, None] & kmask[None, :], K, GATED)
+            x = tl.load(x_rows + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
         if FP32:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
@@ -182,12 +170,11 @@ def rows_and_out(x: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
-                 bias: torch.Tensor | None = None, config: tuple | None = None, gated: bool = False) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32) @ dequant(w_int8 [N, K], w_scale [N]).T (+ bias [N]) ->
-    [..., N] in x's dtype; w_int8 holds int8 or E4M3 codes. gated: x is [..., 2K], a fused gate/up output
-    [g | u], and the input is silu(g) * u (a down projection with the activation in its load). config overrides
-    the tile choice (tuning/benchmarks only)."""
-    K = x.shape[-1] // (2 if gated else 1)
+    [..., N] in x's dtype; w_int8 holds int8 or E4M3 codes. config overrides the tile choice (tuning/benchmarks
+    only)."""
+    K = x.shape[-1]
     N, Kw = w_int8.shape
     assert Kw == K and w_int8.dtype in CODE_DTYPES and w_int8.stride(-1) == 1
     x2, out = rows_and_out(x, N)
@@ -195,25 +182,20 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
     if M == 0:
         return out.view(*x.shape[:-1], N)
     if config is None and M > LARGE_T:
-        if gated:
-            from .activation import silu_and_mul
-            x2 = silu_and_mul(x2)
         w = dequantize_int8_weight(w_int8, w_scale, x.dtype)
         torch.matmul(x2, w.t(), out=out)
         if bias is not None:
             out += bias.to(out.dtype)
         return out.view(*x.shape[:-1], N)
-    small_m_matmul(x2, w_int8, w_scale, bias, out, config or _config(M, N, K, x.device), gated)
+    small_m_matmul(x2, w_int8, w_scale, bias, out, config or _config(M, N, K, x.device))
     return out.view(*x.shape[:-1], N)
 
 
 def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
-                   out: torch.Tensor, config: tuple, gated: bool = False) -> None:
+                   out: torch.Tensor, config: tuple) -> None:
     """out [M, N] = x2 [M, K] @ (w [N, K] (* w_scale[:, None])).T (+ bias), K split over `config`'s SPLIT_K
-    programs and summed by a second kernel. w is int8 or E4M3 with a scale, or in x's dtype with w_scale None.
-    gated: x2 is [M, 2K] = [g | u] and the input is silu(g) * u."""
+    programs and summed by a second kernel. w is int8 or E4M3 with a scale, or in x's dtype with w_scale None."""
     M, K = x2.shape
-    K //= 2 if gated else 1
     N = w.shape[0]
     bm, bn, bk, split, warps, stages = config[:6]
     fp16_codes = (config[6] if len(config) > 6 else FP16_CODES) and w.dtype == torch.int8 and \
@@ -231,7 +213,7 @@ def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | No
         M, N, K, k_split,
         x2.stride(0), w.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=has_bias, EVEN_K=even_k,
-        FP32=x2.dtype == torch.float32, HAS_SCALE=has_scale, FP16_CODES=fp16_codes, GATED=gated,
+        FP32=x2.dtype == torch.float32, HAS_SCALE=has_scale, FP16_CODES=fp16_codes,
         num_warps=warps, num_stages=stages,
     )
     if split > 1:

@@ -135,31 +135,6 @@ class Linear(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(self.local(x))
-
-    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
-        """The tensor-parallel reduction of this layer's output (none: each rank holds whole outputs)."""
-        return y
-
-    def forward_gated(self, gu: torch.Tensor) -> torch.Tensor:
-        """self(silu(g) * u) for gu = [g | u], a fused gate/up projection's output. On a GPU, where the Triton
-        small-batch kernels run (dense at decode sizes, W8A16), the activation is computed in the matmul's input
-        load: one kernel fewer per layer, the same result. Hooks on this layer (calibration's) see the activation,
-        so with any registered the two steps run apart."""
-        if gu.is_cuda and not (self._forward_pre_hooks or self._forward_hooks):
-            from kiln.kernels import skinny_matmul, use_skinny, w8a16_matmul
-            if self.qweight is not None and not self.int4 and not self.act_quant:
-                return self._reduce(w8a16_matmul(gu, self.qweight, self.scale, self.bias, gated=True))
-            if self.qweight is None and use_skinny(gu, self.weight):
-                return self._reduce(skinny_matmul(gu, self.weight, self.bias, gated=True))
-        if gu.is_cuda:
-            from kiln.kernels import silu_and_mul
-            return self(silu_and_mul(gu))
-        i = gu.shape[-1] // 2
-        return self(F.silu(gu[..., :i]) * gu[..., i:])
-
-    def local(self, x: torch.Tensor) -> torch.Tensor:
-        """y = x W^T (+ b) with this rank's weight (no tensor-parallel reduction)."""
         if self.qweight is not None:
             if self.int4:
                 return _w4a16(x, self.qweight, self.scale, self.bias)
@@ -229,8 +204,8 @@ class RowParallelLinear(Linear):
         # int8 scales over the whole row, not this rank's part: the same weights as on one rank
         return tpd.all_reduce_max(super()._channel_absmax(w))
 
-    def _reduce(self, y):
-        return tpd.all_reduce(y)
+    def forward(self, x):
+        return tpd.all_reduce(super().forward(x))
 
 
 class VocabEmbedding(nn.Module):

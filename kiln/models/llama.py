@@ -6,6 +6,7 @@ where each sequence's tokens start and how long its context is.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kiln import distributed as tpd
@@ -57,9 +58,14 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.inter = cfg.intermediate_size // tpd.tp_size()
 
     def forward(self, x):
-        return self.down_proj.forward_gated(self.gate_up_proj(x))  # silu(gate) * up, fused where a kernel can
+        gu = self.gate_up_proj(x)
+        if gu.is_cuda:
+            from kiln.kernels import silu_and_mul
+            return self.down_proj(silu_and_mul(gu))
+        return self.down_proj(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
 
 
 class DecoderLayer(nn.Module):

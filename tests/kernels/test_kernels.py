@@ -406,42 +406,6 @@ def test_skinny_matmul(M, N, Kd, bias, dtype):
     assert rel_err(out, R.skinny_matmul(x, w, b)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("M,N,I", [(1, 96, 160), (5, 64, 256), (100, 48, 64), (300, 40, 64),
-                                   pytest.param(1, 4096, 14336, marks=gpu_only),
-                                   pytest.param(16, 4096, 14336, marks=gpu_only)])
-@pytest.mark.parametrize("dtype", DOT_DTYPES)
-def test_down_projection_with_the_activation_in_its_load(M, N, I, dtype):
-    """gated=True (silu(g) * u computed in the input load, kernels/w8a16.py) gives what silu_and_mul and then the
-    matmul give: the same tiles, the same float32 activation math, so the same values. W8A16 at every path (T > 256
-    runs silu_and_mul itself), and the dense skinny kernel at decode sizes."""
-    gu = rand(M, 2 * I, dtype=dtype, scale=3.0)
-    wq, ws = R.quantize_int8(rand(N, I))
-    act = K.silu_and_mul(gu)
-    # bit-identical under the interpreter; on a GPU the compiler may order the activation's float ops differently
-    tol = 0.0 if INTERP else 1e-3
-    assert rel_err(K.w8a16_matmul(gu, wq, ws, gated=True), K.w8a16_matmul(act, wq, ws)) <= tol
-    if M <= 8:
-        w = rand(N, I, dtype=dtype, scale=0.05)
-        assert rel_err(K.skinny_matmul(gu, w, gated=True), K.skinny_matmul(act, w)) <= tol
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="the dispatch only picks the kernel for CUDA tensors")
-def test_mlp_down_projection_fuses_the_activation_where_a_kernel_can():
-    """Linear.forward_gated: the fused kernels for dense rows at decode sizes and W8A16, silu_and_mul + the layer
-    elsewhere (more rows, W8A8), each matching the layer applied to silu_and_mul's output."""
-    from kiln.layers.linear import Linear
-    torch.manual_seed(0)
-    for scheme in (None, "w8a16", "w8a8-int8"):
-        lin = Linear(512, 256).to("cuda", torch.bfloat16)
-        lin.weight.data.normal_(0, 0.05)
-        if scheme:
-            lin.quantize_weights(scheme)
-        for m in (1, 8, 64, 300):
-            gu = rand(m, 1024, dtype=torch.bfloat16)
-            ref = lin(K.silu_and_mul(gu))
-            assert rel_err(lin.forward_gated(gu), ref) < 1e-3, (scheme, m)
-
-
 @pytest.mark.skipif(not HAS_CUDA, reason="the dispatch only picks the kernel for CUDA tensors")
 def test_linear_layer_dispatches_few_rows_to_skinny_and_matches():
     from kiln.kernels.skinny import MAX_T
