@@ -327,7 +327,7 @@ def _profile_decode(core, prompts, path: str, steps: int = 16) -> None:
     _sync(core)
     # host-side split of a step, without the profiler's overhead ("collect" includes waiting for the GPU)
     acc: dict[str, float] = {}
-    patched = [(core.scheduler, "schedule"), (core.runner, "execute"), (core.runner, "prepare"),
+    patched = [(core.scheduler, "schedule"), (core.runner, "launch"), (core.runner, "prepare"),
                (core.runner, "to_device"), (core, "_collect")]
 
     def timed(name, fn):
