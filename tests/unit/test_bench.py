@@ -85,6 +85,17 @@ def test_offline_benchmarks_count_the_tokens_they_ran():
     assert js["ended_early"] == 0 and js["decode_mean_batch"] == pytest.approx(3) and js["decode_steps"] == 11
 
 
+def test_latency_profile_writes_the_kernel_table(tmp_path):
+    """--profile: where a decode step's time goes (host split and the profiler's table), written to a file."""
+    out = tmp_path / "prof.txt"
+    p = subprocess.run([sys.executable, "-m", "kiln.entrypoints.bench", "latency", "--preset", "tiny", "--device",
+                        "cpu", "--dtype", "float32", "--batch-size", "2", "--input-len", "8", "--output-len", "40",
+                        "--iters", "1", "--profile", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    text = out.read_text()
+    assert "decode step, batch 2" in text and "launch" in text and "Self CPU" in text, text[:2000]
+
+
 def test_request_log_line_gives_the_server_split():
     """What the server writes (RequestLogObserver) is what `bench serve` reads back (parse_request_log)."""
     import logging
