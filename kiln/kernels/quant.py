@@ -35,12 +35,13 @@ def _round_half_even(y):
 
 
 @triton.jit
-def _to_codes(x, scale, INT8: tl.constexpr, QMAX: tl.constexpr):
+def _to_codes(x, scale, codes_ptr, INT8: tl.constexpr, QMAX: tl.constexpr):
+    # one return type: branches that return int8 and E4M3 do not compile on Triton 3.6 (the interpreter takes them)
     y = tl.math.div_rn(x, scale)
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if INT8:
-        return _round_half_even(y).to(tl.int8)
-    return y.to(tl.float8e4nv)
+        y = _round_half_even(y)  # integral: the int8 cast below is exact
+    return y.to(codes_ptr.dtype.element_ty)
 
 
 # values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
@@ -60,7 +61,7 @@ def _quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, static_ptr, M, K, stride_xm,
             scale = tl.load(static_ptr).to(tl.float32)
         else:
             scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-8), QMAX)
-        tl.store(c_row + offs, _to_codes(x, scale, INT8, QMAX), mask=mask)
+        tl.store(c_row + offs, _to_codes(x, scale, codes_ptr, INT8, QMAX), mask=mask)
     else:
         if STATIC:
             scale = tl.load(static_ptr).to(tl.float32)
@@ -72,7 +73,7 @@ def _quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, static_ptr, M, K, stride_xm,
             scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-8), QMAX)
         for k0 in range(0, K, BLOCK_K):  # the second read of a long row mostly hits L2
             x = tl.load(x_row + k0 + offs, mask=k0 + offs < k_live, other=0.0).to(tl.float32)
-            tl.store(c_row + k0 + offs, _to_codes(x, scale, INT8, QMAX), mask=k0 + offs < K)
+            tl.store(c_row + k0 + offs, _to_codes(x, scale, codes_ptr, INT8, QMAX), mask=k0 + offs < K)
     tl.store(scale_ptr + row, scale)
 
 
@@ -137,5 +138,6 @@ def scale_int32(acc: torch.Tensor, row_scale: torch.Tensor, channel_scale: torch
     bm, bn = 16, 256
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
     launch(_scale_int32_kernel, grid, acc, xs, ws, bias.contiguous() if has_bias else ws, out, M, N, acc.stride(0),
-           out.stride(0), BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=has_bias, num_warps=4)
+           out.stride(0), BLOCK_M=bm, BLOCK_N=bn, HAS_BIAS=has_bias, num_warps=4,
+           enable_fp_fusion=False)  # no FMA: the product is rounded before the bias, as in the reference
     return out

@@ -63,7 +63,10 @@ def quantize_activation(x: torch.Tensor, dtype: torch.dtype, static_scale: torch
     if static_scale is not None:
         scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1)
     else:
-        scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax(dtype)
+        amax = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)
+        # a tensor divisor: CUDA torch turns division by a Python number into a multiply by its reciprocal (one
+        # ulp off at times); the kernels (kiln/kernels/quant.py) divide, as the CPU does
+        scale = amax / amax.new_tensor(qmax(dtype))
     return to_codes(x, scale, dtype), scale
 
 
@@ -100,6 +103,13 @@ def _w8a8_kernels(x2, qweight, wscale, bias, input_scale):
     m = x2.shape[0]
     if m <= WEIGHT_ONLY_MAX_T:
         return kernels.w8a16_matmul(x2, qweight, wscale, bias)
+    if qweight.shape[0] % 16 or qweight.shape[1] % 16:
+        # cuBLAS's 8-bit GEMMs want N and K multiples of 16 (every model projection is): the same codes and
+        # scales, the products summed in float32
+        xq, xs = kernels.quantize_activation(x2, qweight.dtype, input_scale)
+        y = (xq.float() @ qweight.float().t()) * xs * wscale.float()[None, :]
+        y = y.to(x2.dtype)
+        return y if bias is None else y + bias
     if qweight.dtype == torch.int8:
         xq, xs = kernels.quantize_activation(x2, torch.int8, input_scale, pad_rows=INT_MM_MIN_ROWS)
         return kernels.scale_int32(torch._int_mm(xq, qweight.t()), xs, wscale, bias, x2.dtype, rows=m)
