@@ -88,6 +88,16 @@ def grpc_request(url: str, req: dict) -> list[dict]:
         c.close()
 
 
+def test_http_worker_warm_up_leaves_no_trace_in_metrics_or_the_request_log(server):
+    """Each HTTP worker sends in-process requests through its app before it takes connections (the first real
+    request would pay for FastAPI's route build and anyio's imports): they reach no engine and count nowhere."""
+    assert server.tail(400).count("HTTP worker warmed up in") == 2, server.tail(400)
+    m = scrape(server)
+    assert not [k for k, x in m.items() if x and k[0] in ("kiln:request_errors_total", "kiln:request_success_total",
+                                                          "kiln:prompt_tokens_total")], m
+    assert server.requests_log() == ""
+
+
 def test_every_family_is_exposed(server):
     r = requests.get(f"http://127.0.0.1:{server.ports['METRICS_PORT']}/metrics", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
