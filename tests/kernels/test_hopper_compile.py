@@ -1,0 +1,129 @@
+"""Every Triton kernel variant that a representative set of launches selects compiles for a Hopper GPU (sm_90),
+here, without one.
+
+Triton's interpreter (how CI runs the kernels) executes a kernel's Python and so accepts code that the compiler
+rejects: run J (H100, 2026-12-06) failed 109 kernel tests on one such kernel (branches returning int8 and E4M3
+from one function). So the launches below run under the interpreter with a KernelVariants recorder (the variant
+keys that a GPU would compile: kiln/kernels/_utils.py), and a subprocess without the interpreter compiles each
+distinct variant ahead of time, through ptxas, for sm_90 (Triton ships its own ptxas; no driver is needed), with
+the Triton installed here (the GPU machines run 3.6; this check caught run J's failure with 3.9). Takes ~20 s.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.kernels.kernel_env import INTERP
+
+pytestmark = pytest.mark.skipif(not INTERP, reason="the GPU kernel tests compile every variant they launch")
+
+from kiln import kernels as K  # noqa: E402
+from kiln.kernels._utils import KernelVariants  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+
+
+def _launch_every_kernel():
+    """Each kernel with each storage type a model can give it: bf16 / fp16 activations, bf16 / int8 / fp8 KV
+    caches, int8 / E4M3 weights, int8 / E4M3 activation codes (static and dynamic, short and long rows)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    for dt in (torch.bfloat16, torch.float16):
+        x, w = rand(3, 64, dtype=dt), rand(64, dtype=dt)
+        K.rmsnorm(x, w, 1e-6)
+        K.fused_add_rmsnorm(x.clone(), x.clone(), w, 1e-6)
+        K.silu_and_mul(rand(3, 128, dtype=dt))
+        q, k = rand(3, 4, 64, dtype=dt), rand(3, 2, 64, dtype=dt)
+        K.rotary_embedding(torch.arange(3), q, k, torch.randn(16, 64, generator=g))
+        K.skinny_matmul(rand(2, 256, dtype=dt), rand(96, 256, dtype=dt))
+    blocks, bs, hkv, d, hq = 6, 16, 2, 64, 4
+    for kv in (torch.bfloat16, torch.int8, FP8):
+        kc = torch.zeros(blocks, bs, hkv, d).to(kv)
+        vc = torch.zeros_like(kc)
+        if kv == torch.int8:
+            ks, vs = torch.ones(blocks, bs, hkv), torch.ones(blocks, bs, hkv)
+        elif kv == FP8:
+            ks, vs = torch.ones(hkv), torch.ones(hkv)
+        else:
+            ks = vs = None
+        K.reshape_and_cache(rand(5, hkv, d), rand(5, hkv, d), kc, vc, torch.arange(5), ks, vs)
+        tables = torch.arange(blocks, dtype=torch.int32).reshape(2, 3)
+        lens = torch.tensor([40, 7], dtype=torch.int32)
+        for part in (None, 32):  # one pass, and flash-decoding partitions with their reduce kernel
+            K.paged_decode_attention(rand(2, hq, d), kc, vc, tables, lens, 0.125, ks, vs, partition_size=part)
+        K.paged_prefill_attention(rand(10, hq, d), kc, vc, tables, torch.tensor([0, 3, 10], dtype=torch.int32),
+                                  lens, 0.125, 7, ks, vs)
+    for code in (torch.int8, FP8):
+        wq = rand(96, 256).clamp(-1, 1).mul(100).to(torch.int8) if code == torch.int8 else rand(96, 256).to(FP8)
+        ws = torch.rand(96, generator=g)
+        for m in (1, 5, 40):  # the GEMV, the small-M and the large-M paths
+            K.w8a16_matmul(rand(m, 256), wq, ws, None)
+        for k_len in (200, 20000):  # one tile, and the two-loop path
+            x = rand(3, k_len)
+            K.quantize_activation(x, code)
+            K.quantize_activation(x, code, torch.tensor([0.02]))
+    acc = torch.randint(-100, 100, (17, 96), dtype=torch.int32)
+    for bias in (None, rand(96)):
+        K.scale_int32(acc, torch.rand(17, 1, generator=g), torch.rand(96, generator=g), bias, torch.bfloat16, 5)
+
+
+_COMPILER = textwrap.dedent('''
+    import importlib, pickle, pkgutil, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import kiln.kernels
+    kernels = {}
+    for mod in pkgutil.iter_modules(kiln.kernels.__path__):
+        m = importlib.import_module("kiln.kernels." + mod.name)
+        for obj in vars(m).values():
+            if isinstance(obj, triton.runtime.jit.JITFunction):
+                kernels[obj.fn.__name__] = obj
+    failed = 0
+    for name, constexprs, specs, options in pickle.load(open(sys.argv[1], "rb")):
+        fn = kernels[name]
+        signature, consts, attrs = {}, dict(constexprs), {}
+        for arg, spec in specs:
+            if spec.startswith("="):  # an int equal to 1: a constant
+                consts[arg] = int(spec[1:])
+                continue
+            ty, _, aligned = spec.partition(":")
+            signature[arg] = ty
+            if aligned:
+                attrs[(fn.arg_names.index(arg),)] = [["tt.divisibility", 16]]
+        for arg in consts:
+            signature[arg] = "constexpr"
+        signature = {a: signature[a] for a in fn.arg_names}
+        try:
+            triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(options))
+        except Exception as e:
+            failed += 1
+            print(f"FAILED {name} {dict(constexprs)} {dict(options)}: {type(e).__name__}: {str(e)[:600]}")
+    sys.exit(1 if failed else 0)
+''')
+
+
+def test_every_kernel_variant_compiles_for_hopper(tmp_path):
+    with KernelVariants() as v:
+        _launch_every_kernel()
+    names = {k[0] for k in v.keys}
+    assert {"_quant_rows_kernel", "_scale_int32_kernel", "_w8a16_kernel", "_decode_kernel", "_decode_reduce_kernel",
+            "_prefill_kernel", "_reshape_and_cache_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= names, names
+    keys = tmp_path / "variants.pkl"
+    keys.write_bytes(pickle.dumps(sorted(v.keys, key=repr)))
+    env = {k: x for k, x in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile every variant, cached or not
+    p = subprocess.run([sys.executable, "-c", _COMPILER, str(keys)], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).parents[2], timeout=900)
+    assert p.returncode == 0, f"{len(v.keys)} variants; failures:\n{p.stdout[-6000:]}\n{p.stderr[-3000:]}"
