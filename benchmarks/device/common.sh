@@ -70,7 +70,7 @@ b256() {
     --output-json $R/b256_$1.json "${@:2}" > $R/b256_$1.log 2>&1
   echo "b256 $1: $(j $R/b256_$1.json decode_ms_per_step output_tok_s) $(grep -m1 -E 'Error|error' $R/b256_$1.log)"
 }
-# w8_sweep: W8A16 at T <= 16 (default tiles, FP16_CODES, deeper K splits); the sweep goes on to larger T if time allows
+# w8_sweep: W8A16 at T <= 16 (default tiles, narrower ones, deeper K splits); the sweep goes on to larger T if time allows
 w8_sweep() {
   timeout ${1:-100} python3 benchmarks/kernels/bench_kernels.py --sweep --only w8a16 --json $R/w8.json > $R/w8.log 2>&1
   grep -E "T=1 |T=16 " $R/w8.log | cut -c1-150

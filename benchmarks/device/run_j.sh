@@ -3,13 +3,13 @@
 # in one call, most wanted first (a call cut short keeps what ran), for a session that may get only one machine
 # (runs G/H/I hold the rest):
 #   issue 12: batch 64 with and without a json_schema on every request (<= 10% more TPOT); kernel tests at every
-#   shape; the decode kernel's 8-bit rows; batch 1 per weight format (W8A16 with and without FP16_CODES) and the
+#   shape; the decode kernel's 8-bit rows; batch 1 per weight format and the
 #   W8A16 T <= 16 sweep; the batch-256 step at context ~1,100 (FP8 weights + fp8 cache, bf16); the cold first
 #   request with the server's start-up lines.
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; git rev-parse --short HEAD 2>/dev/null; date -u
 grammar_b64
-b1 bf16; b1 w8a16 --quantization w8a16; KILN_W8A16_FP16_CODES=1 b1 w8a16-fp16codes --quantization w8a16
+b1 bf16; b1 w8a16 --quantization w8a16
 first_request
 b256 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8; b256 bf16
 kernel_tests

@@ -14,7 +14,6 @@ does the rest.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -25,10 +24,6 @@ from ._utils import interpreting, launch, next_pow2, num_sms
 SMALL_T = 64    # up to here: decode-sized tiles (the weight read dominates)
 LARGE_T = 256   # above: dequantize once, then torch.matmul
 CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
-# int8 codes to fp16 by integer add + bitcast (FP16_CODES below) instead of the int->float unit, which runs at 16
-# conversions per clock per SM on Hopper: about the code rate of an H200's memory, so the plain conversion caps a
-# batch-1 read. An experiment until measured on a GPU (docs/kernels.md); 1 turns it on by default.
-FP16_CODES = os.environ.get("KILN_W8A16_FP16_CODES", "0") == "1"
 
 
 # values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
@@ -39,12 +34,9 @@ def _w8a16_kernel(
     stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
-    HAS_SCALE: tl.constexpr = True, FP16_CODES: tl.constexpr = False,
+    HAS_SCALE: tl.constexpr = True,
 ):
     # HAS_SCALE=False: a plain bf16/fp16 weight (kiln.kernels.skinny reuses this kernel).
-    # FP16_CODES: int8 codes as fp16 (x + 1152 is an fp16 of exponent 10 whose mantissa holds x + 128: an integer
-    # add, a bitcast, an fp16 subtract) and the activations in fp16 (clamped to its range: a bf16 activation keeps
-    # its 8 significant bits there), products on fp16 tensor cores with the same float32 accumulator.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -69,10 +61,6 @@ def _w8a16_kernel(
             w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
         if FP32:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
-        elif FP16_CODES:
-            x16 = tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-            w16 = (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
-            acc += tl.dot(x16, tl.trans(w16))
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     offs_m64 = offs_m.to(tl.int64)
@@ -129,8 +117,7 @@ def dequantize_int8_weight(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: t
 
 
 def _config(M: int, N: int, K: int, device: torch.device):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for a small-M problem; a 7th element, when
-    given (tuning), says whether int8 codes take the FP16_CODES conversion."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for a small-M problem."""
     if interpreting():
         bm = max(16, next_pow2(M))
         return bm, 32, 32, (2 if K >= 128 else 1), 4, 1
@@ -197,9 +184,7 @@ def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | No
     programs and summed by a second kernel. w is int8 or E4M3 with a scale, or in x's dtype with w_scale None."""
     M, K = x2.shape
     N = w.shape[0]
-    bm, bn, bk, split, warps, stages = config[:6]
-    fp16_codes = (config[6] if len(config) > 6 else FP16_CODES) and w.dtype == torch.int8 and \
-        x2.dtype != torch.float32
+    bm, bn, bk, split, warps, stages = config
     k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, k_split)
     even_k = K % bk == 0 and k_split % bk == 0
@@ -213,7 +198,7 @@ def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | No
         M, N, K, k_split,
         x2.stride(0), w.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=has_bias, EVEN_K=even_k,
-        FP32=x2.dtype == torch.float32, HAS_SCALE=has_scale, FP16_CODES=fp16_codes,
+        FP32=x2.dtype == torch.float32, HAS_SCALE=has_scale,
         num_warps=warps, num_stages=stages,
     )
     if split > 1:
