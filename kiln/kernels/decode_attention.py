@@ -22,16 +22,6 @@ REDUCE_CHUNK = 32
 
 
 @triton.jit
-def _codes_to(x, cdtype: tl.constexpr):
-    """8-bit cache codes to the tile products' dtype. int8 to fp16 without the slow int->float unit: x + 1152 is an
-    fp16 with exponent 10 whose mantissa holds x + 128 (bits 0x6400 + x + 128), so one integer add, a bitcast and
-    an fp16 subtract; E4M3 to fp16 is one instruction per two codes anyway."""
-    if x.dtype == tl.int8 and cdtype == tl.float16:
-        return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
-    return x.to(cdtype)
-
-
-@triton.jit
 def _online_softmax(s, m_i, l_i):
     """One tile of the streaming softmax (base 2): scores s [M, N] against the running max m_i and sum l_i [M] ->
     (p, the factor alpha that rescales what came before, the new max, the new sum)."""
@@ -80,12 +70,18 @@ def _decode_kernel(
     if KV_KIND == KV_FLOAT:
         cdtype = k_cache_ptr.dtype.element_ty
         q = q.to(cdtype)
-    else:
-        # 8-bit codes convert exactly to fp16, E4M3 in one instruction per two codes (to bf16 it takes three, and
-        # that conversion bounded this loop); so the tile products run in fp16 whatever q's dtype (q is O(1..100),
-        # P in [0, 1]: both well inside fp16, with more mantissa than bf16). fp32 stays fp32, the reference
-        cdtype = tl.float32 if FP32 else tl.float16
+    elif FP32:  # the reference
+        cdtype = tl.float32
+    elif KV_KIND == KV_FP8:
+        # E4M3 converts exactly to fp16 in one instruction per two codes (to bf16 it takes three, and that bounded
+        # this loop: H100, 666 -> 569 us at B=256); so its tile products run in fp16 whatever q's dtype (q is
+        # O(1..100), P in [0, 1]: both well inside fp16, with more mantissa than bf16)
+        cdtype = tl.float16
         q = q.to(cdtype)
+    else:
+        # int8 codes convert exactly to q's dtype (one I2F each). Through fp16 by an integer add and a bitcast
+        # instead, the loop spilled registers (sm_90 SASS) and ran slower: H100, B=256, 671 -> 816 us
+        cdtype = q.dtype
     if KV_KIND == KV_FP8:
         # one static scale per kv head, so per program: K's folds into the score scale, V's multiplies the
         # finished accumulator (P.V is linear in V); no per-token scale loads
@@ -103,9 +99,9 @@ def _decode_kernel(
         k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
         if FP32:
-            s = tl.dot(q, tl.trans(_codes_to(k, cdtype)), input_precision="ieee")
+            s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision="ieee")
         else:
-            s = tl.dot(q, tl.trans(_codes_to(k, cdtype)))
+            s = tl.dot(q, tl.trans(k.to(cdtype)))
         if KV_KIND == KV_INT8:
             s_off = blk * stride_sb + (offs_n % BLOCK_SIZE) * stride_st + kvh * stride_sh
             ks = tl.load(k_scale_ptr + s_off, mask=nmask, other=0.0)
@@ -118,9 +114,9 @@ def _decode_kernel(
         if KV_KIND == KV_INT8:
             p = p * vs[None, :]
         if FP32:
-            pv = tl.dot(p.to(cdtype), _codes_to(v, cdtype), input_precision="ieee")
+            pv = tl.dot(p.to(cdtype), v.to(cdtype), input_precision="ieee")
         else:
-            pv = tl.dot(p.to(cdtype), _codes_to(v, cdtype))
+            pv = tl.dot(p.to(cdtype), v.to(cdtype))
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 

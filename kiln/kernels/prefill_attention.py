@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._utils import KV_FLOAT, KV_FP8, KV_INT8, interpreting, kv_scale_args, launch, next_pow2
-from .decode_attention import _codes_to, _online_softmax
+from .decode_attention import _online_softmax
 
 LOG2E = 1.4426950408889634
 
@@ -38,9 +38,9 @@ def _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
     else:
         k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :])
     if FP32:
-        s = tl.dot(q, tl.trans(_codes_to(k, q.dtype)), input_precision="ieee")
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
     else:
-        s = tl.dot(q, tl.trans(_codes_to(k, q.dtype)))
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
     if KV_KIND == KV_INT8:
         s_off = blk * stride_sb + (offs_n % BLOCK_SIZE) * stride_st + kvh * stride_sh
         if MASK:
@@ -63,9 +63,9 @@ def _prefill_tile(q, acc, m_i, l_i, n0, q_pos, seq_len, kvh, bt_row,
     else:
         v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :])
     if FP32:
-        pv = tl.dot(p.to(q.dtype), _codes_to(v, q.dtype), input_precision="ieee")
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
     else:
-        pv = tl.dot(p.to(q.dtype), _codes_to(v, q.dtype))
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
@@ -109,7 +109,7 @@ def _prefill_kernel(
                 mask=mmask[:, None], other=0.0)
     if KV_KIND == KV_FLOAT:
         q = q.to(k_cache_ptr.dtype.element_ty)
-    elif not FP32:  # 8-bit codes: tile products in fp16 (exact codes, cheap conversion; decode_attention.py says why)
+    elif KV_KIND == KV_FP8 and not FP32:  # E4M3 tiles in fp16, int8 in q's dtype (decode_attention.py says why)
         q = q.to(tl.float16)
     if KV_KIND == KV_FP8:
         # static per-head scales: K's folds into the score scale, V's multiplies the finished accumulator
