@@ -57,7 +57,8 @@ grammar_b64() {
 # kernel_tests: tests/kernels at every shape, 8 workers where xdist is there
 kernel_tests() {
   local x=""; python3 -c "import xdist" 2>/dev/null && x="-n 8"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -W ignore $x tests/kernels 2>&1 | tail -3
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=no -rf $x tests/kernels 2>&1 \
+    | grep -E "^FAILED|passed|failed" | sed 's/ - .*//' | cut -c1-160 | head -40
 }
 # b1 NAME ARGS: batch-1 decode, 128 in / 256 out
 b1() {
