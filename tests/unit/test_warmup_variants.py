@@ -193,7 +193,7 @@ def test_mixed_load_launches_no_kernel_variant_the_warmup_did_not(model_dir, cap
         during_load = KernelVariants().start()
         rnd = random.Random(5)
         n = 0
-        for _ in range(36):  # arrivals between steps: idle, mid-decode, mid-chunk
+        for _ in range(20):  # arrivals between steps: idle, mid-decode, mid-chunk
             while len(core.scheduler.waiting) < 2 and rnd.random() < 0.5:
                 n += 1
                 prompt_len = rnd.choice([1, 3, 17, 40, 70, 150, 270, core.max_model_len - 13])
@@ -208,7 +208,7 @@ def test_mixed_load_launches_no_kernel_variant_the_warmup_did_not(model_dir, cap
         core.variants.kernels.stop()
     # the load did what it is for: chunked prompts beside decodes, odd numbers of decode rows in mixed steps, long
     # contexts (the decode kernel split into partitions: its reduce kernel ran)
-    assert n >= 15 and ("step", "mixed+chunk") in load and ("step", "mixed") in load
+    assert n >= 8 and ("step", "mixed+chunk") in load and ("step", "mixed") in load
     assert any(r % 2 for r in mixed_decode_rows), mixed_decode_rows
     assert "_decode_reduce_kernel" in {k[0] for k in during_load.keys}
     new = new_kernel_variants(warm, {("kernel", k) for k in during_load.keys})
