@@ -97,8 +97,12 @@ class EngineCore:
         self.variants = VariantLog(cfg.max_num_seqs)  # what steps have run: the warm-up's checklist
         self.compile_watch = CompileWatch().install()  # names any kernel compiled after ready
         if warmup_enabled(cfg.warmup, self.runner.device.type):
+            t0 = time.monotonic()
             self.warmup()
+            self.runner.startup_seconds["warm-up"] = time.monotonic() - t0
         self.compile_watch.ready = True
+        # where start to ready goes (the model runner's time includes its weights, CUDA's start and imports)
+        log.info("start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.runner.startup_seconds.items()))
 
     def _log_budget(self, why: str) -> None:
         r, bs = self.runner, self.cfg.block_size

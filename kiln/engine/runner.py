@@ -50,6 +50,7 @@ class ModelRunner:
         t0 = time.monotonic()
         self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, cfg.quantization, cfg.seed)
         self.load_seconds = time.monotonic() - t0
+        self.startup_seconds: dict[str, float] = {"weights": self.load_seconds}
         self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.model.quantization)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
             m.qweight.numel() * m.qweight.element_size() + m.scale.numel() * m.scale.element_size()

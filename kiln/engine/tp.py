@@ -21,6 +21,8 @@ import logging
 import multiprocessing as mp
 import socket
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -135,15 +137,24 @@ def build_runner(cfg: EngineConfig, model_dir: str):
     """Same sequence of collectives on every rank: load, size the cache (min over ranks), allocate, capture,
     then rank 0 logs every rank's memory plan."""
     from kiln.engine.runner import ModelRunner
+    t0 = time.monotonic()
     runner = ModelRunner(cfg, model_dir)
+    phases = runner.startup_seconds  # seconds per start-up phase, logged by the engine core once it is ready
+    phases["model runner"] = time.monotonic() - t0
     max_len = runner.max_model_len()
+    t0 = time.monotonic()
     n, why = runner.decide_num_blocks(max_len)
+    phases["cache sizing (activation profile)"] = time.monotonic() - t0
     if tpd.tp_size() > 1:
         t = torch.tensor([n], dtype=torch.long, device=runner.device if _backend(cfg) == "nccl" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         n = int(t.item())
+    t0 = time.monotonic()
     runner.allocate_kv_cache(n)
+    phases["KV cache allocation"] = time.monotonic() - t0
+    t0 = time.monotonic()
     runner.capture_cuda_graphs(max_len)
+    phases["CUDA graphs"] = time.monotonic() - t0
     if tpd.tp_size() > 1:
         plans = [None] * tpd.tp_size()
         dist.all_gather_object(plans, memory_plan(runner), group=tpd.host_group())

@@ -54,6 +54,11 @@ def test_mixed_load_after_warmup_reaches_nothing_new(model_dir, caplog):
     # start-up says what the warm-up did and how long it took
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up:"))
     assert " steps in " in line and "mixed+chunk" in line and "decode_batch: 1, 2, 4, 6" in line
+    # and where start to ready went, phase by phase
+    phases = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("start-up: "))
+    names = [p.rsplit(" ", 2)[0] for p in phases[len("start-up: "):].split(", ")]
+    assert names == ["weights", "model runner", "cache sizing (activation profile)", "KV cache allocation",
+                     "CUDA graphs", "warm-up"], phases
     # the engine is as if fresh: no request, every block free, no step statistics from the warm-up
     assert not core.has_unfinished() and core.kv.num_free_blocks == core.kv.num_blocks
     assert core.scheduler.prefill_tokens_per_step.sum == 0 and core.stats().num_refused_total == 0
