@@ -140,7 +140,7 @@ def build_runner(cfg: EngineConfig, model_dir: str):
     t0 = time.monotonic()
     runner = ModelRunner(cfg, model_dir)
     phases = runner.startup_seconds  # seconds per start-up phase, logged by the engine core once it is ready
-    phases["model runner"] = time.monotonic() - t0
+    phases["model runner (weights included)"] = time.monotonic() - t0
     max_len = runner.max_model_len()
     t0 = time.monotonic()
     n, why = runner.decide_num_blocks(max_len)
