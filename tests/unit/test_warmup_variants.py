@@ -57,8 +57,8 @@ def test_mixed_load_after_warmup_reaches_nothing_new(model_dir, caplog):
     # and where start to ready went, phase by phase
     phases = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("start-up: "))
     names = [p.rsplit(" ", 2)[0] for p in phases[len("start-up: "):].split(", ")]
-    assert names == ["weights", "model runner (weights included)", "cache sizing (activation profile)", "KV cache allocation",
-                     "CUDA graphs", "warm-up"], phases
+    assert names == ["weights", "model runner (weights included)", "cache sizing (activation profile)",
+                     "KV cache allocation", "CUDA graphs", "warm-up"], phases
     # the engine is as if fresh: no request, every block free, no step statistics from the warm-up
     assert not core.has_unfinished() and core.kv.num_free_blocks == core.kv.num_blocks
     assert core.scheduler.prefill_tokens_per_step.sum == 0 and core.stats().num_refused_total == 0
