@@ -101,7 +101,7 @@ class EngineCore:
             self.warmup()
             self.runner.startup_seconds["warm-up"] = time.monotonic() - t0
         self.compile_watch.ready = True
-        # where start to ready goes (the model runner's time includes its weights, CUDA's start and imports)
+        # where start to ready goes (the model runner's time includes its weights and CUDA's start)
         log.info("start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.runner.startup_seconds.items()))
 
     def _log_budget(self, why: str) -> None:

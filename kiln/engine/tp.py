@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import socket
-
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -133,6 +133,13 @@ def check_config_fits(cfg: EngineConfig, model_dir: str) -> None:
 
 
 # -- start-up --------------------------------------------------------------------------------------------
+@contextmanager
+def _timed(phases: dict[str, float], name: str):
+    t0 = time.monotonic()
+    yield
+    phases[name] = time.monotonic() - t0
+
+
 def build_runner(cfg: EngineConfig, model_dir: str):
     """Same sequence of collectives on every rank: load, size the cache (min over ranks), allocate, capture,
     then rank 0 logs every rank's memory plan."""
@@ -142,19 +149,16 @@ def build_runner(cfg: EngineConfig, model_dir: str):
     phases = runner.startup_seconds  # seconds per start-up phase, logged by the engine core once it is ready
     phases["model runner (weights included)"] = time.monotonic() - t0
     max_len = runner.max_model_len()
-    t0 = time.monotonic()
-    n, why = runner.decide_num_blocks(max_len)
-    phases["cache sizing (activation profile)"] = time.monotonic() - t0
+    with _timed(phases, "cache sizing (activation profile)"):
+        n, why = runner.decide_num_blocks(max_len)
     if tpd.tp_size() > 1:
         t = torch.tensor([n], dtype=torch.long, device=runner.device if _backend(cfg) == "nccl" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         n = int(t.item())
-    t0 = time.monotonic()
-    runner.allocate_kv_cache(n)
-    phases["KV cache allocation"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    runner.capture_cuda_graphs(max_len)
-    phases["CUDA graphs"] = time.monotonic() - t0
+    with _timed(phases, "KV cache allocation"):
+        runner.allocate_kv_cache(n)
+    with _timed(phases, "CUDA graphs"):
+        runner.capture_cuda_graphs(max_len)
     if tpd.tp_size() > 1:
         plans = [None] * tpd.tp_size()
         dist.all_gather_object(plans, memory_plan(runner), group=tpd.host_group())
