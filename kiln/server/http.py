@@ -376,13 +376,22 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None, warm_up: bool 
     def fe_of(request: Request) -> Frontend:
         return request.app.state.frontend
 
+    async def body_or_error(request: Request, api: str, error_response):
+        """The parsed JSON body, or (None, the error response) for one that is empty or not JSON: counted like
+        any rejected request, except the worker's own warm-up calls (warm_up_worker)."""
+        try:
+            return await read_json(request), None
+        except RequestError as e:
+            if not request.scope.get(WARM_UP_SCOPE_KEY):
+                fe_of(request).reject(fe_of(request).new_record("-", api), e)
+            return None, error_response(e)
+
     async def native_or_openai(request: Request, is_native, kind: str):
         """The OpenAI paths also take the seed's native bodies (is_native tells them apart)."""
         fe = fe_of(request)
-        try:
-            body = await read_json(request)
-        except RequestError as e:
-            return _both_error(e)
+        body, error = await body_or_error(request, kind, _both_error)
+        if error is not None:
+            return error
         if is_native(body):
             return await serve_native(request, body, fe)
         return await serve_openai(request, body, fe, kind)
@@ -397,18 +406,16 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None, warm_up: bool 
 
     @app.post("/v1/chat/completions/completions")
     async def genA_completions(request: Request):
-        try:
-            body = await read_json(request)
-        except RequestError as e:
-            return _openai_error(e)
+        body, error = await body_or_error(request, "completions", _openai_error)
+        if error is not None:
+            return error
         return await serve_openai(request, body, fe_of(request), "completions")
 
     @app.post("/v1/chat/completions/chat/completions")
     async def genA_chat(request: Request):
-        try:
-            body = await read_json(request)
-        except RequestError as e:
-            return _openai_error(e)
+        body, error = await body_or_error(request, "chat", _openai_error)
+        if error is not None:
+            return error
         return await serve_openai(request, body, fe_of(request), "chat")
 
     @app.get("/v1/models")
@@ -513,13 +520,16 @@ def h11_with_head_timeout(timeout: float):
     return HeadTimeoutH11Protocol
 
 
+WARM_UP_SCOPE_KEY = "kiln.warm_up"  # marks warm_up_worker's in-process calls, which count nowhere
+
+
 async def _asgi_call(app, method: str, path: str, body: bytes = b"", headers: list | None = None) -> None:
     """One request through the whole app in-process (middleware, routing, handler); the response is dropped."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
              "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                          *(headers or [])],
-             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {}}
+             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {}, WARM_UP_SCOPE_KEY: True}
     request_sent = False
 
     async def receive():

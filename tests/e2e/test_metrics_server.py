@@ -199,6 +199,17 @@ def test_errors_are_counted_by_type(server, grpc_url):
     assert v(after, "kiln:generation_tokens_total") == v(before, "kiln:generation_tokens_total")
 
 
+def test_an_empty_or_unparsable_body_counts_as_bad_body(server):
+    before = scrape(server)
+    for path, data in (("/v1/completions", b""), ("/v1/chat/completions/chat/completions", b"{not json")):
+        r = requests.post(server.url + path, data=data, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400, (path, r.text)
+    after = wait_metrics(server, lambda m: v(m, "kiln:request_errors_total", error_type="bad_body")
+                         - v(before, "kiln:request_errors_total", error_type="bad_body") >= 2, what="2 bad bodies")
+    assert v(after, "kiln:request_errors_total", error_type="bad_body") - \
+        v(before, "kiln:request_errors_total", error_type="bad_body") == 2
+
+
 def test_engine_gauges_move_while_a_request_runs_and_aborts_count(server, grpc_url):
     before = scrape(server)
     total = v(before, "inference_server_metrics", max_block_num="max_block_num")
