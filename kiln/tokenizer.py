@@ -25,6 +25,33 @@ TOOL_PREAMBLE = (
 )
 
 
+def load_hf_tokenizer(model_dir: Path) -> Any:
+    """The directory's transformers tokenizer, through the class its tokenizer_config.json names when transformers
+    has it (its fast variant first), else AutoTokenizer. AutoTokenizer imports torch and the model's config classes
+    on the way: 2-3 s in each front-end process at every start (they load beside the engine on the same cores);
+    the named class alone loads in well under a second."""
+    import transformers
+
+    name = None
+    try:
+        name = json.loads((model_dir / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        pass
+    if isinstance(name, str) and name.isidentifier():
+        for candidate in ([name] if name.endswith("Fast") else [name + "Fast", name]):
+            try:
+                cls = getattr(transformers, candidate, None)
+            except Exception:  # noqa: BLE001 - a class whose optional dependency is missing
+                cls = None
+            if cls is None or not hasattr(cls, "from_pretrained"):
+                continue
+            hf = cls.from_pretrained(str(model_dir), local_files_only=True)
+            if getattr(hf, "backend_tokenizer", None) is not None:
+                return hf
+            break  # a slow (Python) tokenizer: AutoTokenizer knows its fast counterpart
+    return transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
 class Tokenizer:
     """A Hugging Face fast tokenizer plus the facts about it the server needs."""
 
@@ -55,12 +82,10 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> "Tokenizer":
         """Load from a local model directory (no network)."""
-        from transformers import AutoTokenizer
-
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ValueError(f"Tokenizer directory {model_dir} does not exist")
-        hf = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        hf = load_hf_tokenizer(model_dir)
         gen_path = model_dir / "generation_config.json"
         gen = {}
         if gen_path.is_file():

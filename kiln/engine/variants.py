@@ -103,6 +103,30 @@ def compiled_triton_kernels() -> dict[str, int]:
     return out
 
 
+def describe_compile(hook_kwargs: dict) -> str:
+    """A compile that Triton's JIT hook reports, in kiln.kernels._utils.describe_variant's terms: the kernel, its
+    options, each argument's type (":D" where 16-byte aligned or divisible by 16) and the constexprs (an int equal
+    to 1 among them). Triton's own `repr` is no use here: on Triton 3.6 it zips the names with a character of a
+    string key."""
+    c = hook_kwargs.get("compile") or {}
+    fn = hook_kwargs.get("fn")
+    name = getattr(fn, "name", None) or "?"
+    sig = c.get("signature")
+    if not isinstance(sig, dict):
+        return " ".join(str(hook_kwargs.get("key", "?")).split())[:600]
+    names = list(sig)
+
+    def arg(k) -> str:
+        i = k[0] if isinstance(k, tuple) and len(k) == 1 else k
+        return names[i] if isinstance(i, int) and 0 <= i < len(names) else str(k)
+    aligned = {arg(k) for k, attrs in ((c.get("configs") or [{}])[0] or {}).items()
+               if any(a and a[0] == "tt.divisibility" for a in attrs)}
+    fields = [f"{k}={c[k]}" for k in ("num_warps", "num_stages") if k in c]
+    fields += [f"{n}: {t}{':D' if n in aligned else ''}" for n, t in sig.items() if t != "constexpr"]
+    fields += [f"{arg(k)}={v}" for k, v in (c.get("constants") or {}).items()]
+    return f"{name}({', '.join(fields)})"
+
+
 class CompileWatch:
     """Names every Triton kernel this process compiles after ready: each such compile stalls the step that hit it
     for up to seconds, and is a variant the warm-up missed (or a value a kernel should not specialize on).
@@ -127,8 +151,8 @@ class CompileWatch:
             return prev_pre(*args, **kwargs) if prev_pre else None
 
         def post(*args, **kwargs):
-            self.compiled(str(kwargs.get("repr", "?")), time.perf_counter() - self._started.pop(id(kwargs.get("key")),
-                                                                                                time.perf_counter()))
+            self.compiled(describe_compile(kwargs), time.perf_counter() - self._started.pop(id(kwargs.get("key")),
+                                                                                           time.perf_counter()))
             return prev_post(*args, **kwargs) if prev_post else None
 
         rt.jit_cache_hook, rt.jit_post_compile_hook = pre, post

@@ -97,6 +97,45 @@ def test_no_chat_template(tmp_path, default_model_dir):
     assert NO_CHAT_TEMPLATE == "This model does not support chat_template."
 
 
+@pytest.mark.parametrize("tokenizer_class", ["TokenizersBackend", "PreTrainedTokenizerFast", "GPT2Tokenizer",
+                                             "NoSuchTokenizer", None])
+def test_the_named_class_loads_what_autotokenizer_loads(tmp_path, default_model_dir, tokenizer_class):
+    """load_hf_tokenizer takes tokenizer_config.json's class (AutoTokenizer where it names none, or one transformers
+    lacks): the same ids, specials and chat prompt as AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    from kiln.tokenizer import load_hf_tokenizer
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        (tmp_path / name).write_bytes((default_model_dir / name).read_bytes())
+    cfg = json.loads((default_model_dir / "tokenizer_config.json").read_text())
+    cfg.pop("tokenizer_class", None)
+    if tokenizer_class:
+        cfg["tokenizer_class"] = tokenizer_class
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ours, auto = load_hf_tokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    for text in TEXTS:
+        assert ours(text)["input_ids"] == auto(text)["input_ids"], text
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == \
+        (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id)
+    chat = [{"role": "user", "content": TEXTS[1]}]
+    assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        auto.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+def test_a_front_end_loads_its_tokenizer_without_torch(default_model_dir):
+    """AutoTokenizer imports torch (2-3 s in every HTTP worker at each start, issue 11's start to ready); the
+    front ends need none of it."""
+    import subprocess
+    import sys
+    code = ("import sys; from kiln.tokenizer import Tokenizer; t = Tokenizer.from_dir(sys.argv[1]); "
+            "assert t.encode('Paris'); print(sorted(m for m in ('torch', 'transformers.models.auto') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(default_model_dir)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_eos_ids_union(tmp_path, default_model_dir):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (tmp_path / name).write_bytes((default_model_dir / name).read_bytes())

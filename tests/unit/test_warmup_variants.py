@@ -119,6 +119,25 @@ def test_compile_watch_names_compiles_after_ready_only(caplog):
     assert "after ready (750 ms" in caplog.text and "_prefill_kernel" in caplog.text
 
 
+def test_a_compile_is_named_by_its_arguments_specialization():
+    """The hook's arguments as Triton's JIT passes them (jit.py _call_hook): the warning names each argument's type,
+    its alignment, and the constexprs (an int that equals 1 becomes one), the terms of describe_variant."""
+    from types import SimpleNamespace
+
+    from kiln.engine.variants import describe_compile
+
+    kw = {"key": "[('*bf16', 'D'), ...]", "repr": "_prefill_kernel[num_warps=4](q_ptr: ()",
+          "fn": SimpleNamespace(name="_prefill_kernel"),
+          "compile": {"signature": {"q_ptr": "*bf16", "out_ptr": "*bf16", "stride_qt": "i32", "stride_qh": "constexpr",
+                                    "BLOCK_M": "constexpr"},
+                      "constants": {(3,): 1, (4,): 64}, "configs": [{(0,): [["tt.divisibility", 16]],
+                                                                      (2,): [["tt.divisibility", 16]]}],
+                      "num_warps": 4, "num_stages": 2}}
+    assert describe_compile(kw) == ("_prefill_kernel(num_warps=4, num_stages=2, q_ptr: *bf16:D, out_ptr: *bf16, "
+                                    "stride_qt: i32:D, stride_qh=1, BLOCK_M=64)")
+    assert describe_compile({"key": "[('*bf16',\n 'D')]"}) == "[('*bf16', 'D')]"
+
+
 def test_compile_watch_chains_triton_hooks():
     """Installed through triton.knobs, the watch keeps any hook that was there before it."""
     knobs = pytest.importorskip("triton").knobs
@@ -132,10 +151,10 @@ def test_compile_watch_chains_triton_hooks():
         watch = CompileWatch().install()
         assert watch.installed
         watch.ready = True
-        key = object()
+        key = "[('*bf16', 'D')]{}"
         rt.jit_cache_hook(key=key, repr="k")
         rt.jit_post_compile_hook(key=key, repr="k")
-        assert seen == ["pre", "post"] and [w for w, _ in watch.after_ready] == ["k"]
+        assert seen == ["pre", "post"] and [w for w, _ in watch.after_ready] == ["[('*bf16', 'D')]{}"]
     finally:
         rt.jit_cache_hook, rt.jit_post_compile_hook = saved
 
