@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kiln.quantization import ops as qops
+from kiln.quantization import SCHEMES
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face model directory or .gguf file (default: the bundled "
                    "model)")
-    p.add_argument("--scheme", required=True, choices=qops.SCHEMES, help="w8a8-int8: int8 per-channel weights, "
+    p.add_argument("--scheme", required=True, choices=SCHEMES, help="w8a8-int8: int8 per-channel weights, "
                    "int8 per-token activations; w8a8-fp8: E4M3 per-channel weights, E4M3 per-token activations; "
                    "w8a16: int8 per-channel weights only")
     p.add_argument("--output", required=True, help="new directory to write (must not exist)")

@@ -16,13 +16,12 @@ import os
 
 import torch
 
+from kiln.quantization import SCHEMES, W8A8_FP8, W8A8_INT8, W8A16  # noqa: F401 - the formats' names, re-exported
+
 INT8_MAX = 127.0
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 
-# Kiln's names of the weight formats it runs; each maps to an 8-bit storage dtype
-W8A16, W8A8_INT8, W8A8_FP8 = "w8a16", "w8a8-int8", "w8a8-fp8"
-SCHEMES = (W8A16, W8A8_INT8, W8A8_FP8)
 
 
 def code_dtype(scheme: str) -> torch.dtype:

@@ -122,20 +122,6 @@ def test_the_named_class_loads_what_autotokenizer_loads(tmp_path, default_model_
         auto.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
-def test_a_front_end_loads_its_tokenizer_without_torch(default_model_dir):
-    """AutoTokenizer imports torch (2-3 s in every HTTP worker at each start, issue 11's start to ready); the
-    front ends need none of it."""
-    import subprocess
-    import sys
-    code = ("import sys; from kiln.tokenizer import Tokenizer; t = Tokenizer.from_dir(sys.argv[1]); "
-            "assert t.encode('Paris'); print(sorted(m for m in ('torch', 'transformers.models.auto') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code, str(default_model_dir)], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
-
-
 def test_eos_ids_union(tmp_path, default_model_dir):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (tmp_path / name).write_bytes((default_model_dir / name).read_bytes())
