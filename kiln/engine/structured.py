@@ -126,11 +126,13 @@ class GrammarCompiler:
     def _xgr_compiler(self):
         with self._compiler_lock:
             if self._compiler is None:
-                import xgrammar as xgr
-                from transformers import AutoTokenizer
+                from pathlib import Path
 
+                import xgrammar as xgr
+
+                from kiln.tokenizer import load_hf_tokenizer
                 try:
-                    hf = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+                    hf = load_hf_tokenizer(Path(self.model_dir))
                 except Exception as e:  # noqa: BLE001
                     raise GrammarError(f"structured outputs need the model's tokenizer, which did not load: {e}")
                 info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,

@@ -77,8 +77,8 @@ def quantize_checkpoint(model_dir: str | Path, output: str | Path, o: QuantizeOp
     texts = read_calibration_texts(o.calib_file)  # read (and checked) even when unused: a bad file is an error
     act, kv, samples = {}, [], []
     if needs_calib:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        from kiln.tokenizer import load_hf_tokenizer
+        tok = load_hf_tokenizer(Path(model_dir))
         samples = calibration_samples(texts, tok, o.calib_samples, o.calib_seq_len)
         if not samples:
             raise ValueError("the calibration text gives no sample of 2 or more tokens")
