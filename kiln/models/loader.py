@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -38,28 +41,54 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> L
     return model.to(dtype=dtype).eval().requires_grad_(False)
 
 
+def read_ahead(files: list[Path], depth: int = 4) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) of every tensor of the files in order, each read from the file on a helper thread up to
+    `depth` tensors ahead of the caller: the reads (page-cache copies, or the disk) overlap the caller's copies to
+    the GPU instead of taking turns with them."""
+    with ThreadPoolExecutor(1, thread_name_prefix="kiln-weights") as pool:
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:  # used by the helper thread alone once keys are read
+                names = iter(list(f.keys()))
+                pending: deque = deque()
+                for name in names:
+                    pending.append((name, pool.submit(f.get_tensor, name)))
+                    if len(pending) >= depth:
+                        break
+                while pending:
+                    name, tensor = pending.popleft()
+                    nxt = next(names, None)
+                    if nxt is not None:
+                        pending.append((nxt, pool.submit(f.get_tensor, nxt)))
+                    try:
+                        yield path, name, tensor.result()
+                    except BaseException:
+                        for _, later in pending:
+                            later.cancel()
+                        for _, later in pending:  # none may still read from f once it closes
+                            if not later.cancelled():
+                                later.exception()
+                        raise
+
+
 def load_weights(model: LlamaForCausalLM, model_dir: Path, quant: CheckpointQuant | None = None) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[tuple[str, int | None]] = set()
-    for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                if quant is not None and _load_quantized(model, name, lambda: f.get_tensor(name), loaded):
-                    continue
-                target = model.map_checkpoint_name(name)
-                if target is None:
-                    continue
-                pname, shard = target
-                param = params.get(pname)
-                if param is None:
-                    raise ValueError(f"checkpoint tensor {name!r} ({path.name}) has no place in {model.config.architecture}")
-                tensor = f.get_tensor(name)
-                try:
-                    param.weight_loader(param, tensor.to(param.dtype), shard) if hasattr(param, "weight_loader") \
-                        else _copy(param, tensor)
-                except ValueError as e:
-                    raise ValueError(f"{name}: {e}") from None
-                loaded.add((pname, shard))
+    for path, name, tensor in read_ahead(safetensors_files(model_dir)):
+        if quant is not None and _load_quantized(model, name, lambda: tensor, loaded):
+            continue
+        target = model.map_checkpoint_name(name)
+        if target is None:
+            continue
+        pname, shard = target
+        param = params.get(pname)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} ({path.name}) has no place in {model.config.architecture}")
+        try:
+            param.weight_loader(param, tensor.to(param.dtype), shard) if hasattr(param, "weight_loader") \
+                else _copy(param, tensor)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        loaded.add((pname, shard))
     expected = _expected_loads(model) | (_expected_quantized(model, quant) if quant else set())
     missing = sorted(f"{p}" + ("" if s is None else f"[{s}]") for p, s in expected - loaded)
     if missing:
