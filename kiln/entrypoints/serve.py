@@ -244,17 +244,18 @@ class Supervisor:
             self._kill_all()
 
     async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        # the engine first: its start is the longest (start to ready), and these imports need not delay it
+        self.start_engine()
+
         import uvicorn
 
         from kiln.engine.client import AsyncEngineClient
         from kiln.server.health import create_health_app
 
-        loop = asyncio.get_running_loop()
-        self.stop_event = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_signal, sig)
-
-        self.start_engine()
         self.client = AsyncEngineClient(self.cfg.engine_address, self.cfg.engine_secret)
         await self.client.start()
         self.start_http_workers()
