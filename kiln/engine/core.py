@@ -46,6 +46,18 @@ class InFlightStep:
     logits: object = None       # torch.Tensor: logits still to sample (grammar rows wait for the previous ids)
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc), None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def warmup_enabled(setting: bool | None, device_type: str) -> bool:
     """USE_WARMUP: unset means on with a GPU (the first requests would otherwise compile kernels: 1.8 s for the
     first one on an H100), off on CPU (nothing compiles there, and start-up stays short)."""
@@ -64,7 +76,9 @@ class EngineCore:
     ranks with the step that reads them (kiln/engine/tp.py).
     """
 
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, imports_s: float | None = None):
+        """imports_s: the engine process's time from its start to here (the interpreter, torch's and Kiln's imports),
+        logged as the first start-up phase."""
         from kiln.engine.tp import TPGroup, build_runner
         from kiln.models.default_model import resolve_model_path
 
@@ -102,7 +116,8 @@ class EngineCore:
             self.runner.startup_seconds["warm-up"] = time.monotonic() - t0
         self.compile_watch.ready = True
         # where start to ready goes (the model runner's time includes its weights and CUDA's start)
-        log.info("start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.runner.startup_seconds.items()))
+        phases = ({} if imports_s is None else {"process start and imports": imports_s}) | self.runner.startup_seconds
+        log.info("start-up: %s", ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
 
     def _log_budget(self, why: str) -> None:
         r, bs = self.runner, self.cfg.block_size
@@ -549,7 +564,7 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
 
     def load():
         try:
-            box["core"] = EngineCore(cfg)
+            box["core"] = EngineCore(cfg, imports_s=process_age_s())
         except BaseException as e:  # noqa: BLE001 - reported to the front ends and the log
             box["error"] = e
             log.error("engine failed to start: %s\n%s", e, traceback.format_exc())

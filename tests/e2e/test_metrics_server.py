@@ -98,6 +98,13 @@ def test_http_worker_warm_up_leaves_no_trace_in_metrics_or_the_request_log(serve
     assert server.requests_log() == ""
 
 
+def test_the_engine_start_up_line_begins_with_its_process_start(server):
+    """Start to ready, phase by phase, from the engine process's own start (its imports included)."""
+    line = next(ln for ln in server.tail(400).splitlines() if "start-up: " in ln)
+    first = line.split("start-up: ", 1)[1].split(", ")[0]
+    assert first.startswith("process start and imports ") and 0 < float(first.split()[-2]) < 120, line
+
+
 def test_every_family_is_exposed(server):
     r = requests.get(f"http://127.0.0.1:{server.ports['METRICS_PORT']}/metrics", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
