@@ -7,7 +7,6 @@ source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name --format=csv,noheader; git rev-parse --short HEAD 2>/dev/null; date -u
 t0=$(date +%s)
 bash benchmarks/device/run_serving.sh warm 2>&1 | grep -v "^tar"
-grep -h -E "Kiln is ready|warmed up in" $R/warm2.log | cut -c1-200
 left() { echo $((${BUDGET_S:-370} - $(date +%s) + t0 - 10)); }
 if [ $(left) -gt 50 ]; then
   b1 w8a16 --quantization w8a16

@@ -58,7 +58,7 @@ case $part in
       until python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8110/v2/health/ready')" 2>/dev/null; do
         sleep 0.2; done
       echo "start $i ($([ $i = 1 ] && echo empty || echo warm) compile cache): ready after $(python3 -c "import time;print(round(time.time()-$t0,1))") s"
-      grep -E "loaded in|warm-up|captured|Triton compile cache|start-up:" $R/warm$i.log | cut -c1-300 | head -6
+      grep -E "loaded in|warm-up|captured|Triton compile cache|start-up:|Kiln is ready|warmed up in|engine core starting" $R/warm$i.log | cut -c1-300 | head -14
       stop_server
     done ;;
   apis)
