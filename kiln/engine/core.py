@@ -110,7 +110,8 @@ class EngineCore:
         self._log_budget(why)
         self.variants = VariantLog(cfg.max_num_seqs)  # what steps have run: the warm-up's checklist
         self.compile_watch = CompileWatch().install()  # names any kernel compiled after ready
-        if warmup_enabled(cfg.warmup, self.runner.device.type):
+        self.compile_watch.warmed_up = warmup_enabled(cfg.warmup, self.runner.device.type)
+        if self.compile_watch.warmed_up:
             t0 = time.monotonic()
             self.warmup()
             self.runner.startup_seconds["warm-up"] = time.monotonic() - t0

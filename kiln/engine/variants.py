@@ -134,6 +134,7 @@ class CompileWatch:
 
     def __init__(self):
         self.ready = False
+        self.warmed_up = True  # False: the engine skipped its warm-up (USE_WARMUP=0), so every variant is new
         self.after_ready: list[tuple[str, float]] = []  # (kernel and specialization, compile seconds)
         self._started: dict[int, float] = {}
         self.installed = False
@@ -162,5 +163,6 @@ class CompileWatch:
     def compiled(self, what: str, seconds: float) -> None:
         if self.ready:
             self.after_ready.append((what, seconds))
-            log.warning("Triton compiled a kernel after ready (%.0f ms, stalling the step that needed it; a variant "
-                        "the warm-up did not reach, docs/kernels.md): %s", 1e3 * seconds, what[:600])
+            why = "a variant the warm-up did not reach" if self.warmed_up else "the warm-up was off (USE_WARMUP)"
+            log.warning("Triton compiled a kernel after ready (%.0f ms, stalling the step that needed it; %s, "
+                        "docs/kernels.md): %s", 1e3 * seconds, why, what[:900])

@@ -117,6 +117,11 @@ def test_compile_watch_names_compiles_after_ready_only(caplog):
         watch.compiled("_prefill_kernel[num_warps=8](q_ptr: *bf16, ...)", 0.75)
     assert watch.after_ready == [("_prefill_kernel[num_warps=8](q_ptr: *bf16, ...)", 0.75)]
     assert "after ready (750 ms" in caplog.text and "_prefill_kernel" in caplog.text
+    assert "the warm-up did not reach" in caplog.text
+    watch.warmed_up = False  # USE_WARMUP=0 (the offline default): the warning says so instead
+    with caplog.at_level("WARNING", logger="kiln.engine"):
+        watch.compiled("_decode_kernel[num_warps=8](...)", 0.1)
+    assert "the warm-up was off" in caplog.records[-1].getMessage()
 
 
 def test_a_compile_is_named_by_its_arguments_specialization():
