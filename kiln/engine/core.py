@@ -596,7 +596,8 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
         ctx.term()
         raise SystemExit(3)
 
-    last_stats = 0.0
+    broadcast_stats(core.stats())  # ready now: the front ends and the supervisor need not wait for a heartbeat
+    last_stats = time.monotonic()
     while not stop["flag"]:
         busy = core.has_unfinished()
         if poller.poll(0 if busy else int(HEARTBEAT_S * 1000)):
