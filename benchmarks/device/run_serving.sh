@@ -5,6 +5,7 @@
 #                                                  Poisson, each on a freshly started server with an empty cache
 #   bash benchmarks/device/run_serving.sh rates    the two loads of `cold` alone
 #   bash benchmarks/device/run_serving.sh burst    all at once, 1,000 requests, MAX_CACHED_TASK_NUM=1000 (cold)
+#   bash benchmarks/device/run_serving.sh one NAME ARGS...   one cold load with these `kiln bench serve` arguments
 #   bash benchmarks/device/run_serving.sh warm     start to ready twice on one compile cache (the second is warm),
 #                                                  from a real safetensors checkpoint of the preset's shape
 #   bash benchmarks/device/run_serving.sh apis     concurrency 64, 1000 in / 1000 out: OpenAI vs native vs gRPC
@@ -12,7 +13,7 @@
 # A random Llama-3-8B shape (dummy weights), BATCH_SIZE=256, MAX_SEQ_LEN=2048, MAX_DEC_LEN=1024, prompts of
 # 1,000 random tokens, 1,000 out; PUSH_MODE_HTTP_WORKERS left at its effective default. `kiln bench serve --cold`
 # starts each cold server itself (temp TRITON_CACHE_DIR and log dir) and reports the client's TTFT/TPOT beside
-# the server's queue/prefill/decode split from its requests.log. Not run yet (written without a GPU).
+# the server's queue/prefill/decode split from its requests.log. Parts cold, rates, first, warm ran on H100s (runs F-M).
 source benchmarks/device/common.sh
 part=${1:-cold}
 [ -d /tmp/m-$PRESET ] || $B write-checkpoint --preset $PRESET --out /tmp/m-$PRESET --no-weights > /dev/null
@@ -46,6 +47,8 @@ case $part in
   rates)
     cold rate4 --request-rate 4 --num-prompts 200
     cold rate8 --request-rate 8 --num-prompts 400 ;;
+  one)  # one NAME ARGS...: one cold load of the caller's choosing
+    shift; cold "$@" ;;
   burst)
     cold burst --num-prompts 1000 --server-env MAX_CACHED_TASK_NUM=1000 ;;
   warm)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Device run O (one call, up to BUDGET_S seconds (default 570), carrying .whl): issue 10's offline figures on an
+# H200 (random Llama-3-8B shape), then issue 11's remaining serving ones, most wanted first, each part only if the
+# time left allows it: 1000 x 1000 w8a8-fp8 + fp8 cache (target >= 18,000 out tok/s; batch <= 1,024: an H200's
+# 8-bit cache holds about twice the H100's), the batch-256 step with FP8 (<= 11.5 ms), batch 1 W8A16 and FP8
+# (>= 450 tok/s), 1000 x 1000 bf16 + fp8 cache and w8a8-int8 + int8 cache, then 1,000 requests all at once (bf16,
+# >= 10,500 out tok/s) and the three APIs at concurrency 64 (TPOT within 10%).
+source benchmarks/device/common.sh
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
+t0=$(date +%s)
+left() { echo $((${BUDGET_S:-570} - $(date +%s) + t0)); }
+t1000() {  # t1000 NAME ARGS: 1000 x 1000 offline within the time left
+  local t=$(( $(left) - 15 )); [ $t -gt 90 ] || return 0; [ $t -gt 200 ] && t=200
+  timeout $t $B throughput --preset $PRESET --num-prompts 1000 --input-len 1000 --output-len 1000 \
+    --output-json $R/t1000_$1.json "${@:2}" > $R/t1000_$1.log 2>&1
+  echo "1000x1000 $1: $(j $R/t1000_$1.json output_tok_s total_s preemptions kv_blocks 2>/dev/null)"
+  grep -m2 -E "KV cache:|after ready|Error" $R/t1000_$1.log | cut -c1-300
+}
+t1000 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 1024
+[ $(left) -gt 40 ] && b256 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8
+[ $(left) -gt 40 ] && b1 w8a16 --quantization w8a16
+[ $(left) -gt 40 ] && b1 fp8 --quantization w8a8-fp8
+t1000 bf16-kvfp8 --kv-cache-dtype fp8 --max-num-seqs 1024
+t1000 int8-kv8 --quantization w8a8-int8 --kv-cache-dtype int8 --max-num-seqs 1024
+[ $(left) -gt 250 ] && COLD_TIMEOUT=220 bash benchmarks/device/run_serving.sh burst 2>&1 | grep -v "^tar"
+[ $(left) -gt 200 ] && bash benchmarks/device/run_serving.sh apis 2>&1 | grep -v "^tar"
+tar czf $OUT/run_o.tgz -C $OUT r
