@@ -246,6 +246,8 @@ DECODE_CONFIGS = [(64, 4, 3), (128, 8, 2), (128, 4, 3), (256, 8, 2)]  # (BLOCK_N
 # stages 1: no register prefetch, so fewer registers (255 + spills at 2, compiled for sm_90 here) and more programs
 # per SM; 4 ran as 3 on the H100
 DECODE8_CONFIGS = [(n, w, s) for n in (64, 128, 256) for w in (4, 8) for s in (1, 2, 3)]
+# the int8 cache only: Q.K^T on the int8 tensor cores (paged_decode_attention's config, 4th field), around run K's best
+DECODE8_INT8_QK = [(128, 4, 2, True), (128, 4, 3, True), (64, 4, 2, True), (128, 8, 2, True)]
 DECODE8_BEST: list[dict] = []
 
 
@@ -270,7 +272,7 @@ def bench_decode8_sweep(cfg):
         if not kv:
             continue
         timed = []
-        for c in configs:
+        for c in configs + ((DECODE8_INT8_QK if not SMOKE else [(32, 4, 2, True)]) if kv == "int8" else []):
             f2 = lambda: K.paged_decode_attention(q, kc, vc, tables, sl, scale, ks, vs, max_seq_len=max_len, config=c)
             try:
                 err = rel_err(f2(), ref)

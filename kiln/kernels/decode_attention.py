@@ -49,7 +49,7 @@ def _decode_kernel(
     num_partitions, partition,  # partition: tokens per program, a power of two, a multiple of BLOCK_N
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    KV_KIND: tl.constexpr, DIRECT: tl.constexpr, FP32: tl.constexpr,
+    KV_KIND: tl.constexpr, DIRECT: tl.constexpr, FP32: tl.constexpr, INT8_QK: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -87,6 +87,14 @@ def _decode_kernel(
         # finished accumulator (P.V is linear in V); no per-token scale loads
         qk_scale = qk_scale * tl.load(k_scale_ptr + kvh * stride_sh)
 
+    if INT8_QK:
+        # an int8 cache's Q.K^T on the int8 tensor cores: q quantized per head here (symmetric, its own scale), so
+        # that no K code is converted (converting every K and V code bounds this kernel: docs/kernels.md, run K)
+        qf = q.to(tl.float32)
+        q_scale = tl.maximum(tl.max(tl.abs(qf), axis=1), 1e-30) / 127.0
+        qf = qf / q_scale[:, None]
+        q8 = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int8)  # round half away from zero
+
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -98,7 +106,9 @@ def _decode_kernel(
         tok = blk * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct + kvh * stride_ch
         k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        if FP32:
+        if INT8_QK:
+            s = tl.dot(q8, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_scale[:, None]
+        elif FP32:
             s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k.to(cdtype)))
@@ -194,7 +204,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_seq_len: an upper bound of seq_lens (default: block_tables.shape[1] * block_size,
     which needs no device sync and so is safe under CUDA graphs). partition_size: tokens
     per flash-decoding partition (default: chosen to fill the SMs); a power of two >= 32.
-    config: (BLOCK_N, num_warps, num_stages) override, for tuning only.
+    config: (BLOCK_N, num_warps, num_stages[, int8_qk]) override, for tuning only; int8_qk (an int8 cache): Q.K^T
+    on the int8 tensor cores with q quantized per head (an experiment, not the default until measured).
     """
     B, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
@@ -212,8 +223,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # BLOCK_N 128, 4 warps, 2 stages: best or within 1% of the best of the configs tried on
     # an H100 for bf16 and int8 caches at B = 1, 64, 256 (int8: 20-25% faster than 64/4/3).
     block_n, warps, stages = (128, 4, 2) if D <= 128 else (64, 4, 2)
+    int8_qk = False
     if config is not None:
-        block_n, warps, stages = config
+        block_n, warps, stages, *rest = config
+        int8_qk = bool(rest and rest[0]) and kind == KV_INT8.value and not fp32
     if interpreting():
         stages = 1
     max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
@@ -242,7 +255,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_parts, part,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        KV_KIND=kind, DIRECT=direct, FP32=fp32,
+        KV_KIND=kind, DIRECT=direct, FP32=fp32, INT8_QK=int8_qk,
         num_warps=warps, num_stages=stages,
     )
     if not direct:

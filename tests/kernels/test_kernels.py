@@ -185,6 +185,26 @@ def test_paged_decode_attention(B, Hq, Hkv, D, bs, lens, part, dtype):
     assert err < ATTN_TOL[qdtype], err
 
 
+@pytest.mark.parametrize("B,Hq,Hkv,D,bs,lens,part", [c for c in DECODE_CASES if not getattr(c, "marks", None)][:3]
+                         + [pytest.param(64, 32, 8, 128, 64, (1000, 2100), None, marks=gpu_only)])
+def test_int8_cache_decode_with_int8_q_k(B, Hq, Hkv, D, bs, lens, part):
+    """The int8 cache's experimental Q.K^T on the int8 tensor cores (config's 4th field): q quantized per head in
+    the kernel (steps of 1/254 of each head's largest value) adds ~6e-3 to the output's relative error against the
+    reference on the same codes (the float path: ~1e-3 in fp16, ~2e-3 in bf16); held to 1e-2."""
+    qdtype = torch.float16 if INTERP else torch.bfloat16
+    seq_lens = random_lens(B, *lens)
+    (kc, vc, ks, vs), tables, sl = make_paged(seq_lens, Hkv, D, bs, qdtype, "int8")
+    q = rand(B, Hq, D, dtype=qdtype)
+    ref = R.paged_decode_attention(q.float(), kc, vc, tables, sl, D ** -0.5, ks, vs)
+    block_n = 32 if INTERP else 128
+    out = K.paged_decode_attention(q, kc, vc, tables, sl, D ** -0.5, ks, vs, partition_size=part,
+                                   config=(block_n, 4, 2, True))
+    assert rel_err(out, ref) < 1e-2, rel_err(out, ref)
+    plain = K.paged_decode_attention(q, kc, vc, tables, sl, D ** -0.5, ks, vs, partition_size=part,
+                                     config=(block_n, 4, 2))
+    assert not torch.equal(out, plain)  # the int8 path did run: its rounding differs from the float one
+
+
 @pytest.mark.parametrize("dtype", DOT_DTYPES[:1])
 def test_paged_decode_attention_max_seq_len(dtype):
     """An explicit max_seq_len bound (the engine's, no device sync) gives the same result."""
