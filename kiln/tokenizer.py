@@ -45,7 +45,10 @@ def load_hf_tokenizer(model_dir: Path) -> Any:
                 cls = None
             if cls is None or not hasattr(cls, "from_pretrained"):
                 continue
-            hf = cls.from_pretrained(str(model_dir), local_files_only=True)
+            try:
+                hf = cls.from_pretrained(str(model_dir), local_files_only=True)
+            except Exception:  # noqa: BLE001 - AutoTokenizer below tries every way it knows, and names the error
+                break
             if getattr(hf, "backend_tokenizer", None) is not None:
                 return hf
             break  # a slow (Python) tokenizer: AutoTokenizer knows its fast counterpart
