@@ -2,9 +2,10 @@
 # Device run O (one call, up to BUDGET_S seconds (default 570), carrying .whl): issue 10's offline figures on an
 # H200 (random Llama-3-8B shape), then issue 11's remaining serving ones, most wanted first, each part only if the
 # time left allows it: 1000 x 1000 w8a8-fp8 + fp8 cache (target >= 18,000 out tok/s; batch <= 1,024: an H200's
-# 8-bit cache holds about twice the H100's), the batch-256 step with FP8 (<= 11.5 ms), batch 1 W8A16 and FP8
-# (>= 450 tok/s), the decode8 grid with the int8 Q.K^T experiment, 1000 x 1000 bf16 + fp8 cache and w8a8-int8 + int8 cache, then 1,000 requests all at once (bf16,
-# >= 10,500 out tok/s) and the three APIs at concurrency 64 (TPOT within 10%).
+# 8-bit cache holds about twice the H100's), the batch-256 step with FP8 (<= 11.5 ms), batch 1 W8A16 (>= 450
+# tok/s) with and without programmatic dependent launch (KILN_PDL=1) and the parity checks with it on, batch 1 FP8,
+# the decode8 grid with the int8 Q.K^T experiment, 1000 x 1000 bf16 + fp8 cache and w8a8-int8 + int8 cache, then
+# 1,000 requests all at once (bf16, >= 10,500 out tok/s) and the three APIs at concurrency 64 (TPOT within 10%).
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 t0=$(date +%s)
@@ -19,9 +20,17 @@ t1000() {  # t1000 NAME ARGS: 1000 x 1000 offline within the time left
 t1000 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 1024
 [ $(left) -gt 40 ] && b256 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8
 [ $(left) -gt 40 ] && b1 w8a16 --quantization w8a16
+# programmatic dependent launch (KILN_PDL=1: each Kiln kernel's launch and set-up overlap the previous kernel's tail),
+# A/B at batch 1, then its correctness: the engine's parity checks with it on (fast path vs transformers and vs the
+# PyTorch path, W8A16, int8 cache, chunked prefill and preemption)
+[ $(left) -gt 40 ] && (export KILN_PDL=1; b1 w8a16-pdl --quantization w8a16)
+[ $(left) -gt 40 ] && (export KILN_PDL=1; b1 bf16-pdl) && b1 bf16
+[ $(left) -gt 150 ] && KILN_PDL=1 timeout 120 python3 benchmarks/gpu_parity.py --out $R/parity_pdl.json 2>&1 \
+  | tail -4 | cut -c1-400
 [ $(left) -gt 40 ] && b1 fp8 --quantization w8a8-fp8
 if [ $(left) -gt 150 ]; then  # the 8-bit decode grid, with the int8 cache's int8 Q.K^T experiment (config's 4th field)
-  timeout 100 python3 benchmarks/kernels/bench_kernels.py --sweep --only decode8 --json $R/decode8.json > $R/decode8.log 2>&1
+  timeout 100 python3 benchmarks/kernels/bench_kernels.py --sweep --only decode8 --json $R/decode8.json \
+    > $R/decode8.log 2>&1
   grep -E "best decode8|cfg=\(128, 4, 2|failed" $R/decode8.log | cut -c1-160
 fi
 t1000 bf16-kvfp8 --kv-cache-dtype fp8 --max-num-seqs 1024

@@ -6,6 +6,7 @@ import functools
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 from kiln.quantization import ops as qops
@@ -127,9 +128,36 @@ def kv_scale_args(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: 
 _recorders: list["KernelVariants"] = []
 
 
+# ---- programmatic dependent launch (Hopper and later; KILN_PDL=1, off by default until measured) -----------------
+#
+# Every Kiln kernel takes a USE_GDC constexpr and starts with gdc_enter(USE_GDC). With KILN_PDL=1 on an sm_90+ GPU,
+# `launch` sets it and launches with Triton's launch_pdl: the kernel may then be scheduled while the one before it in
+# the stream still runs (its launch and set-up overlap that kernel's tail: a batch-1 decode step is ~450 short
+# kernels), and it waits for that kernel's results (griddepcontrol.wait) before touching any memory. Kernels that
+# are not Kiln's (torch ops, cuBLAS) launch as always and wait for everything before them.
+
+@triton.jit
+def gdc_enter(USE_GDC: tl.constexpr):
+    """A kernel's first statement: under programmatic dependent launch, wait until the previous kernel's writes are
+    visible, then let the next kernel be scheduled (it waits in turn). Nothing when USE_GDC is off."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_enabled() -> bool:
+    """KILN_PDL=1, on a GPU of compute capability 9.0+ (not under the interpreter). Read once per process, at the
+    first launch (a launch's host cost stays one cached call)."""
+    return (os.environ.get("KILN_PDL", "0") == "1" and not interpreting() and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] >= 9)
+
+
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), telling any active KernelVariants which variant it selects (one list check
-    when none is active)."""
+    when none is active); with programmatic dependent launch on (pdl_enabled), kernels that take USE_GDC get it."""
+    if pdl_enabled() and "USE_GDC" in _kernel_params(kernel)[2]:
+        kwargs = {**kwargs, "USE_GDC": True, "launch_pdl": True}
     if _recorders:
         key = variant_key(kernel, args, kwargs)
         for rec in _recorders:

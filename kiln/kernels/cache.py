@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import FP8_MAX, KV_FP8, KV_INT8, kv_scale_args, launch, next_pow2
+from ._utils import FP8_MAX, KV_FP8, KV_INT8, gdc_enter, kv_scale_args, launch, next_pow2
 
 
 # the slot mapping's address follows the step's layout (a slice of the packed step); it is one scalar load
@@ -19,7 +19,9 @@ def _reshape_and_cache_kernel(
     num_heads,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_KIND: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
+    gdc_enter(USE_GDC)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:

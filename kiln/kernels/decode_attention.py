@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import KV_FLOAT, KV_FP8, KV_INT8, interpreting, kv_scale_args, launch, next_pow2, num_sms
+from ._utils import KV_FLOAT, KV_FP8, KV_INT8, gdc_enter, interpreting, kv_scale_args, launch, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
 # partitions the reduce kernel merges per pass: fixed, so the partition count selects no variant (a pass over fewer
@@ -50,7 +50,9 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_KIND: tl.constexpr, DIRECT: tl.constexpr, FP32: tl.constexpr, INT8_QK: tl.constexpr = False,
+    USE_GDC: tl.constexpr = False,
 ):
+    gdc_enter(USE_GDC)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -151,7 +153,9 @@ def _decode_reduce_kernel(
     out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr,
     stride_ob, stride_oh, num_heads, num_partitions, partition,
     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
+    gdc_enter(USE_GDC)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import launch, next_pow2
+from ._utils import gdc_enter, launch, next_pow2
 
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -48,7 +48,9 @@ def _to_codes(x, scale, codes_ptr, INT8: tl.constexpr, QMAX: tl.constexpr):
 @triton.jit(do_not_specialize=['M'])
 def _quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, static_ptr, M, K, stride_xm, stride_cm,
                        INT8: tl.constexpr, QMAX: tl.constexpr, STATIC: tl.constexpr,
-                       BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr):
+                       BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
+                       USE_GDC: tl.constexpr = False):
+    gdc_enter(USE_GDC)
     row = tl.program_id(0)
     k_live = tl.where(row < M, K, 0)  # rows past M (padding) load nothing: zero codes
     x_row = x_ptr + row.to(tl.int64) * stride_xm
@@ -106,7 +108,9 @@ def quantize_activation(x: torch.Tensor, dtype: torch.dtype, static_scale: torch
 # values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
 @triton.jit(do_not_specialize=['M'])
 def _scale_int32_kernel(acc_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, stride_am, stride_om,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        USE_GDC: tl.constexpr = False):
+    gdc_enter(USE_GDC)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < M

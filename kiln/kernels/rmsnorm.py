@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import launch, next_pow2
+from ._utils import gdc_enter, launch, next_pow2
 
 
 @triton.jit
@@ -15,7 +15,9 @@ def _rmsnorm_kernel(
     stride_x, stride_r, stride_o, stride_ro,
     H, eps,
     BLOCK: tl.constexpr, ADD: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
+    gdc_enter(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H

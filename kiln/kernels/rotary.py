@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import launch, next_pow2
+from ._utils import gdc_enter, launch, next_pow2
 
 
 @triton.jit
@@ -34,7 +34,9 @@ def _rope_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
     n_q_heads, n_k_heads,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):
+    gdc_enter(USE_GDC)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, HALF_PAD)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, launch, next_pow2, num_sms
+from ._utils import gdc_enter, interpreting, launch, next_pow2, num_sms
 
 SMALL_T = 64    # up to here: decode-sized tiles (the weight read dominates)
 LARGE_T = 256   # above: dequantize once, then torch.matmul
@@ -35,7 +35,9 @@ def _w8a16_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
     HAS_SCALE: tl.constexpr = True,
+    USE_GDC: tl.constexpr = False,
 ):
+    gdc_enter(USE_GDC)
     # HAS_SCALE=False: a plain bf16/fp16 weight (kiln.kernels.skinny reuses this kernel).
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -81,7 +83,9 @@ def _w8a16_kernel(
 @triton.jit(do_not_specialize=['M'])
 def _w8a16_reduce_kernel(part_ptr, s_ptr, b_ptr, out_ptr, M, N, stride_om,
                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_SCALE: tl.constexpr = True):
+                         HAS_SCALE: tl.constexpr = True,
+                         USE_GDC: tl.constexpr = False):
+    gdc_enter(USE_GDC)
     m = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     nmask = offs_n < N
@@ -97,7 +101,8 @@ def _w8a16_reduce_kernel(part_ptr, s_ptr, b_ptr, out_ptr, M, N, stride_om,
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, stride_wn, stride_on, BLOCK: tl.constexpr):
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, stride_wn, stride_on, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
+    gdc_enter(USE_GDC)
     n = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K

@@ -108,8 +108,10 @@ _COMPILER = textwrap.dedent('''
             signature[arg] = "constexpr"
         signature = {a: signature[a] for a in fn.arg_names}
         try:
-            triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                           options=dict(options))
+            k = triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                               options=dict(options))
+            if consts.get("USE_GDC") and "griddepcontrol.wait" not in k.asm["ptx"]:
+                raise AssertionError("USE_GDC=True compiled without griddepcontrol.wait")
         except Exception as e:
             failed += 1
             print(f"FAILED {name} {dict(constexprs)} {dict(options)}: {type(e).__name__}: {str(e)[:600]}")
@@ -123,8 +125,15 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
     names = {k[0] for k in v.keys}
     assert {"_quant_rows_kernel", "_scale_int32_kernel", "_w8a16_kernel", "_decode_kernel", "_decode_reduce_kernel",
             "_prefill_kernel", "_reshape_and_cache_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= names, names
+    # and one variant of each kernel as KILN_PDL=1 launches it (programmatic dependent launch: USE_GDC, launch_pdl)
+    gdc = {}
+    for name, constexprs, specs, options in sorted(v.keys, key=repr):
+        if any(k == "USE_GDC" for k, _ in constexprs) and name not in gdc:
+            gdc[name] = (name, tuple((k, True if k == "USE_GDC" else x) for k, x in constexprs), specs,
+                         options + (("launch_pdl", True),))
+    assert {"_w8a16_kernel", "_decode_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= set(gdc), sorted(gdc)
     keys = tmp_path / "variants.pkl"
-    keys.write_bytes(pickle.dumps(sorted(v.keys, key=repr)))
+    keys.write_bytes(pickle.dumps(sorted(v.keys, key=repr) + list(gdc.values())))
     env = {k: x for k, x in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile every variant, cached or not
     p = subprocess.run([sys.executable, "-c", _COMPILER, str(keys)], capture_output=True, text=True, env=env,
