@@ -24,6 +24,10 @@ t1000 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 1024
 # A/B at batch 1, then its correctness: the engine's parity checks with it on (fast path vs transformers and vs the
 # PyTorch path, W8A16, int8 cache, chunked prefill and preemption)
 [ $(left) -gt 40 ] && (export KILN_PDL=1; b1 w8a16-pdl --quantization w8a16)
+# ... and with the GEMVs' L2 prefetch of their first weight lines before the wait off (on by default under PDL)
+[ $(left) -gt 40 ] && (export KILN_PDL=1 KILN_PDL_PREFETCH_LINES=0; b1 w8a16-pdl-noprefetch --quantization w8a16)
+[ $(left) -gt 60 ] && KILN_PDL=1 timeout 50 python3 -m pytest -q -p no:cacheprovider --tb=line -k "w8a16 or skinny" \
+  tests/kernels 2>&1 | tail -2 | cut -c1-300
 [ $(left) -gt 40 ] && (export KILN_PDL=1; b1 bf16-pdl) && b1 bf16
 [ $(left) -gt 150 ] && KILN_PDL=1 timeout 120 python3 benchmarks/gpu_parity.py --out $R/parity_pdl.json 2>&1 \
   | tail -4 | cut -c1-400

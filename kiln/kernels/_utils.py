@@ -145,6 +145,19 @@ def gdc_enter(USE_GDC: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
+@triton.jit
+def l2_prefetch(ptrs):
+    """Ask for the 128-byte lines at ptrs (any shape of valid addresses) to be brought into L2, without waiting."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+# Under programmatic dependent launch, the weight GEMVs start this many 128-byte lines of each weight row they read
+# toward L2 before waiting for the previous kernel (weights never depend on it): the memory system stays busy
+# across the kernel boundary. 0 turns it off (KILN_PDL_PREFETCH_LINES, an A/B knob for benchmarks).
+PDL_PREFETCH_LINES = int(os.environ.get("KILN_PDL_PREFETCH_LINES", "16"))
+
+
 @functools.lru_cache(maxsize=None)
 def pdl_enabled() -> bool:
     """KILN_PDL=1, on a GPU of compute capability 9.0+ (not under the interpreter). Read once per process, at the
