@@ -1,4 +1,4 @@
-"""How many streamed events one HTTP worker delivers per second, without the model.
+"""How many streamed events one HTTP worker (or the gRPC front end) delivers per second, without the model.
 
 Three processes: a fake engine core (the real wire protocol of kiln/engine/wire.py on a ZMQ ROUTER, admitting
 front ends by the hello/secret handshake of kiln/engine/core.py, one Outputs message per client per "step" with
@@ -7,6 +7,9 @@ the real tokenizer, so detokenization is paid), and this client: --streams concu
 asyncio sockets (a minimal HTTP/1.1 client, so the client costs far less CPU than the worker it measures).
 
     .venv/bin/python benchmarks/frontend_bench.py --api openai --streams 256 --step-ms 8 --seconds 10
+
+`--api grpc` measures the KServe v2 gRPC front end (its own process, as `kiln serve` runs it) under ModelStreamInfer
+streams of a grpc.aio client, each response one event.
 
 prints one JSON line: events/s delivered (SSE `data:` events for OpenAI, NDJSON lines for the native API), the
 tokens/s the fake engine emitted, and events per second of the worker's own CPU time (`events_per_cpu_s`: its
@@ -120,6 +123,24 @@ def worker(cfg, sock: socket.socket, started, profile: str | None) -> None:
     http.run_worker(cfg, sock, 0, started)
 
 
+def grpc_front_end(cfg, profile: str | None) -> None:
+    """The KServe v2 gRPC front end (kiln.server.grpc_server.run), as the supervisor starts it."""
+    from kiln.server import grpc_server
+    from kiln.threads import configure_threads
+
+    configure_threads("grpc")
+    if not profile:
+        grpc_server.run(cfg)
+        return
+    import cProfile
+    import signal
+
+    prof = cProfile.Profile()
+    signal.signal(signal.SIGUSR1, lambda *_: prof.dump_stats(profile))
+    prof.enable()
+    grpc_server.run(cfg)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the client
 # ----------------------------------------------------------------------------------------------------
@@ -159,6 +180,36 @@ async def one_stream(port: int, req: bytes, marker: bytes, counter: list, stop_a
         writer.close()
 
 
+async def one_grpc_stream(port: int, max_tokens: int, counter: list, stop_at: float) -> None:
+    """ModelStreamInfer requests back to back until stop_at, each on its own stream (as tritonclient's
+    stream_infer does), counting responses. grpc.aio with prebuilt request messages: the lightest gRPC client
+    Python has, still far heavier than the HTTP client above (the worker's CPU-second rate is the figure)."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        n = 0
+        while time.monotonic() < stop_at:
+            n += 1
+            body = json.dumps([{"req_id": f"s{id(counter)}-{n}-{os.urandom(4).hex()}", "text": "Hello there",
+                                "max_dec_len": max_tokens, "min_dec_len": max_tokens}]).encode()
+            req = pb.ModelInferRequest(model_name="model", id="r")
+            req.inputs.add(name="IN", datatype="BYTES", shape=[1])
+            req.raw_input_contents.append(len(body).to_bytes(4, "little") + body)
+            call = stub.ModelStreamInfer(iter([req]))
+            async for resp in call:
+                if resp.error_message:
+                    raise RuntimeError(f"front end answered {resp.error_message!r}")
+                counter[0] += 1
+                if resp.infer_response.parameters["triton_final_response"].bool_param:
+                    break
+                if time.monotonic() >= stop_at:
+                    break
+            call.cancel()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -168,12 +219,15 @@ def cpu_seconds(pid: int) -> float:
 
 async def drive(port: int, api: str, streams: int, seconds: float, warmup: float, max_tokens: int, emitted,
                 worker_pid: int) -> dict:
-    req = request_bytes(api, port, max_tokens)
-    marker = b"data: {" if api in ("openai", "chat") else b"}\n"
     counter = [0]
     start = time.monotonic()
     stop_at = start + warmup + seconds
-    tasks = [asyncio.create_task(one_stream(port, req, marker, counter, stop_at)) for _ in range(streams)]
+    if api == "grpc":
+        tasks = [asyncio.create_task(one_grpc_stream(port, max_tokens, counter, stop_at)) for _ in range(streams)]
+    else:
+        req = request_bytes(api, port, max_tokens)
+        marker = b"data: {" if api in ("openai", "chat") else b"}\n"
+        tasks = [asyncio.create_task(one_stream(port, req, marker, counter, stop_at)) for _ in range(streams)]
     await asyncio.sleep(warmup)
     c0, e0, cpu0, t0 = counter[0], emitted.value, cpu_seconds(worker_pid), time.monotonic()
     await asyncio.sleep(seconds)
@@ -185,6 +239,24 @@ async def drive(port: int, api: str, streams: int, seconds: float, warmup: float
             "engine_tok_s": round((e1 - e0) / (t1 - t0), 1), "worker_cpu_s": round(cpu1 - cpu0, 2),
             # what one worker delivers per second of CPU: its capacity with a core to itself, whatever else ran
             "events_per_cpu_s": round((c1 - c0) / max(cpu1 - cpu0, 1e-9), 1)}
+
+
+def wait_grpc_ready(port: int, timeout: float) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=2).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"the gRPC front end was not ready within {timeout:.0f} s")
 
 
 def run(api: str = "openai", streams: int = 256, step_ms: float = 8.0, seconds: float = 10.0, warmup: float = 3.0,
@@ -205,13 +277,22 @@ def run(api: str = "openai", streams: int = 256, step_ms: float = 8.0, seconds: 
                                                    emitted), daemon=True)
     engine.start()
     cfg.infer_queue_port = port_box.get(timeout=60)
-    http_sock = bind_listen("http", "127.0.0.1", 0)
-    port = http_sock.getsockname()[1]
     started = ctx.Event()
-    w = ctx.Process(target=worker, args=(cfg, http_sock, started, profile), daemon=True)
+    if api == "grpc":
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = cfg.grpc_port = free.getsockname()[1]
+        cfg.host = "127.0.0.1"
+        w = ctx.Process(target=grpc_front_end, args=(cfg, profile), daemon=True)
+    else:
+        http_sock = bind_listen("http", "127.0.0.1", 0)
+        port = http_sock.getsockname()[1]
+        w = ctx.Process(target=worker, args=(cfg, http_sock, started, profile), daemon=True)
     w.start()
     try:
-        if not started.wait(120):
+        if api == "grpc":
+            wait_grpc_ready(port, 120)
+        elif not started.wait(120):
             raise RuntimeError("the HTTP worker did not start within 120 s")
         result = asyncio.run(drive(port, api, streams, seconds, warmup, max_tokens, emitted, w.pid))
         if profile:
@@ -232,7 +313,7 @@ def run(api: str = "openai", streams: int = 256, step_ms: float = 8.0, seconds: 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--api", default="openai", choices=["openai", "chat", "native"])
+    ap.add_argument("--api", default="openai", choices=["openai", "chat", "native", "grpc"])
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--step-ms", type=float, default=8.0, help="the fake engine's step interval")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window")
