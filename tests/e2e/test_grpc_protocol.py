@@ -283,6 +283,20 @@ def test_stream_client_disconnect_aborts(server):
     assert "d1" in runner.cancelled and "d1" not in runner.finished
 
 
+def test_stream_responses_from_templates_match_whole_ones():
+    request = G.pb.ModelInferRequest(model_name="model", id="abc")
+    respond = G.StreamResponses(request)
+    packets = [{"req_id": "r", "token": f"t{i}", "token_ids": [i], "send_idx": i, "is_end": int(i == 2)}
+               for i in range(3)]
+    for packet in packets:  # each response is its own copy: a later packet leaves earlier responses as they were
+        final = packet["is_end"] == 1
+        got = respond(packet, final)
+        want = G.pb.ModelStreamInferResponse(infer_response=G.make_response(packet, request, final))
+        assert got == want and got.SerializeToString() == want.SerializeToString()
+        assert json.loads(G.deserialize_bytes_tensor(got.infer_response.raw_output_contents[0])[0]) == [packet]
+    assert respond.templates[False].infer_response.raw_output_contents[0] == G.serialize_bytes_tensor([b"[{}]"])
+
+
 def test_bytes_tensor_roundtrip():
     items = [b"", b"abc", "héllo".encode()]
     assert G.deserialize_bytes_tensor(G.serialize_bytes_tensor(items)) == items
