@@ -197,6 +197,40 @@ def test_multiprocess_aggregation(tmp_path, monkeypatch):
     assert s[("kiln:num_requests_running", ())] == 3          # engine side next to the front ends' numbers
 
 
+def test_multiprocess_values_read_the_pid_once_and_again_after_a_fork(tmp_path, monkeypatch):
+    """Per-token updates make no getpid system call; a forked child still writes its own file."""
+    code = textwrap.dedent("""
+        import os
+        from prometheus_client import values
+        from kiln.server.frontend import RequestRecord
+        from kiln.server.metrics import make_request_observer
+        obs = make_request_observer(None)
+        assert values.ValueClass._kiln_pid
+        calls, real = [0], os.getpid
+        def counted():
+            calls[0] += 1
+            return real()
+        os.getpid = counted
+        obs.on_token(RequestRecord("a", "grpc", 1000.0), 3, 0.3)
+        assert calls[0] == 0, calls
+        os.getpid = real
+        child = os.fork()
+        if child == 0:
+            obs.on_token(RequestRecord("b", "grpc", 1000.0), 2, 0.2)
+            os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
+        print(os.getpid(), child)
+    """)
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path), PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60, capture_output=True, text=True)
+    parent, child = out.stdout.split()
+    assert {f"counter_{parent}.db", f"counter_{child}.db"} <= set(os.listdir(tmp_path))
+    monkeypatch.setenv(M.ENV_MULTIPROC_DIR, str(tmp_path))
+    s = samples(generate_latest(M.build_registry(lambda: stats())).decode())
+    assert s[("kiln:generation_tokens_total", ())] == 5
+    assert s[("kiln:inter_token_latency_seconds_count", ())] == 5
+
+
 def test_metrics_app_serves_prometheus_text():
     from starlette.testclient import TestClient
 
