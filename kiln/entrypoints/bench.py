@@ -111,7 +111,10 @@ def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int =
     cfg = PRESETS[preset]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    # as a hub checkpoint: the transformers version that wrote it (without one, transformers 5.x tokenizer loading
+    # warns of a Mistral "incorrect regex pattern" in every process)
+    from importlib.metadata import version
+    (out_dir / "config.json").write_text(json.dumps({**cfg, "transformers_version": version("transformers")}, indent=1))
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg["eos_token_id"]}))
     write_synthetic_tokenizer(out_dir, cfg["vocab_size"], cfg["eos_token_id"], cfg.get("bos_token_id"))
     if not weights:
