@@ -156,9 +156,12 @@ class Sampler:
         if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty
                for r in reqs):
             logits = self._apply_penalties(logits, reqs, vocab)
-        for i, w in enumerate(rows):
-            if w.masked_ids:
-                logits[i, rows_to_device(w.masked_ids, torch.long, dev)] = float("-inf")
+        # every row's masked stop ids in one copy and one scatter (one per row cost run O's 64 streams of the native
+        # API, whose min_dec_len masks EOS, 3.3 ms a step on an H100)
+        masked = [(i, t) for i, w in enumerate(rows) for t in w.masked_ids]
+        if masked:
+            at = rows_to_device(masked, torch.long, dev)
+            logits[at[:, 0], at[:, 1]] = float("-inf")
         if any(r.grammar is not None for r in reqs):
             self.grammar_masks.apply(logits, reqs)  # rows with a grammar keep only the tokens it allows
 

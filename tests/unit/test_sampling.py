@@ -150,6 +150,25 @@ def test_sampled_frequencies_follow_temperature():
     assert hot[2] / 3000 > 0.25                           # flatter at high temperature
 
 
+def test_min_tokens_masks_each_rows_stop_ids_in_one_copy(monkeypatch):
+    from kiln.engine import sampler as S
+
+    copies = []
+    real = S.rows_to_device
+    monkeypatch.setattr(S, "rows_to_device", lambda v, *a: copies.append(v) or real(v, *a))
+    logits = torch.zeros(3, 6)
+    logits[:, 0], logits[:, 2], logits[:, 1] = 3.0, 2.0, 1.0   # stop ids lead; token 1 comes next, then 3..5
+    reqs = [Request("a", [1], SamplingParams(temperature=0, min_tokens=4, stop_token_ids=[0, 2])),
+            Request("b", [1], SamplingParams(temperature=0, stop_token_ids=[0, 2])),     # no min_tokens: unmasked
+            Request("c", [1], SamplingParams(temperature=0, min_tokens=4), eos_token_ids=frozenset({0}))]
+    assert Sampler()(logits.clone(), reqs).token_ids == [1, 0, 2]
+    assert copies == [[(0, 0), (0, 2), (2, 0)]]
+    reqs[0].output_token_ids = [5, 5, 5, 5]   # min_tokens reached: its stop ids are allowed again
+    copies.clear()
+    assert Sampler()(logits.clone(), reqs).token_ids == [0, 0, 2]
+    assert copies == [[(2, 0)]]
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     seen = {Sampler()(logits.clone(), [_req(top_p=0.7)]).token_ids[0] for _ in range(500)}
