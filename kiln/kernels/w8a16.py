@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import PDL_PREFETCH_LINES, gdc_enter, interpreting, l2_prefetch, launch, next_pow2, num_sms
+from ._utils import gdc_enter, interpreting, launch, next_pow2, num_sms
 
 SMALL_T = 64    # up to here: decode-sized tiles (the weight read dominates)
 LARGE_T = 256   # above: dequantize once, then torch.matmul
@@ -36,8 +36,8 @@ def _w8a16_kernel(
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
     HAS_SCALE: tl.constexpr = True,
     USE_GDC: tl.constexpr = False,
-    PREFETCH_LINES: tl.constexpr = 0,
 ):
+    gdc_enter(USE_GDC)
     # HAS_SCALE=False: a plain bf16/fp16 weight (kiln.kernels.skinny reuses this kernel).
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -51,14 +51,6 @@ def _w8a16_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     k_start = pid_k * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
-    if USE_GDC and PREFETCH_LINES > 0:
-        # the weight does not depend on the previous kernel: its first lines head for L2 while that kernel ends
-        # (addresses clamped into this program's rows and K range, so that each is valid)
-        line = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-        offs_p = tl.minimum(k_start + tl.arange(0, PREFETCH_LINES) * line, k_end - 1)
-        rows_p = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
-        l2_prefetch(rows_p + offs_p[None, :])
-    gdc_enter(USE_GDC)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + offs_kb
@@ -211,7 +203,7 @@ def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | No
         M, N, K, k_split,
         x2.stride(0), w.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=has_bias, EVEN_K=even_k,
-        FP32=x2.dtype == torch.float32, HAS_SCALE=has_scale, PREFETCH_LINES=PDL_PREFETCH_LINES,
+        FP32=x2.dtype == torch.float32, HAS_SCALE=has_scale,
         num_warps=warps, num_stages=stages,
     )
     if split > 1:

@@ -40,13 +40,16 @@ def test_launch_sets_use_gdc_and_launch_pdl_only_when_on_and_taken(monkeypatch):
     assert with_gdc.calls[-1] == {"BLOCK": 16}
 
 
-def test_pdl_is_off_without_a_hopper_gpu(monkeypatch):
-    monkeypatch.setenv("KILN_PDL", "1")
+def test_pdl_is_on_by_default_on_hopper_and_off_elsewhere(monkeypatch):
+    monkeypatch.delenv("KILN_PDL", raising=False)
     _utils.pdl_enabled.cache_clear()
     try:
         import torch
         expected = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 \
             and not _utils.interpreting()
+        assert _utils.pdl_enabled() is bool(expected)
+        monkeypatch.setenv("KILN_PDL", "1")
+        _utils.pdl_enabled.cache_clear()
         assert _utils.pdl_enabled() is bool(expected)
         monkeypatch.setenv("KILN_PDL", "0")
         _utils.pdl_enabled.cache_clear()
