@@ -138,9 +138,8 @@ def _cached_pid() -> int:
 
 
 def _use_cached_pid() -> None:
-    """prometheus_client's multiprocess values call os.getpid() (a system call) on every update, to notice a fork;
-    with three updates per streamed token that was 6% of the gRPC front end's time. The pid is read once and again
-    after a fork instead (the same answer)."""
+    """prometheus_client's multiprocess values call os.getpid() (a system call) on every update, to notice a fork:
+    three per streamed token. The pid is read once, and again after a fork, instead (the same answer)."""
     from prometheus_client import values
 
     if getattr(values.ValueClass, "_multiprocess", False) and not getattr(values.ValueClass, "_kiln_pid", False):
