@@ -131,6 +131,7 @@ class Request:
         self.num_pending_tokens = 0  # trailing PENDING_TOKENs of output_token_ids (0 or 1, 2 for a moment)
         self.pending_row = -1        # row of the last launched step's sampled ids that holds the newest one
         self.grammar = None          # RequestGrammar once params.structured is compiled (kiln/engine/structured.py)
+        self.prompt_ids_array = None  # the prompt ids as a numpy array, made by the sampler's penalties on first use
         ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             ids |= set(eos_token_ids)

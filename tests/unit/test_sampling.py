@@ -193,6 +193,29 @@ def test_repetition_penalty_matches_transformers():
     assert torch.allclose(ours, ref)
 
 
+def test_penalties_of_a_batch_equal_each_row_alone():
+    """Rows of different prompt and output lengths (and one with no output yet) in one batch: each row's logits
+    are what the row gets alone."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, 40)
+    reqs = [Request("a", [1, 2, 3], SamplingParams(repetition_penalty=1.5, frequency_penalty=0.3)),
+            Request("b", [7], SamplingParams(presence_penalty=0.8)),
+            Request("c", [5, 5, 6, 30, 31, 32, 33], SamplingParams(repetition_penalty=0.7)),
+            Request("d", [2, 9], SamplingParams(frequency_penalty=1.0, presence_penalty=0.5))]
+    reqs[0].output_token_ids = [4, 4, 9]
+    reqs[1].output_token_ids = [7, 8, 8, 8, 39]
+    reqs[3].output_token_ids = [0]
+    batch = Sampler._apply_penalties(logits.clone(), reqs, 40)
+    for i, r in enumerate(reqs):
+        assert torch.allclose(batch[i], Sampler._apply_penalties(logits[i:i + 1].clone(), [r], 40)[0])
+    def rep(x, p):
+        return x / p if x > 0 else x * p
+    # token 4: twice in row a's output (repetition, then frequency x 2); row c: only its prompt's ids change
+    assert torch.isclose(batch[0, 4], rep(logits[0, 4], 1.5) - 2 * 0.3)
+    assert torch.isclose(batch[2, 5], rep(logits[2, 5], 0.7)) and batch[2, 4] == logits[2, 4]
+    assert torch.isclose(batch[1, 8], logits[1, 8] - 0.8) and batch[1, 6] == logits[1, 6]
+
+
 def test_presence_penalty_flips_a_close_call():
     logits = torch.tensor([[2.0, 1.9, 0.0]])
     r = _req(temperature=0, presence_penalty=0.5)
