@@ -149,10 +149,11 @@ def gdc_enter(USE_GDC: tl.constexpr):
 
 @functools.lru_cache(maxsize=None)
 def pdl_enabled() -> bool:
-    """On a GPU of compute capability 9.0+ (not under the interpreter) unless KILN_PDL=0. Read once per process, at
-    the first launch (a launch's host cost stays one cached call)."""
-    return (os.environ.get("KILN_PDL", "1") != "0" and not interpreting() and torch.cuda.is_available()
-            and torch.cuda.get_device_capability()[0] >= 9)
+    """On a GPU of compute capability 9.0+ (not under the interpreter), with a Triton that has it (gdc_wait and
+    launch_pdl: 3.6 has them), unless KILN_PDL=0. Read once per process, at the first launch (a launch's host cost
+    stays one cached call)."""
+    return (os.environ.get("KILN_PDL", "1") != "0" and not interpreting() and hasattr(tl.extra.cuda, "gdc_wait")
+            and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
 
 
 def launch(kernel, grid, *args, **kwargs):
