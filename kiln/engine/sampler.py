@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kiln.engine.request import Request
@@ -30,30 +31,29 @@ class SamplerOutput:
     failed_rows: list[int] = field(default_factory=list)  # rows whose request could not be sampled: end them
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device without a stream sync (a plain .to(cuda) from pageable memory waits for all
+    queued GPU work). The pinned source is kept alive by PyTorch's host allocator until the copy has run."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def rows_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on the device without a stream sync (a plain torch.tensor(..., device=cuda) waits for
-    all queued GPU work). The pinned source is kept alive by PyTorch's host allocator until the copy has run."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    """A small host list on the device without a stream sync."""
+    return host_to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _padded_ids(rows: list, pad: int, device: torch.device) -> torch.Tensor:
     """[len(rows), longest row (at least 1)] int64 on the device, each row's ids (a list or an array) then `pad`."""
-    import numpy as np
-
     ids = np.full((len(rows), max(1, max(map(len, rows), default=1))), pad, dtype=np.int64)
     for i, row in enumerate(rows):
         if len(row):
             ids[i, :len(row)] = row
-    t = torch.from_numpy(ids)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    return host_to_device(torch.from_numpy(ids), device)
 
 
-def _prompt_array(r: Request):
+def _prompt_array(r: Request) -> np.ndarray:
     """The request's prompt ids as a numpy array, made once (penalties read them every step)."""
     if r.prompt_ids_array is None:
-        import numpy as np
         r.prompt_ids_array = np.asarray(r.prompt_token_ids, dtype=np.int64)
     return r.prompt_ids_array
 
