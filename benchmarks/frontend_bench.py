@@ -105,22 +105,26 @@ def fake_engine(port_box, secret: str, step_s: float, token_ids: list[int], max_
 # the HTTP worker
 # ----------------------------------------------------------------------------------------------------
 
-def worker(cfg, sock: socket.socket, started, profile: str | None) -> None:
-    from kiln.server import http
-    from kiln.threads import configure_threads
-
-    configure_threads("http")
+def run_profiled(main, profile: str | None) -> None:
+    """main(), under cProfile when `profile` names a file (SIGUSR1 dumps it; the process is ended afterwards)."""
     if not profile:
-        http.run_worker(cfg, sock, 0, started)
+        main()
         return
     import cProfile
     import signal
 
     prof = cProfile.Profile()
-    # SIGUSR1 dumps the profile (the worker is ended with SIGTERM afterwards)
     signal.signal(signal.SIGUSR1, lambda *_: prof.dump_stats(profile))
     prof.enable()
-    http.run_worker(cfg, sock, 0, started)
+    main()
+
+
+def worker(cfg, sock: socket.socket, started, profile: str | None) -> None:
+    from kiln.server import http
+    from kiln.threads import configure_threads
+
+    configure_threads("http")
+    run_profiled(lambda: http.run_worker(cfg, sock, 0, started), profile)
 
 
 def grpc_front_end(cfg, profile: str | None) -> None:
@@ -129,16 +133,7 @@ def grpc_front_end(cfg, profile: str | None) -> None:
     from kiln.threads import configure_threads
 
     configure_threads("grpc")
-    if not profile:
-        grpc_server.run(cfg)
-        return
-    import cProfile
-    import signal
-
-    prof = cProfile.Profile()
-    signal.signal(signal.SIGUSR1, lambda *_: prof.dump_stats(profile))
-    prof.enable()
-    grpc_server.run(cfg)
+    run_profiled(lambda: grpc_server.run(cfg), profile)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,7 +188,7 @@ async def one_grpc_stream(port: int, max_tokens: int, counter: list, stop_at: fl
         n = 0
         while time.monotonic() < stop_at:
             n += 1
-            body = json.dumps([{"req_id": f"s{id(counter)}-{n}-{os.urandom(4).hex()}", "text": "Hello there",
+            body = json.dumps([{"req_id": f"g{n}-{os.urandom(6).hex()}", "text": "Hello there",
                                 "max_dec_len": max_tokens, "min_dec_len": max_tokens}]).encode()
             req = pb.ModelInferRequest(model_name="model", id="r")
             req.inputs.add(name="IN", datatype="BYTES", shape=[1])
