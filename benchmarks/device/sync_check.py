@@ -56,7 +56,7 @@ for name, kw in VARIANTS.items():
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
     for w in caught:
-        if "synchroniz" in str(w.message):
+        if "synchronizing CUDA operation" in str(w.message):
             hits[f"{w.filename.split('kiln/')[-1]}:{w.lineno} {str(w.message)[:70]}"] += 1
     print(f"{name}: {sum(hits.values())} syncs in 5 steps" + "".join(f"\n    {n} x {k}" for k, n in hits.items()))
     while core.has_unfinished():

@@ -162,11 +162,11 @@ def test_min_tokens_masks_each_rows_stop_ids_in_one_copy(monkeypatch):
             Request("b", [1], SamplingParams(temperature=0, stop_token_ids=[0, 2])),     # no min_tokens: unmasked
             Request("c", [1], SamplingParams(temperature=0, min_tokens=4), eos_token_ids=frozenset({0}))]
     assert Sampler()(logits.clone(), reqs).token_ids == [1, 0, 2]
-    assert copies == [[(0, 0), (0, 2), (2, 0)]]
+    assert copies == [[0 * 6 + 0, 0 * 6 + 2, 2 * 6 + 0]]   # flat (row, id) positions
     reqs[0].output_token_ids = [5, 5, 5, 5]   # min_tokens reached: its stop ids are allowed again
     copies.clear()
     assert Sampler()(logits.clone(), reqs).token_ids == [0, 0, 2]
-    assert copies == [[(2, 0)]]
+    assert copies == [[2 * 6 + 0]]
 
 
 def test_top_p_keeps_the_smallest_nucleus():
