@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kiln import kernels
 from kiln.engine.request import Request
 from kiln.engine.structured import GrammarMasks
 
@@ -40,6 +41,13 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def rows_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on the device without a stream sync."""
     return host_to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def _top_p_threshold(logits: torch.Tensor, top_p: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """The Triton nucleus search on a GPU, the sort on CPU (where the interpreter would be slow)."""
+    if logits.is_cuda and kernels.HAS_TRITON:
+        return kernels.top_p_threshold(logits, top_p, floor)
+    return kernels.reference.top_p_threshold(logits, top_p, floor)
 
 
 def _padded_ids(rows: list, pad: int, device: torch.device) -> torch.Tensor:
@@ -248,16 +256,22 @@ class Sampler:
 
     @staticmethod
     def _top_k_top_p(logits: torch.Tensor, rows: list[_Row], vocab: int) -> torch.Tensor:
+        """Each row's logits below its top-k and top-p cuts set to -inf; ties at a cut are kept. No full sort (it
+        took 5.2 ms a step at 256 rows of a 128k vocabulary on an H100, run Q): top-k's cut is the k-th value of
+        one torch.topk for the largest k, top-p's the nucleus search of kiln.kernels.top_p_threshold on a GPU
+        (the same cut by sorting on CPU), over the logits the top-k cut keeps."""
         dev = logits.device
-        top_k = rows_to_device([w.top_k for w in rows], torch.long, dev)
-        top_p = rows_to_device([w.top_p for w in rows], torch.float32, dev)
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab, device=dev)[None, :]
-        mask = rank >= top_k[:, None]
-        sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)
-        cum_before = probs.cumsum(dim=-1) - probs
-        mask = cum_before >= top_p[:, None]   # keep the smallest prefix whose mass reaches top_p
-        mask[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
-        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        b = logits.shape[0]
+        ks = [w.top_k for w in rows]
+        floor = torch.full((b,), float("-inf"), device=dev)
+        if any(k < vocab for k in ks):
+            k_max = max(k for k in ks if k < vocab)
+            kth = logits.topk(k_max, dim=-1, sorted=True).values
+            pick = rows_to_device([min(k, k_max) - 1 for k in ks], torch.long, dev)
+            limited = rows_to_device([k < vocab for k in ks], torch.bool, dev)
+            floor = torch.where(limited, kth.gather(1, pick[:, None])[:, 0], floor)
+        cut = floor
+        if any(w.top_p < 1.0 for w in rows):
+            top_p = rows_to_device([w.top_p for w in rows], torch.float32, dev)
+            cut = _top_p_threshold(logits.contiguous(), top_p, floor)
+        return logits.masked_fill(logits < cut[:, None], float("-inf"))

@@ -3,7 +3,7 @@
 Kernels (each in its own module, each a Python function on torch tensors):
     reshape_and_cache, paged_decode_attention, paged_prefill_attention,
     rmsnorm, fused_add_rmsnorm, rotary_embedding, silu_and_mul, w8a16_matmul, skinny_matmul,
-    quantize_activation and scale_int32 (W8A8).
+    quantize_activation and scale_int32 (W8A8), top_p_threshold (the sampler's nucleus cut).
 
 `kiln.kernels.reference` holds float32 PyTorch versions of all of them and needs no
 Triton. When Triton is not installed, HAS_TRITON is False and the kernel names here are
@@ -34,6 +34,7 @@ if HAS_TRITON:
     from .quant import quantize_activation, scale_int32
     from .rmsnorm import fused_add_rmsnorm, rmsnorm
     from .rotary import rotary_embedding
+    from .sampling import top_p_threshold
     from .skinny import skinny_matmul, use_skinny
     from .w8a16 import dequantize_int8_weight, w8a16_matmul
 else:  # pragma: no cover
@@ -46,6 +47,7 @@ else:  # pragma: no cover
         rotary_embedding,
         silu_and_mul,
         skinny_matmul,
+        top_p_threshold,
         w8a16_matmul,
     )
 
@@ -85,4 +87,5 @@ __all__ = [
     "dequantize_int8_weight",
     "quantize_activation",
     "scale_int32",
+    "top_p_threshold",
 ]

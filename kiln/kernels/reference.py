@@ -177,3 +177,14 @@ def skinny_matmul(x, w, bias=None):
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def top_p_threshold(logits, top_p, floor):
+    """Each row's top-p cut by sorting (kiln.kernels.sampling's definition): its logits >= the returned value are
+    the smallest set of its highest logits (those >= floor) whose probability reaches top_p, ties kept."""
+    x = logits.float().masked_fill(logits < floor[:, None], float("-inf"))
+    vals = x.sort(dim=-1, descending=True).values
+    e = (vals - vals[:, :1]).exp()
+    before = e.cumsum(dim=-1) - e                       # mass above each sorted position
+    kept = (before < top_p[:, None] * e.sum(dim=-1, keepdim=True)).sum(dim=-1).clamp(min=1)
+    return vals.gather(1, (kept - 1)[:, None])[:, 0]

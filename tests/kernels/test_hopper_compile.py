@@ -75,6 +75,8 @@ def _launch_every_kernel():
             x = rand(3, k_len)
             K.quantize_activation(x, code)
             K.quantize_activation(x, code, torch.tensor([0.02]))
+    x = torch.randn(3, 3000, generator=g)
+    K.top_p_threshold(x, torch.tensor([0.5, 0.9, 1.0]), torch.tensor([float("-inf"), 0.0, float("-inf")]))
     acc = torch.randint(-100, 100, (17, 96), dtype=torch.int32)
     for bias in (None, rand(96)):
         K.scale_int32(acc, torch.rand(17, 1, generator=g), torch.rand(96, generator=g), bias, torch.bfloat16, 5)
@@ -124,7 +126,8 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
         _launch_every_kernel()
     names = {k[0] for k in v.keys}
     assert {"_quant_rows_kernel", "_scale_int32_kernel", "_w8a16_kernel", "_decode_kernel", "_decode_reduce_kernel",
-            "_prefill_kernel", "_reshape_and_cache_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= names, names
+            "_prefill_kernel", "_reshape_and_cache_kernel", "_rmsnorm_kernel", "_rope_kernel",
+            "_top_p_threshold_kernel"} <= names, names
     # and one variant of each kernel as KILN_PDL=1 launches it (programmatic dependent launch: USE_GDC, launch_pdl)
     gdc = {}
     for name, constexprs, specs, options in sorted(v.keys, key=repr):

@@ -418,3 +418,33 @@ def test_linear_layer_dispatches_few_rows_to_skinny_and_matches():
         x = rand(m, 256, dtype=torch.bfloat16)
         assert K.use_skinny(x, w) == (0 < m <= MAX_T)
         assert rel_err(_dense(x, w, None), R.skinny_matmul(x, w)) < TOL[torch.bfloat16]
+
+
+# ---- top_p_threshold (the sampler's nucleus cut) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("vocab", [1000, 2500] + ([128256] if not INTERP else []))
+def test_top_p_threshold_is_the_sorted_cut(vocab):
+    """The search finds the cut that sorting finds: peaked and flat rows, a top-k floor, -inf logits (masked stop
+    ids, grammars), ties at the cut, top_p near 0 and 1. Where the mass at the cut lies within float32 rounding of
+    the target the two may differ by the one boundary value; no row here comes that close."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for spread in (0.3, 1.0, 3.0, 10.0):
+        rows.append(torch.randn(vocab, generator=g) * spread)
+    tied = torch.randn(vocab, generator=g)
+    tied[:40] = 6.0  # 40 equal leaders: a 0.5 nucleus ends inside them, so all 40 stay
+    rows.append(tied)
+    masked = torch.randn(vocab, generator=g) * 2
+    masked[::3] = float("-inf")
+    rows.append(masked)
+    x = torch.stack(rows + [torch.randn(vocab, generator=g) * 2 for _ in range(3)]).to(DEVICE)
+    b = x.shape[0]
+    top_p = torch.tensor([0.7, 0.9, 0.5, 0.95, 0.5, 0.8, 1e-4, 0.999, 0.6], device=DEVICE)[:b]
+    floor = torch.full((b,), float("-inf"), device=DEVICE)
+    floor[8] = x[8].topk(20).values[-1]  # a top-k of 20 first
+    got = K.top_p_threshold(x, top_p, floor)
+    want = R.top_p_threshold(x, top_p, floor)
+    assert torch.equal((x >= got[:, None]), (x >= want[:, None])), (got, want)
+    assert (x[4] >= got[4]).sum().item() == 40
+    assert (x[6] >= got[6]).sum().item() == 1  # a tiny top_p keeps the argmax alone
+    assert (x[8] >= got[8]).sum().item() <= 20

@@ -177,9 +177,31 @@ def test_top_p_keeps_the_smallest_nucleus():
 
 def test_top_k_limits_candidates():
     logits = torch.zeros(1, 10)
+    logits[0, :3] = torch.tensor([1.2, 1.0, 1.1])
+    seen = {Sampler()(logits.clone(), [_req(top_k=2)]).token_ids[0] for _ in range(500)}
+    assert seen == {0, 2}
+
+
+def test_top_k_keeps_ties_at_the_kth_logit():
+    """The cut is the k-th highest logit: tokens tied with it stay (as in vLLM), so no tie is broken by position."""
+    logits = torch.zeros(1, 10)
     logits[0, :3] = 1.0
     seen = {Sampler()(logits.clone(), [_req(top_k=2)]).token_ids[0] for _ in range(500)}
-    assert len(seen) == 2 and seen <= {0, 1, 2}
+    assert seen == {0, 1, 2}
+
+
+def test_top_k_and_top_p_per_row_in_one_batch():
+    """Rows with different cuts in one batch each keep their own set: top-k then top-p over what top-k kept."""
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    logits = torch.log(probs).repeat(4, 1)
+    reqs = [_req(top_k=3), _req(top_p=0.6), _req(top_k=3, top_p=0.75), _req(temperature=1.0)]
+    seen = [set() for _ in reqs]
+    for _ in range(400):
+        for i, t in enumerate(Sampler()(logits.clone(), reqs).token_ids):
+            seen[i].add(t)
+    # top_p 0.6: 0.4 + 0.25 reaches it; top-k 3 then top_p 0.75 of (0.4, 0.25, 0.15)/0.8: 0.5 + 0.3125 reaches it
+    assert seen[:3] == [{0, 1, 2}, {0, 1}, {0, 1}]
+    assert seen[3] == set(range(6))
 
 
 def test_repetition_penalty_matches_transformers():

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Device run R (one call, ~2.5 min, carrying .whl): checks of the fixes after run Q (H100).
+# 1. sync_check: the min_tokens mask no longer syncs (run Q: 5 syncs in 5 steps); nothing else does;
+# 2. sampler_bench: top-k / top-p without the full sort (run Q: 1.61 ms at 64 rows, 5.20 ms at 256 rows);
+# 3. the nucleus kernel against its sorted reference at 128,256 columns;
+# 4. 64 streams, 1000 in / 300 out, native then OpenAI (run P: 11.24 vs 10.20 ms TPOT).
+source benchmarks/device/common.sh
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
+timeout 100 python3 benchmarks/device/sync_check.py 2>&1 | grep -v Warning | tail -20
+timeout 100 python3 benchmarks/sampler_bench.py 2>&1 | tail -16
+timeout 100 python3 -m pytest -q -p no:cacheprovider -W ignore tests/kernels/test_kernels.py -k top_p 2>&1 | tail -3
+export KILN_LOAD_FORMAT=dummy MODEL_DIR=/tmp/m-$PRESET BATCH_SIZE=256 MAX_SEQ_LEN=2048 MAX_DEC_LEN=1024
+[ -d /tmp/m-$PRESET ] || $B write-checkpoint --preset $PRESET --out /tmp/m-$PRESET --no-weights > /dev/null
+GRPC_PORT=8811 serve_bg $R/r_server.log
+for i in $(seq 120); do
+  python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8110/v2/health/ready')" 2>/dev/null && break
+  sleep 0.5
+done
+timeout 60 $B serve $VOCAB --num-prompts 64 --input-len 1000 --output-len 16 > /dev/null 2>&1  # warm-up load
+for api in native openai grpc; do
+  timeout 60 $B serve $VOCAB --api $api --num-prompts 64 --max-concurrency 64 --input-len 1000 --output-len 300 \
+    --output-json $R/r_$api.json > $R/r_$api.log 2>&1
+  python3 -c "import json;r=json.load(open('$R/r_$api.json'));print('c64 $api: TPOT median', round(r['tpot_ms']['median'],2), 'out tok/s', round(r['output_tok_s']), 'failed', r['failed'])"
+done
+stop_server
