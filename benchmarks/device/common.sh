@@ -29,6 +29,18 @@ start_server() {
 }
 # serve_bg LOG: kiln serve in its own session with this environment; SERVER_PID is its process group
 serve_bg() { setsid python3 -m kiln.entrypoints.cli serve > $1 2>&1 & SERVER_PID=$!; }
+# serve_apis LOG: the random Llama-3-8B shape behind all three APIs (HTTP, gRPC on 8811), BATCH_SIZE=256, ready and
+# past a warm-up load of 64 prompts
+serve_apis() {
+  export KILN_LOAD_FORMAT=dummy MODEL_DIR=/tmp/m-$PRESET BATCH_SIZE=256 MAX_SEQ_LEN=2048 MAX_DEC_LEN=1024
+  [ -d /tmp/m-$PRESET ] || $B write-checkpoint --preset $PRESET --out /tmp/m-$PRESET --no-weights > /dev/null
+  GRPC_PORT=8811 serve_bg $1
+  for i in $(seq 120); do
+    python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8110/v2/health/ready')" 2>/dev/null && break
+    sleep 0.5
+  done
+  timeout 60 $B serve $VOCAB --num-prompts 64 --input-len 1000 --output-len 16 > /dev/null 2>&1
+}
 # stop_server: SIGTERM to the server's process group (its processes rename themselves "kiln serve: ...", so a
 # pkill on the command line misses them), then SIGKILL if it is still there after 60 s
 stop_server() {

@@ -6,14 +6,7 @@
 # 2. batch-1 W8A16 with the default (PDL on), against run O's 238.5 (off) / 247.8 (on) tok/s.
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
-export KILN_LOAD_FORMAT=dummy MODEL_DIR=/tmp/m-$PRESET BATCH_SIZE=256 MAX_SEQ_LEN=2048 MAX_DEC_LEN=1024
-[ -d /tmp/m-$PRESET ] || $B write-checkpoint --preset $PRESET --out /tmp/m-$PRESET --no-weights > /dev/null
-GRPC_PORT=8811 serve_bg $R/p_server.log
-for i in $(seq 120); do
-  python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8110/v2/health/ready')" 2>/dev/null && break
-  sleep 0.5
-done
-timeout 60 $B serve $VOCAB --num-prompts 64 --input-len 1000 --output-len 16 > /dev/null 2>&1  # warm-up load
+serve_apis $R/p_server.log
 for api in native openai; do
   timeout 60 $B serve $VOCAB --api $api --num-prompts 64 --max-concurrency 64 --input-len 1000 --output-len 300 \
     --output-json $R/p_$api.json > $R/p_$api.log 2>&1

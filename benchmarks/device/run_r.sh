@@ -9,14 +9,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 timeout 100 python3 benchmarks/device/sync_check.py 2>&1 | grep -v Warning | tail -20
 timeout 100 python3 benchmarks/sampler_bench.py 2>&1 | tail -16
 timeout 100 python3 -m pytest -q -p no:cacheprovider -W ignore tests/kernels/test_kernels.py -k top_p 2>&1 | tail -3
-export KILN_LOAD_FORMAT=dummy MODEL_DIR=/tmp/m-$PRESET BATCH_SIZE=256 MAX_SEQ_LEN=2048 MAX_DEC_LEN=1024
-[ -d /tmp/m-$PRESET ] || $B write-checkpoint --preset $PRESET --out /tmp/m-$PRESET --no-weights > /dev/null
-GRPC_PORT=8811 serve_bg $R/r_server.log
-for i in $(seq 120); do
-  python3 -c "import urllib.request as u;u.urlopen('http://127.0.0.1:8110/v2/health/ready')" 2>/dev/null && break
-  sleep 0.5
-done
-timeout 60 $B serve $VOCAB --num-prompts 64 --input-len 1000 --output-len 16 > /dev/null 2>&1  # warm-up load
+serve_apis $R/r_server.log
 for api in native openai grpc; do
   timeout 60 $B serve $VOCAB --api $api --num-prompts 64 --max-concurrency 64 --input-len 1000 --output-len 300 \
     --output-json $R/r_$api.json > $R/r_$api.log 2>&1
