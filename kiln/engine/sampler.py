@@ -114,7 +114,7 @@ class _Row:
     logprobs: int | None
 
 
-_NEUTRAL = _Row(True, 1.0, 0, 1.0, 0.0, [], None)
+_NEUTRAL = _Row(True, 1.0, 1 << 62, 1.0, 0.0, [], None)  # top_k past any vocabulary: off
 
 
 class Sampler:
@@ -273,5 +273,7 @@ class Sampler:
         cut = floor
         if any(w.top_p < 1.0 for w in rows):
             top_p = rows_to_device([w.top_p for w in rows], torch.float32, dev)
-            cut = _top_p_threshold(logits.contiguous(), top_p, floor)
+            # a top_p of 1 keeps all: its search's target is the whole mass, which rounding can put just out of
+            # reach, cutting the row's tail (and making the row's draw depend on whether its batch had top-p rows)
+            cut = torch.where(top_p < 1.0, _top_p_threshold(logits.contiguous(), top_p, floor), floor)
         return logits.masked_fill(logits < cut[:, None], float("-inf"))

@@ -243,3 +243,17 @@ def test_presence_penalty_flips_a_close_call():
     r = _req(temperature=0, presence_penalty=0.5)
     r.output_token_ids = [0]
     assert Sampler()(logits, [r]).token_ids == [1]
+
+
+def test_a_top_k_rows_cut_does_not_depend_on_a_top_p_row_beside_it():
+    """top_p 1 keeps everything top-k kept, also when another row of the batch runs the top-p search (whose target,
+    the whole mass, rounding can put out of reach of a far tail: 1 - 1e-10 of it here)."""
+    from kiln.engine.sampler import Sampler as S, _Row
+    logits = torch.full((2, 50), -60.0)
+    logits[:, :3] = torch.tensor([20.0, 0.0, -3.0])
+    rows = [_Row(False, 1.0, 3, 1.0, 0.0, [], None), _Row(False, 1.0, 50, 0.5, 0.0, [], None)]
+    cut = S._top_k_top_p(logits.clone(), rows, 50)
+    assert torch.isfinite(cut[0]).sum().item() == 3      # the top-k row: its 3, the tail included
+    assert torch.isfinite(cut[1]).sum().item() == 1      # the top-p row: the argmax holds > 0.5 alone
+    alone = S._top_k_top_p(logits[:1].clone(), rows[:1], 50)
+    assert torch.equal(torch.isfinite(alone[0]), torch.isfinite(cut[0]))
