@@ -267,9 +267,8 @@ class Sampler:
         if any(k < vocab for k in ks):
             k_max = max(k for k in ks if k < vocab)
             kth = logits.topk(k_max, dim=-1, sorted=True).values
-            pick = rows_to_device([min(k, k_max) - 1 for k in ks], torch.long, dev)
-            limited = rows_to_device([k < vocab for k in ks], torch.bool, dev)
-            floor = torch.where(limited, kth.gather(1, pick[:, None])[:, 0], floor)
+            pick = rows_to_device([k - 1 if k < vocab else -1 for k in ks], torch.long, dev)  # -1: no top-k
+            floor = torch.where(pick >= 0, kth.gather(1, pick.clamp(min=0)[:, None])[:, 0], floor)
         cut = floor
         if any(w.top_p < 1.0 for w in rows):
             top_p = rows_to_device([w.top_p for w in rows], torch.float32, dev)
