@@ -24,10 +24,15 @@ BLOCK = 512
 
 
 @triton.jit
-def _key(x):
-    """float32 -> int32 that orders as the floats do (negative floats' magnitude bits flipped)."""
-    bits = x.to(tl.int32, bitcast=True)
+def _flip(bits):
+    """A float32's bits (as int32) <-> an int32 that orders as the floats do: negative floats' magnitude bits
+    flipped. Its own inverse."""
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _key(x):
+    return _flip(x.to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -70,9 +75,7 @@ def _top_p_threshold_kernel(x_ptr, top_p_ptr, floor_ptr, out_ptr, V, stride_x,
         ok = mass >= target  # a prefix of the pivots (mass only falls as the cut rises)
         lo = tl.max(tl.where(ok, piv, lo), axis=0)
         hi = tl.min(tl.where(ok, hi, piv), axis=0)
-    bits = lo.to(tl.int32)
-    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    tl.store(out_ptr + row, bits.to(tl.float32, bitcast=True))
+    tl.store(out_ptr + row, _flip(lo.to(tl.int32)).to(tl.float32, bitcast=True))
 
 
 def top_p_threshold(logits: torch.Tensor, top_p: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
