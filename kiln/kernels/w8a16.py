@@ -14,6 +14,8 @@ does the rest.
 
 from __future__ import annotations
 
+import functools
+import os
 
 import torch
 import triton
@@ -101,6 +103,65 @@ def _w8a16_reduce_kernel(part_ptr, s_ptr, b_ptr, out_ptr, M, N, stride_om,
 
 
 @triton.jit
+def _int8_to_f32(w, MAGIC: tl.constexpr):
+    """int8 codes -> float32. MAGIC (a GPU): four codes a 32-bit word, each byte (its sign bit flipped, so code + 128)
+    set into the mantissa of 2^23 by one byte permute and the bias taken off by one add: 2.25 instructions a code
+    where cvt (I2F) is one a code at the conversion unit's quarter rate. Else a plain conversion (the interpreter)."""
+    if MAGIC:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, hi;
+            xor.b32 t, $4, 0x80808080;
+            mov.b32 hi, 0x4B000000;
+            prmt.b32 $0, t, hi, 0x7440;
+            prmt.b32 $1, t, hi, 0x7441;
+            prmt.b32 $2, t, hi, 0x7442;
+            prmt.b32 $3, t, hi, 0x7443;
+            sub.f32 $0, $0, 0f4B000080;
+            sub.f32 $1, $1, 0f4B000080;
+            sub.f32 $2, $2, 0f4B000080;
+            sub.f32 $3, $3, 0f4B000080;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+    return w.to(tl.float32)
+
+
+@triton.jit
+def _w8_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    MAGIC: tl.constexpr, USE_GDC: tl.constexpr = False,
+):
+    """One row of x (batch-1 decode) against int8 weight rows on the CUDA cores: a program owns BLOCK_N output
+    channels and walks all of K, loading the next K block's codes before it converts and multiplies the current
+    one (two blocks in flight a program, and many programs an SM: the weight stream is what bounds it)."""
+    gdc_enter(USE_GDC)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_kb = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if EVEN_K:
+        w_next = tl.load(w_rows + offs_kb[None, :], mask=nmask[:, None], other=0)
+    else:
+        w_next = tl.load(w_rows + offs_kb[None, :], mask=nmask[:, None] & (offs_kb < K)[None, :], other=0)
+    for k0 in range(0, K, BLOCK_K):
+        w = w_next
+        offs_k = k0 + offs_kb
+        nxt = offs_k + BLOCK_K
+        w_next = tl.load(w_rows + nxt[None, :], mask=nmask[:, None] & (nxt < K)[None, :], other=0)
+        if EVEN_K:
+            x = tl.load(x_ptr + offs_k).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        acc += _int8_to_f32(w, MAGIC) * x[None, :]
+    y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
 def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, stride_wn, stride_on, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
     gdc_enter(USE_GDC)
     n = tl.program_id(0).to(tl.int64)
@@ -179,8 +240,36 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
         if bias is not None:
             out += bias.to(out.dtype)
         return out.view(*x.shape[:-1], N)
-    small_m_matmul(x2, w_int8, w_scale, bias, out, config or _config(M, N, K, x.device))
+    if M == 1 and w_int8.dtype == torch.int8 and (config[0] == "gemv" if config else use_gemv()):
+        gemv(x2, w_int8, w_scale, bias, out, config or _gemv_config(N, K))
+    else:
+        small_m_matmul(x2, w_int8, w_scale, bias, out, config or _config(M, N, K, x.device))
     return out.view(*x.shape[:-1], N)
+
+
+@functools.lru_cache(maxsize=None)
+def use_gemv() -> bool:
+    """Batch-1 int8 weights on the CUDA cores (_w8_gemv_kernel) unless KILN_W8_GEMV=0 (the tensor-core kernel
+    instead; for A/B runs). Read once per process."""
+    return os.environ.get("KILN_W8_GEMV", "1") != "0"
+
+
+def _gemv_config(N: int, K: int) -> tuple:
+    """("gemv", BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    if interpreting():
+        return "gemv", 8, 32, 4, 1
+    return "gemv", 16, 512, 4, 1
+
+
+def gemv(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+         config: tuple) -> None:
+    """out [1, N] = x2 [1, K] @ (w [N, K] int8 * w_scale[:, None]).T (+ bias), one kernel."""
+    _, bn, bk, warps, stages = config
+    N, K = w.shape
+    bk = min(bk, max(32, next_pow2(K)))
+    launch(_w8_gemv_kernel, (triton.cdiv(N, bn),), x2, w, w_scale, bias if bias is not None else w_scale, out,
+           N, K, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0,
+           MAGIC=not interpreting(), num_warps=warps, num_stages=stages)
 
 
 def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,

@@ -347,7 +347,9 @@ W8_CASES = [
     (5, 64, 256, True),
     (17, 40, 64, False),
     (100, 48, 64, True),                                     # 64 < T <= 256 tiles
+    (1, 40, 200, True),                                      # batch 1 (the CUDA-core GEMV): ragged K and N
     pytest.param(1, 4096, 4096, False, marks=gpu_only),
+    pytest.param(1, 1000, 1000, True, marks=gpu_only),
     pytest.param(16, 6144, 4096, True, marks=gpu_only),
     pytest.param(33, 1000, 1000, True, marks=gpu_only),
     pytest.param(64, 4096, 14336, False, marks=gpu_only),
@@ -371,6 +373,20 @@ def test_w8a16_matmul(M, N, Kd, bias, dtype):
     tol = TOL[dtype] if dtype != torch.float32 else (1e-5 if M <= 256 else 2e-3)  # cuBLAS may use tf32
     assert out.shape == (M, N) and out.dtype == dtype
     assert rel_err(out, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+def test_w8a16_gemv_every_code(dtype):
+    """Batch 1 runs on the CUDA cores, converting codes with a byte permute on a GPU: every code from -128 to 127
+    (at both ends of a word and a row), against the tensor-core kernel and the reference."""
+    N, Kd = 24, 256
+    wq = (torch.arange(N * Kd) % 256 - 128).to(torch.int8).reshape(N, Kd)[torch.randperm(N)].to(DEVICE)
+    ws = torch.rand(N, device=DEVICE) + 0.5
+    x = rand(1, Kd, dtype=dtype)
+    ref = R.w8a16_matmul(x, wq, ws)
+    gemv = K.w8a16_matmul(x, wq, ws, config=("gemv", 8, 64, 4, 1))
+    tensor_cores = K.w8a16_matmul(x, wq, ws, config=(16, 32, 32, 1, 4, 1))
+    assert rel_err(gemv, ref) < TOL[dtype] and rel_err(tensor_cores, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES[:1])
