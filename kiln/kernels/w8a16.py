@@ -141,18 +141,13 @@ def _w8_gemv_kernel(
     offs_kb = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if EVEN_K:
-        w_next = tl.load(w_rows + offs_kb[None, :], mask=nmask[:, None], other=0)
-    else:
-        w_next = tl.load(w_rows + offs_kb[None, :], mask=nmask[:, None] & (offs_kb < K)[None, :], other=0)
     for k0 in range(0, K, BLOCK_K):
-        w = w_next
         offs_k = k0 + offs_kb
-        nxt = offs_k + BLOCK_K
-        w_next = tl.load(w_rows + nxt[None, :], mask=nmask[:, None] & (nxt < K)[None, :], other=0)
         if EVEN_K:
+            w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None], other=0)
             x = tl.load(x_ptr + offs_k).to(tl.float32)
         else:
+            w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None] & (offs_k < K)[None, :], other=0)
             x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         acc += _int8_to_f32(w, MAGIC) * x[None, :]
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)

@@ -114,6 +114,8 @@ _COMPILER = textwrap.dedent('''
                                options=dict(options))
             if consts.get("USE_GDC") and "griddepcontrol.wait" not in k.asm["ptx"]:
                 raise AssertionError("USE_GDC=True compiled without griddepcontrol.wait")
+            if consts.get("MAGIC") and "prmt.b32" not in k.asm["ptx"]:
+                raise AssertionError("MAGIC=True compiled without the byte permutes")
         except Exception as e:
             failed += 1
             print(f"FAILED {name} {dict(constexprs)} {dict(options)}: {type(e).__name__}: {str(e)[:600]}")
@@ -128,13 +130,16 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
     assert {"_quant_rows_kernel", "_scale_int32_kernel", "_w8a16_kernel", "_decode_kernel", "_decode_reduce_kernel",
             "_prefill_kernel", "_reshape_and_cache_kernel", "_rmsnorm_kernel", "_rope_kernel",
             "_top_p_threshold_kernel"} <= names, names
-    # and one variant of each kernel as KILN_PDL=1 launches it (programmatic dependent launch: USE_GDC, launch_pdl)
+    # and one variant of each kernel as a GPU launches it: programmatic dependent launch (KILN_PDL=1: USE_GDC,
+    # launch_pdl), and the GEMV's byte-permute code conversion (inline PTX; MAGIC, off under the interpreter)
+    on_gpu = {"USE_GDC": True, "MAGIC": True}
     gdc = {}
     for name, constexprs, specs, options in sorted(v.keys, key=repr):
         if any(k == "USE_GDC" for k, _ in constexprs) and name not in gdc:
-            gdc[name] = (name, tuple((k, True if k == "USE_GDC" else x) for k, x in constexprs), specs,
+            gdc[name] = (name, tuple((k, on_gpu.get(k, x)) for k, x in constexprs), specs,
                          options + (("launch_pdl", True),))
-    assert {"_w8a16_kernel", "_decode_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= set(gdc), sorted(gdc)
+    assert {"_w8a16_kernel", "_w8_gemv_kernel", "_decode_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= set(gdc), \
+        sorted(gdc)
     variants = sorted(v.keys, key=repr) + list(gdc.values())
     env = {k: x for k, x in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile every variant, cached or not
