@@ -130,7 +130,7 @@ def _int8_to_f32(w, MAGIC: tl.constexpr):
 def _w8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    MAGIC: tl.constexpr, USE_GDC: tl.constexpr = False,
+    EVEN_N: tl.constexpr, MAGIC: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
     """One row of x (batch-1 decode) against int8 weight rows on the CUDA cores: a program owns BLOCK_N output
     channels and walks all of K, loading the next K block's codes before it converts and multiplies the current
@@ -143,7 +143,10 @@ def _w8_gemv_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
-        if EVEN_K:
+        if EVEN_K and EVEN_N:  # no masks: nothing to zero before each load
+            w = tl.load(w_rows + offs_k[None, :])
+            x = tl.load(x_ptr + offs_k).to(tl.float32)
+        elif EVEN_K:
             w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None], other=0)
             x = tl.load(x_ptr + offs_k).to(tl.float32)
         else:
@@ -264,7 +267,7 @@ def gemv(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.T
     bk = min(bk, max(32, next_pow2(K)))
     launch(_w8_gemv_kernel, (triton.cdiv(N, bn),), x2, w, w_scale, bias if bias is not None else w_scale, out,
            N, K, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0,
-           MAGIC=not interpreting(), num_warps=warps, num_stages=stages)
+           EVEN_N=N % bn == 0, MAGIC=not interpreting(), num_warps=warps, num_stages=stages)
 
 
 def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
