@@ -15,13 +15,14 @@ from kiln.kernels import reference as R
 from kiln.kernels import w8a16 as W
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-DEFAULT_GEMV = ["gemv:4,512,1,1", "gemv:8,512,1,1", "gemv:8,512,2,1", "gemv:16,512,4,1", "gemv:4,1024,1,1",
-                "gemv:2,1024,1,1", "gemv:8,256,1,1", "gemv:4,512,1,3"]
+DEFAULT_GEMV = ["default", "gemv:8,512,1,1", "gemv:4,512,1,1", "gemv16:16,512,1,1", "gemv16:16,512,2,1",
+                "gemv16:16,512,4,1", "gemv16:16,512,8,1", "gemv16:8,512,4,1", "gemv16:32,512,4,1",
+                "gemv16:32,256,8,1", "gemv16:16,512,4,2"]
 
 
 def parse(c: str):
-    if c == "tc":
-        return None
+    if c in ("tc", "default"):
+        return c
     name, nums = c.split(":")
     return (name, *[int(v) for v in nums.split(",")])
 
@@ -46,8 +47,10 @@ def main():
         def mm(k, lay):
             w, s = lay[k]
             n, kd = SHAPES[k]
-            if cfg is None:  # the tensor-core kernel at its own tile choice
+            if cfg == "tc":  # the tensor-core kernel at its own tile choice
                 return W.w8a16_matmul(xs[k], w, s, config=W._config(1, n, kd, dev))
+            if cfg == "default":  # what the engine runs (KILN_W8_GEMV)
+                return W.w8a16_matmul(xs[k], w, s)
             return W.w8a16_matmul(xs[k], w, s, config=cfg)
 
         try:

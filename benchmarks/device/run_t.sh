@@ -5,7 +5,9 @@
 t0=$(date +%s)
 bash benchmarks/device/run_s.sh
 source benchmarks/device/common.sh
-timeout 120 python3 benchmarks/w8_gemv_bench.py 2>&1 | tail -12
+timeout 90 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=line tests/kernels/test_kernels.py -k "w8a16" 2>&1 \
+  | grep -E "^E |Error|passed|failed" | cut -c1-300 | head -8
+timeout 120 python3 benchmarks/w8_gemv_bench.py 2>&1 | tail -15
 b1 w8a16-gemv --quantization w8a16
 (export KILN_W8_GEMV=0; b1 w8a16-tc --quantization w8a16)
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then

@@ -160,6 +160,113 @@ def _w8_gemv_kernel(
 
 
 @triton.jit
+def _bf16_pair_to_i16(pair, inv_scale, MAGIC: tl.constexpr):
+    """A 32-bit word of two bf16 activations -> the same word of two int16, round(x * inv_scale) each
+    (|x * inv_scale| <= 32767). MAGIC (a GPU): the bf16 bits shifted into floats, then one FMA each adds 1.5 * 2^23,
+    which rounds to an integer and leaves it, two's complement, in the low 16 bits, and one byte permute packs the
+    halves. Else the same arithmetic in plain operations (the interpreter)."""
+    if MAGIC:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 a, b;
+            shl.b32 a, $1, 16;
+            and.b32 b, $1, 0xFFFF0000;
+            fma.rn.f32 a, a, $2, 0f4B400000;
+            fma.rn.f32 b, b, $2, 0f4B400000;
+            prmt.b32 $0, a, b, 0x5410;
+            }""",
+            constraints="=r,r,r", args=[pair, inv_scale], dtype=tl.int32, is_pure=True, pack=1)
+    lo = (pair << 16).to(tl.float32, bitcast=True) * inv_scale
+    hi = (pair & -65536).to(tl.float32, bitcast=True) * inv_scale
+    lo = tl.where(lo < 0, lo - 0.5, lo + 0.5).to(tl.int32)
+    hi = tl.where(hi < 0, hi - 0.5, hi + 0.5).to(tl.int32)
+    return (lo & 0xFFFF) | (hi << 16)
+
+
+@triton.jit
+def _dot8_i16_i8(w, p0, p1, p2, p3, MAGIC: tl.constexpr):
+    """Eight int8 codes (one 64-bit word, the lowest byte first) . eight int16 activations (four words of two, the
+    low half first) -> int32. MAGIC (a GPU): four two-way dot products (dp2a). Else plain integer operations."""
+    if MAGIC:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi, d;
+            mov.b64 {lo, hi}, $1;
+            mov.b32 d, 0;
+            dp2a.lo.s32.s32 d, $2, lo, d;
+            dp2a.hi.s32.s32 d, $3, lo, d;
+            dp2a.lo.s32.s32 d, $4, hi, d;
+            dp2a.hi.s32.s32 $0, $5, hi, d;
+            }""",
+            constraints="=r,l,r,r,r,r", args=[w, p0, p1, p2, p3], dtype=tl.int32, is_pure=True, pack=1)
+    d = tl.zeros(w.shape, tl.int32)
+    for i in tl.static_range(4):
+        p = p0 if i == 0 else (p1 if i == 1 else (p2 if i == 2 else p3))
+        c0 = ((w << (56 - 16 * i)) >> 56).to(tl.int32)
+        c1 = ((w << (48 - 16 * i)) >> 56).to(tl.int32)
+        d += c0 * ((p << 16) >> 16) + c1 * (p >> 16)
+    return d
+
+
+@triton.jit
+def _w8_gemv_i16_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, K_SPLIT, stride_w64,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_N: tl.constexpr, MAGIC: tl.constexpr, USE_GDC: tl.constexpr = False,
+):
+    """Batch 1 (bf16 activations) on the integer dot-product units; K a multiple of BLOCK_K, K_SPLIT of BLOCK_K.
+    Each BLOCK_K of activations becomes int16 with its own scale (max |x| / 32767: an error of at most 1.5e-5 of
+    the block's largest value, below bf16's own rounding), so that two codes cost one dp2a where converting and
+    multiplying floats costs ~4 instructions a code. A block's int32 sums cannot overflow (8 codes a word: at most
+    8 * 128 * 32767). With SPLIT_K > 1, programs (n, 0..SPLIT_K-1) share an output tile: each writes its partial
+    sums, and the last to finish (a counter per tile, which it resets) adds them up in order and writes the tile."""
+    gdc_enter(USE_GDC)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    J: tl.constexpr = BLOCK_K // 8
+    offs_j = tl.arange(0, J)
+    w_rows = w_ptr.to(tl.pointer_type(tl.int64)) + offs_n.to(tl.int64)[:, None] * stride_w64
+    x_pairs = x_ptr.to(tl.pointer_type(tl.int32))
+    acc = tl.zeros([BLOCK_N, J], tl.float32)
+    k_start = pid_k * K_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_SPLIT, K), BLOCK_K):
+        if EVEN_N:
+            w = tl.load(w_rows + (k0 // 8 + offs_j)[None, :])
+        else:
+            w = tl.load(w_rows + (k0 // 8 + offs_j)[None, :], mask=nmask[:, None], other=0)
+        amax = tl.max(tl.abs(tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)), axis=0)
+        inv = tl.where(amax > 0, 32767.0 / amax, 0.0)
+        pair = x_pairs + k0 // 2 + 4 * offs_j
+        p0 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair), inv, MAGIC)[None, :], [BLOCK_N, J])
+        p1 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 1), inv, MAGIC)[None, :], [BLOCK_N, J])
+        p2 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 2), inv, MAGIC)[None, :], [BLOCK_N, J])
+        p3 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 3), inv, MAGIC)[None, :], [BLOCK_N, J])
+        acc += _dot8_i16_i8(w, p0, p1, p2, p3, MAGIC).to(tl.float32) * (amax / 32767.0)
+    y = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, HAS_BIAS)
+    else:
+        tl.store(part_ptr + pid_k * N + offs_n, y, mask=nmask)
+        tl.debug_barrier()  # every thread's partials stored before the count goes up
+        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
+            y = tl.zeros([BLOCK_N], tl.float32)
+            for k in range(SPLIT_K):  # in order: the same sums whichever program came last
+                y += tl.load(part_ptr + k * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
+            tl.store(count_ptr + pid_n, 0)
+            _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, HAS_BIAS: tl.constexpr):
+    y = y * tl.load(s_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
 def _dequant_kernel(w_ptr, s_ptr, out_ptr, K, stride_wn, stride_on, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
     gdc_enter(USE_GDC)
     n = tl.program_id(0).to(tl.int64)
@@ -238,8 +345,14 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
         if bias is not None:
             out += bias.to(out.dtype)
         return out.view(*x.shape[:-1], N)
-    if M == 1 and w_int8.dtype == torch.int8 and (config[0] == "gemv" if config else use_gemv()):
-        gemv(x2, w_int8, w_scale, bias, out, config or _gemv_config(N, K))
+    kind = config[0] if config and isinstance(config[0], str) else None
+    if config is None and M == 1 and w_int8.dtype == torch.int8 and use_gemv():
+        kind = "gemv16" if _i16_ok(x2, w_int8, _gemv_config("gemv16", N, K, x.device)[2]) else "gemv"
+        config = _gemv_config(kind, N, K, x.device)
+    if kind == "gemv16":
+        gemv_i16(x2, w_int8, w_scale, bias, out, config)
+    elif kind == "gemv":
+        gemv(x2, w_int8, w_scale, bias, out, config)
     else:
         small_m_matmul(x2, w_int8, w_scale, bias, out, config or _config(M, N, K, x.device))
     return out.view(*x.shape[:-1], N)
@@ -252,11 +365,58 @@ def use_gemv() -> bool:
     return os.environ.get("KILN_W8_GEMV", "1") != "0"
 
 
-def _gemv_config(N: int, K: int) -> tuple:
-    """("gemv", BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+I16_BLOCK_K = 512
+
+
+def _i16_ok(x2: torch.Tensor, w: torch.Tensor, block_k: int) -> bool:
+    """The int16-activation GEMV's preconditions: bf16 activations, K a multiple of its K block, and word-aligned
+    rows (pairs of activations and 64-bit words of codes are loaded whole)."""
+    return (x2.dtype == torch.bfloat16 and x2.shape[1] % block_k == 0 and x2.data_ptr() % 16 == 0
+            and w.data_ptr() % 16 == 0 and w.stride(0) % 8 == 0)
+
+
+def _gemv_config(kind: str, N: int, K: int, device: torch.device) -> tuple:
+    """("gemv", BLOCK_N, BLOCK_K, num_warps, num_stages) or ("gemv16", BLOCK_N, BLOCK_K, SPLIT_K, num_warps)."""
+    if kind == "gemv":
+        return ("gemv", 8, 32, 4, 1) if interpreting() else ("gemv", 8, 512, 1, 1)
     if interpreting():
-        return "gemv", 8, 32, 4, 1
-    return "gemv", 16, 512, 4, 1
+        return "gemv16", 8, 64, (2 if K >= 256 else 1), 1
+    bn, bk = 16, I16_BLOCK_K
+    tiles, split = triton.cdiv(N, bn), 1
+    # one-warp programs: enough of them that every SM has ~8 warps' loads in flight, each walking >= 2 K blocks
+    while tiles * split < 8 * num_sms(device) and K // (split * 2) >= 2 * bk:
+        split *= 2
+    return "gemv16", bn, bk, split, 1
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(n: int, device: torch.device) -> torch.Tensor:
+    """int32 zeros, at least n, kept per device: the split-K GEMV's per-tile counters (each kernel leaves them
+    zero). Grown before a CUDA graph captures it: warm-up runs every shape first."""
+    c = _counters.get(device)
+    if c is None or c.numel() < n:
+        c = _counters[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return c
+
+
+def gemv_i16(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+             out: torch.Tensor, config: tuple) -> None:
+    """out [1, N] = x2 [1, K] (bf16) @ (w [N, K] int8 * w_scale[:, None]).T (+ bias), one kernel
+    (_w8_gemv_i16_kernel; _i16_ok holds)."""
+    _, bn, bk, split, warps = config
+    N, K = w.shape
+    blocks = K // bk
+    split = min(split, blocks)
+    k_split = triton.cdiv(blocks, split) * bk
+    split = triton.cdiv(K, k_split)
+    tiles = triton.cdiv(N, bn)
+    part = torch.empty((split, N), dtype=torch.float32, device=x2.device) if split > 1 else out
+    count = _tile_counters(tiles, x2.device) if split > 1 else out
+    launch(_w8_gemv_i16_kernel, (tiles, split), x2, w, w_scale, bias if bias is not None else w_scale, out, part,
+           count, N, K, k_split, w.stride(0) // 8, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=bias is not None,
+           EVEN_N=N % bn == 0, MAGIC=not interpreting(), num_warps=warps)
 
 
 def gemv(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,

@@ -389,6 +389,30 @@ def test_w8a16_gemv_every_code(dtype):
     assert rel_err(gemv, ref) < TOL[dtype] and rel_err(tensor_cores, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("N,Kd,config", [
+    (24, 256, ("gemv16", 8, 64, 1, 1)),     # one program a tile
+    (43, 320, ("gemv16", 8, 64, 2, 1)),     # K split in two (3 and 2 blocks), a ragged last tile
+    (40, 512, ("gemv16", 16, 64, 4, 1)),
+    pytest.param(4096, 14336, ("gemv16", 16, 512, 4, 1), marks=gpu_only),
+    pytest.param(6144, 4096, None, marks=gpu_only),  # the default choice
+])
+def test_w8a16_gemv_int16_activations(N, Kd, config):
+    """Batch 1 with bf16 activations: int16 activations (a scale per K block) against int8 codes, dot products in
+    int32, K split across programs with the last one summing. Every code and activations spanning several orders of
+    magnitude (the block scale must keep the small ones); twice, as the tile counters must be left at zero."""
+    g = torch.Generator().manual_seed(1)
+    wq = (torch.arange(N * Kd) % 256 - 128).to(torch.int8).reshape(N, Kd)[torch.randperm(N, generator=g)]
+    wq, ws = wq.to(DEVICE), (torch.rand(N, generator=g) + 0.5).to(DEVICE)
+    for _ in range(2):  # new activations the second time: stale partials or counts would show
+        x = (torch.randn(1, Kd, generator=g) * torch.logspace(-3, 2, Kd)[torch.randperm(Kd, generator=g)])
+        x = x.to(torch.bfloat16).to(DEVICE)
+        out = K.w8a16_matmul(x, wq, ws, config=config)
+        assert out.dtype == torch.bfloat16
+        assert rel_err(out.float(), R.w8a16_matmul(x.float(), wq, ws)) < 1e-2
+    if config is None:
+        assert K.w8a16._i16_ok(x, wq, K.w8a16.I16_BLOCK_K)
+
+
 @pytest.mark.parametrize("dtype", DOT_DTYPES[:1])
 def test_w8a16_leading_dims(dtype):
     x = rand(2, 3, 64, dtype=dtype)
