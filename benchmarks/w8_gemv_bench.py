@@ -3,7 +3,7 @@ for LAYERS layers of distinct int8 weights (1.7 GB at 8: nothing stays in L2), c
 kernel choice: the tensor-core kernel (_w8a16_kernel at its T <= 16 tile) and CUDA-core GEMV configs. Prints the
 microseconds a layer and the weight stream's GB/s, and checks each choice against the reference on one layer.
 
-    python benchmarks/w8_gemv_bench.py [--layers 8] [--configs gemv:16,512,4,1 gemv:4,512,1,1 ...]
+    python benchmarks/w8_gemv_bench.py [--layers 8] [--configs tc default gemv16:8,256,4,1 ...]
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from kiln.kernels import reference as R
 from kiln.kernels import w8a16 as W
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-DEFAULT_GEMV = ["default", "gemv:8,512,1,1", "gemv:4,512,1,1", "gemv16:16,512,1,1", "gemv16:16,512,2,1",
-                "gemv16:16,512,4,1", "gemv16:16,512,8,1", "gemv16:8,512,4,1", "gemv16:32,512,4,1",
-                "gemv16:32,256,8,1", "gemv16:16,512,4,2"]
+DEFAULT_GEMV = ["default", "gemv16:8,256,4,1", "gemv16:8,512,4,1", "gemv16:16,256,8,1", "gemv16:8,256,8,1",
+                "gemv16:32,512,4,4"]
 
 
 def parse(c: str):

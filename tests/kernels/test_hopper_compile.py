@@ -71,7 +71,6 @@ def _launch_every_kernel():
         ws = torch.rand(96, generator=g)
         for m in (1, 5, 40):  # the GEMV (int16 activations for int8 codes), the small-M and the large-M paths
             K.w8a16_matmul(rand(m, 256), wq, ws, None)
-        K.w8a16_matmul(rand(1, 256, dtype=torch.float16), wq, ws, None)  # the float GEMV
         for k_len in (200, 20000):  # one tile, and the two-loop path
             x = rand(3, k_len)
             K.quantize_activation(x, code)
@@ -115,9 +114,7 @@ _COMPILER = textwrap.dedent('''
                                options=dict(options))
             if consts.get("USE_GDC") and "griddepcontrol.wait" not in k.asm["ptx"]:
                 raise AssertionError("USE_GDC=True compiled without griddepcontrol.wait")
-            if consts.get("MAGIC") and "prmt.b32" not in k.asm["ptx"]:
-                raise AssertionError("MAGIC=True compiled without the byte permutes")
-            if consts.get("MAGIC") and name == "_w8_gemv_i16_kernel" and "dp2a" not in k.asm["ptx"]:
+            if consts.get("MAGIC") and "dp2a" not in k.asm["ptx"]:
                 raise AssertionError("the int16 GEMV compiled without dp2a")
         except Exception as e:
             failed += 1
@@ -134,14 +131,14 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
             "_prefill_kernel", "_reshape_and_cache_kernel", "_rmsnorm_kernel", "_rope_kernel",
             "_top_p_threshold_kernel"} <= names, names
     # and one variant of each kernel as a GPU launches it: programmatic dependent launch (KILN_PDL=1: USE_GDC,
-    # launch_pdl), and the GEMV's byte-permute code conversion (inline PTX; MAGIC, off under the interpreter)
+    # launch_pdl), and the GEMV's inline PTX (MAGIC; plain operations under the interpreter)
     on_gpu = {"USE_GDC": True, "MAGIC": True}
     gdc = {}
     for name, constexprs, specs, options in sorted(v.keys, key=repr):
         if any(k == "USE_GDC" for k, _ in constexprs) and name not in gdc:
             gdc[name] = (name, tuple((k, on_gpu.get(k, x)) for k, x in constexprs), specs,
                          options + (("launch_pdl", True),))
-    assert {"_w8a16_kernel", "_w8_gemv_kernel", "_w8_gemv_i16_kernel", "_decode_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= set(gdc), \
+    assert {"_w8a16_kernel", "_w8_gemv_i16_kernel", "_decode_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= set(gdc), \
         sorted(gdc)
     variants = sorted(v.keys, key=repr) + list(gdc.values())
     env = {k: x for k, x in os.environ.items() if k != "TRITON_INTERPRET"}

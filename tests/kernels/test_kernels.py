@@ -347,7 +347,8 @@ W8_CASES = [
     (5, 64, 256, True),
     (17, 40, 64, False),
     (100, 48, 64, True),                                     # 64 < T <= 256 tiles
-    (1, 43, 200, True),                                      # batch 1 (the CUDA-core GEMV): ragged K and N
+    (1, 43, 192, True),                                      # batch 1: the int16 GEMV in bf16, split K, ragged N
+    (1, 43, 200, True),                                      # K not a multiple of its K block: the tile kernel
     pytest.param(1, 4096, 4096, False, marks=gpu_only),
     pytest.param(1, 1000, 1000, True, marks=gpu_only),
     pytest.param(16, 6144, 4096, True, marks=gpu_only),
@@ -375,20 +376,6 @@ def test_w8a16_matmul(M, N, Kd, bias, dtype):
     assert rel_err(out, ref) < tol
 
 
-@pytest.mark.parametrize("dtype", DOT_DTYPES)
-def test_w8a16_gemv_every_code(dtype):
-    """Batch 1 runs on the CUDA cores, converting codes with a byte permute on a GPU: every code from -128 to 127
-    (at both ends of a word and a row), against the tensor-core kernel and the reference."""
-    N, Kd = 24, 256
-    wq = (torch.arange(N * Kd) % 256 - 128).to(torch.int8).reshape(N, Kd)[torch.randperm(N)].to(DEVICE)
-    ws = torch.rand(N, device=DEVICE) + 0.5
-    x = rand(1, Kd, dtype=dtype)
-    ref = R.w8a16_matmul(x, wq, ws)
-    gemv = K.w8a16_matmul(x, wq, ws, config=("gemv", 8, 64, 4, 1))
-    tensor_cores = K.w8a16_matmul(x, wq, ws, config=(16, 32, 32, 1, 4, 1))
-    assert rel_err(gemv, ref) < TOL[dtype] and rel_err(tensor_cores, ref) < TOL[dtype]
-
-
 @pytest.mark.parametrize("N,Kd,config", [
     (24, 256, ("gemv16", 8, 64, 1, 1)),     # one program a tile
     (43, 320, ("gemv16", 8, 64, 2, 1)),     # K split in two (3 and 2 blocks), a ragged last tile
@@ -410,7 +397,7 @@ def test_w8a16_gemv_int16_activations(N, Kd, config):
         assert out.dtype == torch.bfloat16
         assert rel_err(out.float(), R.w8a16_matmul(x.float(), wq, ws)) < 1e-2
     if config is None:
-        assert K.w8a16._i16_ok(x, wq, K.w8a16.I16_BLOCK_K)
+        assert K.w8a16._i16_ok(x, wq, K.w8a16._gemv_config(N, Kd, x.device)[2])
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES[:1])
@@ -473,7 +460,7 @@ def test_top_p_threshold_is_the_sorted_cut(vocab):
     for spread in (0.3, 1.0, 3.0, 10.0):
         rows.append(torch.randn(vocab, generator=g) * spread)
     tied = torch.randn(vocab, generator=g)
-    tied[:40] = 6.0  # 40 equal leaders: a 0.5 nucleus ends inside them, so all 40 stay
+    tied[:40] = 12.0  # 40 equal leaders with nearly all the mass: a 0.5 nucleus ends inside them, so all 40 stay
     rows.append(tied)
     masked = torch.randn(vocab, generator=g) * 2
     masked[::3] = float("-inf")
