@@ -21,6 +21,7 @@ from ._utils import gdc_enter, launch
 
 PIVOTS = 16
 BLOCK = 512
+UNROLL = 1
 
 
 @triton.jit
@@ -37,7 +38,8 @@ def _key(x):
 
 @triton.jit
 def _top_p_threshold_kernel(x_ptr, top_p_ptr, floor_ptr, out_ptr, V, stride_x,
-                            BLOCK: tl.constexpr, PIVOTS: tl.constexpr, USE_GDC: tl.constexpr = False):
+                            BLOCK: tl.constexpr, PIVOTS: tl.constexpr, UNROLL: tl.constexpr,
+                            USE_GDC: tl.constexpr = False):
     gdc_enter(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride_x
@@ -59,18 +61,23 @@ def _top_p_threshold_kernel(x_ptr, top_p_ptr, floor_ptr, out_ptr, V, stride_x,
     m = tl.max(m_lane, axis=0)
     total = tl.sum(tl.where(m_lane == float("-inf"), 0.0, z_lane * tl.exp(m_lane - m)), axis=0)
     target = top_p * total
-    # invariant: the mass at and above key `lo` reaches the target, at and above `hi` it does not
-    lo = _key(floor).to(tl.int64)
+    # invariant: the mass at and above key `lo` reaches the target, at and above `hi` it does not. Below
+    # t = m + log((1 - top_p) * total / V) lies at most V * e^(t - m) = (1 - top_p) * total of the mass, so the cut
+    # is at or above t (one e lower, for rounding): the search starts a few units below the max, not at -inf
+    bound = m + tl.log((1.0 - top_p) * total / V) - 1.0
+    lo = _key(tl.maximum(floor, bound)).to(tl.int64)
     hi = _key(m).to(tl.int64) + 1
     j = tl.arange(0, PIVOTS).to(tl.int64) + 1
+    offs2 = tl.arange(0, UNROLL)[:, None] * BLOCK + offs[None, :]
     while hi - lo > 1:
         piv = lo + ((hi - lo) * j) // (PIVOTS + 1)  # the top one < hi; lo <= all
         piv32 = piv.to(tl.int32)  # keys fit int32; the width (hi - lo) * j does not
         acc = tl.zeros([BLOCK, PIVOTS], tl.float32)  # per lane and pivot, summed once after the pass
-        for v0 in range(0, V, BLOCK):
-            x = tl.load(base + v0 + offs, mask=v0 + offs < V, other=float("-inf"))
+        # UNROLL blocks a step: that many loads in flight a thread (one at a time left it waiting on memory)
+        for v0 in range(0, V, UNROLL * BLOCK):
+            x = tl.load(base + v0 + offs2, mask=v0 + offs2 < V, other=float("-inf"))
             e = tl.where(x >= floor, tl.exp(x - m), 0.0)
-            acc += tl.where(_key(x)[:, None] >= piv32[None, :], e[:, None], 0.0)
+            acc += tl.sum(tl.where(_key(x)[:, :, None] >= piv32[None, None, :], e[:, :, None], 0.0), axis=0)
         mass = tl.sum(acc, axis=0)
         ok = mass >= target  # a prefix of the pivots (mass only falls as the cut rises)
         lo = tl.max(tl.where(ok, piv, lo), axis=0)
@@ -78,13 +85,16 @@ def _top_p_threshold_kernel(x_ptr, top_p_ptr, floor_ptr, out_ptr, V, stride_x,
     tl.store(out_ptr + row, _flip(lo.to(tl.int32)).to(tl.float32, bitcast=True))
 
 
-def top_p_threshold(logits: torch.Tensor, top_p: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+def top_p_threshold(logits: torch.Tensor, top_p: torch.Tensor, floor: torch.Tensor,
+                    config: tuple | None = None) -> torch.Tensor:
     """logits [B, V] float32, top_p [B] float32 in (0, 1], floor [B] float32 (-inf: none) -> [B] float32: each
-    row's nucleus is its logits >= the returned value (logits below its floor never count)."""
+    row's nucleus is its logits >= the returned value (logits below its floor never count). config: (BLOCK,
+    UNROLL, num_warps), for benchmarks."""
     assert logits.dtype == torch.float32 and logits.stride(-1) == 1
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.float32, device=logits.device)
     if B:
+        block, unroll, warps = config or (BLOCK, UNROLL, 8)  # [BLOCK, PIVOTS] accumulators: 32 registers a thread
         launch(_top_p_threshold_kernel, (B,), logits, top_p, floor, out, V, logits.stride(0),
-               BLOCK=BLOCK, PIVOTS=PIVOTS, num_warps=8)  # [BLOCK, PIVOTS] accumulators: 32 registers a thread
+               BLOCK=block, PIVOTS=PIVOTS, UNROLL=unroll, num_warps=warps)
     return out
