@@ -3,7 +3,9 @@
 The codes are int8, or E4M3 (float8_e4m3fn: a W8A8 FP8 checkpoint's weights, which the W8A8 path runs through
 here at small batch; Triton converts them on sm_89+ GPUs).
 
-At decode sizes (T <= 64) the work is reading the weight: this kernel streams the int8
+At T = 1 with int8 codes and bf16 activations, a GEMV on the integer dot-product units (_w8_gemv_i16_kernel:
+the activations as int16 with a scale per K block, dp2a) reads the weight at ~84% of the copy rate on an H100
+(docs/kernels.md). Otherwise, at decode sizes (T <= 64) the work is reading the weight: _w8a16_kernel streams the int8
 weight (half the bytes of bf16), converts each tile to the activation dtype in registers,
 multiplies on the tensor cores, and applies the per-channel scale to the float32
 accumulator. When the output tiles alone would leave SMs idle, K is split across programs
@@ -314,8 +316,8 @@ def _i16_ok(x2: torch.Tensor, w: torch.Tensor, block_k: int) -> bool:
 
 def _gemv_config(N: int, K: int, device: torch.device) -> tuple:
     """("gemv16", BLOCK_N, BLOCK_K, SPLIT_K, num_warps): one-warp programs of 8 channels, K split in 4 (run T, H100,
-    Llama-3-8B's projections over 8 layers: 86.9 us a layer against the tile kernel's 104.3; 8 or 16 channels,
-    256 or 512 of K, splits of 2-8: within 7%)."""
+    Llama-3-8B's projections over 8 layers: 86.9 us a layer against the tile kernel's 104.3; the configs that give
+    an SM ~8 warps or more came within 7% of it, those with fewer up to 3x slower: docs/kernels.md)."""
     if interpreting():
         return "gemv16", 8, 64, (2 if K >= 256 else 1), 1
     return "gemv16", 8, 256, 4, 1
