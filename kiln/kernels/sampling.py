@@ -64,8 +64,8 @@ def _top_p_threshold_kernel(x_ptr, top_p_ptr, floor_ptr, out_ptr, V, stride_x,
     # invariant: the mass at and above key `lo` reaches the target, at and above `hi` it does not. Below
     # t = m + log((1 - top_p) * total / V) lies at most V * e^(t - m) = (1 - top_p) * total of the mass, so the cut
     # is at or above t (one e lower, for rounding): the search starts a few units below the max, not at -inf
-    bound = m + tl.log((1.0 - top_p) * total / V) - 1.0
-    lo = _key(tl.maximum(floor, bound)).to(tl.int64)
+    bound = m + tl.log(tl.maximum((1.0 - top_p) * total / V, 1e-38)) - 1.0
+    lo = _key(tl.maximum(floor, tl.where(top_p < 1.0, bound, float("-inf")))).to(tl.int64)  # top_p 1: every logit
     hi = _key(m).to(tl.int64) + 1
     j = tl.arange(0, PIVOTS).to(tl.int64) + 1
     offs2 = tl.arange(0, UNROLL)[:, None] * BLOCK + offs[None, :]
