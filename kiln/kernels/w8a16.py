@@ -154,6 +154,11 @@ def _dot8_i16_i8(w, p0, p1, p2, p3, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _w8_gemv_i16_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, K_SPLIT, stride_w64,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -181,7 +186,9 @@ def _w8_gemv_i16_kernel(
             w = tl.load(w_rows + (k0 // 8 + offs_j)[None, :])
         else:
             w = tl.load(w_rows + (k0 // 8 + offs_j)[None, :], mask=nmask[:, None], other=0)
-        amax = tl.max(tl.abs(tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)), axis=0)
+        # NaN-propagating: a NaN or inf activation makes the block's scale NaN or inf, so the outputs are not
+        # finite, as a float product's would be (a finite max would turn them into arbitrary int16 codes)
+        amax = tl.reduce(tl.abs(tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)), 0, _max_nan)
         inv = tl.where(amax > 0, 32767.0 / amax, 0.0)
         pair = x_pairs + k0 // 2 + 4 * offs_j
         p0 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair), inv, MAGIC)[None, :], [BLOCK_N, J])

@@ -389,6 +389,7 @@ def test_w8a16_matmul(M, N, Kd, bias, dtype):
     pytest.param(4096, 14336, ("gemv16", 16, 512, 4, 1), marks=gpu_only),
     pytest.param(6144, 4096, None, marks=gpu_only),  # the default choice
 ])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on the NaN / inf activations
 def test_w8a16_gemv_int16_activations(N, Kd, config):
     """Batch 1 with bf16 activations: int16 activations (a scale per K block) against int8 codes, dot products in
     int32, K split across programs with the last one summing. Every code and activations spanning several orders of
@@ -404,6 +405,10 @@ def test_w8a16_gemv_int16_activations(N, Kd, config):
         assert rel_err(out.float(), R.w8a16_matmul(x.float(), wq, ws)) < 1e-2
     if config is None:
         assert K.w8a16._i16_ok(x, wq, K.w8a16._gemv_config(N, Kd, x.device)[2])
+    for bad in (float("nan"), float("inf")):  # not finite in, not finite out (as the float kernels do)
+        xb = x.clone()
+        xb[0, Kd // 3] = bad
+        assert not K.w8a16_matmul(xb, wq, ws, config=config).float().isfinite().any()
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES[:1])
