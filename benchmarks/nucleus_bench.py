@@ -1,7 +1,7 @@
 """The nucleus search (kiln.kernels.top_p_threshold) per config against torch.sort, at 64 and 256 rows of
 Llama-3's 128,256-column vocabulary (GPU): each config's cuts checked against the default's first.
 
-    python benchmarks/nucleus_bench.py [--configs 512,1,8 2048,1,8 ...]   (BLOCK,UNROLL,num_warps)
+    python benchmarks/nucleus_bench.py [--configs 512,8 2048,8 ...]   (BLOCK,num_warps)
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ def ms(f, n=20):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", nargs="*", default=["512,1,8", "1024,1,8", "2048,1,8", "512,4,8", "1024,1,4",
-                                                        "2048,1,16"])
+    ap.add_argument("--configs", nargs="*", default=["512,8", "1024,8", "2048,8", "1024,4", "2048,16"])
     args = ap.parse_args()
     for b in (64, 256):
         x = torch.randn(b, 128256, device="cuda") * 3

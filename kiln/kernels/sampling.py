@@ -21,7 +21,6 @@ from ._utils import gdc_enter, launch
 
 PIVOTS = 16
 BLOCK = 512
-UNROLL = 1
 
 
 @triton.jit
@@ -38,8 +37,7 @@ def _key(x):
 
 @triton.jit
 def _top_p_threshold_kernel(x_ptr, top_p_ptr, floor_ptr, out_ptr, V, stride_x,
-                            BLOCK: tl.constexpr, PIVOTS: tl.constexpr, UNROLL: tl.constexpr,
-                            USE_GDC: tl.constexpr = False):
+                            BLOCK: tl.constexpr, PIVOTS: tl.constexpr, USE_GDC: tl.constexpr = False):
     gdc_enter(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * stride_x
@@ -64,20 +62,18 @@ def _top_p_threshold_kernel(x_ptr, top_p_ptr, floor_ptr, out_ptr, V, stride_x,
     # invariant: the mass at and above key `lo` reaches the target, at and above `hi` it does not. Below
     # t = m + log((1 - top_p) * total / V) lies at most V * e^(t - m) = (1 - top_p) * total of the mass, so the cut
     # is at or above t (one e lower, for rounding): the search starts a few units below the max, not at -inf
-    bound = m + tl.log(tl.maximum((1.0 - top_p) * total / V, 1e-38)) - 1.0
-    lo = _key(tl.maximum(floor, tl.where(top_p < 1.0, bound, float("-inf")))).to(tl.int64)  # top_p 1: every logit
+    bound = m + tl.log(tl.maximum((1.0 - top_p) * total / V, 1e-30)) - 1.0  # (1e-38 is an fp64 literal to Triton 3.6)
+    lo = _key(tl.where(top_p < 1.0, tl.maximum(floor, bound), floor)).to(tl.int64)  # top_p 1: every logit
     hi = _key(m).to(tl.int64) + 1
     j = tl.arange(0, PIVOTS).to(tl.int64) + 1
-    offs2 = tl.arange(0, UNROLL)[:, None] * BLOCK + offs[None, :]
     while hi - lo > 1:
         piv = lo + ((hi - lo) * j) // (PIVOTS + 1)  # the top one < hi; lo <= all
         piv32 = piv.to(tl.int32)  # keys fit int32; the width (hi - lo) * j does not
         acc = tl.zeros([BLOCK, PIVOTS], tl.float32)  # per lane and pivot, summed once after the pass
-        # UNROLL blocks a step: that many loads in flight a thread (one at a time left it waiting on memory)
-        for v0 in range(0, V, UNROLL * BLOCK):
-            x = tl.load(base + v0 + offs2, mask=v0 + offs2 < V, other=float("-inf"))
+        for v0 in range(0, V, BLOCK):
+            x = tl.load(base + v0 + offs, mask=v0 + offs < V, other=float("-inf"))
             e = tl.where(x >= floor, tl.exp(x - m), 0.0)
-            acc += tl.sum(tl.where(_key(x)[:, :, None] >= piv32[None, None, :], e[:, :, None], 0.0), axis=0)
+            acc += tl.where(_key(x)[:, None] >= piv32[None, :], e[:, None], 0.0)
         mass = tl.sum(acc, axis=0)
         ok = mass >= target  # a prefix of the pivots (mass only falls as the cut rises)
         lo = tl.max(tl.where(ok, piv, lo), axis=0)
@@ -89,12 +85,12 @@ def top_p_threshold(logits: torch.Tensor, top_p: torch.Tensor, floor: torch.Tens
                     config: tuple | None = None) -> torch.Tensor:
     """logits [B, V] float32, top_p [B] float32 in (0, 1], floor [B] float32 (-inf: none) -> [B] float32: each
     row's nucleus is its logits >= the returned value (logits below its floor never count). config: (BLOCK,
-    UNROLL, num_warps), for benchmarks."""
+    num_warps), for benchmarks (a wider block: more loads in flight a thread, more accumulator registers)."""
     assert logits.dtype == torch.float32 and logits.stride(-1) == 1
     B, V = logits.shape
     out = torch.empty(B, dtype=torch.float32, device=logits.device)
     if B:
-        block, unroll, warps = config or (BLOCK, UNROLL, 8)  # [BLOCK, PIVOTS] accumulators: 32 registers a thread
+        block, warps = config or (BLOCK, 8)  # [BLOCK, PIVOTS] accumulators: 32 registers a thread by default
         launch(_top_p_threshold_kernel, (B,), logits, top_p, floor, out, V, logits.stride(0),
-               BLOCK=block, PIVOTS=PIVOTS, UNROLL=unroll, num_warps=warps)
+               BLOCK=block, PIVOTS=PIVOTS, num_warps=warps)
     return out
