@@ -493,3 +493,6 @@ def test_top_p_threshold_is_the_sorted_cut(vocab):
     assert (x[4] >= got[4]).sum().item() == 40
     assert (x[6] >= got[6]).sum().item() == 1  # a tiny top_p keeps the argmax alone
     assert (x[8] >= got[8]).sum().item() <= 20
+    from kiln.kernels import sampling  # both configs (the default picks by rows against SMs) find the same cuts
+    for config in (sampling.FEW_ROWS_CONFIG, sampling.MANY_ROWS_CONFIG):
+        assert torch.equal(K.top_p_threshold(x, top_p, floor, config=config), got), config
