@@ -3,7 +3,7 @@ for LAYERS layers of distinct int8 weights (1.7 GB at 8: nothing stays in L2), c
 kernel choice: the tensor-core kernel (_w8a16_kernel at its T <= 16 tile) and CUDA-core GEMV configs. Prints the
 microseconds a layer and the weight stream's GB/s, and checks each choice against the reference on one layer.
 
-    python benchmarks/w8_gemv_bench.py [--layers 8] [--configs tc default gemv16:8,256,4,1 ...]
+    python benchmarks/w8_gemv_bench.py [--layers 8] [--codes int8|e4m3] [--configs tc default gemv:8,256,4,1 ...]
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from kiln.kernels import reference as R
 from kiln.kernels import w8a16 as W
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-DEFAULT_GEMV = ["default", "gemv16:8,256,4,1", "gemv16:8,512,4,1", "gemv16:16,256,8,1", "gemv16:8,256,8,1",
-                "gemv16:32,512,4,4"]
+DEFAULT_GEMV = ["default", "gemv:8,256,4,1", "gemv:8,512,4,1", "gemv:16,256,8,1", "gemv:8,256,8,1",
+                "gemv:32,512,4,4"]
 
 
 def parse(c: str):
@@ -30,16 +30,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--configs", nargs="*", default=["tc"] + DEFAULT_GEMV)
+    ap.add_argument("--codes", default="int8", choices=["int8", "e4m3"], help="w8a16's int8 or w8a8-fp8's E4M3")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
     layers = []
+
+    def codes(n, kd):
+        if args.codes == "int8":
+            return torch.randint(-127, 128, (n, kd), dtype=torch.int8, device=dev)
+        return (torch.randn(n, kd, device=dev) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     for _ in range(args.layers):
-        layers.append({k: (torch.randint(-127, 128, (n, kd), dtype=torch.int8, device=dev),
-                           torch.rand(n, device=dev) * 0.02 + 0.001) for k, (n, kd) in SHAPES.items()})
+        layers.append({k: (codes(n, kd), torch.rand(n, device=dev) * 0.02 + 0.001) for k, (n, kd) in SHAPES.items()})
     xs = {k: torch.randn(1, kd, device=dev, dtype=torch.bfloat16) for k, (n, kd) in SHAPES.items()}
     nbytes = sum(n * kd for n, kd in SHAPES.values())
-    print(f"{torch.cuda.get_device_name()}: {args.layers} layers, {nbytes / 1e6:.1f} MB of int8 weight a layer")
+    print(f"{torch.cuda.get_device_name()}: {args.layers} layers, {nbytes / 1e6:.1f} MB of {args.codes} weight a layer")
     for c in args.configs:
         cfg = parse(c)
 

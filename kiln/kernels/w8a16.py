@@ -3,9 +3,9 @@
 The codes are int8, or E4M3 (float8_e4m3fn: a W8A8 FP8 checkpoint's weights, which the W8A8 path runs through
 here at small batch; Triton converts them on sm_89+ GPUs).
 
-At T = 1 with int8 codes and bf16 activations, a GEMV on the integer dot-product units (_w8_gemv_i16_kernel:
-the activations as int16 with a scale per K block, dp2a) reads the weight at ~84% of the copy rate on an H100
-(docs/kernels.md). Otherwise, at decode sizes (T <= 64) the work is reading the weight: _w8a16_kernel streams the int8
+At T = 1 with bf16 activations, a GEMV on the CUDA cores (_w8_gemv_kernel) takes both code types: int8 codes
+against the activations as int16 with a scale per K block (dp2a; the weight at ~84% of the copy rate on an H100,
+docs/kernels.md), E4M3 codes against fp16 activations (fp16x2 FMAs). Otherwise, at decode sizes (T <= 64) the work is reading the weight: _w8a16_kernel streams the int8
 weight (half the bytes of bf16), converts each tile to the activation dtype in registers,
 multiplies on the tensor cores, and applies the per-channel scale to the float32
 accumulator. When the output tiles alone would leave SMs idle, K is split across programs
@@ -154,22 +154,91 @@ def _dot8_i16_i8(w, p0, p1, p2, p3, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _bf16_pair_to_f16x2(pair, inv_scale, MAGIC: tl.constexpr):
+    """A 32-bit word of two bf16 activations -> the same word of two fp16, x * inv_scale each (a power of two that
+    keeps |x| < 1: exact for all but values below fp16's normal range). MAGIC (a GPU): one cvt packs both halves.
+    Else the same arithmetic in plain operations (the interpreter)."""
+    lo = (pair << 16).to(tl.float32, bitcast=True) * inv_scale
+    hi = (pair & -65536).to(tl.float32, bitcast=True) * inv_scale
+    if MAGIC:
+        return tl.inline_asm_elementwise(
+            asm="cvt.rn.f16x2.f32 $0, $2, $1;", constraints="=r,f,f", args=[lo, hi], dtype=tl.int32, is_pure=True,
+            pack=1)
+    lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return lo16 | (hi16 << 16)
+
+
+@triton.jit
+def _e4m3_to_f32(byte):
+    """An E4M3 (float8_e4m3fn) code, as the low byte of an int, -> float32 (the interpreter's conversion)."""
+    e = (byte >> 3) & 15
+    m = (byte & 7).to(tl.float32)
+    v = tl.where(e == 0, m * 0.001953125, (m + 8.0) * tl.exp2((e - 10).to(tl.float32)))  # 2^-9 m; (8 + m) 2^(e-10)
+    return tl.where((byte & 128) != 0, -v, v)
+
+
+@triton.jit
+def _dot8_f16_e4m3(w, p0, p1, p2, p3, MAGIC: tl.constexpr):
+    """Eight E4M3 codes (one 64-bit word, the lowest byte first) . eight fp16 activations (four words of two, the
+    low half first) -> float32. MAGIC (a GPU): each pair of codes becomes two fp16 (one cvt), four fp16x2 FMAs sum
+    the products in two fp16 lanes (each product < 448 and each lane's sum of four < 1,792: no overflow), and the
+    lanes are added in float32. Else the same sums, each step rounded to fp16, in plain operations."""
+    if MAGIC:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi, a0, a1, a2, a3, acc;
+            .reg .b16 c0, c1, c2, c3, h0, h1;
+            .reg .f32 f0, f1;
+            mov.b64 {lo, hi}, $1;
+            mov.b32 {c0, c1}, lo;
+            mov.b32 {c2, c3}, hi;
+            cvt.rn.f16x2.e4m3x2 a0, c0;
+            cvt.rn.f16x2.e4m3x2 a1, c1;
+            cvt.rn.f16x2.e4m3x2 a2, c2;
+            cvt.rn.f16x2.e4m3x2 a3, c3;
+            mul.rn.f16x2 acc, a0, $2;
+            fma.rn.f16x2 acc, a1, $3, acc;
+            fma.rn.f16x2 acc, a2, $4, acc;
+            fma.rn.f16x2 acc, a3, $5, acc;
+            mov.b32 {h0, h1}, acc;
+            cvt.f32.f16 f0, h0;
+            cvt.f32.f16 f1, h1;
+            add.f32 $0, f0, f1;
+            }""",
+            constraints="=f,l,r,r,r,r", args=[w, p0, p1, p2, p3], dtype=tl.float32, is_pure=True, pack=1)
+    lane_lo = tl.zeros(w.shape, tl.float32)
+    lane_hi = tl.zeros(w.shape, tl.float32)
+    for i in tl.static_range(4):
+        p = p0 if i == 0 else (p1 if i == 1 else (p2 if i == 2 else p3))
+        x_lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        x_hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        c_lo = _e4m3_to_f32(((w >> (16 * i)) & 255).to(tl.int32))
+        c_hi = _e4m3_to_f32(((w >> (16 * i + 8)) & 255).to(tl.int32))
+        lane_lo = (lane_lo + c_lo * x_lo).to(tl.float16).to(tl.float32)
+        lane_hi = (lane_hi + c_hi * x_hi).to(tl.float16).to(tl.float32)
+    return lane_lo + lane_hi
+
+
+@triton.jit
 def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def _w8_gemv_i16_kernel(
+def _w8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, K_SPLIT, stride_w64,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_N: tl.constexpr, MAGIC: tl.constexpr, USE_GDC: tl.constexpr = False,
+    EVEN_N: tl.constexpr, E4M3: tl.constexpr, MAGIC: tl.constexpr, USE_GDC: tl.constexpr = False,
 ):
-    """Batch 1 (bf16 activations) on the integer dot-product units; K a multiple of BLOCK_K, K_SPLIT of BLOCK_K.
-    Each BLOCK_K of activations becomes int16 with its own scale (max |x| / 32767: an error of at most 1.5e-5 of
-    the block's largest value, below bf16's own rounding), so that two codes cost one dp2a where converting and
-    multiplying floats costs ~4 instructions a code. A block's int32 sums cannot overflow (8 codes a word: at most
-    8 * 128 * 32767). With SPLIT_K > 1, programs (n, 0..SPLIT_K-1) share an output tile: each writes its partial
-    sums, and the last to finish (a counter per tile, which it resets) adds them up in order and writes the tile."""
+    """Batch 1 (bf16 activations) on the CUDA cores' packed units; K a multiple of BLOCK_K, K_SPLIT of BLOCK_K.
+    int8 codes: each BLOCK_K of activations becomes int16 with its own scale (max |x| / 32767: an error of at most
+    1.5e-5 of the block's largest value, below bf16's own rounding), so that two codes cost one dp2a where
+    converting and multiplying floats costs ~4 instructions a code; a block's int32 sums cannot overflow (8 codes
+    a word: at most 8 * 128 * 32767). E4M3 codes (E4M3=True): the activations become fp16 scaled by a power of
+    two (exact), and two codes cost one conversion and one fp16x2 FMA. With SPLIT_K > 1, programs (n,
+    0..SPLIT_K-1) share an output tile: each writes its partial sums, and the last to finish (a counter per tile,
+    which it resets) adds them up in order and writes the tile."""
     gdc_enter(USE_GDC)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -187,15 +256,26 @@ def _w8_gemv_i16_kernel(
         else:
             w = tl.load(w_rows + (k0 // 8 + offs_j)[None, :], mask=nmask[:, None], other=0)
         # NaN-propagating: a NaN or inf activation makes the block's scale NaN or inf, so the outputs are not
-        # finite, as a float product's would be (a finite max would turn them into arbitrary int16 codes)
+        # finite, as a float product's would be (a finite max would turn them into arbitrary codes)
         amax = tl.reduce(tl.abs(tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)), 0, _max_nan)
-        inv = tl.where(amax > 0, 32767.0 / amax, 0.0)
         pair = x_pairs + k0 // 2 + 4 * offs_j
-        p0 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair), inv, MAGIC)[None, :], [BLOCK_N, J])
-        p1 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 1), inv, MAGIC)[None, :], [BLOCK_N, J])
-        p2 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 2), inv, MAGIC)[None, :], [BLOCK_N, J])
-        p3 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 3), inv, MAGIC)[None, :], [BLOCK_N, J])
-        acc += _dot8_i16_i8(w, p0, p1, p2, p3, MAGIC).to(tl.float32) * (amax / 32767.0)
+        if E4M3:
+            # amax < 2^(e - 126) for its biased exponent e: x * 2^(126 - e) lies in (-1, 1)
+            e = (amax.to(tl.int32, bitcast=True) >> 23) & 255
+            inv = (tl.maximum(253 - e, 1) << 23).to(tl.float32, bitcast=True)
+            scale = tl.where(amax < float("inf"), ((e + 1) << 23).to(tl.float32, bitcast=True), amax)
+            p0 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair), inv, MAGIC)[None, :], [BLOCK_N, J])
+            p1 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair + 1), inv, MAGIC)[None, :], [BLOCK_N, J])
+            p2 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair + 2), inv, MAGIC)[None, :], [BLOCK_N, J])
+            p3 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair + 3), inv, MAGIC)[None, :], [BLOCK_N, J])
+            acc += _dot8_f16_e4m3(w, p0, p1, p2, p3, MAGIC) * scale
+        else:
+            inv = tl.where(amax > 0, 32767.0 / amax, 0.0)
+            p0 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair), inv, MAGIC)[None, :], [BLOCK_N, J])
+            p1 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 1), inv, MAGIC)[None, :], [BLOCK_N, J])
+            p2 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 2), inv, MAGIC)[None, :], [BLOCK_N, J])
+            p3 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 3), inv, MAGIC)[None, :], [BLOCK_N, J])
+            acc += _dot8_i16_i8(w, p0, p1, p2, p3, MAGIC).to(tl.float32) * (amax / 32767.0)
     y = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, HAS_BIAS)
@@ -297,11 +377,11 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
         if bias is not None:
             out += bias.to(out.dtype)
         return out.view(*x.shape[:-1], N)
-    if config is None and M == 1 and w_int8.dtype == torch.int8 and use_gemv():
+    if config is None and M == 1 and use_gemv():
         gemv = _gemv_config(N, K, x.device)
-        config = gemv if _i16_ok(x2, w_int8, gemv[2]) else None
-    if config and config[0] == "gemv16":
-        gemv_i16(x2, w_int8, w_scale, bias, out, config)
+        config = gemv if _gemv_ok(x2, w_int8, gemv[2]) else None
+    if config and config[0] == "gemv":
+        gemv_w8(x2, w_int8, w_scale, bias, out, config)
     else:
         small_m_matmul(x2, w_int8, w_scale, bias, out, config or _config(M, N, K, x.device))
     return out.view(*x.shape[:-1], N)
@@ -309,25 +389,25 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
 
 @functools.lru_cache(maxsize=None)
 def use_gemv() -> bool:
-    """Batch-1 int8 weights with bf16 activations on the dot-product units (_w8_gemv_i16_kernel) unless
+    """Batch-1 int8 or E4M3 weights with bf16 activations on the CUDA cores' packed units (_w8_gemv_kernel) unless
     KILN_W8_GEMV=0 (the tensor-core tile kernel instead; for A/B runs). Read once per process."""
     return os.environ.get("KILN_W8_GEMV", "1") != "0"
 
 
-def _i16_ok(x2: torch.Tensor, w: torch.Tensor, block_k: int) -> bool:
-    """The int16-activation GEMV's preconditions: bf16 activations, K a multiple of its K block, and word-aligned
+def _gemv_ok(x2: torch.Tensor, w: torch.Tensor, block_k: int) -> bool:
+    """The GEMV's preconditions: bf16 activations, K a multiple of its K block, and word-aligned
     rows (pairs of activations and 64-bit words of codes are loaded whole)."""
     return (x2.dtype == torch.bfloat16 and x2.shape[1] % block_k == 0 and x2.data_ptr() % 16 == 0
             and w.data_ptr() % 16 == 0 and w.stride(0) % 8 == 0)
 
 
 def _gemv_config(N: int, K: int, device: torch.device) -> tuple:
-    """("gemv16", BLOCK_N, BLOCK_K, SPLIT_K, num_warps): one-warp programs of 8 channels, K split in 4 (run T, H100,
+    """("gemv", BLOCK_N, BLOCK_K, SPLIT_K, num_warps): one-warp programs of 8 channels, K split in 4 (run T, H100,
     Llama-3-8B's projections over 8 layers: 86.9 us a layer against the tile kernel's 104.3; the configs that give
     an SM ~8 warps or more came within 7% of it, those with fewer up to 3x slower: docs/kernels.md)."""
     if interpreting():
-        return "gemv16", 8, 64, (2 if K >= 256 else 1), 1
-    return "gemv16", 8, 256, 4, 1
+        return "gemv", 8, 64, (2 if K >= 256 else 1), 1
+    return "gemv", 8, 256, 4, 1
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -342,10 +422,10 @@ def _tile_counters(n: int, device: torch.device) -> torch.Tensor:
     return c
 
 
-def gemv_i16(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-             out: torch.Tensor, config: tuple) -> None:
-    """out [1, N] = x2 [1, K] (bf16) @ (w [N, K] int8 * w_scale[:, None]).T (+ bias), one kernel
-    (_w8_gemv_i16_kernel; _i16_ok holds)."""
+def gemv_w8(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+            out: torch.Tensor, config: tuple) -> None:
+    """out [1, N] = x2 [1, K] (bf16) @ (w [N, K] int8 or E4M3 * w_scale[:, None]).T (+ bias), one kernel
+    (_w8_gemv_kernel; _gemv_ok holds)."""
     _, bn, bk, split, warps = config
     N, K = w.shape
     blocks = K // bk
@@ -355,9 +435,9 @@ def gemv_i16(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: tor
     tiles = triton.cdiv(N, bn)
     part = torch.empty((split, N), dtype=torch.float32, device=x2.device) if split > 1 else out
     count = _tile_counters(tiles, x2.device) if split > 1 else out
-    launch(_w8_gemv_i16_kernel, (tiles, split), x2, w, w_scale, bias if bias is not None else w_scale, out, part,
+    launch(_w8_gemv_kernel, (tiles, split), x2, w, w_scale, bias if bias is not None else w_scale, out, part,
            count, N, K, k_split, w.stride(0) // 8, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=bias is not None,
-           EVEN_N=N % bn == 0, MAGIC=not interpreting(), num_warps=warps)
+           EVEN_N=N % bn == 0, E4M3=w.dtype == torch.float8_e4m3fn, MAGIC=not interpreting(), num_warps=warps)
 
 
 def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,

@@ -74,7 +74,7 @@ def _launch_every_kernel():
     for code in (torch.int8, FP8):
         wq = rand(96, 256).clamp(-1, 1).mul(100).to(torch.int8) if code == torch.int8 else rand(96, 256).to(FP8)
         ws = torch.rand(96, generator=g)
-        for m in (1, 5, 40):  # the GEMV (int16 activations for int8 codes), the small-M and the large-M paths
+        for m in (1, 5, 40):  # the GEMV (int16 activations for int8 codes, fp16 for E4M3), small-M, large-M
             K.w8a16_matmul(rand(m, 256), wq, ws, None)
         for k_len in (200, 20000):  # one tile, and the two-loop path
             x = rand(3, k_len)
@@ -120,8 +120,9 @@ _COMPILER = textwrap.dedent('''
                                options=dict(options))
             if consts.get("USE_GDC") and "griddepcontrol.wait" not in k.asm["ptx"]:
                 raise AssertionError("USE_GDC=True compiled without griddepcontrol.wait")
-            if consts.get("MAGIC") and "dp2a" not in k.asm["ptx"]:
-                raise AssertionError("the int16 GEMV compiled without dp2a")
+            want = "cvt.rn.f16x2.e4m3x2" if consts.get("E4M3") else "dp2a"
+            if consts.get("MAGIC") and want not in k.asm["ptx"]:
+                raise AssertionError(f"the GEMV compiled without {want}")
         except Exception as e:
             failed += 1
             print(f"FAILED {name} {dict(constexprs)} {dict(options)}: {type(e).__name__}: {str(e)[:600]}")
@@ -141,11 +142,12 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
     on_gpu = {"USE_GDC": True, "MAGIC": True}
     gdc = {}
     for name, constexprs, specs, options in sorted(v.keys, key=repr):
-        if any(k == "USE_GDC" for k, _ in constexprs) and name not in gdc:
-            gdc[name] = (name, tuple((k, on_gpu.get(k, x)) for k, x in constexprs), specs,
-                         options + (("launch_pdl", True),))
-    assert {"_w8a16_kernel", "_w8_gemv_i16_kernel", "_decode_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= set(gdc), \
-        sorted(gdc)
+        key = (name, dict(constexprs).get("E4M3"))  # the GEMV's PTX differs by code type: one of each
+        if any(k == "USE_GDC" for k, _ in constexprs) and key not in gdc:
+            gdc[key] = (name, tuple((k, on_gpu.get(k, x)) for k, x in constexprs), specs,
+                        options + (("launch_pdl", True),))
+    assert {("_w8_gemv_kernel", False), ("_w8_gemv_kernel", True)} <= set(gdc), sorted(gdc)
+    assert {"_w8a16_kernel", "_decode_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= {n for n, _ in gdc}, sorted(gdc)
     variants = sorted(v.keys, key=repr) + list(gdc.values())
     env = {k: x for k, x in os.environ.items() if k != "TRITON_INTERPRET"}
     gpu_triton = (GPU_TRITON / "triton" / "__init__.py").exists()

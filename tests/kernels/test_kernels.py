@@ -382,20 +382,30 @@ def test_w8a16_matmul(M, N, Kd, bias, dtype):
     assert rel_err(out, ref) < tol
 
 
+def _every_code(n: int, code: torch.dtype) -> torch.Tensor:
+    """n codes cycling through every value of the code type (E4M3: every finite one; its two NaN bytes are 0)."""
+    b = torch.arange(n) % 256
+    if code == torch.int8:
+        return (b - 128).to(torch.int8)
+    return torch.where((b & 127) == 127, 0, b).to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("code", [torch.int8, torch.float8_e4m3fn], ids=["int8", "e4m3"])
 @pytest.mark.parametrize("N,Kd,config", [
-    (24, 256, ("gemv16", 8, 64, 1, 1)),     # one program a tile
-    (43, 320, ("gemv16", 8, 64, 2, 1)),     # K split in two (3 and 2 blocks), a ragged last tile
-    (40, 512, ("gemv16", 16, 64, 4, 1)),
-    pytest.param(4096, 14336, ("gemv16", 16, 512, 4, 1), marks=gpu_only),
+    (24, 256, ("gemv", 8, 64, 1, 1)),     # one program a tile
+    (43, 320, ("gemv", 8, 64, 2, 1)),     # K split in two (3 and 2 blocks), a ragged last tile
+    (40, 512, ("gemv", 16, 64, 4, 1)),
+    pytest.param(4096, 14336, ("gemv", 16, 512, 4, 1), marks=gpu_only),
     pytest.param(6144, 4096, None, marks=gpu_only),  # the default choice
 ])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on the NaN / inf activations
-def test_w8a16_gemv_int16_activations(N, Kd, config):
-    """Batch 1 with bf16 activations: int16 activations (a scale per K block) against int8 codes, dot products in
-    int32, K split across programs with the last one summing. Every code and activations spanning several orders of
+def test_w8a16_gemv(N, Kd, config, code):
+    """Batch 1 with bf16 activations on the CUDA cores: int16 activations (a scale per K block) against int8 codes,
+    dot products in int32; fp16 activations (a power-of-two scale per K block) against E4M3 codes, fp16x2 FMAs.
+    K split across programs with the last one summing. Every code and activations spanning several orders of
     magnitude (the block scale must keep the small ones); twice, as the tile counters must be left at zero."""
     g = torch.Generator().manual_seed(1)
-    wq = (torch.arange(N * Kd) % 256 - 128).to(torch.int8).reshape(N, Kd)[torch.randperm(N, generator=g)]
+    wq = _every_code(N * Kd, code).reshape(N, Kd)[torch.randperm(N, generator=g)]
     wq, ws = wq.to(DEVICE), (torch.rand(N, generator=g) + 0.5).to(DEVICE)
     for _ in range(2):  # new activations the second time: stale partials or counts would show
         x = (torch.randn(1, Kd, generator=g) * torch.logspace(-3, 2, Kd)[torch.randperm(Kd, generator=g)])
@@ -404,7 +414,7 @@ def test_w8a16_gemv_int16_activations(N, Kd, config):
         assert out.dtype == torch.bfloat16
         assert rel_err(out.float(), R.w8a16_matmul(x.float(), wq, ws)) < 1e-2
     if config is None:
-        assert K.w8a16._i16_ok(x, wq, K.w8a16._gemv_config(N, Kd, x.device)[2])
+        assert K.w8a16._gemv_ok(x, wq, K.w8a16._gemv_config(N, Kd, x.device)[2])
     for bad in (float("nan"), float("inf")):  # not finite in, not finite out (as the float kernels do)
         xb = x.clone()
         xb[0, Kd // 3] = bad
