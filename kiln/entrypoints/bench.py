@@ -375,6 +375,7 @@ def _profile_decode(core, prompts, path: str, steps: int = 16) -> None:
              + events.table(sort_by="self_cpu_time_total", row_limit=25))
     print(table, file=sys.stderr)
     Path(path).write_text(table)
+    prof.export_chrome_trace(str(Path(path).with_suffix(".trace.json")))  # each kernel's start and end: the gaps
 
 
 def cmd_throughput(args) -> dict:
@@ -768,7 +769,8 @@ def add_bench_parser(sub) -> None:
     lat.add_argument("--batch-size", type=int, default=1)
     lat.add_argument("--iters", type=int, default=3)
     lat.add_argument("--warmup-iters", type=int, default=1)
-    lat.add_argument("--profile", default=None, help="write a kernel-time table of 16 decode steps to this file")
+    lat.add_argument("--profile", default=None,
+                     help="write a kernel-time table of 16 decode steps to this file (and their trace beside it)")
     thr = bsub.add_parser("throughput", help="offline: N requests of random token ids, ignore_eos")
     _engine_args(thr)
     thr.add_argument("--num-prompts", type=int, default=256)
