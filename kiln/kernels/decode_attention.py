@@ -9,6 +9,9 @@ covers the longest context, the first kernel writes the output directly.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -183,6 +186,12 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, acc.to(out_ptr.dtype.element_ty))
 
 
+@functools.lru_cache(maxsize=None)
+def _min_tiles() -> int:
+    """The fewest K/V tiles a partition holds (KILN_DECODE_MIN_TILES, default 2; for A/B runs). Read once."""
+    return max(1, int(os.environ.get("KILN_DECODE_MIN_TILES", "2")))
+
+
 def choose_partition(batch: int, num_kv_heads: int, max_ctx: int, device: torch.device,
                      block_n: int) -> int:
     """Partition length (tokens per program): one partition per sequence when the grid
@@ -191,7 +200,7 @@ def choose_partition(batch: int, num_kv_heads: int, max_ctx: int, device: torch.
     faster split into 1024-token partitions than whole; B=256 runs 1-3% faster whole."""
     target = 8 * num_sms(device)
     part = max(block_n, next_pow2(max_ctx))
-    min_part = 2 * block_n
+    min_part = _min_tiles() * block_n
     while part > min_part and batch * num_kv_heads * triton.cdiv(max_ctx, part) < target:
         part //= 2
     return part
