@@ -226,10 +226,41 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _gemv_block(acc, w, x_ptr, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E4M3: tl.constexpr,
+                MAGIC: tl.constexpr):
+    """One BLOCK_K of the GEMV: acc [BLOCK_N, BLOCK_K // 8] += this block's weight words w . the activations at k0."""
+    J: tl.constexpr = BLOCK_K // 8
+    offs_j = tl.arange(0, J)
+    # NaN-propagating: a NaN or inf activation makes the block's scale NaN or inf, so the outputs are not
+    # finite, as a float product's would be (a finite max would turn them into arbitrary codes)
+    amax = tl.reduce(tl.abs(tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)), 0, _max_nan)
+    pair = x_ptr.to(tl.pointer_type(tl.int32)) + k0 // 2 + 4 * offs_j
+    if E4M3:
+        # amax < 2^(e - 126) for its biased exponent e: x * 2^(126 - e) lies in (-1, 1)
+        e = (amax.to(tl.int32, bitcast=True) >> 23) & 255
+        inv = (tl.maximum(253 - e, 1) << 23).to(tl.float32, bitcast=True)
+        scale = tl.where(amax < float("inf"), ((e + 1) << 23).to(tl.float32, bitcast=True), amax)
+        p0 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair), inv, MAGIC)[None, :], [BLOCK_N, J])
+        p1 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair + 1), inv, MAGIC)[None, :], [BLOCK_N, J])
+        p2 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair + 2), inv, MAGIC)[None, :], [BLOCK_N, J])
+        p3 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair + 3), inv, MAGIC)[None, :], [BLOCK_N, J])
+        acc += _dot8_f16_e4m3(w, p0, p1, p2, p3, MAGIC) * scale
+    else:
+        inv = tl.where(amax > 0, 32767.0 / amax, 0.0)
+        p0 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair), inv, MAGIC)[None, :], [BLOCK_N, J])
+        p1 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 1), inv, MAGIC)[None, :], [BLOCK_N, J])
+        p2 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 2), inv, MAGIC)[None, :], [BLOCK_N, J])
+        p3 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 3), inv, MAGIC)[None, :], [BLOCK_N, J])
+        acc += _dot8_i16_i8(w, p0, p1, p2, p3, MAGIC).to(tl.float32) * (amax / 32767.0)
+    return acc
+
+
+@triton.jit
 def _w8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, K_SPLIT, stride_w64,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_N: tl.constexpr, E4M3: tl.constexpr, MAGIC: tl.constexpr, USE_GDC: tl.constexpr = False,
+    EVEN_N: tl.constexpr, E4M3: tl.constexpr, MAGIC: tl.constexpr, EARLY_W: tl.constexpr = False,
+    USE_GDC: tl.constexpr = False,
 ):
     """Batch 1 (bf16 activations) on the CUDA cores' packed units; K a multiple of BLOCK_K, K_SPLIT of BLOCK_K.
     int8 codes: each BLOCK_K of activations becomes int16 with its own scale (max |x| / 32767: an error of at most
@@ -238,8 +269,8 @@ def _w8_gemv_kernel(
     a word: at most 8 * 128 * 32767). E4M3 codes (E4M3=True): the activations become fp16 scaled by a power of
     two (exact), and two codes cost one conversion and one fp16x2 FMA. With SPLIT_K > 1, programs (n,
     0..SPLIT_K-1) share an output tile: each writes its partial sums, and the last to finish (a counter per tile,
-    which it resets) adds them up in order and writes the tile."""
-    gdc_enter(USE_GDC)
+    which it resets) adds them up in order and writes the tile. EARLY_W (under programmatic dependent launch):
+    the first block of weights is loaded before waiting for the previous kernel (weights are not its output)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -247,35 +278,25 @@ def _w8_gemv_kernel(
     J: tl.constexpr = BLOCK_K // 8
     offs_j = tl.arange(0, J)
     w_rows = w_ptr.to(tl.pointer_type(tl.int64)) + offs_n.to(tl.int64)[:, None] * stride_w64
-    x_pairs = x_ptr.to(tl.pointer_type(tl.int32))
     acc = tl.zeros([BLOCK_N, J], tl.float32)
     k_start = pid_k * K_SPLIT
-    for k0 in range(k_start, tl.minimum(k_start + K_SPLIT, K), BLOCK_K):
+    k_end = tl.minimum(k_start + K_SPLIT, K)
+    if EARLY_W:
+        if EVEN_N:
+            w = tl.load(w_rows + (k_start // 8 + offs_j)[None, :])
+        else:
+            w = tl.load(w_rows + (k_start // 8 + offs_j)[None, :], mask=nmask[:, None], other=0)
+        gdc_enter(USE_GDC)
+        acc = _gemv_block(acc, w, x_ptr, k_start, BLOCK_N, BLOCK_K, E4M3, MAGIC)
+        k_start += BLOCK_K
+    else:
+        gdc_enter(USE_GDC)
+    for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_N:
             w = tl.load(w_rows + (k0 // 8 + offs_j)[None, :])
         else:
             w = tl.load(w_rows + (k0 // 8 + offs_j)[None, :], mask=nmask[:, None], other=0)
-        # NaN-propagating: a NaN or inf activation makes the block's scale NaN or inf, so the outputs are not
-        # finite, as a float product's would be (a finite max would turn them into arbitrary codes)
-        amax = tl.reduce(tl.abs(tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)), 0, _max_nan)
-        pair = x_pairs + k0 // 2 + 4 * offs_j
-        if E4M3:
-            # amax < 2^(e - 126) for its biased exponent e: x * 2^(126 - e) lies in (-1, 1)
-            e = (amax.to(tl.int32, bitcast=True) >> 23) & 255
-            inv = (tl.maximum(253 - e, 1) << 23).to(tl.float32, bitcast=True)
-            scale = tl.where(amax < float("inf"), ((e + 1) << 23).to(tl.float32, bitcast=True), amax)
-            p0 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair), inv, MAGIC)[None, :], [BLOCK_N, J])
-            p1 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair + 1), inv, MAGIC)[None, :], [BLOCK_N, J])
-            p2 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair + 2), inv, MAGIC)[None, :], [BLOCK_N, J])
-            p3 = tl.broadcast_to(_bf16_pair_to_f16x2(tl.load(pair + 3), inv, MAGIC)[None, :], [BLOCK_N, J])
-            acc += _dot8_f16_e4m3(w, p0, p1, p2, p3, MAGIC) * scale
-        else:
-            inv = tl.where(amax > 0, 32767.0 / amax, 0.0)
-            p0 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair), inv, MAGIC)[None, :], [BLOCK_N, J])
-            p1 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 1), inv, MAGIC)[None, :], [BLOCK_N, J])
-            p2 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 2), inv, MAGIC)[None, :], [BLOCK_N, J])
-            p3 = tl.broadcast_to(_bf16_pair_to_i16(tl.load(pair + 3), inv, MAGIC)[None, :], [BLOCK_N, J])
-            acc += _dot8_i16_i8(w, p0, p1, p2, p3, MAGIC).to(tl.float32) * (amax / 32767.0)
+        acc = _gemv_block(acc, w, x_ptr, k0, BLOCK_N, BLOCK_K, E4M3, MAGIC)
     y = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, HAS_BIAS)
@@ -394,6 +415,13 @@ def use_gemv() -> bool:
     return os.environ.get("KILN_W8_GEMV", "1") != "0"
 
 
+@functools.lru_cache(maxsize=None)
+def early_weights() -> bool:
+    """KILN_W8_GEMV_EARLY=1: the GEMV loads its first weight block before waiting for the previous kernel (an
+    A/B experiment, off by default). Read once per process."""
+    return os.environ.get("KILN_W8_GEMV_EARLY", "0") == "1"
+
+
 def _gemv_ok(x2: torch.Tensor, w: torch.Tensor, block_k: int) -> bool:
     """The GEMV's preconditions: bf16 activations, K a multiple of its K block, and word-aligned
     rows (pairs of activations and 64-bit words of codes are loaded whole)."""
@@ -437,7 +465,8 @@ def gemv_w8(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torc
     count = _tile_counters(tiles, x2.device) if split > 1 else out
     launch(_w8_gemv_kernel, (tiles, split), x2, w, w_scale, bias if bias is not None else w_scale, out, part,
            count, N, K, k_split, w.stride(0) // 8, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=bias is not None,
-           EVEN_N=N % bn == 0, E4M3=w.dtype == torch.float8_e4m3fn, MAGIC=not interpreting(), num_warps=warps)
+           EVEN_N=N % bn == 0, E4M3=w.dtype == torch.float8_e4m3fn, MAGIC=not interpreting(), EARLY_W=early_weights(),
+           num_warps=warps)
 
 
 def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
