@@ -7,7 +7,10 @@ import torch
 from kiln import LLM, SamplingParams
 from kiln.layers.attention import LayerKVCache, TorchAttention, quantize_int8_per_head
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# "One short sentence": the bare question's first token is a near-tie in float32 ("The" -1.88 against "L" -1.96:
+# 0.08 nats), which int8 KV + W8A16 flipped by 0.02 (2026-12-07, on packages of that day); asked so, "The" leads
+# by 1.7 nats in float32 and with both
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]
 
 
 @pytest.mark.parametrize("opts", [dict(kv_cache_dtype="int8"), dict(quantization="w8a16"),
