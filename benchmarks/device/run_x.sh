@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device run X (one call, carrying .whl, ~3 minutes): decode attention at batch 1, partitions and tiles
+# Device run X (one call, carrying .whl, ~2.5 minutes): decode attention at batch 1, partitions and tiles
 # (benchmarks/decode_b1_bench.py): run W had it at 7.15 us a layer, the largest of batch 1's small kernels; the
 # engine at batch 1 with partitions of one tile (KILN_DECODE_MIN_TILES=1) against two; the GEMV's K split per
 # projection (run W: qkv, o and down at 70-84% of the copy rate, ~15 us a layer over it); the GEMV loading its
@@ -12,5 +12,3 @@ timeout 90 python3 benchmarks/w8_gemv_bench.py --configs default gemv:8,256,1,1 
 b1 w8a16 --quantization w8a16
 (export KILN_DECODE_MIN_TILES=1; b1 w8a16-part1 --quantization w8a16)
 (export KILN_W8_GEMV_EARLY=1; b1 w8a16-early --quantization w8a16)
-b1 bf16
-(export KILN_DECODE_MIN_TILES=1; b1 bf16-part1)
