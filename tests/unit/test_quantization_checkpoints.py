@@ -148,3 +148,21 @@ def test_kiln_quantize_output_loads_and_bad_input_errors(tiny, tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert msg in err and err.count("\n") == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "q"]  # no half-written output
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["int_mm", "float-chunks"])
+def test_cpu_int8_matmul_is_exact(monkeypatch, fast):
+    """The CPU's int8 GEMM, through torch._int_mm or (CPUs without AVX-512) float32 matmuls over chunks of K: the
+    same int32 sums, bit for bit, with the extreme codes and a K over two chunks (1024 each)."""
+    from kiln.quantization import ops
+    monkeypatch.setattr(ops, "cpu_int8_gemm_is_fast", lambda: fast)
+    g = torch.Generator().manual_seed(0)
+    k = 2 * ops.EXACT_FLOAT_K + 300
+    x = torch.randint(-127, 128, (11, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (40, k), generator=g, dtype=torch.int8)
+    x[0], w[0] = 127, -128  # every product at its largest
+    # odd, positive, uneven products: a float32 sum of more than ~1,040 of them passes 2^24 and rounds
+    x[1], w[1] = torch.randint(48, 64, (k,), generator=g, dtype=torch.int8) * 2 + 1, 127
+    got = ops.int8_matmul_cpu(x, w)
+    assert got.dtype == torch.int32 and torch.equal(got, torch._int_mm(x, w.t()))
+    assert got[0, 0].item() == -127 * 128 * k and got[1, 1].item() > 2 ** 24
