@@ -5,8 +5,8 @@ here at small batch; Triton converts them on sm_89+ GPUs).
 
 At T = 1 with bf16 activations, a GEMV on the CUDA cores (_w8_gemv_kernel) takes both code types: int8 codes
 against the activations as int16 with a scale per K block (dp2a; the weight at ~84% of the copy rate on an H100,
-docs/kernels.md), E4M3 codes against fp16 activations (fp16x2 FMAs). Otherwise, at decode sizes (T <= 64) the work is reading the weight: _w8a16_kernel streams the int8
-weight (half the bytes of bf16), converts each tile to the activation dtype in registers,
+docs/kernels.md), E4M3 codes against fp16 activations (fp16x2 FMAs). Otherwise, at decode sizes (T <= 64) the
+work is reading the weight: _w8a16_kernel streams the int8 weight (half the bytes of bf16), converts each tile to the activation dtype in registers,
 multiplies on the tensor cores, and applies the per-channel scale to the float32
 accumulator. When the output tiles alone would leave SMs idle, K is split across programs
 and a second kernel sums the float32 partials. Up to T = 256 the same kernel runs with
@@ -226,6 +226,14 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _gemv_weights(w_rows, k0, offs_j, nmask, EVEN_N: tl.constexpr):
+    """The weight words [BLOCK_N, BLOCK_K // 8] of the K block at k0."""
+    if EVEN_N:
+        return tl.load(w_rows + (k0 // 8 + offs_j)[None, :])
+    return tl.load(w_rows + (k0 // 8 + offs_j)[None, :], mask=nmask[:, None], other=0)
+
+
+@triton.jit
 def _gemv_block(acc, w, x_ptr, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E4M3: tl.constexpr,
                 MAGIC: tl.constexpr):
     """One BLOCK_K of the GEMV: acc [BLOCK_N, BLOCK_K // 8] += this block's weight words w . the activations at k0."""
@@ -282,21 +290,15 @@ def _w8_gemv_kernel(
     k_start = pid_k * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
     if EARLY_W:
-        if EVEN_N:
-            w = tl.load(w_rows + (k_start // 8 + offs_j)[None, :])
-        else:
-            w = tl.load(w_rows + (k_start // 8 + offs_j)[None, :], mask=nmask[:, None], other=0)
+        w = _gemv_weights(w_rows, k_start, offs_j, nmask, EVEN_N)
         gdc_enter(USE_GDC)
         acc = _gemv_block(acc, w, x_ptr, k_start, BLOCK_N, BLOCK_K, E4M3, MAGIC)
         k_start += BLOCK_K
     else:
         gdc_enter(USE_GDC)
     for k0 in range(k_start, k_end, BLOCK_K):
-        if EVEN_N:
-            w = tl.load(w_rows + (k0 // 8 + offs_j)[None, :])
-        else:
-            w = tl.load(w_rows + (k0 // 8 + offs_j)[None, :], mask=nmask[:, None], other=0)
-        acc = _gemv_block(acc, w, x_ptr, k0, BLOCK_N, BLOCK_K, E4M3, MAGIC)
+        acc = _gemv_block(acc, _gemv_weights(w_rows, k0, offs_j, nmask, EVEN_N), x_ptr, k0, BLOCK_N, BLOCK_K, E4M3,
+                          MAGIC)
     y = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, HAS_BIAS)

@@ -90,8 +90,8 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bi
 
 # torch's CPU int8 GEMM (`torch._int_mm`) is fast with AVX-512 (VNNI) and ~20x slower than a float32 matmul
 # without it (2 AVX2 cores, 512 x 576 x 1536: 222 ms against 10; 2026-12-07). A float32 matmul of int8 codes is
-# exact while every partial sum stays below 2^24: chunks of K of at most 1024 (1024 * 127^2 < 2^24; codes are
-# symmetric, |code| <= 127), converted to int32 and added, give _int_mm's int32 sums bit for bit.
+# exact while every partial sum stays within 2^24: chunks of K of at most 1024 (1024 * 128^2 = 2^24), converted to
+# int32 and added, give _int_mm's int32 sums bit for bit.
 EXACT_FLOAT_K = 1024
 FLOAT_INT8_MIN_ROWS = 8  # below, _int_mm wins even without VNNI (1 row: 0.55 ms against 1.2 with the conversion)
 
