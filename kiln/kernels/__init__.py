@@ -2,7 +2,8 @@
 
 Kernels (each in its own module, each a Python function on torch tensors):
     reshape_and_cache, paged_decode_attention, paged_prefill_attention,
-    rmsnorm, fused_add_rmsnorm, rotary_embedding, silu_and_mul, w8a16_matmul, skinny_matmul,
+    rmsnorm, fused_add_rmsnorm, rotary_embedding, silu_and_mul, w8a16_matmul (and w8a16_silu_and_mul, the
+    two at once), skinny_matmul,
     quantize_activation and scale_int32 (W8A8), top_p_threshold (the sampler's nucleus cut).
 
 `kiln.kernels.reference` holds float32 PyTorch versions of all of them and needs no
@@ -36,7 +37,7 @@ if HAS_TRITON:
     from .rotary import rotary_embedding
     from .sampling import top_p_threshold
     from .skinny import skinny_matmul, use_skinny
-    from .w8a16 import dequantize_int8_weight, w8a16_matmul
+    from .w8a16 import dequantize_int8_weight, w8a16_matmul, w8a16_silu_and_mul
 else:  # pragma: no cover
     from .reference import (  # noqa: F401
         fused_add_rmsnorm,
@@ -53,6 +54,9 @@ else:  # pragma: no cover
 
     def use_skinny(x, w):
         return False
+
+    def w8a16_silu_and_mul(x, w_int8, w_scale, bias=None, config=None):
+        return silu_and_mul(w8a16_matmul(x, w_int8, w_scale, bias))
 
     def dequantize_int8_weight(w_int8, w_scale, dtype):
         return (w_int8.float() * w_scale.float()[:, None]).to(dtype)
@@ -82,6 +86,7 @@ __all__ = [
     "rotary_embedding",
     "silu_and_mul",
     "w8a16_matmul",
+    "w8a16_silu_and_mul",
     "skinny_matmul",
     "use_skinny",
     "dequantize_int8_weight",

@@ -268,7 +268,7 @@ def _w8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, K_SPLIT, stride_w64,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_N: tl.constexpr, E4M3: tl.constexpr, MAGIC: tl.constexpr, EARLY_W: tl.constexpr = False,
-    USE_GDC: tl.constexpr = False,
+    GLU: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     """Batch 1 (bf16 activations) on the CUDA cores' packed units; K a multiple of BLOCK_K, K_SPLIT of BLOCK_K.
     int8 codes: each BLOCK_K of activations becomes int16 with its own scale (max |x| / 32767: an error of at most
@@ -278,11 +278,21 @@ def _w8_gemv_kernel(
     two (exact), and two codes cost one conversion and one fp16x2 FMA. With SPLIT_K > 1, programs (n,
     0..SPLIT_K-1) share an output tile: each writes its partial sums, and the last to finish (a counter per tile,
     which it resets) adds them up in order and writes the tile. EARLY_W (under programmatic dependent launch):
-    the first block of weights is loaded before waiting for the previous kernel (weights are not its output)."""
+    the first block of weights is loaded before waiting for the previous kernel (weights are not its output).
+    GLU: w holds a gate projection's N / 2 rows, then an up projection's, and out [N / 2] gets silu(gate) * up (the
+    SwiGLU activation, as silu_and_mul computes it from the bf16 outputs): a program's first BLOCK_N / 2 rows are
+    gate rows and the rest the up rows of the same channels."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
+    if GLU:
+        HALF: tl.constexpr = BLOCK_N // 2
+        r = tl.arange(0, BLOCK_N)
+        channel = pid_n * HALF + r % HALF
+        offs_n = tl.where(r < HALF, channel, channel + N // 2)
+        nmask = channel < N // 2
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
     J: tl.constexpr = BLOCK_K // 8
     offs_j = tl.arange(0, J)
     w_rows = w_ptr.to(tl.pointer_type(tl.int64)) + offs_n.to(tl.int64)[:, None] * stride_w64
@@ -301,7 +311,7 @@ def _w8_gemv_kernel(
                           MAGIC)
     y = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
-        _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, HAS_BIAS)
+        _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, pid_n, N, BLOCK_N, HAS_BIAS, GLU)
     else:
         tl.store(part_ptr + pid_k * N + offs_n, y, mask=nmask)
         tl.debug_barrier()  # every thread's partials stored before the count goes up
@@ -310,15 +320,27 @@ def _w8_gemv_kernel(
             for k in range(SPLIT_K):  # in order: the same sums whichever program came last
                 y += tl.load(part_ptr + k * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
             tl.store(count_ptr + pid_n, 0)
-            _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, HAS_BIAS)
+            _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, pid_n, N, BLOCK_N, HAS_BIAS, GLU)
 
 
 @triton.jit
-def _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, HAS_BIAS: tl.constexpr):
+def _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, pid_n, N, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                GLU: tl.constexpr):
     y = y * tl.load(s_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
+    if GLU:
+        # gate and up rounded to the output type first: the bits silu_and_mul gets from the unfused projection
+        HALF: tl.constexpr = BLOCK_N // 2
+        y = tl.reshape(y.to(out_ptr.dtype.element_ty).to(tl.float32), [2, HALF])
+        is_gate = (tl.arange(0, 2) == 0)[:, None]
+        gate = tl.sum(tl.where(is_gate, y, 0.0), axis=0)
+        up = tl.sum(tl.where(is_gate, 0.0, y), axis=0)
+        channel = pid_n * HALF + tl.arange(0, HALF)
+        tl.store(out_ptr + channel, (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty),
+                 mask=channel < N // 2)
+    else:
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
@@ -410,11 +432,38 @@ def w8a16_matmul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
     return out.view(*x.shape[:-1], N)
 
 
+def w8a16_silu_and_mul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+    """silu_and_mul(w8a16_matmul(x, w_int8, w_scale, bias)): w_int8 [2I, K] holds a gate projection's rows, then an
+    up projection's; -> [..., I]. At one row on the GEMV, one kernel that also applies the activation (the same
+    bits as the two calls); otherwise those two calls. config overrides the GEMV's choice (tests only)."""
+    from .activation import silu_and_mul
+    K = x.shape[-1]
+    N = w_int8.shape[0]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if config is None and x2.shape[0] == 1 and N % 2 == 0 and use_gemv() and fused_glu():
+        config = _gemv_config(N, K, x.device)
+    if not (config and x2.shape[0] == 1 and N % 2 == 0 and w_int8.shape[1] == K and _gemv_ok(x2, w_int8, config[2])):
+        return silu_and_mul(w8a16_matmul(x, w_int8, w_scale, bias))
+    out = torch.empty((1, N // 2), dtype=x.dtype, device=x.device)
+    gemv_w8(x2, w_int8, w_scale, bias, out, config, glu=True)
+    return out.view(*x.shape[:-1], N // 2)
+
+
 @functools.lru_cache(maxsize=None)
 def use_gemv() -> bool:
     """Batch-1 int8 or E4M3 weights with bf16 activations on the CUDA cores' packed units (_w8_gemv_kernel) unless
     KILN_W8_GEMV=0 (the tensor-core tile kernel instead; for A/B runs). Read once per process."""
     return os.environ.get("KILN_W8_GEMV", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def fused_glu() -> bool:
+    """The batch-1 gate/up GEMV applies SwiGLU itself unless KILN_W8_GEMV_GLU=0 (silu_and_mul after it; for A/B
+    runs). Read once per process."""
+    return os.environ.get("KILN_W8_GEMV_GLU", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -453,22 +502,22 @@ def _tile_counters(n: int, device: torch.device) -> torch.Tensor:
 
 
 def gemv_w8(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-            out: torch.Tensor, config: tuple) -> None:
+            out: torch.Tensor, config: tuple, glu: bool = False) -> None:
     """out [1, N] = x2 [1, K] (bf16) @ (w [N, K] int8 or E4M3 * w_scale[:, None]).T (+ bias), one kernel
-    (_w8_gemv_kernel; _gemv_ok holds)."""
+    (_w8_gemv_kernel; _gemv_ok holds). glu: out [1, N / 2] = silu(first half) * second half of that product."""
     _, bn, bk, split, warps = config
     N, K = w.shape
     blocks = K // bk
     split = min(split, blocks)
     k_split = triton.cdiv(blocks, split) * bk
     split = triton.cdiv(K, k_split)
-    tiles = triton.cdiv(N, bn)
+    tiles = triton.cdiv(N // 2, bn // 2) if glu else triton.cdiv(N, bn)
     part = torch.empty((split, N), dtype=torch.float32, device=x2.device) if split > 1 else out
     count = _tile_counters(tiles, x2.device) if split > 1 else out
     launch(_w8_gemv_kernel, (tiles, split), x2, w, w_scale, bias if bias is not None else w_scale, out, part,
            count, N, K, k_split, w.stride(0) // 8, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=bias is not None,
-           EVEN_N=N % bn == 0, E4M3=w.dtype == torch.float8_e4m3fn, MAGIC=not interpreting(), EARLY_W=early_weights(),
-           num_warps=warps)
+           EVEN_N=(N // 2) % (bn // 2) == 0 if glu else N % bn == 0, E4M3=w.dtype == torch.float8_e4m3fn,
+           MAGIC=not interpreting(), EARLY_W=early_weights(), GLU=glu, num_warps=warps)
 
 
 def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,

@@ -143,6 +143,15 @@ class Linear(nn.Module):
             return _w8a16(x, self.qweight, self.scale, self.bias)
         return _dense(x, self.weight, self.bias)
 
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """CUDA: silu(first half) * second half of forward(x), the SwiGLU of a fused gate/up projection. With 8-bit
+        weights at one row (where the w8a8 schemes too leave activations unquantized), one kernel for both."""
+        from kiln.kernels import silu_and_mul, w8a16_silu_and_mul
+        one_row_weight_only = not self.act_quant or qops.WEIGHT_ONLY_MAX_T >= 1
+        if self.qweight is not None and not self.int4 and x.numel() == x.shape[-1] and one_row_weight_only:
+            return w8a16_silu_and_mul(x, self.qweight, self.scale, self.bias)
+        return silu_and_mul(self.forward(x))
+
 
 class ColumnParallelLinear(Linear):
     """Output features split across ranks. `output_sizes` lists fused sub-projections (e.g. q, k, v);

@@ -61,10 +61,9 @@ class MLP(nn.Module):
         self.inter = cfg.intermediate_size // tpd.tp_size()
 
     def forward(self, x):
+        if x.is_cuda:
+            return self.down_proj(self.gate_up_proj.silu_and_mul(x))
         gu = self.gate_up_proj(x)
-        if gu.is_cuda:
-            from kiln.kernels import silu_and_mul
-            return self.down_proj(silu_and_mul(gu))
         return self.down_proj(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
 
 

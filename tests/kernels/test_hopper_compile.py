@@ -76,6 +76,7 @@ def _launch_every_kernel():
         ws = torch.rand(96, generator=g)
         for m in (1, 5, 40):  # the GEMV (int16 activations for int8 codes, fp16 for E4M3), small-M, large-M
             K.w8a16_matmul(rand(m, 256), wq, ws, None)
+        K.w8a16_silu_and_mul(rand(1, 256), wq, ws)  # the gate/up GEMV that applies SwiGLU
         for k_len in (200, 20000):  # one tile, and the two-loop path
             x = rand(3, k_len)
             K.quantize_activation(x, code)
@@ -142,11 +143,13 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
     on_gpu = {"USE_GDC": True, "MAGIC": True}
     gdc = {}
     for name, constexprs, specs, options in sorted(v.keys, key=repr):
-        key = (name, dict(constexprs).get("E4M3"))  # the GEMV's PTX differs by code type: one of each
+        # the GEMV's PTX differs by code type and SwiGLU epilogue: one of each
+        key = (name, dict(constexprs).get("E4M3")) + (("glu",) if dict(constexprs).get("GLU") else ())
         if any(k == "USE_GDC" for k, _ in constexprs) and key not in gdc:
             gdc[key] = (name, tuple((k, on_gpu.get(k, x)) for k, x in constexprs), specs,
                         options + (("launch_pdl", True),))
-    assert {("_w8_gemv_kernel", False), ("_w8_gemv_kernel", True)} <= set(gdc), sorted(gdc)
+    assert {("_w8_gemv_kernel", e4m3) + glu for e4m3 in (False, True) for glu in ((), ("glu",))} <= set(gdc), \
+        sorted(gdc)
     for e4m3 in (False, True):  # and the GEMV that loads its first weights before the wait (KILN_W8_GEMV_EARLY=1)
         name, constexprs, specs, options = gdc[("_w8_gemv_kernel", e4m3)]
         gdc[("_w8_gemv_kernel", e4m3, "early")] = (

@@ -423,6 +423,33 @@ def test_w8a16_gemv(N, Kd, config, code):
         assert not K.w8a16_matmul(xb, wq, ws, config=config).float().isfinite().any()
 
 
+@pytest.mark.parametrize("code", [torch.int8, torch.float8_e4m3fn], ids=["int8", "e4m3"])
+@pytest.mark.parametrize("I,Kd,config,bias", [
+    (16, 128, ("gemv", 8, 64, 1, 1), False),   # four channels a program, K whole
+    (21, 192, ("gemv", 8, 64, 2, 1), True),    # K split in two (2 and 1 blocks), a ragged last tile, a bias
+    (40, 256, ("gemv", 16, 64, 4, 1), False),
+    pytest.param(14336, 4096, None, False, marks=gpu_only),  # Llama-3-8B's gate_up, the default choice
+])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: exp(-gate) overflows to inf
+def test_w8a16_silu_and_mul_gemv(I, Kd, config, bias, code):
+    """The gate/up GEMV that applies SwiGLU as it stores (a program's rows: gate rows, then the same channels' up
+    rows) gives silu_and_mul's bits on the unfused GEMV's output, and falls back to the two calls off its path."""
+    g = torch.Generator().manual_seed(2)
+    wq = _every_code(2 * I * Kd, code)[torch.randperm(2 * I * Kd, generator=g)].reshape(2 * I, Kd).to(DEVICE)
+    ws = (torch.rand(2 * I, generator=g) + 0.5).to(DEVICE)
+    b = (torch.randn(2 * I, generator=g) * 10).to(torch.bfloat16).to(DEVICE) if bias else None
+    for _ in range(2):  # the split-K tile counters must be left at zero
+        x = (torch.randn(1, Kd, generator=g) * 0.05).to(torch.bfloat16).to(DEVICE)
+        unfused = K.w8a16_matmul(x, wq, ws, b, config=config)
+        fused = K.w8a16_silu_and_mul(x, wq, ws, b, config=config)
+        assert fused.shape == (1, I) and fused.dtype == torch.bfloat16
+        assert torch.equal(fused, K.silu_and_mul(unfused))
+        gate, up = R.w8a16_matmul(x.float(), wq, ws, b).chunk(2, dim=-1)
+        assert rel_err(fused.float(), torch.nn.functional.silu(gate) * up) < 2e-2
+    x3 = rand(3, Kd, dtype=torch.bfloat16)  # three rows: the tile kernel, then silu_and_mul
+    assert torch.equal(K.w8a16_silu_and_mul(x3, wq, ws, b), K.silu_and_mul(K.w8a16_matmul(x3, wq, ws, b)))
+
+
 @pytest.mark.parametrize("dtype", DOT_DTYPES[:1])
 def test_w8a16_leading_dims(dtype):
     x = rand(2, 3, 64, dtype=dtype)
