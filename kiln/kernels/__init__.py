@@ -1,7 +1,7 @@
 """Triton GPU kernels of Kiln's fast path, and their plain PyTorch references.
 
 Kernels (each in its own module, each a Python function on torch tensors):
-    reshape_and_cache, paged_decode_attention, paged_prefill_attention,
+    reshape_and_cache (and rope_and_cache: RoPE as well), paged_decode_attention, paged_prefill_attention,
     rmsnorm, fused_add_rmsnorm, rotary_embedding, silu_and_mul, w8a16_matmul (and w8a16_silu_and_mul, the
     two at once), skinny_matmul,
     quantize_activation and scale_int32 (W8A8), top_p_threshold (the sampler's nucleus cut).
@@ -29,7 +29,7 @@ if HAS_TRITON:
     patch_interpreter()
 
     from .activation import silu_and_mul
-    from .cache import reshape_and_cache
+    from .cache import reshape_and_cache, rope_and_cache
     from .decode_attention import paged_decode_attention
     from .prefill_attention import paged_prefill_attention
     from .quant import quantize_activation, scale_int32
@@ -45,6 +45,7 @@ else:  # pragma: no cover
         paged_prefill_attention,
         reshape_and_cache,
         rmsnorm,
+        rope_and_cache,
         rotary_embedding,
         silu_and_mul,
         skinny_matmul,
@@ -79,6 +80,7 @@ __all__ = [
     "HAS_TRITON",
     "reference",
     "reshape_and_cache",
+    "rope_and_cache",
     "paged_decode_attention",
     "paged_prefill_attention",
     "rmsnorm",

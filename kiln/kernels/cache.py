@@ -1,4 +1,4 @@
-"""reshape_and_cache: write this step's K/V into the paged KV cache."""
+"""reshape_and_cache: write this step's K/V into the paged KV cache; rope_and_cache: RoPE on q and k as well."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from ._utils import FP8_MAX, KV_FP8, KV_INT8, gdc_enter, kv_scale_args, launch, next_pow2
+from .rotary import _rope_rotate
 
 
 # the slot mapping's address follows the step's layout (a slice of the packed step); it is one scalar load
@@ -35,6 +36,14 @@ def _reshape_and_cache_kernel(
     t64 = t.to(tl.int64)
     k = tl.load(key_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask, other=0.0)
     v = tl.load(value_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0)
+    _write_kv(k, v, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, blk, off, offs_h, offs_d, hmask, mask,
+              stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, KV_KIND)
+
+
+@triton.jit
+def _write_kv(k, v, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, blk, off, offs_h, offs_d, hmask, mask,
+              stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, KV_KIND: tl.constexpr):
+    """One token's K and V tiles [BLOCK_H, BLOCK_D] (heads offs_h) into cache block blk at offset off."""
     c_off = blk * stride_cb + off * stride_ct + offs_h[:, None] * stride_ch + offs_d[None, :]
     if KV_KIND == KV_INT8:  # per-token-head scales
         kf = k.to(tl.float32)
@@ -60,6 +69,57 @@ def _reshape_and_cache_kernel(
     else:
         tl.store(k_cache_ptr + c_off, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + c_off, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+# positions and slots: addresses that follow the step's layout (slices of the packed step); each one scalar load
+@triton.jit(do_not_specialize=['pos_ptr', 'slot_ptr'])
+def _rope_and_cache_kernel(
+    pos_ptr, q_ptr, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, cos_sin_ptr, k_scale_ptr, v_scale_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_ct, stride_ch,
+    stride_sb, stride_st, stride_sh, stride_cs,
+    n_q_heads, q_heads_per_program, num_heads,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_KIND: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
+):
+    """rotary_embedding on q (in place) and k, and reshape_and_cache of the rotated k and of v, in one kernel:
+    program (t, j) rotates token t's j-th share of q heads and writes its j-th tile of KV heads (k itself is left
+    unrotated: only the cache holds it). The same arithmetic as the two kernels, so the same bits."""
+    gdc_enter(USE_GDC)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cs_row = cos_sin_ptr + pos * stride_cs
+    offs_half = tl.arange(0, HALF_PAD)
+    hmask_d = offs_half < HALF
+    cos = tl.load(cs_row + offs_half, mask=hmask_d, other=0.0).to(tl.float32)
+    sin = tl.load(cs_row + HALF + offs_half, mask=hmask_d, other=0.0).to(tl.float32)
+    q0 = j * q_heads_per_program
+    _rope_rotate(q_ptr + t * stride_qt + q0 * stride_qh, stride_qh, tl.minimum(q_heads_per_program, n_q_heads - q0),
+                 cos, sin, HALF, BLOCK_HQ, HALF_PAD)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hmask = offs_h < num_heads
+    mask = hmask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    # k rotated whole-width: each element with its partner in the other half (rotate_half), in rotary_embedding's
+    # expressions, rounded to k's dtype as it stores them; then the cache's conversion
+    first = offs_d < HALF
+    partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+    k_row = key_ptr + t * stride_kt + offs_h[:, None] * stride_kh
+    k = tl.load(k_row + offs_d[None, :], mask=mask, other=0.0)
+    kp = tl.load(k_row + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    kf = k.to(tl.float32)
+    c = tl.load(cs_row + offs_d % HALF, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(cs_row + HALF + offs_d % HALF, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)[None, :]
+    k = tl.where(first[None, :], kf * c - kp * s, kf * c + kp * s).to(k.dtype)
+    v = tl.load(value_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0)
+    _write_kv(k, v, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot // BLOCK_SIZE, slot % BLOCK_SIZE, offs_h,
+              offs_d, hmask, mask, stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, KV_KIND)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -90,5 +150,39 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
         H,
         BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d,
         KV_KIND=kind,
+        num_warps=4,
+    )
+
+
+def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   cos_sin_cache: torch.Tensor, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
+    """rotary_embedding(positions, q, key, cos_sin_cache) then reshape_and_cache(key, value, ...), in one kernel,
+    with the same bits in q and in the cache; key itself is left unrotated. q [T, Hq, D] and key/value [T, Hkv, D]
+    with a unit last stride (slices of a fused qkv output), positions [T], cos_sin_cache [max_pos, D] float32."""
+    T, H, D = key.shape
+    Hq = q.shape[1]
+    if T == 0:
+        return
+    assert q.shape[0] == T and q.shape[2] == D and value.shape == key.shape and D % 2 == 0
+    assert q.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1 and k_cache.stride(-1) == 1
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.shape[2] == H and k_cache.shape[3] == D and slot_mapping.shape[0] == T
+    assert cos_sin_cache.shape[1] == D and cos_sin_cache.stride(1) == 1
+    kind, k_scale, v_scale, s_strides = kv_scale_args(k_cache, k_scale, v_scale)
+    block_d = next_pow2(D)
+    block_h = min(next_pow2(H), max(1, 2048 // block_d))
+    tiles = triton.cdiv(H, block_h)
+    q_per = triton.cdiv(Hq, tiles)
+    half_pad = next_pow2(D // 2)
+    launch(_rope_and_cache_kernel, (T, tiles),
+        positions, q, key, value, k_cache, v_cache, slot_mapping, cos_sin_cache, k_scale, v_scale,
+        q.stride(0), q.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        s_strides[0], s_strides[1], s_strides[2], cos_sin_cache.stride(0),
+        Hq, q_per, H,
+        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D, HALF_PAD=half_pad,
+        BLOCK_HQ=min(next_pow2(q_per), max(1, 4096 // half_pad)), BLOCK_H=block_h, BLOCK_D=block_d, KV_KIND=kind,
         num_warps=4,
     )

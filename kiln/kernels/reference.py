@@ -25,6 +25,7 @@ from kiln.quantization import ops as qops
 __all__ = [
     "quantize_int8",
     "reshape_and_cache",
+    "rope_and_cache",
     "gather_kv",
     "paged_decode_attention",
     "paged_prefill_attention",
@@ -157,6 +158,14 @@ def rotary_embedding(positions, q, k, cos_sin_cache):
         x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
         x.copy_(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype))
     return q, k
+
+
+def rope_and_cache(positions, q, key, value, k_cache, v_cache, slot_mapping, cos_sin_cache, k_scale=None,
+                   v_scale=None):
+    """RoPE on q (in place) and on a copy of key, which is written to the cache with value."""
+    k = key.clone()
+    rotary_embedding(positions, q, k, cos_sin_cache)
+    reshape_and_cache(k, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def silu_and_mul(x):

@@ -7,6 +7,7 @@ A token's slot is block_id * block_size + offset.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -133,8 +134,11 @@ class TorchAttention:
         return o[:, :, 0, :]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] (this step's tokens) -> [T, Hq, D]."""
+                meta: AttentionMetadata, scale: float, rope=None) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] (this step's tokens) -> [T, Hq, D]. rope: (a RotaryEmbedding, positions [T])
+        where q and k are still to be rotated (the Triton backend does it as it writes the cache)."""
+        if rope is not None:
+            q, k = rope[0](rope[1], q, k)
         self.write_kv(cache, k, v, meta.slot_mapping)
         if meta.decode_only and not q.is_cuda:
             return self._decode(q, cache, meta, scale)
@@ -161,6 +165,10 @@ class TorchAttention:
         return out
 
 
+# RoPE in the cache write's kernel (one kernel a layer fewer; KILN_FUSED_ROPE=0: separate kernels, for A/B runs)
+FUSED_ROPE = os.environ.get("KILN_FUSED_ROPE", "1") != "0"
+
+
 class TritonAttention(TorchAttention):
     """GPU backend: the Triton kernels of kiln/kernels (same cache layout, same metadata)."""
 
@@ -173,8 +181,15 @@ class TritonAttention(TorchAttention):
     def write_kv(self, cache, k, v, slot_mapping):
         self.k.reshape_and_cache(k, v, cache.k, cache.v, slot_mapping, cache.k_scale, cache.v_scale)
 
-    def forward(self, q, k, v, cache, meta, scale):
-        self.write_kv(cache, k, v, meta.slot_mapping)
+    def forward(self, q, k, v, cache, meta, scale, rope=None):
+        if rope is not None and not FUSED_ROPE:
+            q, k = rope[0](rope[1], q, k)
+            rope = None
+        if rope is None:
+            self.write_kv(cache, k, v, meta.slot_mapping)
+        else:  # one kernel: RoPE on q, and on k as it goes into the cache
+            self.k.rope_and_cache(rope[1], q, k, v, cache.k, cache.v, meta.slot_mapping, rope[0].cos_sin_cache,
+                                  cache.k_scale, cache.v_scale)
         # max_seq_len (host-known, None in a CUDA graph: the table's width bounds it) sizes the decode partitions
         if meta.decode_only:
             return self.k.paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.seq_lens, scale,

@@ -44,12 +44,16 @@ class Attention(nn.Module):
         v = qkv[:, nq + nkv:].view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if x.is_cuda or self.q_norm is not None:
+        rope = None
+        if x.is_cuda:  # the backend rotates q and k (the Triton one as it writes the cache)
+            rope = (self.rope, positions)
+        elif self.q_norm is not None:
             q, k = self.rope(positions, q, k)
         else:  # CPU: q and k side by side in qkv, rotated in one pass (half the small ops of the step's rope)
             qk = self.rope.rotate(positions, qkv[:, :nq + nkv].view(t, self.num_heads + self.num_kv_heads, -1))
             q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        o = self.backend.forward(q, k, v, cache, meta, self.scale)  # views of qkv: the cache write takes strides
+        # views of qkv: the cache write takes strides
+        o = self.backend.forward(q, k, v, cache, meta, self.scale, rope=rope)
         return self.o_proj(o.reshape(t, nq))
 
 

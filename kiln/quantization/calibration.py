@@ -123,7 +123,9 @@ class _KVRecorder(TorchAttention):
     def __init__(self, stats: list):
         self.stats = stats  # [k_absmax [H], v_absmax [H]]
 
-    def forward(self, q, k, v, cache, meta, scale):
+    def forward(self, q, k, v, cache, meta, scale, rope=None):
+        if rope is not None:  # on CUDA the model leaves RoPE to the backend: record K as the cache gets it
+            q, k = rope[0](rope[1], q, k)
         for j, x in enumerate((k, v)):
             m = x.float().abs().amax(dim=(0, 2))
             self.stats[j] = m if self.stats[j] is None else torch.maximum(self.stats[j], m)

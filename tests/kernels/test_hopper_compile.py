@@ -62,6 +62,10 @@ def _launch_every_kernel():
         else:
             ks = vs = None
         K.reshape_and_cache(rand(5, hkv, d), rand(5, hkv, d), kc, vc, torch.arange(5), ks, vs)
+        for dt in (torch.bfloat16, torch.float16):  # with RoPE, from the model's activations
+            cos_sin = torch.randn(16, d, generator=g)
+            K.rope_and_cache(torch.arange(5), rand(5, hq, d, dtype=dt), rand(5, hkv, d, dtype=dt),
+                             rand(5, hkv, d, dtype=dt), kc, vc, torch.arange(5), cos_sin, ks, vs)
         tables = torch.arange(blocks, dtype=torch.int32).reshape(2, 3)
         lens = torch.tensor([40, 7], dtype=torch.int32)
         for part in (None, 32):  # one pass, and flash-decoding partitions with their reduce kernel
@@ -136,8 +140,8 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
         _launch_every_kernel()
     names = {k[0] for k in v.keys}
     assert {"_quant_rows_kernel", "_scale_int32_kernel", "_w8a16_kernel", "_decode_kernel", "_decode_reduce_kernel",
-            "_prefill_kernel", "_reshape_and_cache_kernel", "_rmsnorm_kernel", "_rope_kernel",
-            "_top_p_threshold_kernel"} <= names, names
+            "_prefill_kernel", "_reshape_and_cache_kernel", "_rope_and_cache_kernel", "_rmsnorm_kernel",
+            "_rope_kernel", "_top_p_threshold_kernel"} <= names, names
     # and one variant of each kernel as a GPU launches it: programmatic dependent launch (KILN_PDL=1: USE_GDC,
     # launch_pdl), and the GEMV's inline PTX (MAGIC; plain operations under the interpreter)
     on_gpu = {"USE_GDC": True, "MAGIC": True}

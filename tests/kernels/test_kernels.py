@@ -334,6 +334,52 @@ def test_rotary_embedding(T, Hq, Hkv, D, dtype):
     assert torch.equal(qkv[:, (Hq + Hkv) * D:], v_before)
 
 
+@pytest.mark.parametrize("T,Hq,Hkv,D,bs", [
+    (9, 8, 2, 64, 16),
+    (3, 40, 20, 128, 16),   # two programs a token (KV heads in two tiles, q heads in two shares)
+    pytest.param(333, 32, 8, 128, 16, marks=gpu_only),
+])
+@pytest.mark.parametrize("kv", ["float", "int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_and_cache(T, Hq, Hkv, D, bs, kv, dtype):
+    """RoPE on q and k with the cache write in one kernel: the bits of rotary_embedding then reshape_and_cache in q,
+    the cache and its scales; k itself stays as it was; a padding slot (-1) writes nothing."""
+    nb = (T + bs - 1) // bs + 1
+    cache = rope_cache(4096, D)
+    pos = torch.randint(0, 4096, (T,), device=DEVICE)
+    slots = torch.randperm(nb * bs)[:T]
+    slots[torch.rand(T) < 0.2] = -1
+    slots = slots.to(DEVICE)
+    qkv = rand(T, (Hq + 2 * Hkv) * D, dtype=dtype, scale=3.0)  # views of a fused projection
+    q = qkv[:, : Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D: (Hq + Hkv) * D].view(T, Hkv, D)
+    v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+    cdtype = {"float": dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[kv]
+    kc = (torch.randn(nb, bs, Hkv, D, device=DEVICE) * 20).to(cdtype)
+    vc = (torch.randn(nb, bs, Hkv, D, device=DEVICE) * 20).to(cdtype)
+    if kv == "int8":
+        ks, vs = torch.rand(nb, bs, Hkv, device=DEVICE), torch.rand(nb, bs, Hkv, device=DEVICE)
+    elif kv == "fp8":
+        ks, vs = fp8_head_scales(Hkv), fp8_head_scales(Hkv)
+    else:
+        ks = vs = None
+    q2, k2 = q.clone(), k.clone()
+    ref = [x.clone() if x is not None else None for x in (kc, vc, ks, vs)]
+    K.rotary_embedding(pos, q2, k2, cache)
+    K.reshape_and_cache(k2, v, ref[0], ref[1], slots, ref[2], ref[3])
+    k_before = k.clone()
+    K.rope_and_cache(pos, q, k, v, kc, vc, slots, cache, ks, vs)
+    assert torch.equal(q, q2) and torch.equal(k, k_before)
+    for got, want in zip((kc, vc, ks, vs), ref):
+        if got is not None:
+            assert torch.equal(got.view(torch.uint8) if kv == "fp8" and got.dim() == 4 else got,
+                               want.view(torch.uint8) if kv == "fp8" and want.dim() == 4 else want)
+    assert not torch.equal(k2, k)  # the rotation moved k, and the cache holds the rotated k
+    valid = slots >= 0
+    if kv == "float":
+        assert torch.equal(kc[slots[valid] // bs, slots[valid] % bs], k2[valid])
+
+
 # ----------------------------------------------------------------------------- silu_and_mul
 
 @pytest.mark.parametrize("T,I", [(5, 1000), (2, 64), pytest.param(77, 14336, marks=gpu_only)])

@@ -32,11 +32,14 @@ def test_triton_backend_matches_torch_backend(tmp_path, kv):
     assert greedy(d, "triton", kv) == greedy(d, "torch", kv)
 
 
+@pytest.mark.parametrize("rope", [False, True], ids=["rotated", "rope"])
 @pytest.mark.parametrize("kv", ["auto", "int8", "fp8"])
-def test_mixed_step_splits_decode_rows_and_matches_torch(kv):
+def test_mixed_step_splits_decode_rows_and_matches_torch(kv, rope):
     """A mixed step (three one-token rows, then a fresh prompt and a prompt chunk with a cached prefix): the
-    Triton backend routes the leading rows to the decode kernel and gives the torch backend's output."""
+    Triton backend routes the leading rows to the decode kernel and gives the torch backend's output; with q and k
+    still to be rotated (as the model hands them over on CUDA) too, where RoPE goes with the cache write."""
     from kiln.layers.attention import AttentionMetadata, LayerKVCache, TorchAttention, TritonAttention
+    from kiln.layers.rope import RotaryEmbedding
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
@@ -71,7 +74,12 @@ def test_mixed_step_splits_decode_rows_and_matches_torch(kv):
     q = torch.randn(t, hq, d, generator=g).to(dev)
     k = torch.randn(t, hkv, d, generator=g).to(dev)
     v = torch.randn(t, hkv, d, generator=g).to(dev)
-    ref = TorchAttention().forward(q, k, v, c, meta(0), d ** -0.5)
+    rotary = None
+    if rope:  # every row at its own position
+        positions = torch.tensor([p for b in range(5) for p in range(seq_lens[b] - query_lens[b], seq_lens[b])],
+                                 device=dev)
+        rotary = (RotaryEmbedding(d, 64, 10000.0).to(dev), positions)
+    ref = TorchAttention().forward(q.clone(), k.clone(), v, c, meta(0), d ** -0.5, rope=rotary)
 
     calls = []
     backend = TritonAttention()
@@ -87,6 +95,6 @@ def test_mixed_step_splits_decode_rows_and_matches_torch(kv):
 
     backend.__dict__["_real"] = backend.k
     backend.k = Spy()
-    out = backend.forward(q, k, v, c2, meta(3), d ** -0.5)
+    out = backend.forward(q, k, v, c2, meta(3), d ** -0.5, rope=rotary)
     assert calls == [("decode", 3)]
     assert torch.allclose(out, ref, atol=1e-4 if kv == "auto" else 2e-3, rtol=1e-3)
