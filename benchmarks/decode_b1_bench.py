@@ -1,7 +1,7 @@
 """Decode attention at batch 1 as a decode step meets it (GPU): Llama-3-8B's heads (32 q, 8 kv, 128 wide), a bf16
 cache in 64-token blocks, a block table as wide as an 8,192-token model (the bound a CUDA graph captures), LAYERS
 layers of distinct caches in one CUDA graph (the KV comes from memory, as in a step that streams the weights
-through L2). Per context length and (partition, config): microseconds a call (the reduce kernel included) and the
+through L2). Per context length and (partition, config): microseconds a call (the partitions' merge included) and the
 error against the reference on one layer.
 
     python benchmarks/decode_b1_bench.py [--layers 32] [--ctx 128 384 1024 4096]

@@ -540,9 +540,9 @@ def kernel_stats():
     activation, cache, decode_attention, prefill_attention = (m["activation"], m["cache"], m["decode_attention"],
                                                               m["prefill_attention"])
     rmsnorm, rotary, w8a16 = m["rmsnorm"], m["rotary"], m["w8a16"]
-    fns = [cache._reshape_and_cache_kernel, decode_attention._decode_kernel, decode_attention._decode_reduce_kernel,
+    fns = [cache._reshape_and_cache_kernel, cache._rope_and_cache_kernel, decode_attention._decode_kernel,
            prefill_attention._prefill_kernel, rmsnorm._rmsnorm_kernel, rotary._rope_kernel,
-           activation._silu_and_mul_kernel, w8a16._w8a16_kernel, w8a16._w8a16_reduce_kernel]
+           activation._silu_and_mul_kernel, w8a16._w8a16_kernel, w8a16._w8a16_reduce_kernel, w8a16._w8_gemv_kernel]
     print("\ncompiled variants: kernel | regs | spills | shared bytes | warps | stages | constexprs")
     for fn in fns:
         try:

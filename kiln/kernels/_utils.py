@@ -34,6 +34,21 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def zeroed_counters(n: int, device: torch.device) -> torch.Tensor:
+    """int32 zeros, at least n, one buffer per device: the arrival counters of kernels whose last program to finish
+    a tile sums its partners' partial results (the split-K GEMV, decode attention's partitions). Each such kernel
+    leaves its counters at zero, and kernels on a stream run one after another (under programmatic dependent launch
+    too: they wait before touching them), so all share the buffer. Sized for the largest grids up front: a CUDA
+    graph keeps the address it captured."""
+    c = _counters.get(device)
+    if c is None or c.numel() < n:
+        c = _counters[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return c
+
+
 def patch_interpreter() -> None:
     """Make Triton's CPU interpreter work with NumPy >= 2.3 (interpreter mode only).
 

@@ -3,8 +3,9 @@
 Flash-decoding: the grid is (sequence, kv head, partition). Each program loads every
 K/V tile of its partition once for all the q heads of its GQA group (the group is the
 M dimension of the tile products, padded to 16), keeps an online softmax in float32
-and writes a partial result; a second kernel merges the partitions. When one partition
-covers the longest context, the first kernel writes the output directly.
+and writes a partial result; the last of a sequence's programs for a kv head to finish
+(an arrival counter) merges the partitions and writes the output. When one partition
+covers the longest context, each program writes its output directly.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import KV_FLOAT, KV_FP8, KV_INT8, gdc_enter, interpreting, kv_scale_args, launch, next_pow2, num_sms
+from ._utils import (KV_FLOAT, KV_FP8, KV_INT8, gdc_enter, interpreting, kv_scale_args, launch, next_pow2, num_sms,
+                     zeroed_counters)
 
 LOG2E = 1.4426950408889634
-# partitions the reduce kernel merges per pass: fixed, so the partition count selects no variant (a pass over fewer
-# partitions masks the rest: loads that move no bytes)
-REDUCE_CHUNK = 32
 
 
 @triton.jit
@@ -42,7 +41,7 @@ def _online_softmax(s, m_i, l_i):
 @triton.jit(do_not_specialize=['block_tables_ptr', 'seq_lens_ptr', 'stride_bt', 'num_partitions', 'partition'])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, count_ptr,
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh,
     stride_cb, stride_ct, stride_ch,
@@ -144,46 +143,39 @@ def _decode_kernel(
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
     else:
         # partial buffers: [B, Hq, P, D] and [B, Hq, P], contiguous
-        row = (b64 * (GROUP * tl.num_programs(1)) + heads) * num_partitions + part
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None])
-        tl.store(part_m_ptr + row, m_i, mask=gmask)
-        tl.store(part_l_ptr + row, l_i, mask=gmask)
+        rows = (b64 * (GROUP * tl.num_programs(1)) + heads) * num_partitions
+        tl.store(part_out_ptr + (rows + part)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None])
+        tl.store(part_m_ptr + rows + part, m_i, mask=gmask)
+        tl.store(part_l_ptr + rows + part, l_i, mask=gmask)
+        tl.debug_barrier()  # every thread's partials stored before the count goes up
+        n_parts = tl.cdiv(seq_len, partition)  # the programs of this sequence that did not return early
+        count = count_ptr + b64 * tl.num_programs(1) + kvh
+        if tl.atomic_add(count, 1, sem="acq_rel") == n_parts - 1:
+            _merge_partitions(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, rows, n_parts, b64, heads, gmask,
+                              offs_d, stride_ob, stride_oh, GROUP_PAD, HEAD_DIM)
+            tl.store(count, 0)
 
 
-# values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
-@triton.jit(do_not_specialize=['seq_lens_ptr', 'num_partitions', 'partition'])
-def _decode_reduce_kernel(
-    out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr,
-    stride_ob, stride_oh, num_heads, num_partitions, partition,
-    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
-    USE_GDC: tl.constexpr = False,
-):
-    gdc_enter(USE_GDC)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + b)
-    n_parts = tl.cdiv(seq_len, partition)
-    base = (b.to(tl.int64) * num_heads + h) * num_partitions
-    offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_max = tl.full([CHUNK], float("-inf"), tl.float32)
-    for c0 in range(0, n_parts, CHUNK):
-        pm = (c0 + offs_c) < n_parts
-        m_max = tl.maximum(m_max, tl.load(part_m_ptr + base + c0 + offs_c, mask=pm, other=float("-inf")))
-    m_g = tl.max(m_max, axis=0)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    denom = tl.zeros([CHUNK], tl.float32)
-    for c0 in range(0, n_parts, CHUNK):
-        pm = (c0 + offs_c) < n_parts
-        m = tl.load(part_m_ptr + base + c0 + offs_c, mask=pm, other=float("-inf"))
-        l = tl.load(part_l_ptr + base + c0 + offs_c, mask=pm, other=0.0)
-        w = tl.where(pm, l * tl.exp2(m - m_g), 0.0)
+@triton.jit
+def _merge_partitions(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, rows, n_parts, b64, heads, gmask, offs_d,
+                      stride_ob, stride_oh, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The output of a GQA group's heads from their partitions' partial results (in partition order: the same sums
+    whichever program came last); through L2 (.cg), where the other programs' stores are."""
+    m_g = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    for p in range(n_parts):
+        m_g = tl.maximum(m_g, tl.load(part_m_ptr + rows + p, mask=gmask, other=float("-inf"), cache_modifier=".cg"))
+    m_g = tl.where(gmask, m_g, 0.0)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    denom = tl.zeros([GROUP_PAD], tl.float32)
+    for p in range(n_parts):
+        m = tl.load(part_m_ptr + rows + p, mask=gmask, other=float("-inf"), cache_modifier=".cg")
+        w = tl.load(part_l_ptr + rows + p, mask=gmask, other=0.0, cache_modifier=".cg") * tl.exp2(m - m_g)
         denom += w
-        o = tl.load(part_out_ptr + (base + c0 + offs_c)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=pm[:, None], other=0.0)
-        acc += tl.sum(o * w[:, None], axis=0)
-    acc = acc / tl.sum(denom, axis=0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, acc.to(out_ptr.dtype.element_ty))
+        acc += tl.load(part_out_ptr + (rows + p)[:, None] * HEAD_DIM + offs_d[None, :], mask=gmask[:, None],
+                       other=0.0, cache_modifier=".cg") * w[:, None]
+    denom = tl.where(gmask, denom, 1.0)
+    tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
 @functools.lru_cache(maxsize=None)
@@ -254,8 +246,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_parts = triton.cdiv(max_ctx, part)
     direct = num_parts == 1
     if direct:
-        part_out = part_m = part_l = out  # unused
+        part_out = part_m = part_l = count = out  # unused
     else:
+        count = zeroed_counters(B * Hkv, q.device)
         part_out = torch.empty((B, Hq, num_parts, D), dtype=torch.float32, device=q.device)
         part_m = torch.empty((B, Hq, num_parts), dtype=torch.float32, device=q.device)
         part_l = torch.empty((B, Hq, num_parts), dtype=torch.float32, device=q.device)
@@ -263,7 +256,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group_pad = max(16, next_pow2(group))
     launch(_decode_kernel, (B, Hkv, num_parts),
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
-        out, part_out, part_m, part_l,
+        out, part_out, part_m, part_l, count,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -276,11 +269,4 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         KV_KIND=kind, DIRECT=direct, FP32=fp32, INT8_QK=int8_qk,
         num_warps=warps, num_stages=stages,
     )
-    if not direct:
-        launch(_decode_reduce_kernel, (B, Hq),
-            out, part_out, part_m, part_l, seq_lens,
-            out.stride(0), out.stride(1), Hq, num_parts, part,
-            HEAD_DIM=D, CHUNK=REDUCE_CHUNK,
-            num_warps=4,
-        )
     return out

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import gdc_enter, interpreting, launch, next_pow2, num_sms
+from ._utils import gdc_enter, interpreting, launch, next_pow2, num_sms, zeroed_counters
 
 SMALL_T = 64    # up to here: decode-sized tiles (the weight read dominates)
 LARGE_T = 256   # above: dequantize once, then torch.matmul
@@ -489,18 +489,6 @@ def _gemv_config(N: int, K: int, device: torch.device) -> tuple:
     return "gemv", 8, 256, 4, 1
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_counters(n: int, device: torch.device) -> torch.Tensor:
-    """int32 zeros, at least n, kept per device: the split-K GEMV's per-tile counters (each kernel leaves them
-    zero). Grown before a CUDA graph captures it: warm-up runs every shape first."""
-    c = _counters.get(device)
-    if c is None or c.numel() < n:
-        c = _counters[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return c
-
-
 def gemv_w8(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, config: tuple, glu: bool = False) -> None:
     """out [1, N] = x2 [1, K] (bf16) @ (w [N, K] int8 or E4M3 * w_scale[:, None]).T (+ bias), one kernel
@@ -513,7 +501,7 @@ def gemv_w8(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torc
     split = triton.cdiv(K, k_split)
     tiles = triton.cdiv(N // 2, bn // 2) if glu else triton.cdiv(N, bn)
     part = torch.empty((split, N), dtype=torch.float32, device=x2.device) if split > 1 else out
-    count = _tile_counters(tiles, x2.device) if split > 1 else out
+    count = zeroed_counters(tiles, x2.device) if split > 1 else out
     launch(_w8_gemv_kernel, (tiles, split), x2, w, w_scale, bias if bias is not None else w_scale, out, part,
            count, N, K, k_split, w.stride(0) // 8, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=bias is not None,
            EVEN_N=(N // 2) % (bn // 2) == 0 if glu else N % bn == 0, E4M3=w.dtype == torch.float8_e4m3fn,

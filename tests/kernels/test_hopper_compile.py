@@ -68,7 +68,7 @@ def _launch_every_kernel():
                              rand(5, hkv, d, dtype=dt), kc, vc, torch.arange(5), cos_sin, ks, vs)
         tables = torch.arange(blocks, dtype=torch.int32).reshape(2, 3)
         lens = torch.tensor([40, 7], dtype=torch.int32)
-        for part in (None, 32):  # one pass, and flash-decoding partitions with their reduce kernel
+        for part in (None, 32):  # one pass, and flash-decoding partitions merged by the last program
             K.paged_decode_attention(rand(2, hq, d), kc, vc, tables, lens, 0.125, ks, vs, partition_size=part)
         if kv == torch.int8:  # the int8 Q.K^T experiment (config's 4th field), at the GPU's tile
             K.paged_decode_attention(rand(2, hq, d, dtype=torch.bfloat16), kc, vc, tables, lens, 0.125, ks, vs,
@@ -139,7 +139,7 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
     with KernelVariants() as v:
         _launch_every_kernel()
     names = {k[0] for k in v.keys}
-    assert {"_quant_rows_kernel", "_scale_int32_kernel", "_w8a16_kernel", "_decode_kernel", "_decode_reduce_kernel",
+    assert {"_quant_rows_kernel", "_scale_int32_kernel", "_w8a16_kernel", "_decode_kernel",
             "_prefill_kernel", "_reshape_and_cache_kernel", "_rope_and_cache_kernel", "_rmsnorm_kernel",
             "_rope_kernel", "_top_p_threshold_kernel"} <= names, names
     # and one variant of each kernel as a GPU launches it: programmatic dependent launch (KILN_PDL=1: USE_GDC,

@@ -67,7 +67,6 @@ def test_decode_partitions_select_no_variant():
                     assert (out - ref).abs().max() < 1e-4
     decode = [k for k in v.keys if k[0] == "_decode_kernel"]
     assert sorted(dict(k[1])["DIRECT"] for k in decode) == [False, True], [describe_variant(k) for k in decode]
-    assert len([k for k in v.keys if k[0] == "_decode_reduce_kernel"]) == 1
 
 
 def test_mixed_step_slices_select_no_prefill_variant():
@@ -92,7 +91,7 @@ def test_recorded_keys_match_the_jits_compiled_variants():
     recorder computes what Triton computes; binaries come back from the on-disk cache, so this is quick)."""
     from kiln.kernels import decode_attention, prefill_attention
 
-    fns = (decode_attention._decode_kernel, decode_attention._decode_reduce_kernel, prefill_attention._prefill_kernel)
+    fns = (decode_attention._decode_kernel, prefill_attention._prefill_kernel)
     for fn in fns:
         fn.device_caches.clear()
     with KernelVariants() as v:
