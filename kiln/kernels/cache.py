@@ -6,45 +6,44 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import FP8_MAX, KV_FP8, KV_INT8, gdc_enter, kv_scale_args, launch, next_pow2
+from ._utils import FP8_MAX, KV_FP8, KV_INT8, gdc_enter, interpreting, kv_scale_args, launch, next_pow2
 from .rotary import _rope_rotate
 
 
-# the slot mapping's address follows the step's layout (a slice of the packed step); it is one scalar load
-@triton.jit(do_not_specialize=['slot_ptr'])
+# the slot mapping's address follows the step's layout (a slice of the packed step)
+@triton.jit(do_not_specialize=['slot_ptr', 'num_rows'])
 def _reshape_and_cache_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ct, stride_ch,
     stride_sb, stride_st, stride_sh,
-    num_heads,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_heads, num_rows,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_KIND: tl.constexpr,
     USE_GDC: tl.constexpr = False,
 ):
+    """BLOCK_R rows of (token, KV head) a program: a decode step's token in one program, a prefill's tokens a few
+    at a time."""
     gdc_enter(USE_GDC)
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    blk = slot // BLOCK_SIZE
-    off = slot % BLOCK_SIZE
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    t = (r // num_heads).to(tl.int64)
+    h = r % num_heads
+    slot = tl.load(slot_ptr + t, mask=r < num_rows, other=-1).to(tl.int64)
+    rmask = slot >= 0
     offs_d = tl.arange(0, BLOCK_D)
-    hmask = offs_h < num_heads
-    mask = hmask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    t64 = t.to(tl.int64)
-    k = tl.load(key_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask, other=0.0)
-    v = tl.load(value_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0)
-    _write_kv(k, v, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, blk, off, offs_h, offs_d, hmask, mask,
-              stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, KV_KIND)
+    mask = rmask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(key_ptr + (t * stride_kt + h * stride_kh)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(value_ptr + (t * stride_vt + h * stride_vh)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    _write_kv(k, v, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot // BLOCK_SIZE, slot % BLOCK_SIZE, h,
+              offs_d, rmask, mask, stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, KV_KIND)
 
 
 @triton.jit
-def _write_kv(k, v, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, blk, off, offs_h, offs_d, hmask, mask,
+def _write_kv(k, v, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, blk, off, head, offs_d, rmask, mask,
               stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, KV_KIND: tl.constexpr):
-    """One token's K and V tiles [BLOCK_H, BLOCK_D] (heads offs_h) into cache block blk at offset off."""
-    c_off = blk * stride_cb + off * stride_ct + offs_h[:, None] * stride_ch + offs_d[None, :]
+    """K and V tiles [R, BLOCK_D], one (token, KV head) a row, into the cache: row i at block blk, offset off and
+    head head (each a scalar or one per row)."""
+    c_off = (blk * stride_cb + off * stride_ct + head * stride_ch)[:, None] + offs_d[None, :]
     if KV_KIND == KV_INT8:  # per-token-head scales
         kf = k.to(tl.float32)
         vf = v.to(tl.float32)
@@ -56,12 +55,12 @@ def _write_kv(k, v, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, blk, off
         vq = tl.minimum(tl.maximum(tl.floor(vf * v_inv[:, None] + 0.5), -127.0), 127.0)
         tl.store(k_cache_ptr + c_off, kq.to(tl.int8), mask=mask)
         tl.store(v_cache_ptr + c_off, vq.to(tl.int8), mask=mask)
-        s_off = blk * stride_sb + off * stride_st + offs_h * stride_sh
-        tl.store(k_scale_ptr + s_off, k_amax / 127.0, mask=hmask)
-        tl.store(v_scale_ptr + s_off, v_amax / 127.0, mask=hmask)
+        s_off = blk * stride_sb + off * stride_st + head * stride_sh
+        tl.store(k_scale_ptr + s_off, k_amax / 127.0, mask=rmask)
+        tl.store(v_scale_ptr + s_off, v_amax / 127.0, mask=rmask)
     elif KV_KIND == KV_FP8:  # E4M3: static per-head scales; x / scale (IEEE division, as torch) then RTNE cast
-        ks = tl.load(k_scale_ptr + offs_h * stride_sh, mask=hmask, other=1.0)
-        vs = tl.load(v_scale_ptr + offs_h * stride_sh, mask=hmask, other=1.0)
+        ks = tl.load(k_scale_ptr + head * stride_sh, mask=rmask, other=1.0)
+        vs = tl.load(v_scale_ptr + head * stride_sh, mask=rmask, other=1.0)
         kq = tl.minimum(tl.maximum(tl.div_rn(k.to(tl.float32), ks[:, None]), -FP8_MAX), FP8_MAX)
         vq = tl.minimum(tl.maximum(tl.div_rn(v.to(tl.float32), vs[:, None]), -FP8_MAX), FP8_MAX)
         tl.store(k_cache_ptr + c_off, kq.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -140,15 +139,16 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
     assert slot_mapping.shape[0] == T
     kind, k_scale, v_scale, s_strides = kv_scale_args(k_cache, k_scale, v_scale)
     block_d = next_pow2(D)
-    block_h = min(next_pow2(H), max(1, 2048 // block_d))
-    grid = (T, triton.cdiv(H, block_h))
-    launch(_reshape_and_cache_kernel, grid,
+    # rows of (token, head): tiles of 2,048 elements (one token of Llama-3-8B's 8 KV heads is 1,024); under the
+    # interpreter, whose cost is per program, 8,192
+    block_r = max(1, (8192 if interpreting() else 2048) // block_d)
+    launch(_reshape_and_cache_kernel, (triton.cdiv(T * H, block_r),),
         key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         s_strides[0], s_strides[1], s_strides[2],
-        H,
-        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D, BLOCK_H=block_h, BLOCK_D=block_d,
+        H, T * H,
+        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D, BLOCK_R=block_r, BLOCK_D=block_d,
         KV_KIND=kind,
         num_warps=4,
     )

@@ -180,8 +180,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if max_query_len <= 64:
         block_m = max(16, next_pow2(max_query_len))
         warps = 4
-    if interpreting():  # the GPU's BLOCK_M classes, so CI launches the variants a GPU compiles; small K/V tiles
-        block_n, stages = 16, 1
+    if interpreting():  # the GPU's BLOCK_M classes, so CI launches the variants a GPU compiles; K/V tiles of 64
+        block_n, stages = 64, 1
     if config is not None:
         block_m, block_n, warps, stages = config
     grid = (triton.cdiv(max_query_len, block_m), B, Hq)
