@@ -343,7 +343,9 @@ def test_rotary_embedding(T, Hq, Hkv, D, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rope_and_cache(T, Hq, Hkv, D, bs, kv, dtype):
     """RoPE on q and k with the cache write in one kernel: the bits of rotary_embedding then reshape_and_cache in q,
-    the cache and its scales; k itself stays as it was; a padding slot (-1) writes nothing."""
+    the cache and its scales under the interpreter; on a GPU, where the compiler contracts k's rotation into FMAs
+    its own way, q's bits and the cache within one rounding of k (H100: a few of 10^5 bf16 values one ulp apart, one
+    E4M3 code a step apart). k itself stays as it was; a padding slot (-1) writes nothing."""
     nb = (T + bs - 1) // bs + 1
     cache = rope_cache(4096, D)
     pos = torch.randint(0, 4096, (T,), device=DEVICE)
@@ -371,13 +373,21 @@ def test_rope_and_cache(T, Hq, Hkv, D, bs, kv, dtype):
     K.rope_and_cache(pos, q, k, v, kc, vc, slots, cache, ks, vs)
     assert torch.equal(q, q2) and torch.equal(k, k_before)
     for got, want in zip((kc, vc, ks, vs), ref):
-        if got is not None:
+        if got is None:
+            continue
+        if INTERP or got is vc:
             assert torch.equal(got.view(torch.uint8) if kv == "fp8" and got.dim() == 4 else got,
                                want.view(torch.uint8) if kv == "fp8" and want.dim() == 4 else want)
+        elif kv == "int8" and got.dtype == torch.int8:
+            assert (got.int() - want.int()).abs().max() <= 1
+        else:  # a float cache one ulp of k's dtype, an E4M3 one a code step (2^-3), a scale one float32 ulp
+            step = {torch.bfloat16: 2 ** -7, torch.float32: 2 ** -22, torch.float8_e4m3fn: 2 ** -3}[got.dtype]
+            torch.testing.assert_close(got.float(), want.float(), rtol=step, atol=0 if kv != "fp8" else 2 ** -9)
     assert not torch.equal(k2, k)  # the rotation moved k, and the cache holds the rotated k
     valid = slots >= 0
     if kv == "float":
-        assert torch.equal(kc[slots[valid] // bs, slots[valid] % bs], k2[valid])
+        written = kc[slots[valid] // bs, slots[valid] % bs]
+        assert torch.equal(written, k2[valid]) if INTERP else rel_err(written, k2[valid]) < 1e-2
 
 
 # ----------------------------------------------------------------------------- silu_and_mul
