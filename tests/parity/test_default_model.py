@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from kiln import LLM, SamplingParams
-from kiln.models.default_model import default_gguf_path
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -21,10 +20,8 @@ def test_chat_answers_paris(llm):
     assert out.finish_reason == "stop"
 
 
-def test_greedy_matches_transformers_loading_the_gguf(llm):
-    import transformers as tf
-    gguf = default_gguf_path()
-    hf = tf.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+def test_greedy_matches_transformers_loading_the_gguf(llm, transformers_gguf_model):
+    hf = transformers_gguf_model
     prompts = [llm.tokenizer.apply_chat_template(QUESTION),
                llm.tokenizer.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}]),
                llm.tokenizer.encode("The three primary colors are")]

@@ -40,34 +40,6 @@ TEXTS = [
 # ----------------------------------------------------------------------------------- the bundled SmolLM2 model
 
 
-def _load_reference_from_gguf(gguf_path: Path):
-    """transformers' own GGUF loading of the same file, in float32."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import is_accelerate_available
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    if is_accelerate_available():
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    # from_pretrained(gguf_file=...) insists on accelerate, which Kiln does not need; do what it does without it.
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    try:
-        from transformers.initialization import no_init_weights  # skip the random init every weight overwrites
-    except ImportError:  # pragma: no cover - other transformers versions
-        import contextlib
-
-        no_init_weights = contextlib.nullcontext
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
-    result = model.load_state_dict(tensors, strict=False)
-    assert not result.unexpected_keys
-    assert set(result.missing_keys) <= {"lm_head.weight"}
-    model.tie_weights()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def gguf_path():
     return default_gguf_path()
@@ -81,8 +53,8 @@ def gguf_reader(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def reference_model(gguf_path):
-    return _load_reference_from_gguf(gguf_path)
+def reference_model(transformers_gguf_model):
+    return transformers_gguf_model
 
 
 @pytest.fixture(scope="module")
