@@ -11,5 +11,5 @@ bash scripts/setup.sh
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   export TRITON_INTERPRET=1
 fi
-say "running the test suite (pytest; about 13 minutes on 2 CPU cores with AVX-512, 17 with AVX2 only)"
+say "running the test suite (pytest; about 15 minutes on 2 CPU cores with AVX2 only, less with AVX-512)"
 exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"
