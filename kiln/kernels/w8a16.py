@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._utils import gdc_enter, interpreting, launch, next_pow2, num_sms, zeroed_counters
+from .activation import silu_and_mul
 
 SMALL_T = 64    # up to here: decode-sized tiles (the weight read dominates)
 LARGE_T = 256   # above: dequantize once, then torch.matmul
@@ -437,7 +438,6 @@ def w8a16_silu_and_mul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Ten
     """silu_and_mul(w8a16_matmul(x, w_int8, w_scale, bias)): w_int8 [2I, K] holds a gate projection's rows, then an
     up projection's; -> [..., I]. At one row on the GEMV, one kernel that also applies the activation (the same
     bits as the two calls); otherwise those two calls. config overrides the GEMV's choice (tests only)."""
-    from .activation import silu_and_mul
     K = x.shape[-1]
     N = w_int8.shape[0]
     x2 = x.reshape(-1, K)
