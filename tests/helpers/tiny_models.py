@@ -30,9 +30,9 @@ def tiny_config(arch: str, vocab_size: int):
 
 
 def write_tiny_model(arch: str, out: Path, tokenizer_dir: Path | None = None, vocab_size: int = 512,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, num_layers: int | None = None) -> Path:
     """A random checkpoint in HF format; with tokenizer_dir, its tokenizer files are copied in and the
-    vocabulary sized to match, so the text APIs work on it too."""
+    vocabulary sized to match, so the text APIs work on it too. num_layers overrides the default 2."""
     import transformers as tf
     if tokenizer_dir is not None:
         import json
@@ -41,6 +41,8 @@ def write_tiny_model(arch: str, out: Path, tokenizer_dir: Path | None = None, vo
             [t["id"] for t in json.loads((tokenizer_dir / "tokenizer.json").read_text()).get("added_tokens", [])] + [0]))
     torch.manual_seed(seed)
     cfg = tiny_config(arch, vocab_size)
+    if num_layers is not None:
+        cfg.num_hidden_layers = num_layers
     cfg.architectures = [type(tf.AutoModelForCausalLM.from_config(cfg)).__name__]
     model = tf.AutoModelForCausalLM.from_config(cfg).float().eval()
     model.save_pretrained(out)

@@ -192,14 +192,20 @@ def new_kernel_variants(warm: set, load: set) -> list[str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_layer_model_dir(tmp_path_factory):
+    """The kernels' variants do not depend on the layer count; each layer costs the interpreter its launches."""
+    return write_tiny_model("llama", tmp_path_factory.mktemp("llama1"), num_layers=1)
+
+
 @needs_triton
-def test_mixed_load_launches_no_kernel_variant_the_warmup_did_not(model_dir, caplog):
+def test_mixed_load_launches_no_kernel_variant_the_warmup_did_not(one_layer_model_dir, caplog):
     """Issue 11's check, on the kernels themselves: every Triton kernel launch's variant key (what Triton compiles a
     binary for) during a warm-up, then during a mixed load: long contexts up to max_model_len, odd numbers of decode
     rows beside prefills, chunked prompts, every sampler path. The load launches no variant the warm-up did not."""
     from kiln.kernels._utils import KernelVariants
 
-    core = EngineCore(EngineConfig(model=str(model_dir), **TRITON_CFG))
+    core = EngineCore(EngineConfig(model=str(one_layer_model_dir), **TRITON_CFG))
     core.variants.watch_kernels()
     try:
         with caplog.at_level(logging.INFO, logger="kiln.engine"):
