@@ -24,8 +24,8 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
 @pytest.fixture(scope="module")
-def server(kiln_server_factory):
-    return kiln_server_factory()
+def server(default_server):
+    return default_server
 
 
 @pytest.fixture(scope="module")
