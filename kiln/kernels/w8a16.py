@@ -438,16 +438,13 @@ def w8a16_silu_and_mul(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Ten
     """silu_and_mul(w8a16_matmul(x, w_int8, w_scale, bias)): w_int8 [2I, K] holds a gate projection's rows, then an
     up projection's; -> [..., I]. At one row on the GEMV, one kernel that also applies the activation (the same
     bits as the two calls); otherwise those two calls. config overrides the GEMV's choice (tests only)."""
-    K = x.shape[-1]
     N = w_int8.shape[0]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if config is None and x2.shape[0] == 1 and N % 2 == 0 and use_gemv() and fused_glu():
-        config = _gemv_config(N, K, x.device)
-    if not (config and x2.shape[0] == 1 and N % 2 == 0 and w_int8.shape[1] == K and _gemv_ok(x2, w_int8, config[2])):
+    x2, out = rows_and_out(x, N // 2)
+    one_row = x2.shape[0] == 1 and N % 2 == 0 and w_int8.shape[1] == x2.shape[1]
+    if config is None and one_row and use_gemv() and fused_glu():
+        config = _gemv_config(N, x2.shape[1], x.device)
+    if not (config and one_row and _gemv_ok(x2, w_int8, config[2])):
         return silu_and_mul(w8a16_matmul(x, w_int8, w_scale, bias))
-    out = torch.empty((1, N // 2), dtype=x.dtype, device=x.device)
     gemv_w8(x2, w_int8, w_scale, bias, out, config, glu=True)
     return out.view(*x.shape[:-1], N // 2)
 
