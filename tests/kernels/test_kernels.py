@@ -451,7 +451,9 @@ def _every_code(n: int, code: torch.dtype) -> torch.Tensor:
     (24, 256, ("gemv", 8, 64, 1, 1)),     # one program a tile
     (43, 320, ("gemv", 8, 64, 2, 1)),     # K split in two (3 and 2 blocks), a ragged last tile
     (40, 512, ("gemv", 16, 64, 4, 1)),
+    (43, 384, ("gemv", 8, 64, 2, 1, 1)),  # the next block's weights loaded a step ahead (3 blocks a split)
     pytest.param(4096, 14336, ("gemv", 16, 512, 4, 1), marks=gpu_only),
+    pytest.param(6144, 4096, ("gemv", 8, 256, 4, 1, 1), marks=gpu_only),
     pytest.param(6144, 4096, None, marks=gpu_only),  # the default choice
 ])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on the NaN / inf activations
@@ -484,6 +486,7 @@ def test_w8a16_gemv(N, Kd, config, code):
     (16, 128, ("gemv", 8, 64, 1, 1), False),   # four channels a program, K whole
     (21, 192, ("gemv", 8, 64, 2, 1), True),    # K split in two (2 and 1 blocks), a ragged last tile, a bias
     (40, 256, ("gemv", 16, 64, 4, 1), False),
+    (21, 192, ("gemv", 8, 64, 2, 1, 1), True),  # weights loaded a step ahead
     pytest.param(14336, 4096, None, False, marks=gpu_only),  # Llama-3-8B's gate_up, the default choice
 ])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: exp(-gate) overflows to inf
