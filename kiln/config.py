@@ -182,6 +182,10 @@ class KilnConfig:
         check=lambda v: None if v in (None, "none", "w8a16", "w8a8-int8", "w8a8-fp8")
         else "must be none, w8a16, w8a8-int8 or w8a8-fp8",
         group="model")
+    quantize_lm_head: bool = setting(
+        False, "KILN_QUANTIZE_LM_HEAD", "Hold the LM head in weight-only int8 (per-row scales) too: at batch 1 an "
+        "8B model's step reads ~0.5 GB less. Off: the head stays in the model's dtype, as vLLM keeps it.",
+        kind="bool", flags=("--quantize-lm-head",), group="model")
     load_format: str = setting(
         "auto", "KILN_LOAD_FORMAT", "auto: read the weights; dummy: random weights of config.json's shape (benchmarks "
         "without a checkpoint; the directory still needs the tokenizer files).", kind="str",
@@ -520,6 +524,7 @@ class KilnConfig:
             cpu_kv_cache_gib=self.cpu_kv_cache_gib,
             kv_cache_dtype="int8" if self.use_cache_kv_int8 else self.kv_cache_dtype,
             quantization=None if self.quantization in (None, "none") else self.quantization,
+            quantize_lm_head=self.quantize_lm_head,
             tensor_parallel_size=self.mp_num,
             enable_prefix_caching=self.enable_prefix_caching,
             warmup=self.use_warmup,

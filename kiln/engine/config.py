@@ -23,7 +23,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9   # used when neither of the above is set (on GPU)
     cpu_kv_cache_gib: float = 1.0         # KV cache budget on CPU when nothing else is set
     kv_cache_dtype: str = "auto"          # auto (= model dtype) | int8 (USE_CACHE_KV_INT8)
-    quantization: str | None = None       # None | "w8a16" (weight-only int8)
+    quantization: str | None = None       # None | "w8a16" (weight-only int8) | "w8a8-int8" | "w8a8-fp8"
+    quantize_lm_head: bool = False        # the LM head in weight-only int8 too
     tensor_parallel_size: int = 1         # MP_NUM
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"       # auto | torch | triton

@@ -48,13 +48,16 @@ class ModelRunner:
         self.dtype = resolve_dtype(cfg.dtype, self.device, self.model_config)
         torch.manual_seed(cfg.seed)
         t0 = time.monotonic()
-        self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, cfg.quantization, cfg.seed)
+        self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, cfg.quantization, cfg.seed,
+                                cfg.quantize_lm_head)
         self.load_seconds = time.monotonic() - t0
         self.startup_seconds: dict[str, float] = {"weights": self.load_seconds}
         self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.model.quantization)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
             m.qweight.numel() * m.qweight.element_size() + m.scale.numel() * m.scale.element_size()
-            for m in self.model.modules() if getattr(m, "qweight", None) is not None)
+            for m in self.model.modules() if getattr(m, "qweight", None) is not None) + sum(
+            m.head_qweight.numel() + m.head_scale.numel() * 4
+            for m in self.model.modules() if getattr(m, "head_qweight", None) is not None)
         self.backend = make_attention_backend(cfg.attention_backend, self.device)
         if (self.kv_cache_dtype == "fp8" and self.backend.name == "triton" and self.device.type == "cuda"
                 and torch.cuda.get_device_capability(self.device) < (8, 9)):

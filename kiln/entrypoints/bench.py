@@ -164,6 +164,7 @@ def _engine(args):
                        max_num_seqs=args.max_num_seqs, max_model_len=args.input_len + args.output_len + 8,
                        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+                       quantize_lm_head=args.quantize_lm_head,
                        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
                        use_cuda_graph=not args.enforce_eager, attention_backend=args.attention_backend,
                        device=args.device, max_waiting=1 << 30, tensor_parallel_size=args.tensor_parallel_size,
@@ -747,6 +748,7 @@ def _engine_args(p):
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"])
     p.add_argument("--quantization", default=None, choices=[None, "w8a16", "w8a8-int8", "w8a8-fp8"],
                    help="quantize the weights while loading (dummy weights too)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="the LM head in weight-only int8 too")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")

@@ -228,6 +228,8 @@ class VocabEmbedding(nn.Module):
         self.start = tpd.tp_rank() * self.shard
         self.weight = nn.Parameter(torch.zeros(self.shard, hidden), requires_grad=False)
         self.weight.weight_loader = self.load_weight
+        self.head_qweight: torch.Tensor | None = None  # int8 codes of the LM head (quantize_head), and their scales
+        self.head_scale: torch.Tensor | None = None
 
     def load_weight(self, param, loaded, shard_id=None):
         if loaded.shape[0] != self.vocab_size or loaded.shape[1] != param.shape[1]:
@@ -244,8 +246,18 @@ class VocabEmbedding(nn.Module):
         out = F.embedding(local.clamp(0, self.shard - 1), self.weight) * valid[:, None].to(self.weight.dtype)
         return tpd.all_reduce(out)
 
+    def quantize_head(self, keep_float: bool) -> None:
+        """The LM head in per-row symmetric int8 (weight-only: a decode step reads half its bytes). keep_float: the
+        weight also embeds tokens (tied embeddings), so the float copy stays for that."""
+        self.head_qweight, self.head_scale = qops.quantize_weight(self.weight.data.float(), torch.int8)
+        if not keep_float:
+            self.weight = None
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = _dense(hidden, self.weight, None).float()
+        if self.head_qweight is not None:
+            out = _w8a16(hidden, self.head_qweight, self.head_scale, None).float()
+        else:
+            out = _dense(hidden, self.weight, None).float()
         if tpd.tp_size() > 1:
             out = tpd.all_gather_last_dim(out)
         return out[:, : self.vocab_size]

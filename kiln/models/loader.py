@@ -193,7 +193,7 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, load_format: str = "auto",
-               quantization: str | None = None, seed: int = 0) -> LlamaForCausalLM:
+               quantization: str | None = None, seed: int = 0, quantize_lm_head: bool = False) -> LlamaForCausalLM:
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     # a float32 checkpoint served in bfloat16 on CPU may be a dequantized Q4 GGUF: read it in float32 so that
@@ -231,4 +231,6 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
                 m.quantize_weights(quantization)
     elif quantization not in (None, "", "none") and quantization not in qops.SCHEMES:
         raise ValueError(f"unknown quantization {quantization!r} ({' | '.join(qops.SCHEMES)})")
+    if quantize_lm_head:
+        model.lm_head.quantize_head(keep_float=cfg.tie_word_embeddings)
     return model

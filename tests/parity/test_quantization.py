@@ -14,13 +14,17 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 
 @pytest.mark.parametrize("opts", [dict(kv_cache_dtype="int8"), dict(quantization="w8a16"),
-                                  dict(kv_cache_dtype="int8", quantization="w8a16")])
+                                  dict(kv_cache_dtype="int8", quantization="w8a16"),
+                                  dict(quantization="w8a16", quantize_lm_head=True)])
 def test_quantized_default_model_still_answers_paris(default_model_dir, opts):
     llm = LLM(str(default_model_dir), dtype="float32", block_size=16, num_gpu_blocks=64, **opts)
     if "kv_cache_dtype" in opts:
         assert llm.engine.runner.kv_caches[0].k.dtype == torch.int8
     if "quantization" in opts:
         assert llm.engine.runner.model.model.layers[0].mlp.down_proj.qweight.dtype == torch.int8
+    if opts.get("quantize_lm_head"):  # tied embeddings: the int8 head beside the float embedding
+        head = llm.engine.runner.model.lm_head
+        assert head.head_qweight.dtype == torch.int8 and head.weight is not None
     out = llm.chat(QUESTION, SamplingParams(max_tokens=12, temperature=0))[0]
     assert "Paris" in out.text
 
@@ -66,3 +70,24 @@ def test_cpu_w8a16_linear_matches_dequantized_reference(rows, dtype):
     want = qops.w8a16_reference(x.float(), lin.qweight, lin.scale, lin.bias.float())
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(lin(x).float(), want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_lm_head_of_an_untied_model(tmp_path, rows):
+    """--quantize-lm-head on a model with its own LM head: the float head is dropped, the logits are the int8
+    codes' (per-row scales) within their rounding, and the start-up's weight count holds the codes."""
+    from tests.helpers.tiny_models import write_tiny_model
+    from kiln.models.loader import load_model
+    from kiln.quantization import ops as qops
+    d = write_tiny_model("llama", tmp_path / "llama")
+    ref = load_model(d, torch.float32, torch.device("cpu"))
+    model = load_model(d, torch.float32, torch.device("cpu"), quantize_lm_head=True)
+    assert not model.config.tie_word_embeddings
+    head = model.lm_head
+    assert head.weight is None and head.head_qweight.dtype == torch.int8
+    torch.manual_seed(rows)
+    h = torch.randn(rows, model.config.hidden_size)
+    want = qops.w8a16_reference(h, head.head_qweight, head.head_scale, None)
+    torch.testing.assert_close(head.logits(h), want[:, :model.config.vocab_size], rtol=1e-4, atol=1e-4)
+    exact = ref.lm_head.logits(h)
+    assert ((head.logits(h) - exact).norm() / exact.norm()).item() < 1e-2

@@ -106,6 +106,13 @@ def test_perplexity_within_two_percent(model_for, ids, base_ppl, figures, quanti
     _check(figures, f"{quantization or 'float32'} weights, {kv} KV cache", perplexity(model, ids, kv), base_ppl)
 
 
+def test_int8_lm_head_within_two_percent(default_model_dir, ids, base_ppl, figures):
+    """--quantize-lm-head with w8a16: the (tied) LM head in int8 too, the embedding left in float."""
+    model = load_model(default_model_dir, torch.float32, CPU, quantization="w8a16", quantize_lm_head=True)
+    assert model.lm_head.head_qweight is not None
+    _check(figures, "w8a16 weights and int8 LM head, auto KV cache", perplexity(model, ids), base_ppl)
+
+
 def test_kiln_quantize_smoothquant_checkpoint(smoothquant_model, ids, base_ppl, figures):
     model = smoothquant_model
     assert model.quantization.scheme == "w8a8-int8" and model.quantization.kv_cache == "fp8"
