@@ -10,9 +10,6 @@ covers the longest context, each program writes its output directly.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -187,21 +184,17 @@ def _merge_partitions(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, rows, n_par
              (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
-@functools.lru_cache(maxsize=None)
-def _min_tiles() -> int:
-    """The fewest K/V tiles a partition holds (KILN_DECODE_MIN_TILES, default 2; for A/B runs). Read once."""
-    return max(1, int(os.environ.get("KILN_DECODE_MIN_TILES", "2")))
-
-
 def choose_partition(batch: int, num_kv_heads: int, max_ctx: int, device: torch.device,
                      block_n: int) -> int:
     """Partition length (tokens per program): one partition per sequence when the grid
-    already has >= 8 programs per SM, else halve until it does (not below 2 tiles).
-    Measured on an H100 (docs/kernels.md): B=64 x 8 kv heads at 1-4k context runs 3-11%
-    faster split into 1024-token partitions than whole; B=256 runs 1-3% faster whole."""
+    already has >= 8 programs per SM, else halve until it does, down to one tile while that makes at most 16
+    partitions, else two tiles. Measured on an H100 (docs/kernels.md): B=64 x 8 kv heads at 1-4k context runs
+    3-11% faster split into 1024-token partitions than whole; B=256 runs 1-3% faster whole; at B=1 (run Z) a
+    384-token context takes 6.3 us a layer in one-tile partitions against 8.4 in two-tile ones, and 4,096 tokens
+    14.3 against 13.7 (the merge of 32 partitions costs more than it saves)."""
     target = 8 * num_sms(device)
     part = max(block_n, next_pow2(max_ctx))
-    min_part = _min_tiles() * block_n
+    min_part = block_n if triton.cdiv(max_ctx, block_n) <= 16 else 2 * block_n
     while part > min_part and batch * num_kv_heads * triton.cdiv(max_ctx, part) < target:
         part //= 2
     return part

@@ -269,7 +269,7 @@ def _w8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr, count_ptr, N, K, K_SPLIT, stride_w64,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_N: tl.constexpr, E4M3: tl.constexpr, MAGIC: tl.constexpr, EARLY_W: tl.constexpr = False,
-    GLU: tl.constexpr = False, PREFETCH: tl.constexpr = False, USE_GDC: tl.constexpr = False,
+    GLU: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     """Batch 1 (bf16 activations) on the CUDA cores' packed units; K a multiple of BLOCK_K, K_SPLIT of BLOCK_K.
     int8 codes: each BLOCK_K of activations becomes int16 with its own scale (max |x| / 32767: an error of at most
@@ -282,8 +282,7 @@ def _w8_gemv_kernel(
     the first block of weights is loaded before waiting for the previous kernel (weights are not its output).
     GLU: w holds a gate projection's N / 2 rows, then an up projection's, and out [N / 2] gets silu(gate) * up (the
     SwiGLU activation, as silu_and_mul computes it from the bf16 outputs): a program's first BLOCK_N / 2 rows are
-    gate rows and the rest the up rows of the same channels. PREFETCH: each step loads the next block's weights
-    before it works on the current one (two blocks in flight a warp instead of one)."""
+    gate rows and the rest the up rows of the same channels."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if GLU:
@@ -301,28 +300,16 @@ def _w8_gemv_kernel(
     acc = tl.zeros([BLOCK_N, J], tl.float32)
     k_start = pid_k * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
-    if PREFETCH:
-        if not EARLY_W:
-            gdc_enter(USE_GDC)
+    if EARLY_W:
         w = _gemv_weights(w_rows, k_start, offs_j, nmask, EVEN_N)
-        if EARLY_W:
-            gdc_enter(USE_GDC)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            # the last step reloads its own block (in cache) rather than read past the split
-            w_next = _gemv_weights(w_rows, tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K), offs_j, nmask, EVEN_N)
-            acc = _gemv_block(acc, w, x_ptr, k0, BLOCK_N, BLOCK_K, E4M3, MAGIC)
-            w = w_next
+        gdc_enter(USE_GDC)
+        acc = _gemv_block(acc, w, x_ptr, k_start, BLOCK_N, BLOCK_K, E4M3, MAGIC)
+        k_start += BLOCK_K
     else:
-        if EARLY_W:
-            w = _gemv_weights(w_rows, k_start, offs_j, nmask, EVEN_N)
-            gdc_enter(USE_GDC)
-            acc = _gemv_block(acc, w, x_ptr, k_start, BLOCK_N, BLOCK_K, E4M3, MAGIC)
-            k_start += BLOCK_K
-        else:
-            gdc_enter(USE_GDC)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            acc = _gemv_block(acc, _gemv_weights(w_rows, k0, offs_j, nmask, EVEN_N), x_ptr, k0, BLOCK_N, BLOCK_K,
-                              E4M3, MAGIC)
+        gdc_enter(USE_GDC)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        acc = _gemv_block(acc, _gemv_weights(w_rows, k0, offs_j, nmask, EVEN_N), x_ptr, k0, BLOCK_N, BLOCK_K, E4M3,
+                          MAGIC)
     y = tl.sum(acc, axis=1)
     if SPLIT_K == 1:
         _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, pid_n, N, BLOCK_N, HAS_BIAS, GLU)
@@ -477,13 +464,6 @@ def fused_glu() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def prefetch_weights() -> bool:
-    """KILN_W8_GEMV_PREFETCH=1: the GEMV loads a block's weights one step ahead (an A/B experiment, off by default;
-    a config's sixth field sets it for one call). Read once per process."""
-    return os.environ.get("KILN_W8_GEMV_PREFETCH", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
 def early_weights() -> bool:
     """KILN_W8_GEMV_EARLY=1: the GEMV loads its first weight block before waiting for the previous kernel (an
     A/B experiment, off by default). Read once per process."""
@@ -498,10 +478,9 @@ def _gemv_ok(x2: torch.Tensor, w: torch.Tensor, block_k: int) -> bool:
 
 
 def _gemv_config(N: int, K: int, device: torch.device) -> tuple:
-    """("gemv", BLOCK_N, BLOCK_K, SPLIT_K, num_warps[, PREFETCH]): one-warp programs of 8 channels, K split in 4
-    (run T, H100, Llama-3-8B's projections over 8 layers: 86.9 us a layer against the tile kernel's 104.3; the
-    configs that give an SM ~8 warps or more came within 7% of it, those with fewer up to 3x slower:
-    docs/kernels.md)."""
+    """("gemv", BLOCK_N, BLOCK_K, SPLIT_K, num_warps): one-warp programs of 8 channels, K split in 4 (run T, H100,
+    Llama-3-8B's projections over 8 layers: 86.9 us a layer against the tile kernel's 104.3; the configs that give
+    an SM ~8 warps or more came within 7% of it, those with fewer up to 3x slower: docs/kernels.md)."""
     if interpreting():
         return "gemv", 8, 64, (2 if K >= 256 else 1), 1
     return "gemv", 8, 256, 4, 1
@@ -511,8 +490,7 @@ def gemv_w8(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torc
             out: torch.Tensor, config: tuple, glu: bool = False) -> None:
     """out [1, N] = x2 [1, K] (bf16) @ (w [N, K] int8 or E4M3 * w_scale[:, None]).T (+ bias), one kernel
     (_w8_gemv_kernel; _gemv_ok holds). glu: out [1, N / 2] = silu(first half) * second half of that product."""
-    _, bn, bk, split, warps = config[:5]
-    prefetch = bool(config[5]) if len(config) > 5 else prefetch_weights()
+    _, bn, bk, split, warps = config
     N, K = w.shape
     blocks = K // bk
     split = min(split, blocks)
@@ -524,8 +502,7 @@ def gemv_w8(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torc
     launch(_w8_gemv_kernel, (tiles, split), x2, w, w_scale, bias if bias is not None else w_scale, out, part,
            count, N, K, k_split, w.stride(0) // 8, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=bias is not None,
            EVEN_N=(N // 2) % (bn // 2) == 0 if glu else N % bn == 0, E4M3=w.dtype == torch.float8_e4m3fn,
-           MAGIC=not interpreting(), EARLY_W=early_weights(), GLU=glu, PREFETCH=prefetch,
-           num_warps=warps)
+           MAGIC=not interpreting(), EARLY_W=early_weights(), GLU=glu, num_warps=warps)
 
 
 def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,

@@ -158,9 +158,6 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
         name, constexprs, specs, options = gdc[("_w8_gemv_kernel", e4m3)]
         gdc[("_w8_gemv_kernel", e4m3, "early")] = (
             name, tuple((k, True if k == "EARLY_W" else x) for k, x in constexprs), specs, options)
-        # and the one that loads each block's weights a step ahead (KILN_W8_GEMV_PREFETCH=1)
-        gdc[("_w8_gemv_kernel", e4m3, "prefetch")] = (
-            name, tuple((k, True if k == "PREFETCH" else x) for k, x in constexprs), specs, options)
     assert {"_w8a16_kernel", "_decode_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= {k[0] for k in gdc}, sorted(gdc)
     variants = sorted(v.keys, key=repr) + list(gdc.values())
     env = {k: x for k, x in os.environ.items() if k != "TRITON_INTERPRET"}

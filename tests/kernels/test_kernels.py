@@ -211,6 +211,20 @@ def test_int8_cache_decode_with_int8_q_k(B, Hq, Hkv, D, bs, lens, part):
     assert not torch.equal(default, plain)
 
 
+@pytest.mark.parametrize("batch,max_ctx,want", [
+    (1, 448, 128),     # batch 1, a short context: one-tile partitions (4 of them)
+    (1, 2048, 128),    # 16 one-tile partitions, the most of them
+    (1, 4288, 256),    # beyond: two tiles each (17 partitions)
+    (64, 4096, 1024),  # enough sequences: partitions only as small as the grid needs (4 a sequence)
+    (256, 1200, 2048),  # whole contexts
+])
+def test_decode_partition_choice(batch, max_ctx, want, monkeypatch):
+    """Partition lengths by batch and context bound, on an H100's 132 SMs with 8 KV heads and 128-token tiles."""
+    from kiln.kernels import decode_attention
+    monkeypatch.setattr(decode_attention, "num_sms", lambda device: 132)
+    assert decode_attention.choose_partition(batch, 8, max_ctx, torch.device("cpu"), 128) == want
+
+
 @pytest.mark.parametrize("dtype", DOT_DTYPES[:1])
 def test_paged_decode_attention_max_seq_len(dtype):
     """An explicit max_seq_len bound (the engine's, no device sync) gives the same result."""
@@ -382,7 +396,10 @@ def test_rope_and_cache(T, Hq, Hkv, D, bs, kv, dtype):
             assert (got.int() - want.int()).abs().max() <= 1
         else:  # a float cache one ulp of k's dtype, an E4M3 one a code step (2^-3), a scale one float32 ulp
             step = {torch.bfloat16: 2 ** -7, torch.float32: 2 ** -22, torch.float8_e4m3fn: 2 ** -3}[got.dtype]
-            torch.testing.assert_close(got.float(), want.float(), rtol=step, atol=0 if kv != "fp8" else 2 ** -9)
+            # and a float32 rounding of the rotation's terms (x cos, y sin: |k| at most) where they cancel: an FMA
+            # rounds once where the separate products round twice (run Z, float32: 4e-7 with |k| up to ~15)
+            atol = 2 ** -9 if kv == "fp8" else 2 ** -23 * 2 * float(k.abs().max())
+            torch.testing.assert_close(got.float(), want.float(), rtol=step, atol=atol)
     assert not torch.equal(k2, k)  # the rotation moved k, and the cache holds the rotated k
     valid = slots >= 0
     if kv == "float":
@@ -451,9 +468,7 @@ def _every_code(n: int, code: torch.dtype) -> torch.Tensor:
     (24, 256, ("gemv", 8, 64, 1, 1)),     # one program a tile
     (43, 320, ("gemv", 8, 64, 2, 1)),     # K split in two (3 and 2 blocks), a ragged last tile
     (40, 512, ("gemv", 16, 64, 4, 1)),
-    (43, 384, ("gemv", 8, 64, 2, 1, 1)),  # the next block's weights loaded a step ahead (3 blocks a split)
     pytest.param(4096, 14336, ("gemv", 16, 512, 4, 1), marks=gpu_only),
-    pytest.param(6144, 4096, ("gemv", 8, 256, 4, 1, 1), marks=gpu_only),
     pytest.param(6144, 4096, None, marks=gpu_only),  # the default choice
 ])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on the NaN / inf activations
@@ -486,7 +501,6 @@ def test_w8a16_gemv(N, Kd, config, code):
     (16, 128, ("gemv", 8, 64, 1, 1), False),   # four channels a program, K whole
     (21, 192, ("gemv", 8, 64, 2, 1), True),    # K split in two (2 and 1 blocks), a ragged last tile, a bias
     (40, 256, ("gemv", 16, 64, 4, 1), False),
-    (21, 192, ("gemv", 8, 64, 2, 1, 1), True),  # weights loaded a step ahead
     pytest.param(14336, 4096, None, False, marks=gpu_only),  # Llama-3-8B's gate_up, the default choice
 ])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy: exp(-gate) overflows to inf
