@@ -490,6 +490,8 @@ def test_w8a16_gemv(N, Kd, config, code):
         assert rel_err(out.float(), R.w8a16_matmul(x.float(), wq, ws)) < 1e-2
     if config is None:
         assert K.w8a16._gemv_ok(x, wq, K.w8a16._gemv_config(N, Kd, x.device)[2])
+    if INTERP and N != 24:  # the block scale's NaN / inf is the same code in every config: one case in CI
+        return
     for bad in (float("nan"), float("inf")):  # not finite in, not finite out (as the float kernels do)
         xb = x.clone()
         xb[0, Kd // 3] = bad
