@@ -94,3 +94,13 @@ first_request() {
   grep -h "after ready" $R/first.json.server.log | sed 's/.*after ready//' | cut -c1-200 | sort | uniq -c | sort -rn | head -6
   grep -h -E "starting Kiln|loaded in|warm-up:|captured|ready in" $R/first.json.server.log | cut -c1-300
 }
+# t1000 NAME ARGS: 1000 x 1000 offline, at most 200 s and within the time the caller's left() gives, with where
+# the time went (steps with prefill tokens against decode-only steps)
+t1000() {
+  local t=$(( $(left) - 15 )); [ $t -gt 90 ] || return 0; [ $t -gt 200 ] && t=200
+  timeout $t $B throughput --preset $PRESET --num-prompts 1000 --input-len 1000 --output-len 1000 \
+    --output-json $R/t1000_$1.json "${@:2}" > $R/t1000_$1.log 2>&1
+  echo "1000x1000 $1: $(j $R/t1000_$1.json output_tok_s total_s preemptions kv_blocks mixed_steps mixed_s decode_only_steps \
+    decode_only_s decode_only_mean_batch 2>/dev/null)"
+  grep -m2 -E "KV cache:|after ready|Error" $R/t1000_$1.log | cut -c1-300
+}

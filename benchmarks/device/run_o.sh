@@ -12,13 +12,6 @@ source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 t0=$(date +%s)
 left() { echo $((${BUDGET_S:-570} - $(date +%s) + t0)); }
-t1000() {  # t1000 NAME ARGS: 1000 x 1000 offline within the time left
-  local t=$(( $(left) - 15 )); [ $t -gt 90 ] || return 0; [ $t -gt 200 ] && t=200
-  timeout $t $B throughput --preset $PRESET --num-prompts 1000 --input-len 1000 --output-len 1000 \
-    --output-json $R/t1000_$1.json "${@:2}" > $R/t1000_$1.log 2>&1
-  echo "1000x1000 $1: $(j $R/t1000_$1.json output_tok_s total_s preemptions kv_blocks 2>/dev/null)"
-  grep -m2 -E "KV cache:|after ready|Error" $R/t1000_$1.log | cut -c1-300
-}
 # b1_pdl_ab: batch-1 W8A16 and bf16 with programmatic dependent launch (the default on sm_90+ since run O on an H100:
 # +3.7-3.9%) and without it (KILN_PDL=0), on this card
 b1_pdl_ab() {

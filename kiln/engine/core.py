@@ -100,6 +100,7 @@ class EngineCore:
         self.num_overlapped_steps = 0  # steps queued while the previous one was still in flight
         self.num_refused = 0           # requests refused with a full queue
         self.inflight: InFlightStep | None = None
+        self.last_collected: ScheduledBatch | None = None  # the batch whose results step() last returned
         a = cfg.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if a is None else a
         self.on_cpu = self.runner.device.type == "cpu"  # auto CPU threads follow the free cores
@@ -298,6 +299,7 @@ class EngineCore:
         step.logits = None
 
     def _collect(self, step: InFlightStep) -> list[EngineOutput]:
+        self.last_collected = step.batch
         try:
             res = step.sample.result() if step.sample is not None else None
         except Exception as e:  # noqa: BLE001 - e.g. a device error surfacing at the sync

@@ -198,7 +198,9 @@ def _structured(args):
 def run_batch(core, prompts, output_len: int, structured=None) -> dict:
     """All prompts at once, ignore_eos (a `structured` constraint may still end a request early: ended_early
     counts those). prefill_s: until every request has its first token (prefill chunks of the later requests run
-    beside the decodes of the earlier ones); decode_s: the rest."""
+    beside the decodes of the earlier ones); decode_s: the rest. Where the time went by step kind: mixed_* for the
+    steps that carried prefill tokens, decode_only_* for the others (with their mean batch), each step timed by the
+    step() call that returned its tokens (with async scheduling, the call that waited for it)."""
     from kiln.engine.request import SamplingParams
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, structured=structured)
     base = f"b{time.monotonic_ns()}-"
@@ -214,8 +216,20 @@ def run_batch(core, prompts, output_len: int, structured=None) -> dict:
     n_out = 0
     steps = 0
     ended_early = 0
+    kinds = {"mixed": [0, 0.0], "decode_only": [0, 0.0]}  # steps, seconds
+    decode_only_rows = 0
+    last = None
     while core.has_unfinished():
+        t = time.perf_counter()
         outs = core.step()
+        dt = time.perf_counter() - t
+        b = core.last_collected
+        if b is not None and b is not last:
+            kind = kinds["mixed" if b.num_prefill_tokens else "decode_only"]
+            kind[0] += 1
+            kind[1] += dt
+            decode_only_rows += 0 if b.num_prefill_tokens else b.num_decode_rows
+            last = b
         steps += 1
         n_out += sum(len(o.new_token_ids) for o in outs)
         ended_early += sum(1 for o in outs if o.finished and o.finish_reason != "length")
@@ -229,7 +243,9 @@ def run_batch(core, prompts, output_len: int, structured=None) -> dict:
     return dict(total_s=t1 - t0, prefill_s=(first_token_at or t1) - t0, output_tokens=n_out, steps=steps,
                 ended_early=ended_early,
                 decode_s=t1 - (first_token_at or t1), decode_steps=steps - prefill_steps,
-                decode_tokens=n_out - prefill_tokens)
+                decode_tokens=n_out - prefill_tokens, mixed_steps=kinds["mixed"][0], mixed_s=kinds["mixed"][1],
+                decode_only_steps=kinds["decode_only"][0], decode_only_s=kinds["decode_only"][1],
+                decode_only_mean_batch=decode_only_rows / max(1, kinds["decode_only"][0]))
 
 
 def hf_generate(model_dir: str | None, preset: str | None, prompts, output_len: int, dtype: str,
@@ -389,7 +405,9 @@ def cmd_throughput(args) -> dict:
                total_s=r["total_s"], output_tok_s=r["output_tokens"] / r["total_s"],
                total_tok_s=(r["output_tokens"] + args.num_prompts * args.input_len) / r["total_s"],
                req_s=args.num_prompts / r["total_s"], preemptions=core.scheduler.num_preemptions,
-               kv_blocks=core.kv.num_blocks, steps=r["steps"])
+               kv_blocks=core.kv.num_blocks, steps=r["steps"],
+               **{k: r[k] for k in ("mixed_steps", "mixed_s", "decode_only_steps", "decode_only_s",
+                                    "decode_only_mean_batch")})
     if args.compare_hf:
         del core
         _free_cuda()

@@ -76,6 +76,9 @@ def test_offline_benchmarks_count_the_tokens_they_ran():
     t = bench("throughput", "--num-prompts", "6", "--input-len", "12", "--output-len", "5")
     assert t["output_tok_s"] * t["total_s"] == pytest.approx(6 * 5)
     assert t["total_tok_s"] * t["total_s"] == pytest.approx(6 * (12 + 5))
+    # where the time went: one step of the six prefills, then four decode steps of all six
+    assert (t["mixed_steps"], t["decode_only_steps"], t["decode_only_mean_batch"]) == (1, 4, 6)
+    assert 0 < t["mixed_s"] and 0 < t["decode_only_s"] and t["mixed_s"] + t["decode_only_s"] <= t["total_s"]
     lat = bench("latency", "--batch-size", "3", "--input-len", "10", "--output-len", "7", "--iters", "1")
     assert lat["decode_steps"] == 6 and lat["decode_mean_batch"] == pytest.approx(3)
     assert lat["total_s"] == pytest.approx(lat["prefill_s"] + lat["decode_s"])
