@@ -105,9 +105,13 @@ class ModelRunner:
             return int(cfg.block_bs * math.ceil(max_model_len / bs)), f"BLOCK_BS={cfg.block_bs} x {max_model_len} tokens"
         per_block = self.bytes_per_block()
         if self.device.type == "cuda":
+            # memory this process's allocator holds but no tensor uses (a float checkpoint quantized at load leaves
+            # its float weights there: run O, H200, w8a8-fp8 got no more cache blocks than bf16) is room for the
+            # cache, not another process's
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free - torch.cuda.memory_reserved(self.device)  # read at the same moment
             peak = self.profile_activation_bytes()
-            used_by_others = total - free - torch.cuda.memory_allocated(self.device)
             budget = total * cfg.gpu_memory_utilization - torch.cuda.memory_allocated(self.device) - peak - used_by_others
             self.activation_peak_bytes = peak
             n = int(budget // per_block)

@@ -36,3 +36,30 @@ def test_engine_decodes_more_than_256_sequences_at_once(tmp_path):
     for i in (0, 151, 299):
         alone = core.run_to_completion([prompts[i]], params)[0]
         assert outs[str(i)] == alone and len(alone) == 4
+
+
+def test_gpu_cache_budget_counts_the_allocators_free_memory_as_room(monkeypatch):
+    """The GPU cache size: memory this process's allocator holds but no tensor uses (a float checkpoint quantized
+    at load leaves its float weights there) is room for the cache; what other processes hold is not. torch.cuda's
+    memory queries are replaced by an 80 GiB card's numbers."""
+    import types
+
+    import torch
+
+    from kiln.engine.runner import ModelRunner
+    G = 1 << 30
+    state = {"reserved": 30 * G, "allocated": 10 * G}  # 20 GiB cached by the allocator (freed float weights)
+    others = 5 * G                                       # another process on the same card
+
+    def empty_cache():
+        state["reserved"] = state["allocated"]
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * G - others - state["reserved"], 80 * G))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: state["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: state["allocated"])
+    runner = types.SimpleNamespace(
+        cfg=EngineConfig(gpu_memory_utilization=0.9, block_size=64), device=torch.device("cuda", 0), weight_bytes=0,
+        bytes_per_block=lambda: G // 8, profile_activation_bytes=lambda: 2 * G)
+    n, why = ModelRunner.decide_num_blocks(runner, 4096)
+    # 0.9 x 80 - 10 of weights - 2 of activations - 5 of the other process = 55 GiB, 8 blocks a GiB
+    assert n == 440 and "gpu_memory_utilization=0.9" in why
