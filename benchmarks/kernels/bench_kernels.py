@@ -246,8 +246,9 @@ DECODE_CONFIGS = [(64, 4, 3), (128, 8, 2), (128, 4, 3), (256, 8, 2)]  # (BLOCK_N
 # stages 1: no register prefetch, so fewer registers (255 + spills at 2, compiled for sm_90 here) and more programs
 # per SM; 4 ran as 3 on the H100
 DECODE8_CONFIGS = [(n, w, s) for n in (64, 128, 256) for w in (4, 8) for s in (1, 2, 3)]
-# the int8 cache only: Q.K^T on the int8 tensor cores (paged_decode_attention's config, 4th field), around run K's best
-DECODE8_INT8_QK = [(128, 4, 2, True), (128, 4, 3, True), (64, 4, 2, True), (128, 8, 2, True)]
+# the 8-bit caches' products on 8-bit tensor cores (paged_decode_attention's config, 4th field: the int8 cache's
+# Q.K^T, the fp8 cache's Q.K^T and P.V), around run K's best
+DECODE8_MMA8 = [(128, 4, 2, True), (128, 4, 3, True), (64, 4, 2, True), (128, 8, 2, True), (256, 8, 2, True)]
 DECODE8_BEST: list[dict] = []
 
 
@@ -272,7 +273,7 @@ def bench_decode8_sweep(cfg):
         if not kv:
             continue
         timed = []
-        for c in configs + ((DECODE8_INT8_QK if not SMOKE else [(32, 4, 2, True)]) if kv == "int8" else []):
+        for c in configs + (DECODE8_MMA8 if not SMOKE else [(32, 4, 2, True)]):
             f2 = lambda: K.paged_decode_attention(q, kc, vc, tables, sl, scale, ks, vs, max_seq_len=max_len, config=c)
             try:
                 err = rel_err(f2(), ref)
@@ -282,7 +283,8 @@ def bench_decode8_sweep(cfg):
                 if not SMOKE:
                     torch.cuda.synchronize()
                 continue
-            ok = err < 2e-2
+            # the fp8 products round P to 3 mantissa bits: on random caches 2-3.5% (tests/kernels: the fp8 MMA test)
+            ok = err < (5e-2 if kv == "fp8" and len(c) > 3 and c[3] else 2e-2)
             print(f"    decode8 {shape} cfg={c}: {ms * 1e3:8.1f} us ({nbytes / ms / 1e6:5.0f} GB/s,"
                   f" {ms / (nbytes / BW * 1e3):4.2f}x floor) err={err:.1e}{'' if ok else ' WRONG'}", flush=True)
             if ok:

@@ -10,6 +10,9 @@ covers the longest context, each program writes its output directly.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +22,7 @@ from ._utils import (KV_FLOAT, KV_FP8, KV_INT8, gdc_enter, interpreting, kv_scal
 
 LOG2E = 1.4426950408889634
 MERGE_CHUNK = tl.constexpr(4)  # partitions whose partial results the merge loads at once
+P_SCALE = tl.constexpr(256.0)  # the fp8 P.V's scale of P (FP8_MMA)
 
 
 @triton.jit
@@ -50,7 +54,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_KIND: tl.constexpr, DIRECT: tl.constexpr, FP32: tl.constexpr, INT8_QK: tl.constexpr = False,
-    USE_GDC: tl.constexpr = False,
+    FP8_MMA: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     gdc_enter(USE_GDC)
     b = tl.program_id(0)
@@ -96,6 +100,14 @@ def _decode_kernel(
         q_scale = tl.maximum(tl.max(tl.abs(qf), axis=1), 1e-30) / 127.0
         qf = qf / q_scale[:, None]
         q8 = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int8)  # round half away from zero
+    if FP8_MMA:
+        # an fp8 cache's Q.K^T and P.V on the fp8 tensor cores, no K or V code converted: q in E4M3 per head (its own
+        # scale, max |q| -> 448), P in E4M3 after scaling by P_SCALE (weights down to ~1e-5 stay normal), the row
+        # sums in float32. SmolLM2's perplexity on CPU with both roundings: +1.32% against the fp8 cache's +1.47%
+        # (benchmarks/fp8_mma_accuracy.py, 2026-12-07)
+        qf = q.to(tl.float32)
+        q_scale = tl.maximum(tl.max(tl.abs(qf), axis=1), 1e-30) / 448.0
+        q8 = (qf / q_scale[:, None]).to(k_cache_ptr.dtype.element_ty)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -110,6 +122,8 @@ def _decode_kernel(
         v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
         if INT8_QK:
             s = tl.dot(q8, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_scale[:, None]
+        elif FP8_MMA:
+            s = tl.dot(q8, tl.trans(k), out_dtype=tl.float32) * q_scale[:, None]
         elif FP32:
             s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision="ieee")
         else:
@@ -127,12 +141,16 @@ def _decode_kernel(
             p = p * vs[None, :]
         if FP32:
             pv = tl.dot(p.to(cdtype), v.to(cdtype), input_precision="ieee")
+        elif FP8_MMA:
+            pv = tl.dot((p * P_SCALE).to(v.dtype), v, out_dtype=tl.float32)
         else:
             pv = tl.dot(p.to(cdtype), v.to(cdtype))
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    if KV_KIND == KV_FP8:
+    if FP8_MMA:
+        acc = acc * (tl.load(v_scale_ptr + kvh * stride_sh) / (l_i * P_SCALE))[:, None]
+    elif KV_KIND == KV_FP8:
         acc = acc * (tl.load(v_scale_ptr + kvh * stride_sh) / l_i)[:, None]
     else:
         acc = acc / l_i[:, None]
@@ -184,6 +202,13 @@ def _merge_partitions(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, rows, n_par
              (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
+@functools.lru_cache(maxsize=None)
+def fp8_mma() -> bool:
+    """KILN_DECODE_FP8_MMA=1: an fp8 cache's decode products on the fp8 tensor cores (FP8_MMA; off until measured on
+    a GPU). Read once per process."""
+    return os.environ.get("KILN_DECODE_FP8_MMA", "0") == "1"
+
+
 def choose_partition(batch: int, num_kv_heads: int, max_ctx: int, device: torch.device,
                      block_n: int) -> int:
     """Partition length (tokens per program): one partition per sequence when the grid
@@ -211,8 +236,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_seq_len: an upper bound of seq_lens (default: block_tables.shape[1] * block_size,
     which needs no device sync and so is safe under CUDA graphs). partition_size: tokens
     per flash-decoding partition (default: chosen to fill the SMs); a power of two >= 32.
-    config: (BLOCK_N, num_warps, num_stages[, int8_qk]) override, for tuning only; int8_qk (an int8 cache, bf16 or
-    fp16 q; the default without a config): Q.K^T on the int8 tensor cores with q quantized per head.
+    config: (BLOCK_N, num_warps, num_stages[, mma8]) override, for tuning only; mma8, with bf16 or fp16 q: an
+    int8 cache's Q.K^T on the int8 tensor cores, q quantized per head (the default without a config); an fp8
+    cache's Q.K^T and P.V on the fp8 tensor cores (FP8_MMA; without a config, KILN_DECODE_FP8_MMA=1).
     """
     B, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
@@ -234,11 +260,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # against 346.3 us, B=256, context ~1,100); perplexity on CPU with q through the same quantization, int8 cache:
     # +0.03% / +0.28% over the float cache in float32 / bf16, against +0.22% / +0.48% without it
     # (benchmarks/int8_qk_accuracy.py, 2026-12-06)
-    int8_qk = True
+    mma8 = kind == KV_INT8.value or fp8_mma()
     if config is not None:
         block_n, warps, stages, *rest = config
-        int8_qk = bool(rest and rest[0])
-    int8_qk = int8_qk and kind == KV_INT8.value and not fp32
+        mma8 = bool(rest and rest[0])
+    int8_qk = mma8 and kind == KV_INT8.value and not fp32
+    fp8_products = mma8 and kind == KV_FP8.value and not fp32
     if interpreting():
         stages = 1
     max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
@@ -268,7 +295,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_parts, part,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        KV_KIND=kind, DIRECT=direct, FP32=fp32, INT8_QK=int8_qk,
+        KV_KIND=kind, DIRECT=direct, FP32=fp32, INT8_QK=int8_qk, FP8_MMA=fp8_products,
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -70,7 +70,7 @@ def _launch_every_kernel():
         lens = torch.tensor([40, 7], dtype=torch.int32)
         for part in (None, 32):  # one pass, and flash-decoding partitions merged by the last program
             K.paged_decode_attention(rand(2, hq, d), kc, vc, tables, lens, 0.125, ks, vs, partition_size=part)
-        if kv == torch.int8:  # the int8 Q.K^T experiment (config's 4th field), at the GPU's tile
+        if kv != torch.bfloat16:  # int8 Q.K^T / fp8 Q.K^T and P.V (config's 4th field), at the GPU's tile
             K.paged_decode_attention(rand(2, hq, d, dtype=torch.bfloat16), kc, vc, tables, lens, 0.125, ks, vs,
                                      config=(128, 4, 2, True))
         K.paged_prefill_attention(rand(10, hq, d), kc, vc, tables, torch.tensor([0, 3, 10], dtype=torch.int32),

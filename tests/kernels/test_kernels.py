@@ -211,6 +211,29 @@ def test_int8_cache_decode_with_int8_q_k(B, Hq, Hkv, D, bs, lens, part):
     assert not torch.equal(default, plain)
 
 
+@pytest.mark.parametrize("B,Hq,Hkv,D,bs,lens,part", [c for c in DECODE_CASES if not getattr(c, "marks", None)][:3]
+                         + [pytest.param(64, 32, 8, 128, 64, (1000, 2100), None, marks=gpu_only)])
+def test_fp8_cache_decode_on_fp8_tensor_cores(B, Hq, Hkv, D, bs, lens, part):
+    """An fp8 cache's Q.K^T and P.V in E4M3 (config's 4th field; KILN_DECODE_FP8_MMA=1): q rounded per head and P
+    after scaling by 256 (3 mantissa bits: each weight within 6%, ~2% RMS). On these random caches the softmax is
+    flat and the output, an average of random V rows, cancels to ~1/sqrt(context) of a row while the weights'
+    rounding errors do not: 2-3.5% relative error against the reference on the same codes (the float path: ~1e-3);
+    held to 5e-2. On a real model's attention the same roundings moved SmolLM2's perplexity by less than the fp8
+    cache's own noise (benchmarks/fp8_mma_accuracy.py). Off by default: the float path runs without the config."""
+    qdtype = torch.float16 if INTERP else torch.bfloat16
+    seq_lens = random_lens(B, *lens)
+    (kc, vc, ks, vs), tables, sl = make_paged(seq_lens, Hkv, D, bs, qdtype, "fp8")
+    q = rand(B, Hq, D, dtype=qdtype)
+    ref = R.paged_decode_attention(q.float(), kc, vc, tables, sl, D ** -0.5, ks, vs)
+    block_n = 32 if INTERP else 128
+    out = K.paged_decode_attention(q, kc, vc, tables, sl, D ** -0.5, ks, vs, partition_size=part,
+                                   config=(block_n, 4, 2, True))
+    assert rel_err(out, ref) < 5e-2, rel_err(out, ref)
+    plain = K.paged_decode_attention(q, kc, vc, tables, sl, D ** -0.5, ks, vs, partition_size=part,
+                                     config=(block_n, 4, 2))
+    assert rel_err(plain, ref) < rel_err(out, ref)  # the E4M3 path did run: it rounds q and P, the float one not
+
+
 @pytest.mark.parametrize("batch,max_ctx,want", [
     (1, 448, 128),     # batch 1, a short context: one-tile partitions (4 of them)
     (1, 2048, 128),    # 16 one-tile partitions, the most of them
