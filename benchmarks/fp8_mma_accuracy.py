@@ -9,7 +9,6 @@ decode kernel computes, up to float rounding.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -17,7 +16,8 @@ import torch
 from kiln.layers.attention import TorchAttention
 from kiln.models.default_model import default_model_dir
 from kiln.models.loader import load_model
-from kiln.quantization.calibration import sequence_forward
+
+from int8_qk_accuracy import ppl  # this folder's; the same perplexity
 
 TEXT = Path(__file__).parent.parent / "tests" / "data" / "perplexity.txt"
 E4M3 = torch.float8_e4m3fn
@@ -57,14 +57,6 @@ class Fp8Products(TorchAttention):
             out[start:start + qlen] = ((p @ vb) / l).transpose(0, 1).to(q.dtype)
             start += qlen
         return out
-
-
-def ppl(model, ids, kv, backends=None):
-    x = torch.tensor(ids)
-    with torch.inference_mode():
-        h = sequence_forward(model, x, kv, backends=backends)
-        logits = model.compute_logits(h[:-1]).float()
-        return math.exp(torch.nn.functional.cross_entropy(logits, x[1:]).item())
 
 
 def main():

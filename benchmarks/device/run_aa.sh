@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 t0=$(date +%s)
 left() { echo $((${BUDGET_S:-570} - $(date +%s) + t0)); }
 timeout 100 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=line tests/kernels/test_kernels.py \
-  -k "fp8_cache_decode_on or paged_decode" 2>&1 | grep -E "^E |Error|passed|failed" | cut -c1-300 | head -6
+  -k "8bit_cache_decode or paged_decode" 2>&1 | grep -E "^E |Error|passed|failed" | cut -c1-300 | head -6
 timeout 150 python3 benchmarks/kernels/bench_kernels.py --sweep --only decode8 --json $R/decode8.json \
   > $R/decode8.log 2>&1
 grep -E "best decode8|cfg=\(128, 4, 2|True\)|failed" $R/decode8.log | cut -c1-160
