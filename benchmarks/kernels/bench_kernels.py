@@ -283,7 +283,7 @@ def bench_decode8_sweep(cfg):
                 if not SMOKE:
                     torch.cuda.synchronize()
                 continue
-            # the fp8 products round P to 3 mantissa bits: on random caches 2-3.5% (test_8bit_cache_decode_on_8bit_tensor_cores)
+            # the fp8 products round P to 3 mantissa bits: 2-3.5% on random caches (the kernels' 8-bit MMA test)
             ok = err < (5e-2 if kv == "fp8" and len(c) > 3 and c[3] else 2e-2)
             print(f"    decode8 {shape} cfg={c}: {ms * 1e3:8.1f} us ({nbytes / ms / 1e6:5.0f} GB/s,"
                   f" {ms / (nbytes / BW * 1e3):4.2f}x floor) err={err:.1e}{'' if ok else ' WRONG'}", flush=True)

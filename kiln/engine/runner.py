@@ -56,7 +56,7 @@ class ModelRunner:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
             m.qweight.numel() * m.qweight.element_size() + m.scale.numel() * m.scale.element_size()
             for m in self.model.modules() if getattr(m, "qweight", None) is not None) + sum(
-            m.head_qweight.numel() + m.head_scale.numel() * 4
+            m.head_qweight.numel() * m.head_qweight.element_size() + m.head_scale.numel() * m.head_scale.element_size()
             for m in self.model.modules() if getattr(m, "head_qweight", None) is not None)
         self.backend = make_attention_backend(cfg.attention_backend, self.device)
         if (self.kv_cache_dtype == "fp8" and self.backend.name == "triton" and self.device.type == "cuda"
