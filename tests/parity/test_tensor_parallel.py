@@ -148,6 +148,23 @@ def test_two_ranks_int8_weights_equal_one_rank(tmp_path):
         core.close()
 
 
+def test_two_ranks_int8_lm_head_equal_one_rank(tmp_path):
+    """--quantize-lm-head under tensor parallelism: each rank's vocabulary shard has its own rows' scales, so the
+    gathered logits, and the greedy outputs, are one rank's."""
+    d = write_tiny_model("llama", tmp_path / "llama")  # its own LM head (not tied)
+    one = make_core(d, 1, quantize_lm_head=True, async_scheduling=False)
+    try:
+        assert one.runner.model.lm_head.head_qweight is not None
+        ref = generate(one, PROMPTS)
+    finally:
+        one.close()
+    core = make_core(d, 2, quantize_lm_head=True, async_scheduling=False)
+    try:
+        assert generate(core, PROMPTS) == ref
+    finally:
+        core.close()
+
+
 # -- sharding of q/k/v with replicated KV heads (no process group needed: loading is local) -------------------
 @pytest.mark.parametrize("rank,kv_head", [(0, 0), (1, 0), (2, 1), (3, 1)])
 def test_qkv_shard_takes_the_replicated_kv_head_of_its_query_heads(rank, kv_head, monkeypatch):
