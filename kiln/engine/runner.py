@@ -53,11 +53,11 @@ class ModelRunner:
         self.load_seconds = time.monotonic() - t0
         self.startup_seconds: dict[str, float] = {"weights": self.load_seconds}
         self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.model.quantization)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
-            m.qweight.numel() * m.qweight.element_size() + m.scale.numel() * m.scale.element_size()
-            for m in self.model.modules() if getattr(m, "qweight", None) is not None) + sum(
-            m.head_qweight.numel() * m.head_qweight.element_size() + m.head_scale.numel() * m.head_scale.element_size()
-            for m in self.model.modules() if getattr(m, "head_qweight", None) is not None)
+        # parameters, and the quantized weights that layers hold as plain tensors beside them
+        quantized = [getattr(m, a) for m in self.model.modules()
+                     for a in ("qweight", "scale", "head_qweight", "head_scale")
+                     if isinstance(getattr(m, a, None), torch.Tensor)]
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *quantized])
         self.backend = make_attention_backend(cfg.attention_backend, self.device)
         if (self.kv_cache_dtype == "fp8" and self.backend.name == "triton" and self.device.type == "cuda"
                 and torch.cuda.get_device_capability(self.device) < (8, 9)):
