@@ -245,10 +245,12 @@ DECODE_CONFIGS = [(64, 4, 3), (128, 8, 2), (128, 4, 3), (256, 8, 2)]  # (BLOCK_N
 # (128, 4, 2)
 # stages 1: no register prefetch, so fewer registers (255 + spills at 2, compiled for sm_90 here) and more programs
 # per SM; 4 ran as 3 on the H100
-DECODE8_CONFIGS = [(n, w, s) for n in (64, 128, 256) for w in (4, 8) for s in (1, 2, 3)]
-# the 8-bit caches' products on 8-bit tensor cores (paged_decode_attention's config, 4th field: the int8 cache's
-# Q.K^T, the fp8 cache's Q.K^T and P.V), around run K's best
-DECODE8_MMA8 = [(128, 4, 2, True), (128, 4, 3, True), (64, 4, 2, True), (128, 8, 2, True), (256, 8, 2, True)]
+# (BLOCK_N, warps, stages, int8 Q.K^T, V widened as loaded): around run K's best (128, 4, 2); the int8 Q.K^T is
+# the int8 cache's default (the fp8 cache ignores it). The full (BLOCK_N, warps, stages) grid of run K (docs/kernels.md)
+# found (128, 4, 2) best for both kinds.
+DECODE8_CONFIGS = [(n, w, s, qk8, wide) for (n, w, s) in ((128, 4, 2), (128, 4, 3), (64, 4, 2), (64, 4, 3),
+                                                          (128, 8, 2), (256, 8, 2))
+                   for qk8 in (True, False) for wide in (False, True)]
 DECODE8_BEST: list[dict] = []
 
 
@@ -260,7 +262,7 @@ def bench_decode8_sweep(cfg):
     g = torch.Generator().manual_seed(1)
     B, (lo, hi), bs = (256, (1000, 1200), 64) if not SMOKE else (3, (30, 60), 16)
     lens = torch.randint(lo, hi + 1, (B,), generator=g).tolist()
-    configs = DECODE8_CONFIGS if not SMOKE else [(32, 4, 2), (64, 4, 3)]
+    configs = DECODE8_CONFIGS if not SMOKE else [(32, 4, 2), (64, 4, 3, True, True)]
     for kv in KV_KINDS:
         kc, vc, ks, vs, tables, sl = paged(lens, hkv, d, bs, kv)
         q = rand(B, hq, d)
@@ -273,7 +275,9 @@ def bench_decode8_sweep(cfg):
         if not kv:
             continue
         timed = []
-        for c in configs + (DECODE8_MMA8 if not SMOKE else [(32, 4, 2, True)]):
+        for c in configs:
+            if kv == "fp8" and len(c) > 3 and c[3]:  # no int8 Q.K^T for fp8 codes
+                continue
             f2 = lambda: K.paged_decode_attention(q, kc, vc, tables, sl, scale, ks, vs, max_seq_len=max_len, config=c)
             try:
                 err = rel_err(f2(), ref)
@@ -283,8 +287,7 @@ def bench_decode8_sweep(cfg):
                 if not SMOKE:
                     torch.cuda.synchronize()
                 continue
-            # the fp8 products round P to 3 mantissa bits: 2-3.5% on random caches (the kernels' 8-bit MMA test)
-            ok = err < (5e-2 if kv == "fp8" and len(c) > 3 and c[3] else 2e-2)
+            ok = err < 2e-2
             print(f"    decode8 {shape} cfg={c}: {ms * 1e3:8.1f} us ({nbytes / ms / 1e6:5.0f} GB/s,"
                   f" {ms / (nbytes / BW * 1e3):4.2f}x floor) err={err:.1e}{'' if ok else ' WRONG'}", flush=True)
             if ok:

@@ -22,7 +22,6 @@ from ._utils import (KV_FLOAT, KV_FP8, KV_INT8, gdc_enter, interpreting, kv_scal
 
 LOG2E = 1.4426950408889634
 MERGE_CHUNK = tl.constexpr(4)  # partitions whose partial results the merge loads at once
-P_SCALE = tl.constexpr(256.0)  # the fp8 P.V's scale of P (FP8_MMA)
 
 
 @triton.jit
@@ -54,7 +53,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_KIND: tl.constexpr, DIRECT: tl.constexpr, FP32: tl.constexpr, INT8_QK: tl.constexpr = False,
-    FP8_MMA: tl.constexpr = False, USE_GDC: tl.constexpr = False,
+    WIDE_V: tl.constexpr = False, MAGIC: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     gdc_enter(USE_GDC)
     b = tl.program_id(0)
@@ -70,6 +69,7 @@ def _decode_kernel(
     gmask = offs_g < GROUP
     heads = kvh * GROUP + offs_g
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_w = tl.arange(0, HEAD_DIM // 4)  # WIDE_V: 32-bit words of four codes
     b64 = b.to(tl.int64)
     q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=gmask[:, None], other=0.0)
@@ -100,15 +100,6 @@ def _decode_kernel(
         q_scale = tl.maximum(tl.max(tl.abs(qf), axis=1), 1e-30) / 127.0
         qf = qf / q_scale[:, None]
         q8 = tl.where(qf >= 0, qf + 0.5, qf - 0.5).to(tl.int8)  # round half away from zero
-    if FP8_MMA:
-        # an fp8 cache's Q.K^T and P.V on the fp8 tensor cores, no K or V code converted: q in E4M3 per head (its own
-        # scale, max |q| -> 448), P in E4M3 after scaling by P_SCALE (weights down to ~1e-5 stay normal), the row
-        # sums in float32. SmolLM2's perplexity on CPU with both roundings: +1.32% against the fp8 cache's +1.47%
-        # (benchmarks/fp8_mma_accuracy.py, 2026-12-07)
-        qf = q.to(tl.float32)
-        q_scale = tl.maximum(tl.max(tl.abs(qf), axis=1), 1e-30) / 448.0
-        q8 = (qf / q_scale[:, None]).to(k_cache_ptr.dtype.element_ty)
-
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -119,11 +110,17 @@ def _decode_kernel(
         blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
         tok = blk * stride_cb + (offs_n % BLOCK_SIZE) * stride_ct + kvh * stride_ch
         k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        if WIDE_V:
+            # V's 8-bit codes widened to fp16 as loaded, four to a 32-bit word, before the P.V operand's
+            # shared-memory stage: that stage transposes V, and an 8-bit transpose is one byte load per code
+            # (sm_90 SASS, B=256 tile: 128 LDS.U8 a tile), a 16-bit one a matrix load (ldmatrix.trans)
+            words = tl.load(v_cache_ptr.to(tl.pointer_type(tl.int32)) + (tok // 4)[:, None] + offs_w[None, :],
+                            mask=nmask[:, None], other=0)
+            v = _widen_codes(words, KV_KIND, MAGIC, BLOCK_N, HEAD_DIM)
+        else:
+            v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
         if INT8_QK:
             s = tl.dot(q8, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_scale[:, None]
-        elif FP8_MMA:
-            s = tl.dot(q8, tl.trans(k), out_dtype=tl.float32) * q_scale[:, None]
         elif FP32:
             s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision="ieee")
         else:
@@ -141,16 +138,14 @@ def _decode_kernel(
             p = p * vs[None, :]
         if FP32:
             pv = tl.dot(p.to(cdtype), v.to(cdtype), input_precision="ieee")
-        elif FP8_MMA:
-            pv = tl.dot((p * P_SCALE).to(v.dtype), v, out_dtype=tl.float32)
+        elif WIDE_V:  # fp16 (more mantissa than bf16; p, and p times an int8 cache's scales, well inside its range)
+            pv = tl.dot(p.to(tl.float16), v)
         else:
             pv = tl.dot(p.to(cdtype), v.to(cdtype))
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    if FP8_MMA:
-        acc = acc * (tl.load(v_scale_ptr + kvh * stride_sh) / (l_i * P_SCALE))[:, None]
-    elif KV_KIND == KV_FP8:
+    if KV_KIND == KV_FP8:
         acc = acc * (tl.load(v_scale_ptr + kvh * stride_sh) / l_i)[:, None]
     else:
         acc = acc / l_i[:, None]
@@ -170,6 +165,51 @@ def _decode_kernel(
             _merge_partitions(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, rows, n_parts, b64, heads, gmask,
                               offs_d, stride_ob, stride_oh, GROUP_PAD, HEAD_DIM)
             tl.store(count, 0)
+
+
+@triton.jit
+def _widen_codes(words, KV_KIND: tl.constexpr, MAGIC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS // 4] int32 words of four 8-bit codes each (int8 or E4M3; the lowest address in the low byte) ->
+    [ROWS, COLS] fp16, exact. MAGIC (a GPU): E4M3 two codes an instruction (cvt.rn.f16x2.e4m3x2); int8 by the
+    bits: each code + 128 under an exponent of 1024 (byte permutes), then one subtraction of 1152 per two codes.
+    Else plain byte operations (the interpreter)."""
+    if MAGIC:
+        if KV_KIND == KV_FP8:
+            w01, w23 = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b16 lo, hi;
+                mov.b32 {lo, hi}, $2;
+                cvt.rn.f16x2.e4m3x2 $0, lo;
+                cvt.rn.f16x2.e4m3x2 $1, hi;
+                }""", constraints="=r,=r,r", args=[words], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            w01, w23 = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, a, b, m;
+                xor.b32 t, $2, 0x80808080;
+                prmt.b32 a, t, 0x64646464, 0x4140;
+                prmt.b32 b, t, 0x64646464, 0x4342;
+                mov.b32 m, 0x64806480;
+                sub.f16x2 $0, a, m;
+                sub.f16x2 $1, b, m;
+                }""", constraints="=r,=r,r", args=[words], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        c0 = (w01 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        c1 = (w01 >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        c2 = (w23 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        c3 = (w23 >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        b0 = (words & 0xFF).to(tl.int8)
+        b1 = ((words >> 8) & 0xFF).to(tl.int8)
+        b2 = ((words >> 16) & 0xFF).to(tl.int8)
+        b3 = ((words >> 24) & 0xFF).to(tl.int8)
+        if KV_KIND == KV_FP8:
+            b0 = b0.to(tl.float8e4nv, bitcast=True)
+            b1 = b1.to(tl.float8e4nv, bitcast=True)
+            b2 = b2.to(tl.float8e4nv, bitcast=True)
+            b3 = b3.to(tl.float8e4nv, bitcast=True)
+        c0, c1, c2, c3 = b0.to(tl.float16), b1.to(tl.float16), b2.to(tl.float16), b3.to(tl.float16)
+    # [ROWS, COLS // 4, pair, code in pair] -> column 4j + 2 * pair + code: the codes' order in memory
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (ROWS, COLS))
 
 
 @triton.jit
@@ -203,10 +243,10 @@ def _merge_partitions(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, rows, n_par
 
 
 @functools.lru_cache(maxsize=None)
-def fp8_mma() -> bool:
-    """KILN_DECODE_FP8_MMA=1: an fp8 cache's decode products on the fp8 tensor cores (FP8_MMA; off until measured on
-    a GPU). Read once per process."""
-    return os.environ.get("KILN_DECODE_FP8_MMA", "0") == "1"
+def wide_v_default() -> bool:
+    """KILN_DECODE_WIDE_V=1: an 8-bit cache's V widened before P.V's shared-memory stage (WIDE_V). Read once per
+    process."""
+    return os.environ.get("KILN_DECODE_WIDE_V", "0") == "1"
 
 
 def choose_partition(batch: int, num_kv_heads: int, max_ctx: int, device: torch.device,
@@ -236,9 +276,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_seq_len: an upper bound of seq_lens (default: block_tables.shape[1] * block_size,
     which needs no device sync and so is safe under CUDA graphs). partition_size: tokens
     per flash-decoding partition (default: chosen to fill the SMs); a power of two >= 32.
-    config: (BLOCK_N, num_warps, num_stages[, mma8]) override, for tuning only; mma8, with bf16 or fp16 q: an
-    int8 cache's Q.K^T on the int8 tensor cores, q quantized per head (the default without a config); an fp8
-    cache's Q.K^T and P.V on the fp8 tensor cores (FP8_MMA; without a config, KILN_DECODE_FP8_MMA=1).
+    config: (BLOCK_N, num_warps, num_stages[, int8_qk[, wide_v]]) override, for tuning only; int8_qk, with bf16 or
+    fp16 q: an int8 cache's Q.K^T on the int8 tensor cores, q quantized per head (the default without a config);
+    wide_v: an 8-bit cache's V codes widened to fp16 before P.V's shared-memory stage (without a config,
+    wide_v_default()).
     """
     B, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
@@ -260,12 +301,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # against 346.3 us, B=256, context ~1,100); perplexity on CPU with q through the same quantization, int8 cache:
     # +0.03% / +0.28% over the float cache in float32 / bf16, against +0.22% / +0.48% without it
     # (benchmarks/int8_qk_accuracy.py, 2026-12-06)
-    mma8 = kind == KV_INT8.value or fp8_mma()
+    int8_qk, wide_v = True, wide_v_default()
     if config is not None:
         block_n, warps, stages, *rest = config
-        mma8 = bool(rest and rest[0])
-    int8_qk = mma8 and kind == KV_INT8.value and not fp32
-    fp8_products = mma8 and kind == KV_FP8.value and not fp32
+        int8_qk, wide_v = bool(rest and rest[0]), bool(len(rest) > 1 and rest[1])
+    int8_qk = int8_qk and kind == KV_INT8.value and not fp32
+    # the float32 reference keeps the plain loads; the words need 4-byte-aligned rows
+    wide_v = (wide_v and kind != KV_FLOAT.value and not fp32 and D % 4 == 0 and v_cache.data_ptr() % 4 == 0
+              and all(s % 4 == 0 for s in v_cache.stride()[:3]))
     if interpreting():
         stages = 1
     max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
@@ -295,7 +338,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_parts, part,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        KV_KIND=kind, DIRECT=direct, FP32=fp32, INT8_QK=int8_qk, FP8_MMA=fp8_products,
+        KV_KIND=kind, DIRECT=direct, FP32=fp32, INT8_QK=int8_qk, WIDE_V=wide_v, MAGIC=not interpreting(),
         num_warps=warps, num_stages=stages,
     )
     return out

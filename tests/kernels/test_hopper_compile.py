@@ -70,9 +70,10 @@ def _launch_every_kernel():
         lens = torch.tensor([40, 7], dtype=torch.int32)
         for part in (None, 32):  # one pass, and flash-decoding partitions merged by the last program
             K.paged_decode_attention(rand(2, hq, d), kc, vc, tables, lens, 0.125, ks, vs, partition_size=part)
-        if kv != torch.bfloat16:  # int8 Q.K^T / fp8 Q.K^T and P.V (config's 4th field), at the GPU's tile
-            K.paged_decode_attention(rand(2, hq, d, dtype=torch.bfloat16), kc, vc, tables, lens, 0.125, ks, vs,
-                                     config=(128, 4, 2, True))
+        if kv != torch.bfloat16:  # at the GPU's tile: int8 Q.K^T (config's 4th field), V widened as loaded (5th)
+            for qk8, wide in ((True, False), (False, True), (True, True)):
+                K.paged_decode_attention(rand(2, hq, d, dtype=torch.bfloat16), kc, vc, tables, lens, 0.125, ks, vs,
+                                         config=(128, 4, 2, qk8, wide))
         K.paged_prefill_attention(rand(10, hq, d), kc, vc, tables, torch.tensor([0, 3, 10], dtype=torch.int32),
                                   lens, 0.125, 7, ks, vs)
     for code in (torch.int8, FP8):
@@ -125,9 +126,12 @@ _COMPILER = textwrap.dedent('''
                                options=dict(options))
             if consts.get("USE_GDC") and "griddepcontrol.wait" not in k.asm["ptx"]:
                 raise AssertionError("USE_GDC=True compiled without griddepcontrol.wait")
-            want = "cvt.rn.f16x2.e4m3x2" if consts.get("E4M3") else "dp2a"
-            if consts.get("MAGIC") and want not in k.asm["ptx"]:
-                raise AssertionError(f"the GEMV compiled without {want}")
+            if name == "_decode_kernel":  # V's widening: E4M3 pairs by cvt, int8 by byte permutes
+                want = consts.get("WIDE_V") and ("cvt.rn.f16x2.e4m3x2" if consts["KV_KIND"] == 2 else "prmt.b32")
+            else:
+                want = "cvt.rn.f16x2.e4m3x2" if consts.get("E4M3") else "dp2a"
+            if consts.get("MAGIC") and want and want not in k.asm["ptx"]:
+                raise AssertionError(f"{name} compiled without {want}")
         except Exception as e:
             failed += 1
             print(f"FAILED {name} {dict(constexprs)} {dict(options)}: {type(e).__name__}: {str(e)[:600]}")
@@ -159,7 +163,13 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
         gdc[("_w8_gemv_kernel", e4m3, "early")] = (
             name, tuple((k, True if k == "EARLY_W" else x) for k, x in constexprs), specs, options)
     assert {"_w8a16_kernel", "_decode_kernel", "_rmsnorm_kernel", "_rope_kernel"} <= {k[0] for k in gdc}, sorted(gdc)
-    variants = sorted(v.keys, key=repr) + list(gdc.values())
+    # the decode kernel's widened V as a GPU runs it: inline PTX (MAGIC; recorded here as byte operations), two
+    # stages (the interpreter runs one)
+    wide = [(name, tuple((k, True if k == "MAGIC" else x) for k, x in constexprs), specs,
+             tuple((k, 2 if k == "num_stages" else x) for k, x in options))
+            for name, constexprs, specs, options in sorted(v.keys, key=repr) if ("WIDE_V", True) in constexprs]
+    assert len(wide) >= 3, wide
+    variants = sorted(v.keys, key=repr) + list(gdc.values()) + wide
     env = {k: x for k, x in os.environ.items() if k != "TRITON_INTERPRET"}
     gpu_triton = (GPU_TRITON / "triton" / "__init__.py").exists()
     if gpu_triton:  # the GPUs' Triton, where scripts/setup.sh installed it
