@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device run AB (one call, ~5-8 minutes, carrying .whl; any card, an H200 preferred): V's 8-bit codes widened to
 # fp16 as loaded (WIDE_V, 2026-12-07 ninth session; unmeasured): sm_90 SASS puts the 8-bit decode loop at 1,344
-# (fp8) / 1,535 (int8) instructions a 128-token tile, 946 / 995 with it (the P.V operand's transpose was a byte
+# (fp8) / 1,535 (int8) instructions a 128-token tile, 954 / 995 with it (the P.V operand's transpose was a byte
 # load per code). Its kernel tests (the inline PTX runs only here), the decode8 grid with and without it, the
 # batch-256 step with each 8-bit cache default against KILN_DECODE_WIDE_V=1, then 1000 x 1000 w8a8-fp8 + fp8 cache
 # with it as time allows (t1000 checks what is left).
