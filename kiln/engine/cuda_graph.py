@@ -48,6 +48,10 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
         self.qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # one logits buffer for every graph: each graph's own output would stay allocated in the pool, and over a
+        # ladder to 1,024 those are ~18k rows of float32 logits (9.2 GB at a 128k vocabulary; run AB, H100: out
+        # of memory in the capture after the cache had taken its share)
+        self.logits_buf = torch.empty(max_bs, model.config.vocab_size, dtype=torch.float32, device=device)
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 
@@ -57,7 +61,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         hidden = self.model(self.ids[:bs], self.pos[:bs], self.kv_caches, self._meta(bs))
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, out=self.logits_buf[:bs])
 
     @torch.inference_mode()
     def capture(self) -> float:

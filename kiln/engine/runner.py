@@ -112,7 +112,8 @@ class ModelRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             used_by_others = total - free - torch.cuda.memory_reserved(self.device)  # read at the same moment
             peak = self.profile_activation_bytes()
-            budget = total * cfg.gpu_memory_utilization - torch.cuda.memory_allocated(self.device) - peak - used_by_others
+            budget = (total * cfg.gpu_memory_utilization - torch.cuda.memory_allocated(self.device) - peak
+                      - used_by_others - self.graph_reserve_bytes())
             self.activation_peak_bytes = peak
             n = int(budget // per_block)
             if n < 1:
@@ -123,6 +124,13 @@ class ModelRunner:
                     f"quantization or more GPUs")
             return n, f"gpu_memory_utilization={cfg.gpu_memory_utilization} of {total / GiB:.1f} GiB"
         return max(1, int(cfg.cpu_kv_cache_gib * GiB // per_block)), f"cpu_kv_cache_gib={cfg.cpu_kv_cache_gib}"
+
+    def graph_reserve_bytes(self) -> int:
+        """What the decode CUDA graphs keep, captured after the cache is sized: the logits buffer they share (float32,
+        max_num_seqs rows) and, in their pool, the largest graph's bf16 logits before the conversion."""
+        if not (self.cfg.use_cuda_graph and self.device.type == "cuda" and self.backend.name == "triton"):
+            return 0
+        return self.cfg.max_num_seqs * self.model_config.vocab_size * (4 + 2)
 
     def profile_activation_bytes(self) -> int:
         """Peak extra memory of a forward pass at the full token budget (on GPU)."""

@@ -244,9 +244,9 @@ def _merge_partitions(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, rows, n_par
 
 @functools.lru_cache(maxsize=None)
 def wide_v_default() -> bool:
-    """KILN_DECODE_WIDE_V=1: an 8-bit cache's V widened before P.V's shared-memory stage (WIDE_V). Read once per
-    process."""
-    return os.environ.get("KILN_DECODE_WIDE_V", "0") == "1"
+    """KILN_DECODE_WIDE_V=0: an 8-bit cache's decode without V widened as loaded (WIDE_V; on by default since run AB)
+    and at the config before it. Read once per process."""
+    return os.environ.get("KILN_DECODE_WIDE_V", "1") == "1"
 
 
 def choose_partition(batch: int, num_kv_heads: int, max_ctx: int, device: torch.device,
@@ -301,7 +301,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # against 346.3 us, B=256, context ~1,100); perplexity on CPU with q through the same quantization, int8 cache:
     # +0.03% / +0.28% over the float cache in float32 / bf16, against +0.22% / +0.48% without it
     # (benchmarks/int8_qk_accuracy.py, 2026-12-06)
-    int8_qk, wide_v = True, wide_v_default()
+    int8_qk, wide_v = True, False
+    if kind != KV_FLOAT.value and wide_v_default():
+        # V widened as loaded, 3 stages, int8 codes converted for Q.K^T as well: the decode8 grid's best for both
+        # 8-bit kinds (run AB, H100, B=256, context ~1,100: int8 273.7 us against 314.8 at the old default, fp8
+        # 240.1 against 249.9; with the int8 Q.K^T at 3 stages 289.7)
+        int8_qk, wide_v, stages = False, True, 3
     if config is not None:
         block_n, warps, stages, *rest = config
         int8_qk, wide_v = bool(rest and rest[0]), bool(len(rest) > 1 and rest[1])

@@ -253,11 +253,17 @@ class VocabEmbedding(nn.Module):
         if not keep_float:
             self.weight = None
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [rows, vocab]; out: a float32 buffer of that shape to write them into (decode graphs share
+        one across their batch sizes)."""
         if self.head_qweight is not None:
-            out = _w8a16(hidden, self.head_qweight, self.head_scale, None).float()
+            raw = _w8a16(hidden, self.head_qweight, self.head_scale, None)
         else:
-            out = _dense(hidden, self.weight, None).float()
+            raw = _dense(hidden, self.weight, None)
+        if out is not None and tpd.tp_size() == 1:
+            return out.copy_(raw[:, : self.vocab_size])  # the float conversion, straight into the buffer
+        logits = raw.float()
         if tpd.tp_size() > 1:
-            out = tpd.all_gather_last_dim(out)
-        return out[:, : self.vocab_size]
+            logits = tpd.all_gather_last_dim(logits)
+        logits = logits[:, : self.vocab_size]
+        return logits if out is None else out.copy_(logits)

@@ -124,8 +124,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, caches, meta):
         return self.model(input_ids, positions, caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head.logits(hidden, out)
 
     def map_checkpoint_name(self, name: str) -> tuple[str, int | None] | None:
         """HF tensor name -> (our parameter name, shard id), or None for tensors we do not use."""

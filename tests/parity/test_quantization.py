@@ -91,3 +91,20 @@ def test_int8_lm_head_of_an_untied_model(tmp_path, rows):
     torch.testing.assert_close(head.logits(h), want[:, :model.config.vocab_size], rtol=1e-4, atol=1e-4)
     exact = ref.lm_head.logits(h)
     assert ((head.logits(h) - exact).norm() / exact.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("quantize_lm_head", [False, True])
+def test_logits_into_a_buffer(tmp_path, quantize_lm_head):
+    """compute_logits(out=buf) (the decode graphs share one buffer over their batch sizes) writes the same float32
+    logits into the buffer's rows and returns them, float head or int8 head, from bf16 hidden states."""
+    from tests.helpers.tiny_models import write_tiny_model
+    from kiln.models.loader import load_model
+    d = write_tiny_model("llama", tmp_path / "llama")
+    model = load_model(d, torch.bfloat16, torch.device("cpu"), quantize_lm_head=quantize_lm_head)
+    vocab = model.config.vocab_size
+    h = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    buf = torch.full((5, vocab), float("nan"))
+    got = model.compute_logits(h, out=buf[:3])
+    want = model.compute_logits(h)
+    assert want.dtype == torch.float32 and got.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf[:3], want) and buf[3:].isnan().all()

@@ -59,7 +59,26 @@ def test_gpu_cache_budget_counts_the_allocators_free_memory_as_room(monkeypatch)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: state["allocated"])
     runner = types.SimpleNamespace(
         cfg=EngineConfig(gpu_memory_utilization=0.9, block_size=64), device=torch.device("cuda", 0), weight_bytes=0,
-        bytes_per_block=lambda: G // 8, profile_activation_bytes=lambda: 2 * G)
+        bytes_per_block=lambda: G // 8, profile_activation_bytes=lambda: 2 * G, graph_reserve_bytes=lambda: G)
     n, why = ModelRunner.decide_num_blocks(runner, 4096)
-    # 0.9 x 80 - 10 of weights - 2 of activations - 5 of the other process = 55 GiB, 8 blocks a GiB
-    assert n == 440 and "gpu_memory_utilization=0.9" in why
+    # 0.9 x 80 - 10 of weights - 2 of activations - 5 of the other process - 1 for the decode graphs = 54 GiB,
+    # 8 blocks a GiB
+    assert n == 432 and "gpu_memory_utilization=0.9" in why
+
+
+def test_decode_graph_reserve_is_the_shared_logits_buffer():
+    """The decode graphs' share of the GPU: one float32 logits buffer of max_num_seqs rows (the graphs of every batch
+    size write into it) and the largest graph's bf16 logits; nothing where no graph is captured."""
+    import types
+
+    import torch
+
+    from kiln.engine.runner import ModelRunner
+    runner = types.SimpleNamespace(cfg=EngineConfig(max_num_seqs=1024), device=torch.device("cuda", 0),
+                                   backend=types.SimpleNamespace(name="triton"),
+                                   model_config=types.SimpleNamespace(vocab_size=128256))
+    assert ModelRunner.graph_reserve_bytes(runner) == 1024 * 128256 * 6  # 0.73 GiB, not 9.2 GiB of per-graph logits
+    runner.backend.name = "torch"
+    assert ModelRunner.graph_reserve_bytes(runner) == 0
+    runner.backend.name, runner.device = "triton", torch.device("cpu")
+    assert ModelRunner.graph_reserve_bytes(runner) == 0
