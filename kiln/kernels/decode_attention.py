@@ -297,7 +297,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     # BLOCK_N 128, 4 warps, 2 stages: best or within 1% of the best of the configs tried on
     # an H100 for bf16 and int8 caches at B = 1, 64, 256 (int8: 20-25% faster than 64/4/3).
-    block_n, warps, stages = (128, 4, 2) if D <= 128 else (64, 4, 2)
+    block_n, warps, stages = (128, 4, 2) if D <= 128 and not fp32 else (64, 4, 2)
+    # float32 q (the reference dtype) at 128-token tiles with the partition merge compiled in: NaN heads from the
+    # one-partition store on an H100 (run AE: heads 1-3 of each group of 8, B=2, D=128, contexts 114-125); 64-token
+    # tiles are right, and fit float32's registers better
     # an int8 cache's Q.K^T on the int8 tensor cores (q quantized per head): 8% faster on an H100 (run O: 317.2
     # against 346.3 us, B=256, context ~1,100); perplexity on CPU with q through the same quantization, int8 cache:
     # +0.03% / +0.28% over the float cache in float32 / bf16, against +0.22% / +0.48% without it
