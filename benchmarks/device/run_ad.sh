@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Device run AD (one call, ~3-5 minutes, carrying .whl; any card): the arrival counters' fence (every thread's
-# partial results released GPU-wide before the count goes up: runs AB and AC failed one float32 decode case with a
-# NaN head merged from a partial not yet visible). The decode and GEMV kernel tests, batch 1 w8a16 (the split-K
-# GEMV's merge takes the fence), and on an H200 the 1000 x 1000 w8a8-fp8 + fp8 cache with V widened as loaded.
+# Device run AD (2026-12-07, H100, ~3 minutes, carrying .whl): tried a GPU-wide fence in every thread before the
+# arrival counters go up, on the guess that runs AB and AC's float32 decode NaN was a partial not yet visible. It
+# was not (the tests' 150 s limit cut this run with the same case failing; run AE, benchmarks/device/debug_nan.py,
+# found a float32-only fault at 128-token tiles, no merge involved), and the pattern (barrier, then one thread's
+# acq_rel atomic) is CUTLASS's semaphore's, correct under PTX's cumulative release: the fence was reverted. The
+# decode and GEMV kernel tests, batch 1 w8a16, and on an H200 the 1000 x 1000 w8a8-fp8 + fp8 cache.
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 t0=$(date +%s)

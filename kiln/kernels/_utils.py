@@ -49,18 +49,6 @@ def zeroed_counters(n: int, device: torch.device) -> torch.Tensor:
     return c
 
 
-@triton.jit
-def release_stores(x, MAGIC: tl.constexpr):
-    """Before an arrival counter goes up: this thread's global stores visible GPU-wide (fence.acq_rel.gpu in every
-    thread; x: an int32 tensor that every thread of the program holds an element of). The counter's acq_rel atomic
-    is one thread's, and a barrier orders the other warps' stores only within the SM: their partial results could
-    still be on the way to L2 when the last program reads them (run AC, H100: one head of a float32 decode merged
-    from a partial never written). MAGIC: a GPU (the interpreter runs programs one at a time)."""
-    if MAGIC:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
 def patch_interpreter() -> None:
     """Make Triton's CPU interpreter work with NumPy >= 2.3 (interpreter mode only).
 

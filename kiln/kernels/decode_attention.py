@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (KV_FLOAT, KV_FP8, KV_INT8, gdc_enter, interpreting, kv_scale_args, launch, next_pow2, num_sms,
-                     release_stores, zeroed_counters)
+                     zeroed_counters)
 
 LOG2E = 1.4426950408889634
 MERGE_CHUNK = tl.constexpr(4)  # partitions whose partial results the merge loads at once
@@ -53,7 +53,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_KIND: tl.constexpr, DIRECT: tl.constexpr, FP32: tl.constexpr, INT8_QK: tl.constexpr = False,
-    WIDE_V: tl.constexpr = False, MAGIC: tl.constexpr = False, USE_GDC: tl.constexpr = False,  # MAGIC: a GPU
+    WIDE_V: tl.constexpr = False, MAGIC: tl.constexpr = False, USE_GDC: tl.constexpr = False,
 ):
     gdc_enter(USE_GDC)
     b = tl.program_id(0)
@@ -159,7 +159,6 @@ def _decode_kernel(
         tl.store(part_out_ptr + (rows + part)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None])
         tl.store(part_m_ptr + rows + part, m_i, mask=gmask)
         tl.store(part_l_ptr + rows + part, l_i, mask=gmask)
-        release_stores(offs_d, MAGIC)
         tl.debug_barrier()  # every thread's partials stored before the count goes up
         count = count_ptr + b64 * tl.num_programs(1) + kvh
         if tl.atomic_add(count, 1, sem="acq_rel") == n_parts - 1:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import gdc_enter, interpreting, launch, next_pow2, num_sms, release_stores, zeroed_counters
+from ._utils import gdc_enter, interpreting, launch, next_pow2, num_sms, zeroed_counters
 from .activation import silu_and_mul
 
 SMALL_T = 64    # up to here: decode-sized tiles (the weight read dominates)
@@ -315,7 +315,6 @@ def _w8_gemv_kernel(
         _gemv_store(y, s_ptr, b_ptr, out_ptr, offs_n, nmask, pid_n, N, BLOCK_N, HAS_BIAS, GLU)
     else:
         tl.store(part_ptr + pid_k * N + offs_n, y, mask=nmask)
-        release_stores(offs_n, MAGIC)
         tl.debug_barrier()  # every thread's partials stored before the count goes up
         if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
             y = tl.zeros([BLOCK_N], tl.float32)
