@@ -5,7 +5,7 @@ nvdisasm, and prints the instruction count of the loop over 128-token tiles and 
 docs/kernels.md), so this count is a cheap first check of a kernel change.
 
     PYTHONPATH=.venv/triton-gpu:. .venv/bin/python benchmarks/kernels/sass_loop.py fp8 128,4,2,0,1
-    PYTHONPATH=.venv/triton-gpu:. .venv/bin/python benchmarks/kernels/sass_loop.py prefill int8 64,128,4,2,1
+    PYTHONPATH=.venv/triton-gpu:. .venv/bin/python benchmarks/kernels/sass_loop.py prefill int8 64,128,4,2
 
 (.venv/triton-gpu: the GPUs' Triton 3.6, which scripts/setup.sh installs beside the local one.) Config: BLOCK_N,
 warps, stages, int8 Q.K^T (int8 only), V widened as loaded.
@@ -47,7 +47,7 @@ def compile_decode(kind: str, block_n: int, warps: int, stages: int, qk8: bool, 
                           options=dict(num_warps=warps, num_stages=stages))
 
 
-def compile_prefill(kind: str, block_m: int, block_n: int, warps: int, stages: int, wide: bool):
+def compile_prefill(kind: str, block_m: int, block_n: int, warps: int, stages: int):
     """The prefill kernel at Llama-3-8B heads, block size 64, bf16 q."""
     from kiln.kernels.prefill_attention import _prefill_kernel as fn
     cache = {"fp8": "*fp8e4nv", "int8": "*i8", "bf16": "*bf16"}[kind]
@@ -59,7 +59,7 @@ def compile_prefill(kind: str, block_m: int, block_n: int, warps: int, stages: i
             sig[a] = "i32"
     consts = dict(GROUP=4, HEAD_DIM=128, BLOCK_SIZE=64, BLOCK_M=block_m, BLOCK_N=block_n,
                   KV_KIND={"fp8": KV_FP8, "int8": KV_INT8, "bf16": KV_FLOAT}[kind].value, FP32=False,
-                  WIDE_V=wide and kind != "bf16", MAGIC=True, USE_GDC=False)
+                  USE_GDC=False)
     for c in consts:
         sig[c] = "constexpr"
     sig = {a: sig[a] for a in fn.arg_names}
@@ -87,9 +87,9 @@ def main_loop(sass: str) -> Counter:
     return Counter(op for op, _ in instrs[a:b + 1])
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["prefill"]:  # prefill KIND BLOCK_M,BLOCK_N,warps,stages,wide
+if __name__ == "__main__" and sys.argv[1:2] == ["prefill"]:  # prefill KIND BLOCK_M,BLOCK_N,warps,stages
     kind, cfg = sys.argv[2], [int(x) for x in sys.argv[3].split(",")]
-    k = compile_prefill(kind, *cfg[:4], bool(cfg[4]) if len(cfg) > 4 else False)
+    k = compile_prefill(kind, *cfg[:4])
     ops = main_loop(k.asm["sass"])
     print(f"triton {triton.__version__}, prefill, {kind} cache, config {tuple(cfg)}: main loop {sum(ops.values())} "
           f"instructions, shared memory {k.metadata.shared} bytes, spill loads {ops['LDL']}")
