@@ -94,7 +94,7 @@ class EngineCore:
         self.max_model_len = self.runner.max_model_len()
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
-                                   cfg.max_prefill_tokens)
+                                   cfg.max_prefill_tokens, reserve_ratio=cfg.kv_reserve_ratio)
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self.num_overlapped_steps = 0  # steps queued while the previous one was still in flight

@@ -12,7 +12,9 @@ allow. Admission is FIFO, except that a request whose first chunk does not fit t
 ones that fit go first (it would otherwise make them wait for work they could run beside); each waiting request
 lets at most `max_overtakes` others pass it, then the queue waits for it, so nobody starves. When blocks run
 out, the newest running request not yet in this step is preempted: its blocks are freed and it is recomputed
-later from its tokens, ahead of the queue.
+later from its tokens, ahead of the queue. reserve_ratio (KILN_KV_RESERVE_RATIO) makes admission keep free that
+share of the blocks the running requests may still take up to their max_tokens: 1 admits only what can run to
+the end without a preemption, at the price of a smaller batch where requests end early.
 
 A step has two halves: `launched` (right after the runner queued it: computed counts advance and every
 sampling request gets a PENDING_TOKEN) and `resolve` (when its ids reach the host: tokens filled in, stops
@@ -82,7 +84,7 @@ class CumulativeHistogram:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 max_prefill_tokens: int | None = None, max_overtakes: int | None = None):
+                 max_prefill_tokens: int | None = None, max_overtakes: int | None = None, reserve_ratio: float = 0.0):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -97,10 +99,17 @@ class Scheduler:
         self.prefill_tokens_per_step = CumulativeHistogram(PREFILL_TOKEN_BUCKETS)
         # keep a few blocks free when admitting, so running requests can grow without instant preemption
         self.watermark = max(1, kv.num_blocks // 100)
+        # admission also keeps free this share of the running requests' remaining max_tokens (0: none, vLLM's
+        # way; 1: no preemption while every request runs to max_tokens, TensorRT-LLM's "guaranteed no evict")
+        self.reserve_ratio = reserve_ratio
 
     # -- intake ----------------------------------------------------------------------------------------
     def max_blocks_needed(self, req: Request) -> int:
         return self.kv.blocks_needed(min(req.num_prompt_tokens + req.params.max_tokens, self.max_model_len))
+
+    def blocks_to_come(self, req: Request) -> int:
+        """Blocks running `req` may still take: to the end of its max_tokens, within the model length."""
+        return max(0, self.max_blocks_needed(req) - len(req.block_ids))
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -153,12 +162,16 @@ class Scheduler:
 
         # 3. admission, only when no one was preempted this step (they would just thrash)
         i = 0
+        reserve = 0  # blocks kept free for the running requests' growth (reserve_ratio)
+        if self.reserve_ratio and self.waiting and not batch.preempted:
+            reserve = sum(self.blocks_to_come(r) for r in self.running)
         while (i < len(self.waiting) and prefill_budget > 0 and len(self.running) < self.max_num_seqs
                and not batch.preempted):
             req = self.waiting[i]
             cached = self.kv.match_prefix(req) if req.num_computed_tokens == 0 else []
             n = min(req.num_tokens - len(cached) * self.kv.block_size, prefill_budget)
-            if not self.kv.can_admit(req, cached, n, self.watermark if self.running else 0):
+            keep = self.watermark + int(self.reserve_ratio * reserve) if self.running else 0
+            if not self.kv.can_admit(req, cached, n, keep):
                 if req.num_overtaken >= self.max_overtakes:
                     break  # it has let enough others pass: the queue waits for its blocks now
                 i += 1     # later requests that fit go first
@@ -178,6 +191,8 @@ class Scheduler:
             self.running.append(req)
             batch.add(req, n, True)
             prefill_budget -= n
+            if self.reserve_ratio:
+                reserve += self.blocks_to_come(req)
             if any(r.num_overtaken >= self.max_overtakes for r in passed):
                 break  # one it passed has let enough others go first
         if batch:

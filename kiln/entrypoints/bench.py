@@ -163,8 +163,8 @@ def _engine(args):
     cfg = EngineConfig(model=resolve_model(args.model, args.preset, tokenizer=bool(args.json_schema)), dtype=args.dtype, load_format=args.load_format,
                        max_num_seqs=args.max_num_seqs, max_model_len=args.input_len + args.output_len + 8,
                        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                       kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-                       quantize_lm_head=args.quantize_lm_head,
+                       kv_reserve_ratio=args.kv_reserve_ratio, kv_cache_dtype=args.kv_cache_dtype,
+                       quantization=args.quantization, quantize_lm_head=args.quantize_lm_head,
                        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
                        use_cuda_graph=not args.enforce_eager, attention_backend=args.attention_backend,
                        device=args.device, max_waiting=1 << 30, tensor_parallel_size=args.tensor_parallel_size,
@@ -762,6 +762,9 @@ def _engine_args(p):
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-reserve-ratio", type=float, default=0.0,
+                   help="admission keeps this share of the running requests' future KV blocks free (1: no "
+                        "preemption when every request runs to max_tokens)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"])
     p.add_argument("--quantization", default=None, choices=[None, "w8a16", "w8a8-int8", "w8a8-fp8"],

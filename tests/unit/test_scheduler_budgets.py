@@ -193,3 +193,45 @@ def test_engine_reports_queue_time_from_arrival_to_first_scheduling(model_dir):
                 queue[o.request_id] = o.queue_time
     assert set(queue) == {"first", "second"}
     assert 0 <= queue["first"] < queue["second"] <= time.monotonic() - t0 + 1
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_admission_reserve_ratio(ratio):
+    """KILN_KV_RESERVE_RATIO: admission keeps free that share of the blocks the running requests may still take to
+    their max_tokens. Ten requests of 32 + 64 tokens (6 blocks of 16 each) on 30 blocks: admitted greedily (0) the
+    batch outgrows the cache and requests are preempted and recomputed; at 1 none is, and five run at once (5 x 6
+    blocks fill the cache exactly); every request ends with all its tokens either way."""
+    sched = Scheduler(KVCacheManager(30, 16, enable_prefix_caching=False), max_num_seqs=10,
+                      max_num_batched_tokens=512, max_model_len=4096, reserve_ratio=ratio)
+    reqs = [req(f"r{i}", 32, max_tokens=64) for i in range(10)]
+    for r in reqs:
+        sched.add(r)
+    peak = 0
+    for _ in range(2000):
+        if not sched.has_work():
+            break
+        run_step(sched)
+        peak = max(peak, len(sched.running))
+    assert all(r.status is RequestStatus.FINISHED and len(r.output_token_ids) == 64 for r in reqs)
+    assert sched.kv.num_free_blocks == 30
+    if ratio == 1.0:
+        assert sched.num_preemptions == 0 and peak == 5
+    elif ratio == 0.0:
+        assert sched.num_preemptions > 0 and peak > 5
+    else:  # in between: fewer preemptions than greedy admission
+        greedy = Scheduler(KVCacheManager(30, 16, enable_prefix_caching=False), max_num_seqs=10,
+                           max_num_batched_tokens=512, max_model_len=4096)
+        for i in range(10):
+            greedy.add(req(f"r{i}", 32, max_tokens=64))
+        while greedy.has_work():
+            run_step(greedy)
+        assert sched.num_preemptions < greedy.num_preemptions
+
+
+def test_reserve_ratio_setting():
+    from kiln.config import ConfigError, KilnConfig
+    cfg = KilnConfig.load({"KILN_KV_RESERVE_RATIO": "1"})
+    assert cfg.kv_reserve_ratio == 1.0 and cfg.to_engine_config().kv_reserve_ratio == 1.0
+    assert KilnConfig.load({}).to_engine_config().kv_reserve_ratio == 0.0
+    with pytest.raises(ConfigError, match="KILN_KV_RESERVE_RATIO.*<= 1"):
+        KilnConfig.load({"KILN_KV_RESERVE_RATIO": "1.5"})
