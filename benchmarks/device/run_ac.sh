@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device run AC (one call, up to BUDGET_S seconds (default 570), carrying .whl; an H200 preferred, any card): the
 # decode kernel's new default for 8-bit caches (V widened as loaded, (128, 4, 3), run AB's grid best on an H100) in
-# its tests (run AB: one of 69 failed with a NaN, unnamed: this run names it), the batch-256 step with each 8-bit
+# its tests (~20 s; run AC ran every decode case: a float32 fault at 128-token tiles, fixed), the batch-256 step with each 8-bit
 # cache, then issue 10's 1000 x 1000: w8a8-fp8 + fp8 cache (the decode graphs now share one logits buffer: run AB's
 # 1,024-sequence run ran out of memory capturing them on an H100), w8a8-int8 + int8 cache; then, on an H200 with
 # the time left, issue 11's 1,000 requests at once (bf16).
@@ -9,8 +9,8 @@ source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 t0=$(date +%s)
 left() { echo $((${BUDGET_S:-570} - $(date +%s) + t0)); }
-timeout 150 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short -rf tests/kernels/test_kernels.py \
-  -k "8bit or int8_cache or widen or paged_decode" > $R/tests.log 2>&1
+timeout 60 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short -rf tests/kernels/test_kernels.py \
+  -k "8bit or int8_cache or widen" > $R/tests.log 2>&1
 grep -E "^FAILED|passed|failed|^E " $R/tests.log | cut -c1-250 | head -12
 b256 fp8-kvfp8-wide --quantization w8a8-fp8 --kv-cache-dtype fp8
 b256 int8-kv8-wide --quantization w8a8-int8 --kv-cache-dtype int8
