@@ -10,6 +10,9 @@ elif [ -d .whl ] && [ ! -f /tmp/site/.kiln-wheels ]; then  # once per machine (s
 fi
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
 R=$OUT/r; mkdir -p $R
+# left: seconds of the run's budget (BUDGET_S, default 570: a 600 s call less the start) not yet spent
+t0=$(date +%s)
+left() { echo $((${BUDGET_S:-570} - $(date +%s) + t0)); }
 B="python3 -m kiln.entrypoints.cli bench"
 L="$B latency --preset $PRESET"
 # j FILE KEY...: the keys of a bench JSON file, on one line

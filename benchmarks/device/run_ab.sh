@@ -7,8 +7,6 @@
 # with it as time allows (t1000 checks what is left).
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
-t0=$(date +%s)
-left() { echo $((${BUDGET_S:-570} - $(date +%s) + t0)); }
 timeout 150 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=line tests/kernels/test_kernels.py \
   -k "8bit or int8_cache or widen or paged_decode" 2>&1 | grep -E "^E |Error|passed|failed" | cut -c1-300 | head -8
 timeout 200 python3 benchmarks/kernels/bench_kernels.py --sweep --only decode8 --json $R/decode8.json \

@@ -7,8 +7,6 @@
 # the time left, issue 11's 1,000 requests at once (bf16).
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
-t0=$(date +%s)
-left() { echo $((${BUDGET_S:-570} - $(date +%s) + t0)); }
 timeout 60 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short -rf tests/kernels/test_kernels.py \
   -k "8bit or int8_cache or widen" > $R/tests.log 2>&1
 grep -E "^FAILED|passed|failed|^E " $R/tests.log | cut -c1-250 | head -12

@@ -5,7 +5,6 @@
 # in bf16 with an fp8 cache at batch <= 512 (issue 10's "bf16 with an 8-bit cache"), in the time left.
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name --format=csv,noheader; git rev-parse --short HEAD 2>/dev/null; date -u
-t0=$(date +%s)
 bash benchmarks/device/run_serving.sh warm 2>&1 | grep -v "^tar"
 left() { echo $((${BUDGET_S:-370} - $(date +%s) + t0 - 10)); }
 if [ $(left) -gt 50 ]; then

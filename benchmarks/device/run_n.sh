@@ -7,8 +7,6 @@
 # run_o.sh holds issue 10's offline figures and the remaining serving ones.
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
-t0=$(date +%s)
-left() { echo $((${BUDGET_S:-570} - $(date +%s) + t0)); }
 export KILN_LOAD_FORMAT=dummy BATCH_SIZE=256 MAX_SEQ_LEN=2048 MAX_DEC_LEN=1024
 [ $(left) -gt 80 ] && first_request
 [ $(left) -gt 230 ] && COLD_TIMEOUT=220 bash benchmarks/device/run_serving.sh rates 2>&1 | grep -v "^tar"

@@ -10,8 +10,6 @@
 # (run O ran this branch on the tree of b51baad, PDL then off by default).
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
-t0=$(date +%s)
-left() { echo $((${BUDGET_S:-570} - $(date +%s) + t0)); }
 # b1_pdl_ab: batch-1 W8A16 and bf16 with programmatic dependent launch (the default on sm_90+ since run O on an H100:
 # +3.7-3.9%) and without it (KILN_PDL=0), on this card
 b1_pdl_ab() {

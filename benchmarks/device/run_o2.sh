@@ -5,8 +5,6 @@
 # where its time goes (run O: 12,240 out tok/s against 18,000) and w8a8-int8 + int8 cache (not measured yet).
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
-t0=$(date +%s)
-left() { echo $((${BUDGET_S:-570} - $(date +%s) + t0)); }
 [ $(left) -gt 250 ] && COLD_TIMEOUT=220 bash benchmarks/device/run_serving.sh burst 2>&1 | grep -v "^tar"
 [ $(left) -gt 200 ] && bash benchmarks/device/run_serving.sh apis 2>&1 | grep -v "^tar"
 t1000 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 1024
