@@ -2,7 +2,8 @@
 
 Kernels (each in its own module, each a Python function on torch tensors):
     reshape_and_cache (and rope_and_cache: RoPE as well), paged_decode_attention, paged_prefill_attention,
-    rmsnorm, fused_add_rmsnorm, rotary_embedding, silu_and_mul, w8a16_matmul (and w8a16_silu_and_mul, the
+    rmsnorm, fused_add_rmsnorm (and rmsnorm_quant: the output as a W8A8 layer's 8-bit input), rotary_embedding,
+    silu_and_mul (and silu_and_mul_quant), w8a16_matmul (and w8a16_silu_and_mul, the
     two at once), skinny_matmul,
     quantize_activation and scale_int32 (W8A8), top_p_threshold (the sampler's nucleus cut).
 
@@ -28,12 +29,12 @@ if HAS_TRITON:
 
     patch_interpreter()
 
-    from .activation import silu_and_mul
+    from .activation import silu_and_mul, silu_and_mul_quant
     from .cache import reshape_and_cache, rope_and_cache
     from .decode_attention import paged_decode_attention
     from .prefill_attention import paged_prefill_attention
     from .quant import quantize_activation, scale_int32
-    from .rmsnorm import fused_add_rmsnorm, rmsnorm
+    from .rmsnorm import fused_add_rmsnorm, rmsnorm, rmsnorm_quant
     from .rotary import rotary_embedding
     from .sampling import top_p_threshold
     from .skinny import skinny_matmul, use_skinny
@@ -71,6 +72,14 @@ else:  # pragma: no cover
         return (torch.cat([codes, torch.zeros(pad, x.shape[1], device=x.device).to(dtype)]),
                 torch.cat([scales, torch.ones(pad, 1, device=x.device)]))
 
+    def rmsnorm_quant(x, weight, eps, dtype, static_scale=None, pad_rows=0, residual=None):
+        y, res = (rmsnorm(x, weight, eps), None) if residual is None else fused_add_rmsnorm(x, residual, weight, eps)
+        return (*quantize_activation(y.reshape(-1, x.shape[-1]), dtype, static_scale, pad_rows), res)
+
+    def silu_and_mul_quant(x, dtype, static_scale=None, pad_rows=0):
+        y = silu_and_mul(x)
+        return quantize_activation(y.reshape(-1, y.shape[-1]), dtype, static_scale, pad_rows)
+
     def scale_int32(acc, row_scale, channel_scale, bias, out_dtype, rows=None):
         rows = acc.shape[0] if rows is None else rows
         y = acc[:rows].float() * row_scale[:rows] * channel_scale.float()[None, :]
@@ -85,8 +94,10 @@ __all__ = [
     "paged_prefill_attention",
     "rmsnorm",
     "fused_add_rmsnorm",
+    "rmsnorm_quant",
     "rotary_embedding",
     "silu_and_mul",
+    "silu_and_mul_quant",
     "w8a16_matmul",
     "w8a16_silu_and_mul",
     "skinny_matmul",

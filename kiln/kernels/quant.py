@@ -44,6 +44,26 @@ def _to_codes(x, scale, codes_ptr, INT8: tl.constexpr, QMAX: tl.constexpr):
     return y.to(codes_ptr.dtype.element_ty)
 
 
+@triton.jit
+def _dynamic_scale(x, QMAX: tl.constexpr):
+    # the per-token scale: absmax / QMAX, floored so that an all-zero row has one
+    return tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-8), QMAX)
+
+
+@triton.jit
+def store_row_codes(y, offs, mask, c_row, scale_ptr, static_ptr, row,
+                    INT8: tl.constexpr, QMAX: tl.constexpr, STATIC: tl.constexpr):
+    """One whole float32 row `y` (zero where masked) as 8-bit codes at c_row + offs and its float32 scale at
+    scale_ptr + row: quantize_activation's arithmetic, so also the epilogue of the kernels that produce a W8A8
+    layer's input (rmsnorm, silu_and_mul)."""
+    if STATIC:
+        scale = tl.load(static_ptr).to(tl.float32)
+    else:
+        scale = _dynamic_scale(y, QMAX)
+    tl.store(c_row + offs, _to_codes(y, scale, c_row, INT8, QMAX), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
 # values that change with traffic are not specialized on, so no new variant compiles after warm-up (docs/kernels.md)
 @triton.jit(do_not_specialize=['M'])
 def _quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, static_ptr, M, K, stride_xm, stride_cm,
@@ -57,13 +77,8 @@ def _quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, static_ptr, M, K, stride_xm,
     c_row = codes_ptr + row.to(tl.int64) * stride_cm
     offs = tl.arange(0, BLOCK_K)
     if ONE_TILE:
-        mask = offs < K
         x = tl.load(x_row + offs, mask=offs < k_live, other=0.0).to(tl.float32)
-        if STATIC:
-            scale = tl.load(static_ptr).to(tl.float32)
-        else:
-            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-8), QMAX)
-        tl.store(c_row + offs, _to_codes(x, scale, codes_ptr, INT8, QMAX), mask=mask)
+        store_row_codes(x, offs, offs < K, c_row, scale_ptr, static_ptr, row, INT8, QMAX, STATIC)
     else:
         if STATIC:
             scale = tl.load(static_ptr).to(tl.float32)
@@ -72,11 +87,25 @@ def _quant_rows_kernel(x_ptr, codes_ptr, scale_ptr, static_ptr, M, K, stride_xm,
             for k0 in range(0, K, BLOCK_K):
                 x = tl.load(x_row + k0 + offs, mask=k0 + offs < k_live, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.abs(x))
-            scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-8), QMAX)
+            scale = _dynamic_scale(amax, QMAX)
         for k0 in range(0, K, BLOCK_K):  # the second read of a long row mostly hits L2
             x = tl.load(x_row + k0 + offs, mask=k0 + offs < k_live, other=0.0).to(tl.float32)
             tl.store(c_row + k0 + offs, _to_codes(x, scale, codes_ptr, INT8, QMAX), mask=k0 + offs < K)
-    tl.store(scale_ptr + row, scale)
+        tl.store(scale_ptr + row, scale)
+
+
+def codes_and_scales(rows: int, K: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs of a quantizing kernel: codes [rows, K] of dtype (int8 or float8_e4m3fn), scales [rows, 1]."""
+    assert dtype in (torch.int8, torch.float8_e4m3fn)
+    return (torch.empty((rows, K), dtype=dtype, device=device),
+            torch.empty((rows, 1), dtype=torch.float32, device=device))
+
+
+def quant_constants(dtype: torch.dtype, static_scale: torch.Tensor | None, device) -> dict:
+    """The constexprs of store_row_codes for dtype, and its static-scale pointer (float32, one element) if any."""
+    int8 = dtype == torch.int8
+    static = None if static_scale is None else static_scale.reshape(1).to(device=device, dtype=torch.float32)
+    return dict(INT8=int8, QMAX=INT8_MAX if int8 else FP8_MAX, STATIC=static is not None), static
 
 
 def quantize_activation(x: torch.Tensor, dtype: torch.dtype, static_scale: torch.Tensor | None = None,
@@ -84,24 +113,19 @@ def quantize_activation(x: torch.Tensor, dtype: torch.dtype, static_scale: torch
     """x [M, K] -> (codes [max(M, pad_rows), K] of `dtype` (int8 or float8_e4m3fn), scales [same rows, 1] float32):
     dynamic per-token absmax scales, or the one static scale (a float32 tensor of one element). Rows past M are
     zero codes (their scales are meaningless)."""
-    assert x.dim() == 2 and dtype in (torch.int8, torch.float8_e4m3fn)
+    assert x.dim() == 2
     M, K = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows = max(M, pad_rows)
-    codes = torch.empty((rows, K), dtype=dtype, device=x.device)
-    scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    codes, scales = codes_and_scales(rows, K, dtype, x.device)
     if rows == 0:
         return codes, scales
-    static = static_scale is not None
-    if static:
-        static_scale = static_scale.reshape(1).to(device=x.device, dtype=torch.float32)
+    consts, static = quant_constants(dtype, static_scale, x.device)
     one_tile = K <= ONE_TILE_MAX_K
     block = next_pow2(K) if one_tile else 4096
-    int8 = dtype == torch.int8
-    launch(_quant_rows_kernel, (rows,), x, codes, scales, static_scale if static else scales, M, K, x.stride(0),
-           codes.stride(0), INT8=int8, QMAX=INT8_MAX if int8 else FP8_MAX, STATIC=static,
-           BLOCK_K=block, ONE_TILE=one_tile, num_warps=8 if block >= 4096 else 4)
+    launch(_quant_rows_kernel, (rows,), x, codes, scales, scales if static is None else static, M, K, x.stride(0),
+           codes.stride(0), **consts, BLOCK_K=block, ONE_TILE=one_tile, num_warps=8 if block >= 4096 else 4)
     return codes, scales
 
 

@@ -134,7 +134,17 @@ class Linear(nn.Module):
             self.bias.data = self.bias.data.to(dtype)
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def input_quant(self, x: torch.Tensor | qops.QuantizedRows) -> qops.InputQuant | None:
+        """How this layer wants an input of x's rows quantized by the kernel that produces it (W8A8 on CUDA), or
+        None: pass it as is."""
+        if not self.act_quant or self.int4:
+            return None
+        rows = x.rows if isinstance(x, qops.QuantizedRows) else x.numel() // x.shape[-1]
+        return qops.input_quant(rows, self.qweight, self.input_scale)
+
+    def forward(self, x: torch.Tensor | qops.QuantizedRows) -> torch.Tensor:
+        if isinstance(x, qops.QuantizedRows):  # quantized by its producer, as input_quant asked
+            return qops.w8a8_gemm(x, self.qweight, self.scale, self.bias)
         if self.qweight is not None:
             if self.int4:
                 return _w4a16(x, self.qweight, self.scale, self.bias)
@@ -143,14 +153,21 @@ class Linear(nn.Module):
             return _w8a16(x, self.qweight, self.scale, self.bias)
         return _dense(x, self.weight, self.bias)
 
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+    def silu_and_mul(self, x: torch.Tensor | qops.QuantizedRows, out_quant: qops.InputQuant | None = None
+                     ) -> torch.Tensor | qops.QuantizedRows:
         """CUDA: silu(first half) * second half of forward(x), the SwiGLU of a fused gate/up projection. With 8-bit
-        weights at one row (where the w8a8 schemes too leave activations unquantized), one kernel for both."""
-        from kiln.kernels import silu_and_mul, w8a16_silu_and_mul
+        weights at one row (where the w8a8 schemes too leave activations unquantized), one kernel for both.
+        out_quant (the next layer's input_quant): the result as that layer's 8-bit input, in the same kernel."""
+        from kiln.kernels import silu_and_mul, silu_and_mul_quant, w8a16_silu_and_mul
         one_row_weight_only = not self.act_quant or qops.WEIGHT_ONLY_MAX_T >= 1
-        if self.qweight is not None and not self.int4 and x.numel() == x.shape[-1] and one_row_weight_only:
+        if (not isinstance(x, qops.QuantizedRows) and self.qweight is not None and not self.int4
+                and x.numel() == x.shape[-1] and one_row_weight_only and out_quant is None):
             return w8a16_silu_and_mul(x, self.qweight, self.scale, self.bias)
-        return silu_and_mul(self.forward(x))
+        gate_up = self.forward(x)
+        if out_quant is None:
+            return silu_and_mul(gate_up)
+        codes, scales = silu_and_mul_quant(gate_up, out_quant.dtype, out_quant.static_scale, out_quant.pad_rows)
+        return qops.QuantizedRows(codes, scales, out_quant.rows, gate_up.dtype)
 
 
 class ColumnParallelLinear(Linear):

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.quantization.ops import InputQuant, QuantizedRows
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -12,10 +14,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, out_quant: InputQuant | None = None):
+        """Without residual: norm(x). With residual: (norm(x + residual), x + residual). out_quant (the next
+        layer's input_quant, CUDA): norm(...) as that layer's 8-bit input (QuantizedRows), in the same kernel."""
         if x.is_cuda:  # one fused Triton kernel instead of ~8 elementwise launches
             from kiln import kernels
+            if out_quant is not None:
+                q = out_quant
+                codes, scales, res = kernels.rmsnorm_quant(x, self.weight, self.eps, q.dtype, q.static_scale,
+                                                           q.pad_rows, residual)
+                rows = QuantizedRows(codes, scales, q.rows, x.dtype)
+                return rows if residual is None else (rows, res)
             if residual is None:
                 return kernels.rmsnorm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
             return kernels.fused_add_rmsnorm(x, residual, self.weight, self.eps)

@@ -15,6 +15,7 @@ from kiln.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParal
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rope import RotaryEmbedding
 from kiln.models.config import ModelConfig
+from kiln.quantization.ops import QuantizedRows
 
 
 class Attention(nn.Module):
@@ -36,7 +37,8 @@ class Attention(nn.Module):
         self.backend = None  # set by the runner
 
     def forward(self, positions, x, cache: LayerKVCache, meta: AttentionMetadata):
-        t = x.shape[0]
+        """x: the normed hidden states [t, hidden], or already quantized for qkv_proj (its input_quant)."""
+        t = x.rows if isinstance(x, QuantizedRows) else x.shape[0]
         qkv = self.qkv_proj(x)
         nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q = qkv[:, :nq].view(t, self.num_heads, self.head_dim)
@@ -45,7 +47,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         rope = None
-        if x.is_cuda:  # the backend rotates q and k (the Triton one as it writes the cache)
+        if qkv.is_cuda:  # the backend rotates q and k (the Triton one as it writes the cache)
             rope = (self.rope, positions)
         elif self.q_norm is not None:
             q, k = self.rope(positions, q, k)
@@ -65,8 +67,9 @@ class MLP(nn.Module):
         self.inter = cfg.intermediate_size // tpd.tp_size()
 
     def forward(self, x):
-        if x.is_cuda:
-            return self.down_proj(self.gate_up_proj.silu_and_mul(x))
+        """x: the normed hidden states, or already quantized for gate_up_proj (its input_quant)."""
+        if isinstance(x, QuantizedRows) or x.is_cuda:  # down_proj's input rows are x's
+            return self.down_proj(self.gate_up_proj.silu_and_mul(x, self.down_proj.input_quant(x)))
         gu = self.gate_up_proj(x)
         return self.down_proj(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
 
@@ -80,13 +83,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, x, residual, cache, meta):
+        # W8A8 on CUDA: each norm writes its projection's 8-bit input (one kernel instead of norm + quantize)
         if residual is None:
             residual = x
-            x = self.input_layernorm(x)
+            x = self.input_layernorm(x, out_quant=self.self_attn.qkv_proj.input_quant(x))
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, out_quant=self.self_attn.qkv_proj.input_quant(x))
         x = self.self_attn(positions, x, cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, out_quant=self.mlp.gate_up_proj.input_quant(x))
         return self.mlp(x), residual
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -122,6 +123,49 @@ INT_MM_MIN_ROWS = 17      # cuBLAS int8 (torch._int_mm) needs M > 16
 SCALED_MM_ROW_MULTIPLE = 16  # torch._scaled_mm wants M a multiple of 16 in some versions: codes padded with zeros
 
 
+# The kernels that produce a W8A8 layer's input (the norms, SwiGLU) write it as 8-bit codes and scales themselves
+# (one kernel instead of two; a decode step of batch 135 on an H100 spent 8% of its GPU time in the separate
+# quantization kernel, run AF). 0: they write bf16 and the layer quantizes (the same codes; for A/B timing).
+FUSE_INPUT_QUANT = os.environ.get("KILN_FUSE_INPUT_QUANT", "1") != "0"
+
+
+@dataclass(frozen=True)
+class InputQuant:
+    """How a W8A8 layer on CUDA takes an input of `rows` rows that arrives already quantized: a producer kernel
+    (rmsnorm_quant, silu_and_mul_quant) writes `dtype` codes and row scales (or uses `static_scale`), rows up to
+    `pad_rows` as zero codes for the GEMM."""
+    rows: int
+    dtype: torch.dtype
+    static_scale: torch.Tensor | None
+    pad_rows: int
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """A W8A8 layer's input as 8-bit codes [>= rows, K] and float32 scales [same, 1]; out_dtype is the dtype the
+    unquantized activations had (the layer's output dtype)."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    rows: int
+    out_dtype: torch.dtype
+
+
+def input_quant(rows: int, qweight: torch.Tensor | None, input_scale: torch.Tensor | None) -> InputQuant | None:
+    """The InputQuant of a W8A8 layer (weights `qweight`) for an input of `rows` rows, or None where that layer
+    would not quantize the input itself on CUDA (CPU, few rows, a shape cuBLAS does not take, rows longer than a
+    producer's one tile)."""
+    from kiln.kernels import HAS_TRITON
+    if (not FUSE_INPUT_QUANT or qweight is None or not qweight.is_cuda or not HAS_TRITON or rows <= WEIGHT_ONLY_MAX_T
+            or qweight.shape[0] % 16 or qweight.shape[1] % 16):
+        return None
+    from kiln.kernels.quant import ONE_TILE_MAX_K
+    if qweight.shape[1] > ONE_TILE_MAX_K:  # the producers hold a row in registers
+        return None
+    if qweight.dtype == torch.int8:
+        return InputQuant(rows, torch.int8, input_scale, INT_MM_MIN_ROWS)
+    return InputQuant(rows, FP8_DTYPE, input_scale, -(-rows // SCALED_MM_ROW_MULTIPLE) * SCALED_MM_ROW_MULTIPLE)
+
+
 def _w8a8_kernels(x2, qweight, wscale, bias, input_scale):
     """The CUDA path on rows x2 [M, K]. It also runs on CPU tensors under Triton's interpreter (the tests do)."""
     from kiln import kernels
@@ -135,16 +179,23 @@ def _w8a8_kernels(x2, qweight, wscale, bias, input_scale):
         y = (xq.float() @ qweight.float().t()) * xs * wscale.float()[None, :]
         y = y.to(x2.dtype)
         return y if bias is None else y + bias
+    pad = INT_MM_MIN_ROWS if qweight.dtype == torch.int8 else -(-m // SCALED_MM_ROW_MULTIPLE) * SCALED_MM_ROW_MULTIPLE
+    xq, xs = kernels.quantize_activation(x2, qweight.dtype, input_scale, pad_rows=pad)
+    return w8a8_gemm(QuantizedRows(xq, xs, m, x2.dtype), qweight, wscale, bias)
+
+
+def w8a8_gemm(xq: QuantizedRows, qweight: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+    """The GEMM of the CUDA W8A8 path on rows already quantized (codes padded as InputQuant says): [rows, N]."""
+    from kiln import kernels
+    m = xq.rows
     if qweight.dtype == torch.int8:
-        xq, xs = kernels.quantize_activation(x2, torch.int8, input_scale, pad_rows=INT_MM_MIN_ROWS)
-        return kernels.scale_int32(torch._int_mm(xq, qweight.t()), xs, wscale, bias, x2.dtype, rows=m)
-    pad = -(-m // SCALED_MM_ROW_MULTIPLE) * SCALED_MM_ROW_MULTIPLE
-    xq, xs = kernels.quantize_activation(x2, FP8_DTYPE, input_scale, pad_rows=pad)
+        return kernels.scale_int32(torch._int_mm(xq.codes, qweight.t()), xq.scales, wscale, bias, xq.out_dtype, rows=m)
     # row-wise scales in cuBLAS's epilogue (bf16 output only); qweight.t() of a row-major [N, K] tensor is the
     # column-major B it wants
     fused_bias = bias if bias is not None and bias.dtype == torch.bfloat16 else None
-    y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=wscale.float().reshape(1, -1),
-                         bias=fused_bias, out_dtype=torch.bfloat16)[:m].to(x2.dtype)
+    y = torch._scaled_mm(xq.codes, qweight.t(), scale_a=xq.scales, scale_b=wscale.float().reshape(1, -1),
+                         bias=fused_bias, out_dtype=torch.bfloat16)[:m].to(xq.out_dtype)
     return y if bias is None or fused_bias is not None else y + bias
 
 

@@ -86,6 +86,12 @@ def _launch_every_kernel():
             x = rand(3, k_len)
             K.quantize_activation(x, code)
             K.quantize_activation(x, code, torch.tensor([0.02]))
+        for dt in (torch.bfloat16, torch.float16):  # the producers of a W8A8 layer's input, quantizing as they write
+            for static in (None, torch.tensor([0.02])):
+                x = rand(3, 64, dtype=dt)
+                K.rmsnorm_quant(x, rand(64, dtype=dt), 1e-6, code, static, 17)
+                K.rmsnorm_quant(x, rand(64, dtype=dt), 1e-6, code, static, 17, residual=x.clone())
+                K.silu_and_mul_quant(rand(3, 256, dtype=dt), code, static, 16)
     x = torch.randn(3, 3000, generator=g)
     K.top_p_threshold(x, torch.tensor([0.5, 0.9, 1.0]), torch.tensor([float("-inf"), 0.0, float("-inf")]))
     acc = torch.randint(-100, 100, (17, 96), dtype=torch.int32)

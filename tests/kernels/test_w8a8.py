@@ -91,6 +91,89 @@ def test_all_zero_row_gets_the_floor_scale():
     assert torch.equal(scales, qops.quantize_activation(x, torch.int8)[1]) and not codes.any()
 
 
+# ----------------------------------------------------------------------------- producers that quantize as they write
+
+# T rows, H features, pad_rows (what the GEMM after wants: 17 for int8, a multiple of 16 for FP8)
+PRODUCER_CASES = [(5, 64, 0), (3, 200, 17), (20, 96, 32),
+                  pytest.param(300, 4096, 304, marks=gpu_only), pytest.param(64, 14336, 64, marks=gpu_only)]
+ACT_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("T,H,pad", PRODUCER_CASES)
+@pytest.mark.parametrize("code", [torch.int8, FP8], ids=["int8", "e4m3"])
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("add", [False, True], ids=["norm", "add-norm"])
+def test_rmsnorm_quant_equals_norm_then_quantize(T, H, pad, code, dtype, static, add):
+    x, w = rand(T, H, dtype=dtype, scale=3.0), rand(H, dtype=dtype)
+    res = rand(T, H, dtype=dtype) if add else None
+    static_scale = torch.tensor([0.02], device=DEVICE) if static else None
+    codes, scales, res_out = K.rmsnorm_quant(x, w, 1e-6, code, static_scale, pad, residual=res)
+    y, ref_res = K.fused_add_rmsnorm(x, res, w, 1e-6) if add else (K.rmsnorm(x, w, 1e-6), None)
+    ref_codes, ref_scales = K.quantize_activation(y, code, static_scale, pad_rows=pad)
+    assert codes.shape == (max(T, pad), H) and scales.shape == (max(T, pad), 1)
+    assert_codes_match(codes, ref_codes)  # padding rows included: zero codes
+    assert not codes[T:].float().any()
+    assert torch.equal(scales[:T], ref_scales[:T])
+    assert (res_out is None) == (not add)
+    if add:
+        assert torch.equal(res_out, ref_res)
+
+
+@pytest.mark.parametrize("T,I,pad", [(5, 64, 0), (3, 100, 17), (20, 96, 32),
+                                     pytest.param(300, 14336, 304, marks=gpu_only)])
+@pytest.mark.parametrize("code", [torch.int8, FP8], ids=["int8", "e4m3"])
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_silu_and_mul_quant_equals_silu_and_mul_then_quantize(T, I, pad, code, dtype, static):
+    x = rand(T, 2 * I, dtype=dtype, scale=2.0)
+    static_scale = torch.tensor([0.02], device=DEVICE) if static else None
+    codes, scales = K.silu_and_mul_quant(x, code, static_scale, pad)
+    ref_codes, ref_scales = K.quantize_activation(K.silu_and_mul(x), code, static_scale, pad_rows=pad)
+    assert codes.shape == (max(T, pad), I)
+    assert_codes_match(codes, ref_codes)
+    assert not codes[T:].float().any()
+    assert torch.equal(scales[:T], ref_scales[:T])
+
+
+@pytest.mark.parametrize("code", [torch.int8, FP8], ids=["int8", "e4m3"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_on_rows_quantized_by_their_producer(code, bias):
+    # what a decoder layer does on CUDA: the norm writes qkv_proj's 8-bit input, the layer runs only its GEMM
+    from kiln.layers.linear import Linear
+    T, H, N = 40, 128, 96
+    lin = Linear(H, N, bias=bias)
+    lin.weight.data.copy_(rand(N, H, scale=0.05))
+    if bias:
+        lin.bias.data.copy_(rand(N))
+    lin.quantize_weights(qops.W8A8_INT8 if code == torch.int8 else qops.W8A8_FP8)
+    lin.to(DEVICE)
+    lin.qweight, lin.scale = lin.qweight.to(DEVICE), lin.scale.to(DEVICE)
+    dtype = torch.float16
+    lin.bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.data.to(dtype), requires_grad=False)
+    x, w = rand(T, H, dtype=dtype), rand(H, dtype=dtype)
+    pad = 48 if code == FP8 else 17
+    codes, scales, _ = K.rmsnorm_quant(x, w, 1e-6, code, None, pad)
+    out = lin(qops.QuantizedRows(codes, scales, T, dtype))
+    ref = qops._w8a8_kernels(K.rmsnorm(x, w, 1e-6), lin.qweight, lin.scale, lin.bias, None)
+    assert out.shape == (T, N) and out.dtype == dtype
+    assert torch.equal(out, ref)
+
+
+def test_input_quant_only_where_the_layer_would_quantize_on_cuda():
+    from kiln.layers.linear import Linear
+    lin = Linear(128, 96)
+    lin.weight.data.copy_(torch.randn(96, 128))
+    assert lin.input_quant(torch.zeros(40, 128)) is None  # float weights
+    lin.quantize_weights(qops.W8A8_FP8)
+    assert lin.input_quant(torch.zeros(40, 128)) is None  # CPU: the reference path quantizes inside
+    if torch.cuda.is_available():
+        lin.qweight, lin.scale = lin.qweight.cuda(), lin.scale.cuda()
+        assert lin.input_quant(torch.zeros(qops.WEIGHT_ONLY_MAX_T, 128)) is None  # the weight-only kernel's rows
+        q = lin.input_quant(torch.zeros(40, 128))
+        assert (q.rows, q.dtype, q.pad_rows, q.static_scale) == (40, FP8, 48, None)
+
+
 # ----------------------------------------------------------------------------- int8 GEMM epilogue
 
 @pytest.mark.parametrize("M,N,rows", [(17, 96, 5), (40, 300, 40), pytest.param(1024, 28672, 1000, marks=gpu_only)])
@@ -191,6 +274,41 @@ def test_weight_only_path_is_more_accurate_than_w8a8(code):
     fast = _run_kernel_path(x, wq, ws, None, None)
     w8a8 = qops.w8a8_linear(x.cpu(), wq.cpu(), ws.cpu(), None)
     assert rel_err(fast, truth) < rel_err(w8a8, truth)
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [1, 17, 300])
+@pytest.mark.parametrize("scheme", [qops.W8A8_INT8, qops.W8A8_FP8])
+def test_decoder_layers_with_fused_input_quantization_equal_unfused(T, scheme, monkeypatch):
+    # the norms and SwiGLU writing their projection's 8-bit input change no bit of the model's output
+    from kiln.entrypoints.bench import PRESETS
+    from kiln.layers.linear import Linear
+    from kiln.models.config import ModelConfig
+    from kiln.models.llama import LlamaModel
+    cfg = ModelConfig.from_dict(PRESETS["tiny"])
+    torch.manual_seed(0)
+    model = LlamaModel(cfg)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    for mod in model.modules():
+        if isinstance(mod, Linear):
+            mod.quantize_weights(scheme)
+    model = model.to(torch.bfloat16).cuda()
+    for mod in model.modules():
+        if isinstance(mod, Linear):  # plain attributes: .cuda() leaves them
+            mod.qweight, mod.scale = mod.qweight.cuda(), mod.scale.cuda()
+    hidden = torch.randn(T, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(Linear, "input_quant", lambda self, x: None)
+        x, residual = hidden, None
+        for layer in model.layers:
+            layer.self_attn.forward = lambda positions, x, cache, meta, a=layer.self_attn: a.o_proj(
+                a.qkv_proj(x)[:, :a.num_heads * a.head_dim])  # attention aside: the projections only
+            x, residual = layer(None, x, residual, None, None)
+        outs.append((x, residual))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 @gpu_only
