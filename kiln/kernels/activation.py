@@ -26,7 +26,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, scale_ptr, static_ptr, stride_x, stride
     g = tl.load(x_ptr + row * stride_x + I + offs, mask=live, other=0.0).to(tl.float32)
     y = a / (1.0 + tl.exp(-a)) * g
     if QUANT:
-        # rounded to the activation dtype first: the codes are those of the unfused output
+        # rounded to the activation dtype first, as the unfused output is
         y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
         store_row_codes(y, offs, mask, out_ptr + row * stride_o, scale_ptr, static_ptr, row, INT8, QMAX, STATIC)
     else:
@@ -53,7 +53,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 def silu_and_mul_quant(x: torch.Tensor, dtype: torch.dtype, static_scale: torch.Tensor | None = None,
                        pad_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """silu_and_mul whose output is a W8A8 layer's input: x [T, 2I] -> (codes [max(T, pad_rows), I] of dtype,
-    scales [same rows, 1] float32), what quantize_activation gives on silu_and_mul(x); rows past T zero codes.
+    scales [same rows, 1] float32), quantize_activation's arithmetic on silu_and_mul(x); rows past T zero codes.
     One kernel instead of two; I up to ONE_TILE_MAX_K (a row in registers)."""
     I = x.shape[-1] // 2
     assert I <= ONE_TILE_MAX_K, f"silu_and_mul_quant: {I} features exceed one tile ({ONE_TILE_MAX_K})"

@@ -38,7 +38,8 @@ def _rmsnorm_kernel(
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = x * rstd * w
     if QUANT:
-        # rounded to the activation dtype first: the codes are those of the unfused norm's output
+        # rounded to the activation dtype first, as the unfused norm's output is (a GPU may round a few values one
+        # ulp apart from the plain kernel: tests/kernels/test_w8a8.py)
         y = tl.where(live, y.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)  # padding: +0, not 0 * -w
         store_row_codes(y, offs, mask, out_ptr + row * stride_o, scale_ptr, static_ptr, row, INT8, QMAX, STATIC)
     else:
@@ -108,8 +109,8 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torc
                   static_scale: torch.Tensor | None = None, pad_rows: int = 0,
                   residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """rmsnorm (fused_add_rmsnorm with residual) whose output is a W8A8 layer's input: returns (codes
-    [max(T, pad_rows), H] of dtype, scales [same rows, 1] float32, new_residual or None), the codes and scales
-    quantize_activation gives on the unfused output, rows past T zero codes. One kernel instead of two."""
+    [max(T, pad_rows), H] of dtype, scales [same rows, 1] float32, new_residual or None), quantize_activation's
+    arithmetic on the norm's output rounded to x's dtype, rows past T zero codes. One kernel instead of two."""
     H = x.shape[-1]
     T = x.numel() // H
     codes, scales = codes_and_scales(max(T, pad_rows), H, dtype, x.device)
