@@ -26,15 +26,20 @@ from kiln.engine.request import Request, SamplingParams  # noqa: E402
 from kiln.engine.scheduler import Scheduler  # noqa: E402
 
 
-def simulate(num_blocks: int, block_size: int, max_num_seqs: int, budget: int, reserve_ratio: float, n: int,
-             input_len: int, output_len: int, early_stop: bool, cost: dict, seed: int = 0) -> dict:
+EOS = 2
+
+
+def simulate(num_blocks: int, block_size: int, max_num_seqs: int, budget: int, reserve_ratio: float | None, n: int,
+             input_len: int, output_len: int, early_stop: bool, cost: dict, seed: int = 0,
+             max_tokens: int | None = None) -> dict:
+    max_tokens = max_tokens or output_len
     kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
-    sched = Scheduler(kv, max_num_seqs, budget, input_len + output_len + 8, reserve_ratio=reserve_ratio)
+    sched = Scheduler(kv, max_num_seqs, budget, input_len + max_tokens + 8, reserve_ratio=reserve_ratio)
     rng = random.Random(seed)
     ends = {}
     for i in range(n):
         r = Request(str(i), [rng.randrange(1, 30000) for _ in range(input_len)],
-                    SamplingParams(max_tokens=output_len, ignore_eos=True))
+                    SamplingParams(max_tokens=max_tokens), eos_token_ids=frozenset([EOS]))
         ends[r.request_id] = rng.randrange(1, output_len + 1) if early_stop else output_len
         sched.add(r)
     t = mixed_s = decode_s = 0.0
@@ -57,10 +62,9 @@ def simulate(num_blocks: int, block_size: int, max_num_seqs: int, budget: int, r
             decode_steps += 1
             decode_rows += len(decodes)
         slots = sched.launched(batch, sampling)
-        for r in sampling:  # an early end (like an EOS) at its drawn length
-            if len(r.output_token_ids) >= ends[r.request_id]:
-                r.params.max_tokens = len(r.output_token_ids)
-        sched.resolve(batch, sampling, slots, [5] * len(sampling))
+        # an EOS at each request's drawn length
+        sched.resolve(batch, sampling, slots, [EOS if len(r.output_token_ids) >= ends[r.request_id] else 5
+                                               for r in sampling])
     out = sum(ends.values())
     return dict(total_s=t, output_tok_s=out / t, preemptions=sched.num_preemptions, steps=steps, mixed_s=mixed_s,
                 decode_only_s=decode_s, decode_only_mean_batch=decode_rows / max(decode_steps, 1))
@@ -76,7 +80,9 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=1000)
     p.add_argument("--output-len", type=int, default=1000)
     p.add_argument("--early-stop", action="store_true", help="each request ends at a random length <= output-len")
-    p.add_argument("--reserve-ratio", type=float, nargs="+", default=[0.0])
+    p.add_argument("--reserve-ratio", nargs="+", default=["auto"], help="numbers 0-1, or auto (the default)")
+    p.add_argument("--max-tokens", type=int, default=None, help="each request's max_tokens (default: output-len); "
+                   "with --early-stop the lengths are still drawn up to output-len")
     # run AC's H100 fit: 0.3 ms a step, 20 us a decode row and 16 us a prefill token of FP8 matmul, the decode
     # rows' KV (64 KiB a token: 32 layers x 8 heads x 128 x K and V in 8 bits) at 2.4 TB/s
     p.add_argument("--fixed-s", type=float, default=3e-4)
@@ -88,9 +94,10 @@ def main() -> None:
     cost = dict(fixed=a.fixed_s, row=a.row_s, prefill=a.prefill_token_s, kv_bytes=a.kv_bytes_per_token,
                 read_rate=a.kv_read_rate)
     for ratio in a.reserve_ratio:
+        ratio = None if ratio == "auto" else float(ratio)
         r = simulate(a.num_blocks, a.block_size, a.max_num_seqs, a.max_num_batched_tokens, ratio, a.num_prompts,
-                     a.input_len, a.output_len, a.early_stop, cost)
-        print(f"reserve ratio {ratio}: {r['total_s']:.1f} s, {r['output_tok_s']:,.0f} out tok/s, "
+                     a.input_len, a.output_len, a.early_stop, cost, max_tokens=a.max_tokens)
+        print(f"reserve ratio {'auto' if ratio is None else ratio}: {r['total_s']:.1f} s, {r['output_tok_s']:,.0f} out tok/s, "
               f"{r['preemptions']} preemptions, {r['steps']} steps: with prefill {r['mixed_s']:.1f} s, decode-only "
               f"{r['decode_only_s']:.1f} s at a mean batch of {r['decode_only_mean_batch']:.0f}", flush=True)
 

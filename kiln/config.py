@@ -275,11 +275,12 @@ class KilnConfig:
         "KILN_MAX_NUM_BATCHED_TOKENS, after every running decode has its token: lower it to bound the time per "
         "output token under mixed load, longer prompts are prefilled in chunks; unset: the whole step budget.",
         kind="optint", flags=("--max-prefill-tokens",), check=_range(1), group="limits")
-    kv_reserve_ratio: float = setting(
-        0.0, "KILN_KV_RESERVE_RATIO", "Admission keeps free this share (0-1) of the KV blocks the running requests "
+    kv_reserve_ratio: float | None = setting(
+        None, "KILN_KV_RESERVE_RATIO", "Admission keeps free this share (0-1) of the KV blocks the running requests "
         "may still take up to their max_tokens: 0 admits while blocks are free and preempts (recomputes) the "
-        "newest request when they run out; 1 admits only what can run to max_tokens without a preemption (for "
-        "offline runs to max_tokens; where requests end early it leaves the cache emptier).", kind="float",
+        "newest request when they run out; 1 admits only what can run to max_tokens without a preemption (where "
+        "requests end early it leaves the cache emptier); auto (unset): the share of max_tokens that finished "
+        "requests used, starting at 1.", kind="optfloat",
         flags=("--kv-reserve-ratio",), check=_range(0, 1), group="limits")
 
     # --- KV cache --------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ class EngineConfig:
     max_num_seqs: int = 50                # BATCH_SIZE: concurrent sequences
     max_num_batched_tokens: int | None = None  # tokens per step, decodes + prefills; None: derived
     max_prefill_tokens: int | None = None  # prefill tokens per step within it; None: no separate bound
-    kv_reserve_ratio: float = 0.0         # admission keeps this share of running requests' future blocks free
+    kv_reserve_ratio: float | None = None  # admission keeps this share of running requests' future blocks free;
+    #                                        None: the share finished requests used of their max_tokens
     max_waiting: int = 128                # MAX_CACHED_TASK_NUM: waiting-queue cap
     block_size: int = 64                  # BLOCK_SIZE
     num_gpu_blocks: int | None = None     # explicit KV block count (overrides the two below)

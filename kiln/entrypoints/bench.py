@@ -762,9 +762,10 @@ def _engine_args(p):
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--kv-reserve-ratio", type=float, default=0.0,
+    p.add_argument("--kv-reserve-ratio", type=lambda v: None if v == "auto" else float(v), default=None,
                    help="admission keeps this share of the running requests' future KV blocks free (1: no "
-                        "preemption when every request runs to max_tokens)")
+                        "preemption when every request runs to max_tokens; auto, the default: the share that "
+                        "finished requests used)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"])
     p.add_argument("--quantization", default=None, choices=[None, "w8a16", "w8a8-int8", "w8a8-fp8"],

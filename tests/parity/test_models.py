@@ -56,7 +56,7 @@ def test_greedy_unchanged_under_preemption(tiny):
     # 10 blocks of 16 tokens: every request fits alone (<= 9 blocks) but not all together, so decode
     # growth forces preemptions (and, with a small token budget, chunked prefills)
     core = EngineCore(EngineConfig(model=str(tiny), dtype="float32", block_size=16, num_gpu_blocks=10,
-                                   max_num_batched_tokens=48))
+                                   max_num_batched_tokens=48, kv_reserve_ratio=0.0))  # greedy admission
     got = _run(core, PROMPTS, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     assert core.scheduler.num_preemptions > 0
     assert got == ref

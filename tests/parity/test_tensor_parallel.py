@@ -95,7 +95,8 @@ def test_two_ranks_under_preemption(tmp_path):
     d = write_tiny_model("llama", tmp_path / "llama")
     prompts = PROMPTS + [list(range(200, 230))]
     sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    kw = dict(num_gpu_blocks=8, max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=False)
+    kw = dict(num_gpu_blocks=8, max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=False,
+              kv_reserve_ratio=0.0)  # greedy admission: preemptions
     one = make_core(d, 1, async_scheduling=False, **kw)
     try:
         ref = generate(one, prompts, sp)

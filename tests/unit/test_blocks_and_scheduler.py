@@ -26,7 +26,7 @@ def make_core(model_dir, **kw):
 
 
 def test_every_block_comes_back_after_finish_abort_and_preemption(model_dir):
-    core = make_core(model_dir)
+    core = make_core(model_dir, kv_reserve_ratio=0.0)  # greedy admission: preemptions
     rnd = random.Random(0)
     finished, aborted = set(), set()
     for i in range(14):

@@ -126,7 +126,8 @@ def test_strict_fifo_when_no_overtaking_is_allowed():
 
 def test_preemption_under_the_bound_keeps_every_block_and_finishes_everyone():
     kv = KVCacheManager(12, 16)
-    sched = Scheduler(kv, max_num_seqs=6, max_num_batched_tokens=64, max_model_len=4096, max_prefill_tokens=16)
+    sched = Scheduler(kv, max_num_seqs=6, max_num_batched_tokens=64, max_model_len=4096, max_prefill_tokens=16,
+                      reserve_ratio=0.0)  # greedy admission: preemptions
     reqs = [req(f"r{i}", 20 + 7 * i, max_tokens=30) for i in range(6)]
     for r in reqs:
         sched.add(r)
@@ -220,7 +221,7 @@ def test_admission_reserve_ratio(ratio):
         assert sched.num_preemptions > 0 and peak > 5
     else:  # in between: fewer preemptions than greedy admission
         greedy = Scheduler(KVCacheManager(30, 16, enable_prefix_caching=False), max_num_seqs=10,
-                           max_num_batched_tokens=512, max_model_len=4096)
+                           max_num_batched_tokens=512, max_model_len=4096, reserve_ratio=0.0)
         for i in range(10):
             greedy.add(req(f"r{i}", 32, max_tokens=64))
         while greedy.has_work():
@@ -228,10 +229,48 @@ def test_admission_reserve_ratio(ratio):
         assert sched.num_preemptions < greedy.num_preemptions
 
 
+def test_auto_reserve_learns_how_much_of_max_tokens_requests_use():
+    """The default (auto): admission starts as if requests run to max_tokens (so the run-to-max workload above sees
+    no preemption and at most 5 at once), then reserves the share of max_tokens that finished requests used.
+    Here every request stops (EOS) after 16 of its 64 allowed tokens: the share falls towards 1/4 and more
+    requests run at once than a ratio of 1 allows, still without a preemption."""
+    def run(ratio, eos_after):
+        sched = Scheduler(KVCacheManager(30, 16, enable_prefix_caching=False), max_num_seqs=10,
+                          max_num_batched_tokens=512, max_model_len=4096, reserve_ratio=ratio)
+        reqs = []
+        for i in range(40):
+            r = req(f"r{i}", 32, max_tokens=64)
+            if eos_after:
+                r = Request(r.request_id, r.prompt_token_ids, SamplingParams(max_tokens=64), eos_token_ids=frozenset([2]))
+            reqs.append(r)
+            sched.add(r)
+        peak = 0
+        for _ in range(5000):
+            if not sched.has_work():
+                break
+            batch = sched.schedule()
+            sampling = [r for r, n in zip(batch.requests, batch.num_tokens) if r.num_computed_tokens + n == r.num_tokens]
+            slots = sched.launched(batch, sampling)
+            sched.resolve(batch, sampling, slots, [2 if eos_after and len(r.output_token_ids) >= eos_after else 7
+                                                   for r in sampling])
+            peak = max(peak, len(sched.running))
+        assert all(r.status is RequestStatus.FINISHED for r in reqs) and sched.kv.num_free_blocks == 30
+        return sched, peak
+
+    to_max, peak = run(None, 0)
+    assert to_max.num_preemptions == 0 and peak == 5 and to_max.reserve_ratio == 1.0
+    early, peak_early = run(None, 16)
+    assert 0.25 <= early.reserve_ratio < 0.5 and early.num_preemptions == 0
+    _, peak_one = run(1.0, 16)
+    assert peak_early > peak_one
+
+
 def test_reserve_ratio_setting():
     from kiln.config import ConfigError, KilnConfig
     cfg = KilnConfig.load({"KILN_KV_RESERVE_RATIO": "1"})
     assert cfg.kv_reserve_ratio == 1.0 and cfg.to_engine_config().kv_reserve_ratio == 1.0
-    assert KilnConfig.load({}).to_engine_config().kv_reserve_ratio == 0.0
+    assert KilnConfig.load({}).to_engine_config().kv_reserve_ratio is None  # auto
+    assert KilnConfig.load({"KILN_KV_RESERVE_RATIO": "auto"}).kv_reserve_ratio is None
+    assert KilnConfig.load({"KILN_KV_RESERVE_RATIO": "0"}).to_engine_config().kv_reserve_ratio == 0.0
     with pytest.raises(ConfigError, match="KILN_KV_RESERVE_RATIO.*<= 1"):
         KilnConfig.load({"KILN_KV_RESERVE_RATIO": "1.5"})

@@ -115,7 +115,7 @@ def test_preemption_keeps_the_grammar_state(llm):
     alone = llm.chat(ASK_PERSON, greedy(80, spec))[0]
     check_person(alone)
     # a cache too small for all of them at once: the newest running requests are preempted and recomputed
-    small = LLM(dtype="float32", block_size=16, num_gpu_blocks=14, max_num_seqs=4)
+    small = LLM(dtype="float32", block_size=16, num_gpu_blocks=14, max_num_seqs=4, kv_reserve_ratio=0.0)
     prompts = [chat_ids(small, ASK_PERSON)] * 3 + [small.tokenizer.encode(p) for p in PLAIN_PROMPTS[:1]]
     outs = small.generate(prompts, [greedy(80, spec)] * 3 + [greedy(40, ignore_eos=True)])
     assert small.engine.scheduler.num_preemptions > 0
