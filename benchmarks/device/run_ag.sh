@@ -5,7 +5,7 @@
 # benchmarks/sched_sim.py: as reserve 1 here, run AF's 12,610 on an H100); on an H200, run AC's figures after.
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
-timeout 120 python3 benchmarks/kernels/fp8_swap_ab.py 2>&1 | tail -14
+timeout 120 python3 benchmarks/kernels/fp8_gemm_rows.py 2>&1 | tail -18
 t1000 fp8-kvfp8-auto --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 1024
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
   b256 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8
