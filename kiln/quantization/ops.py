@@ -120,7 +120,11 @@ def int8_matmul_cpu(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # scale, activations not quantized (so more accurate than W8A8, not less). 0 turns it off.
 WEIGHT_ONLY_MAX_T = int(os.environ.get("KILN_W8A8_WEIGHT_ONLY_MAX_T", "16"))
 INT_MM_MIN_ROWS = 17      # cuBLAS int8 (torch._int_mm) needs M > 16
-SCALED_MM_ROW_MULTIPLE = 16  # torch._scaled_mm wants M a multiple of 16 in some versions: codes padded with zeros
+# torch._scaled_mm wants M a multiple of 16 in some versions, and cuBLAS picks its FP8 kernel by M: at row counts
+# off a multiple of 128 it often picks a slower one than for the padded count (H100, benchmarks/kernels/
+# fp8_gemm_rows.py, Llama-3-8B's four projections: 135 rows 178 us, padded to 256 rows 134; 431: 262 against 204;
+# never more than ~1% slower). So the codes are padded with zero rows to a multiple of 128.
+SCALED_MM_ROW_MULTIPLE = int(os.environ.get("KILN_FP8_GEMM_ROW_MULTIPLE", "128"))
 
 
 # The kernels that produce a W8A8 layer's input (the norms, SwiGLU) write it as 8-bit codes and scales themselves
@@ -163,7 +167,12 @@ def input_quant(rows: int, qweight: torch.Tensor | None, input_scale: torch.Tens
         return None
     if qweight.dtype == torch.int8:
         return InputQuant(rows, torch.int8, input_scale, INT_MM_MIN_ROWS)
-    return InputQuant(rows, FP8_DTYPE, input_scale, -(-rows // SCALED_MM_ROW_MULTIPLE) * SCALED_MM_ROW_MULTIPLE)
+    return InputQuant(rows, FP8_DTYPE, input_scale, fp8_gemm_rows(rows))
+
+
+def fp8_gemm_rows(rows: int) -> int:
+    """The rows the FP8 GEMM runs on for `rows` rows of activations (zero codes past them)."""
+    return -(-rows // SCALED_MM_ROW_MULTIPLE) * SCALED_MM_ROW_MULTIPLE
 
 
 def _w8a8_kernels(x2, qweight, wscale, bias, input_scale):
@@ -179,7 +188,7 @@ def _w8a8_kernels(x2, qweight, wscale, bias, input_scale):
         y = (xq.float() @ qweight.float().t()) * xs * wscale.float()[None, :]
         y = y.to(x2.dtype)
         return y if bias is None else y + bias
-    pad = INT_MM_MIN_ROWS if qweight.dtype == torch.int8 else -(-m // SCALED_MM_ROW_MULTIPLE) * SCALED_MM_ROW_MULTIPLE
+    pad = INT_MM_MIN_ROWS if qweight.dtype == torch.int8 else fp8_gemm_rows(m)
     xq, xs = kernels.quantize_activation(x2, qweight.dtype, input_scale, pad_rows=pad)
     return w8a8_gemm(QuantizedRows(xq, xs, m, x2.dtype), qweight, wscale, bias)
 

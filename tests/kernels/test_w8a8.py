@@ -187,7 +187,8 @@ def test_input_quant_only_where_the_layer_would_quantize_on_cuda():
         lin.qweight, lin.scale = lin.qweight.cuda(), lin.scale.cuda()
         assert lin.input_quant(torch.zeros(qops.WEIGHT_ONLY_MAX_T, 128)) is None  # the weight-only kernel's rows
         q = lin.input_quant(torch.zeros(40, 128))
-        assert (q.rows, q.dtype, q.pad_rows, q.static_scale) == (40, FP8, 48, None)
+        assert (q.rows, q.dtype, q.pad_rows, q.static_scale) == (40, FP8, qops.fp8_gemm_rows(40), None)
+        assert qops.fp8_gemm_rows(40) % 16 == 0 and qops.fp8_gemm_rows(40) >= 40
 
 
 # ----------------------------------------------------------------------------- int8 GEMM epilogue
