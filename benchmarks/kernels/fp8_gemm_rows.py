@@ -4,7 +4,9 @@ then picks its kernel for the padded M), and the product swapped (W @ x^T, trans
 Run AC's profile (H100) showed cuBLAS's 128-row tiles at 135 rows. GPU time from CUDA graphs
 (triton.testing.do_bench_cudagraph).
 
-    PYTHONPATH=. python benchmarks/kernels/fp8_gemm_rows.py [--rows 135,323,...]
+    PYTHONPATH=. python benchmarks/kernels/fp8_gemm_rows.py [--rows 135,323,...] [--int8]
+
+--int8: the int8 product (torch._int_mm, int32 out) instead, the w8a8-int8 scheme's GEMM before its epilogue.
 """
 from __future__ import annotations
 
@@ -27,13 +29,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default=None)
     ap.add_argument("--swapped", action="store_true")
+    ap.add_argument("--int8", action="store_true")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")] if args.rows else ROWS
     print(torch.cuda.get_device_name(), torch.__version__)
     print("M | " + " | ".join(f"pad {p} us" for p in PADS) + (" | swapped us" if args.swapped else "")
           + " | best")
-    weights = {name: ((torch.randn(n, k, device="cuda") * 0.05).to(FP8), torch.rand(n, device="cuda") / 100)
-               for name, (n, k) in SHAPES.items()}
+    code = torch.int8 if args.int8 else FP8
+
+    def codes(*shape):
+        x = torch.randn(*shape, device="cuda")
+        return x.mul(40).clamp(-127, 127).to(torch.int8) if args.int8 else (x * 0.05).to(FP8)
+    weights = {name: (codes(n, k), torch.rand(n, device="cuda") / 100) for name, (n, k) in SHAPES.items()}
+    print("codes:", code)
     for m in rows:
         totals = []
         for pad in PADS + (["swap"] if args.swapped else []):
@@ -41,9 +49,12 @@ def main() -> None:
             tot = 0.0
             for name, (n, k) in SHAPES.items():
                 w, ws = weights[name]
-                x = torch.randn(mp, k, device="cuda").to(FP8)
+                x = codes(mp, k)
                 xs = torch.rand(mp, 1, device="cuda") / 100
-                if pad == "swap":
+                if args.int8:
+                    def fn():
+                        return torch._int_mm(x, w.t())[:m]
+                elif pad == "swap":
                     def fn():
                         return torch._scaled_mm(w, x.t(), scale_a=ws.reshape(-1, 1), scale_b=xs.reshape(1, -1),
                                                 out_dtype=torch.bfloat16).t().contiguous()[:m]
