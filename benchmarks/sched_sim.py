@@ -1,6 +1,7 @@
 """Offline throughput of a scheduler policy without a GPU: kiln's own Scheduler and KVCacheManager run a
 `kiln bench throughput`-like workload (N prompts of random tokens, every request to max_tokens, or ending early at
-a random length like an EOS) with a step time from a cost model, not a model:
+a random length with an EOS token, max_tokens set apart by --max-tokens) with a step time from a cost model, not
+a model:
 
     step = fixed + per decode row + per prefill token + KV bytes of the decode rows' contexts / read rate
 
@@ -10,7 +11,9 @@ and 1,535 decode-only steps (43.2 s) at a mean batch of 431; this model gives 82
 steps, 40.7 + 42.0 s, a mean batch of 431. The model leaves out the GEMMs' better efficiency at larger M and the
 host, so compare policies with it, and confirm on a GPU.
 
-    .venv/bin/python benchmarks/sched_sim.py --reserve-ratio 0 0.5 1
+    .venv/bin/python benchmarks/sched_sim.py --reserve-ratio 0 0.5 1 auto
+
+(the fit was with greedy admission, --reserve-ratio 0; the default is auto, as the engine's.)
 """
 from __future__ import annotations
 
@@ -97,7 +100,8 @@ def main() -> None:
         ratio = None if ratio == "auto" else float(ratio)
         r = simulate(a.num_blocks, a.block_size, a.max_num_seqs, a.max_num_batched_tokens, ratio, a.num_prompts,
                      a.input_len, a.output_len, a.early_stop, cost, max_tokens=a.max_tokens)
-        print(f"reserve ratio {'auto' if ratio is None else ratio}: {r['total_s']:.1f} s, {r['output_tok_s']:,.0f} out tok/s, "
+        name = "auto" if ratio is None else ratio
+        print(f"reserve ratio {name}: {r['total_s']:.1f} s, {r['output_tok_s']:,.0f} out tok/s, "
               f"{r['preemptions']} preemptions, {r['steps']} steps: with prefill {r['mixed_s']:.1f} s, decode-only "
               f"{r['decode_only_s']:.1f} s at a mean batch of {r['decode_only_mean_batch']:.0f}", flush=True)
 

@@ -89,7 +89,8 @@ class CumulativeHistogram:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 max_prefill_tokens: int | None = None, max_overtakes: int | None = None, reserve_ratio: float | None = 0.0):
+                 max_prefill_tokens: int | None = None, max_overtakes: int | None = None,
+                 reserve_ratio: float | None = 0.0):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

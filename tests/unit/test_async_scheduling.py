@@ -81,7 +81,8 @@ def stop_ids_from(toks) -> dict[str, int]:
     return {rid: t[5] for rid, t in toks.items() if len(t) > 5}
 
 
-@pytest.mark.parametrize("cache", [dict(), dict(num_gpu_blocks=9, kv_reserve_ratio=0.0), dict(max_num_batched_tokens=20)],
+@pytest.mark.parametrize("cache", [dict(), dict(num_gpu_blocks=9, kv_reserve_ratio=0.0),  # greedy: preemptions
+                                   dict(max_num_batched_tokens=20)],
                          ids=["roomy", "preempting", "chunked"])
 def test_async_matches_sync(model_dir, cache):
     sync_core = make_core(model_dir, False, **cache)

@@ -241,7 +241,8 @@ def test_auto_reserve_learns_how_much_of_max_tokens_requests_use():
         for i in range(40):
             r = req(f"r{i}", 32, max_tokens=64)
             if eos_after:
-                r = Request(r.request_id, r.prompt_token_ids, SamplingParams(max_tokens=64), eos_token_ids=frozenset([2]))
+                r = Request(r.request_id, r.prompt_token_ids, SamplingParams(max_tokens=64),
+                            eos_token_ids=frozenset([2]))
             reqs.append(r)
             sched.add(r)
         peak = 0
@@ -249,7 +250,8 @@ def test_auto_reserve_learns_how_much_of_max_tokens_requests_use():
             if not sched.has_work():
                 break
             batch = sched.schedule()
-            sampling = [r for r, n in zip(batch.requests, batch.num_tokens) if r.num_computed_tokens + n == r.num_tokens]
+            sampling = [r for r, n in zip(batch.requests, batch.num_tokens)
+                        if r.num_computed_tokens + n == r.num_tokens]
             slots = sched.launched(batch, sampling)
             sched.resolve(batch, sampling, slots, [2 if eos_after and len(r.output_token_ids) >= eos_after else 7
                                                    for r in sampling])
