@@ -154,12 +154,19 @@ class QuantizedRows:
     out_dtype: torch.dtype
 
 
+def producers_quantize_on(device: torch.device) -> bool:
+    """Whether the producer kernels quantize a W8A8 layer's input on this device: CUDA (where the layer's own path
+    is the Triton one; on CPU the reference path quantizes inside the layer)."""
+    return device.type == "cuda"
+
+
 def input_quant(rows: int, qweight: torch.Tensor | None, input_scale: torch.Tensor | None) -> InputQuant | None:
     """The InputQuant of a W8A8 layer (weights `qweight`) for an input of `rows` rows, or None where that layer
     would not quantize the input itself on CUDA (CPU, few rows, a shape cuBLAS does not take, rows longer than a
     producer's one tile)."""
     from kiln.kernels import HAS_TRITON
-    if (not FUSE_INPUT_QUANT or qweight is None or not qweight.is_cuda or not HAS_TRITON or rows <= WEIGHT_ONLY_MAX_T
+    if (not FUSE_INPUT_QUANT or qweight is None or not producers_quantize_on(qweight.device) or not HAS_TRITON
+            or rows <= WEIGHT_ONLY_MAX_T
             or qweight.shape[0] % 16 or qweight.shape[1] % 16):
         return None
     from kiln.kernels.quant import ONE_TILE_MAX_K
