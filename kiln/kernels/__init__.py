@@ -76,7 +76,10 @@ else:  # pragma: no cover
         y, res = (rmsnorm(x, weight, eps), None) if residual is None else fused_add_rmsnorm(x, residual, weight, eps)
         return (*quantize_activation(y.reshape(-1, x.shape[-1]), dtype, static_scale, pad_rows), res)
 
-    def silu_and_mul_quant(x, dtype, static_scale=None, pad_rows=0):
+    def silu_and_mul_quant(x, dtype, static_scale=None, pad_rows=0, rows=None, int32_scales=None):
+        x = x[:rows] if rows is not None else x
+        if int32_scales is not None:
+            x = scale_int32(x, int32_scales[0], int32_scales[1], None, int32_scales[2])
         y = silu_and_mul(x)
         return quantize_activation(y.reshape(-1, y.shape[-1]), dtype, static_scale, pad_rows)
 

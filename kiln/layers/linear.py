@@ -163,11 +163,17 @@ class Linear(nn.Module):
         if (not isinstance(x, qops.QuantizedRows) and self.qweight is not None and not self.int4
                 and x.numel() == x.shape[-1] and one_row_weight_only and out_quant is None):
             return w8a16_silu_and_mul(x, self.qweight, self.scale, self.bias)
+        q = out_quant
+        if (q is not None and isinstance(x, qops.QuantizedRows) and self.qweight.dtype == torch.int8
+                and self.bias is None):  # int8: the GEMM's scale epilogue goes into the same kernel
+            codes, scales = silu_and_mul_quant(qops.int8_gemm(x, self.qweight), q.dtype, q.static_scale, q.pad_rows,
+                                               rows=x.rows, int32_scales=(x.scales, self.scale, x.out_dtype))
+            return qops.QuantizedRows(codes, scales, q.rows, x.out_dtype)
         gate_up = self.forward(x)
-        if out_quant is None:
+        if q is None:
             return silu_and_mul(gate_up)
-        codes, scales = silu_and_mul_quant(gate_up, out_quant.dtype, out_quant.static_scale, out_quant.pad_rows)
-        return qops.QuantizedRows(codes, scales, out_quant.rows, gate_up.dtype)
+        codes, scales = silu_and_mul_quant(gate_up, q.dtype, q.static_scale, q.pad_rows)
+        return qops.QuantizedRows(codes, scales, q.rows, gate_up.dtype)
 
 
 class ColumnParallelLinear(Linear):

@@ -200,13 +200,18 @@ def _w8a8_kernels(x2, qweight, wscale, bias, input_scale):
     return w8a8_gemm(QuantizedRows(xq, xs, m, x2.dtype), qweight, wscale, bias)
 
 
+def int8_gemm(xq: QuantizedRows, qweight: torch.Tensor) -> torch.Tensor:
+    """The int8 product before its scales: int32 [codes' rows (>= 17), N] (cuBLAS through torch._int_mm)."""
+    return torch._int_mm(xq.codes, qweight.t())
+
+
 def w8a8_gemm(xq: QuantizedRows, qweight: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None
               ) -> torch.Tensor:
     """The GEMM of the CUDA W8A8 path on rows already quantized (codes padded as InputQuant says): [rows, N]."""
     from kiln import kernels
     m = xq.rows
     if qweight.dtype == torch.int8:
-        return kernels.scale_int32(torch._int_mm(xq.codes, qweight.t()), xq.scales, wscale, bias, xq.out_dtype, rows=m)
+        return kernels.scale_int32(int8_gemm(xq, qweight), xq.scales, wscale, bias, xq.out_dtype, rows=m)
     # row-wise scales in cuBLAS's epilogue (bf16 output only); qweight.t() of a row-major [N, K] tensor is the
     # column-major B it wants
     fused_bias = bias if bias is not None and bias.dtype == torch.bfloat16 else None

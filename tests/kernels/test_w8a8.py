@@ -152,6 +152,22 @@ def test_silu_and_mul_quant_equals_silu_and_mul_then_quantize(T, I, pad, code, d
     _assert_same_quantization(codes[:T], scales[:T], ref_codes[:T], ref_scales[:T])
 
 
+@pytest.mark.parametrize("T,I,pad", [(17, 64, 17), (40, 100, 48), pytest.param(300, 14336, 304, marks=gpu_only)])
+@pytest.mark.parametrize("code", [torch.int8, FP8], ids=["int8", "e4m3"])
+@pytest.mark.parametrize("dtype", ACT_DTYPES)
+def test_silu_and_mul_quant_on_the_int8_gemms_accumulator(T, I, pad, code, dtype):
+    # the int8 gate/up GEMM's int32 output, its scale epilogue done by the SwiGLU kernel: the codes of
+    # scale_int32 then silu_and_mul_quant
+    acc = torch.randint(-2 ** 17, 2 ** 17, (max(T, 17), 2 * I), dtype=torch.int32, device=DEVICE)
+    xs = torch.rand(max(T, 17), 1, device=DEVICE) / 127
+    ws = torch.rand(2 * I, device=DEVICE) / 127 / 2 ** 10
+    codes, scales = K.silu_and_mul_quant(acc, code, None, pad, rows=T, int32_scales=(xs, ws, dtype))
+    ref_codes, ref_scales = K.silu_and_mul_quant(K.scale_int32(acc, xs, ws, None, dtype, rows=T), code, None, pad)
+    assert codes.shape == (max(T, pad), I)
+    assert not codes[T:].float().any()
+    _assert_same_quantization(codes[:T], scales[:T], ref_codes[:T], ref_scales[:T])
+
+
 @pytest.mark.parametrize("code", [torch.int8, FP8], ids=["int8", "e4m3"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_on_rows_quantized_by_their_producer(code, bias):
@@ -320,9 +336,10 @@ def test_decoder_layers_with_fused_input_quantization_equal_unfused(T, scheme, m
     if INTERP:
         monkeypatch.setattr(qops, "producers_quantize_on", lambda device: True)
     hidden = torch.randn(T, cfg.hidden_size, device=DEVICE, dtype=dtype)
-    seen = []
-    gemm = qops.w8a8_gemm
-    monkeypatch.setattr(qops, "w8a8_gemm", lambda xq, *a: seen.append(xq.rows) or gemm(xq, *a))
+    seen = []  # the row counts of GEMMs on producer-quantized rows (int8: the product before its scales)
+    spied = "int8_gemm" if scheme == qops.W8A8_INT8 else "w8a8_gemm"
+    gemm = getattr(qops, spied)
+    monkeypatch.setattr(qops, spied, lambda xq, *a: seen.append(xq.rows) or gemm(xq, *a))
     outs = []
     for fused in (True, False):
         if not fused:
