@@ -92,6 +92,9 @@ def _launch_every_kernel():
                 K.rmsnorm_quant(x, rand(64, dtype=dt), 1e-6, code, static, 17)
                 K.rmsnorm_quant(x, rand(64, dtype=dt), 1e-6, code, static, 17, residual=x.clone())
                 K.silu_and_mul_quant(rand(3, 256, dtype=dt), code, static, 16)
+                acc = torch.randint(-100, 100, (17, 256), dtype=torch.int32)  # the int8 GEMM's, scaled in the kernel
+                K.silu_and_mul_quant(acc, code, static, 17, rows=5,
+                                     int32_scales=(torch.rand(17, 1, generator=g), torch.rand(256, generator=g), dt))
     x = torch.randn(3, 3000, generator=g)
     K.top_p_threshold(x, torch.tensor([0.5, 0.9, 1.0]), torch.tensor([float("-inf"), 0.0, float("-inf")]))
     acc = torch.randint(-100, 100, (17, 96), dtype=torch.int32)
