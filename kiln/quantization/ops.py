@@ -172,9 +172,12 @@ def input_quant(rows: int, qweight: torch.Tensor | None, input_scale: torch.Tens
     from kiln.kernels.quant import ONE_TILE_MAX_K
     if qweight.shape[1] > ONE_TILE_MAX_K:  # the producers hold a row in registers
         return None
-    if qweight.dtype == torch.int8:
-        return InputQuant(rows, torch.int8, input_scale, INT_MM_MIN_ROWS)
-    return InputQuant(rows, FP8_DTYPE, input_scale, fp8_gemm_rows(rows))
+    return InputQuant(rows, qweight.dtype, input_scale, gemm_pad_rows(qweight.dtype, rows))
+
+
+def gemm_pad_rows(code_dtype: torch.dtype, rows: int) -> int:
+    """The rows an 8-bit GEMM of this code dtype runs on (codes quantized for it are zero past `rows`)."""
+    return INT_MM_MIN_ROWS if code_dtype == torch.int8 else fp8_gemm_rows(rows)
 
 
 def fp8_gemm_rows(rows: int) -> int:
@@ -195,8 +198,7 @@ def _w8a8_kernels(x2, qweight, wscale, bias, input_scale):
         y = (xq.float() @ qweight.float().t()) * xs * wscale.float()[None, :]
         y = y.to(x2.dtype)
         return y if bias is None else y + bias
-    pad = INT_MM_MIN_ROWS if qweight.dtype == torch.int8 else fp8_gemm_rows(m)
-    xq, xs = kernels.quantize_activation(x2, qweight.dtype, input_scale, pad_rows=pad)
+    xq, xs = kernels.quantize_activation(x2, qweight.dtype, input_scale, pad_rows=gemm_pad_rows(qweight.dtype, m))
     return w8a8_gemm(QuantizedRows(xq, xs, m, x2.dtype), qweight, wscale, bias)
 
 
