@@ -36,7 +36,8 @@ def _allocator_cache_kept():
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv_caches, device, max_bs: int, max_blocks_per_seq: int):
+    def __init__(self, model, kv_caches, device, max_bs: int, max_blocks_per_seq: int,
+                 logits_dtype: torch.dtype = torch.float32):
         self.model = model
         self.kv_caches = kv_caches
         self.sizes = batch_size_ladder(max_bs)
@@ -50,8 +51,9 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # one logits buffer for every graph: each graph's own output would stay allocated in the pool, and over a
         # ladder to 1,024 those are ~18k rows of float32 logits (9.2 GB at a 128k vocabulary; run AB, H100: out
-        # of memory in the capture after the cache had taken its share)
-        self.logits_buf = torch.empty(max_bs, model.config.vocab_size, dtype=torch.float32, device=device)
+        # of memory in the capture after the cache had taken its share). In the LM head's own dtype: the sampler
+        # converts to float32 only for rows that need more than an argmax.
+        self.logits_buf = torch.empty(max_bs, model.config.vocab_size, dtype=logits_dtype, device=device)
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
 

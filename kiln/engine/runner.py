@@ -126,11 +126,12 @@ class ModelRunner:
         return max(1, int(cfg.cpu_kv_cache_gib * GiB // per_block)), f"cpu_kv_cache_gib={cfg.cpu_kv_cache_gib}"
 
     def graph_reserve_bytes(self) -> int:
-        """What the decode CUDA graphs keep, captured after the cache is sized: the logits buffer they share (float32,
-        max_num_seqs rows) and, in their pool, the largest graph's bf16 logits before the conversion."""
+        """What the decode CUDA graphs keep, captured after the cache is sized: the logits buffer they share
+        (max_num_seqs rows in the model's dtype) and, in their pool, the largest graph's LM-head output copied
+        into it."""
         if not (self.cfg.use_cuda_graph and self.device.type == "cuda" and self.backend.name == "triton"):
             return 0
-        return self.cfg.max_num_seqs * self.model_config.vocab_size * (4 + 2)
+        return self.cfg.max_num_seqs * self.model_config.vocab_size * 2 * self.dtype.itemsize
 
     def profile_activation_bytes(self) -> int:
         """Peak extra memory of a forward pass at the full token budget (on GPU)."""
@@ -291,7 +292,7 @@ class ModelRunner:
             return
         from kiln.engine.cuda_graph import DecodeGraphs
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.device, self.cfg.max_num_seqs,
-                                   -(-max_model_len // self.cfg.block_size))
+                                   -(-max_model_len // self.cfg.block_size), logits_dtype=self.dtype)
         self.graphs.capture()
 
     def forward(self, s: "StepInputs") -> torch.Tensor | None:

@@ -117,6 +117,11 @@ class _Row:
 _NEUTRAL = _Row(True, 1.0, 1 << 62, 1.0, 0.0, [], None)  # top_k past any vocabulary: off
 
 
+def _penalised(r: Request) -> bool:
+    p = r.params
+    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
+
+
 class Sampler:
     def __init__(self):
         self.grammar_masks = GrammarMasks()
@@ -165,7 +170,9 @@ class Sampler:
         return frozenset(out)
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> PendingSample:
-        logits = logits.float()
+        """logits: [rows, vocab] in any float dtype (the decode graphs hand over bf16 ones); float32 only where a
+        row needs more than an argmax (the conversion and an argmax over twice the bytes: ~0.2 ms a step at batch
+        323 on an H100 with a 128k vocabulary)."""
         dev = logits.device
         b, vocab = logits.shape
         # Per-request host work first: a request that fails it is sampled greedily with neutral settings and
@@ -179,10 +186,15 @@ class Sampler:
                 log.error("request %s cannot be sampled, ending it: %s", r.request_id, e)
                 rows.append(_NEUTRAL)
                 failed.append(i)
+        if all(w.greedy and w.logprobs is None and not w.masked_ids for w in rows) and not any(
+                _penalised(r) or r.grammar is not None for r in reqs):
+            # every row takes the argmax of its raw logits: float32 holds a bf16 value exactly, so the ids are
+            # those of the float32 path, ties included (the first index of the maximum either way)
+            return PendingSample(logits.argmax(dim=-1), [None] * b, None, None, None, failed)
+        logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(w.logprobs is not None for w in rows) else None
 
-        if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty
-               for r in reqs):
+        if any(_penalised(r) for r in reqs):
             logits = self._apply_penalties(logits, reqs, vocab)
         # every row's masked stop ids in one copy and one index_fill_ on the flat logits (one copy per row cost run O's
         # 64 streams of the native API, whose min_dec_len masks EOS, 3.3 ms a step on an H100; an indexed assignment

@@ -277,14 +277,14 @@ class VocabEmbedding(nn.Module):
             self.weight = None
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 logits [rows, vocab]; out: a float32 buffer of that shape to write them into (decode graphs share
-        one across their batch sizes)."""
+        """float32 logits [rows, vocab]; out: a buffer of that shape to write them into, in its own dtype (decode
+        graphs share one across their batch sizes, in the model's dtype)."""
         if self.head_qweight is not None:
             raw = _w8a16(hidden, self.head_qweight, self.head_scale, None)
         else:
             raw = _dense(hidden, self.weight, None)
         if out is not None and tpd.tp_size() == 1:
-            return out.copy_(raw[:, : self.vocab_size])  # the float conversion, straight into the buffer
+            return out.copy_(raw[:, : self.vocab_size])  # straight into the buffer (converted if its dtype asks)
         logits = raw.float()
         if tpd.tp_size() > 1:
             logits = tpd.all_gather_last_dim(logits)

@@ -67,8 +67,9 @@ def test_gpu_cache_budget_counts_the_allocators_free_memory_as_room(monkeypatch)
 
 
 def test_decode_graph_reserve_is_the_shared_logits_buffer():
-    """The decode graphs' share of the GPU: one float32 logits buffer of max_num_seqs rows (the graphs of every batch
-    size write into it) and the largest graph's bf16 logits; nothing where no graph is captured."""
+    """The decode graphs' share of the GPU: one logits buffer of max_num_seqs rows in the model's dtype (the graphs
+    of every batch size write into it) and the largest graph's LM-head output; nothing where no graph is
+    captured."""
     import types
 
     import torch
@@ -76,8 +77,8 @@ def test_decode_graph_reserve_is_the_shared_logits_buffer():
     from kiln.engine.runner import ModelRunner
     runner = types.SimpleNamespace(cfg=EngineConfig(max_num_seqs=1024), device=torch.device("cuda", 0),
                                    backend=types.SimpleNamespace(name="triton"),
-                                   model_config=types.SimpleNamespace(vocab_size=128256))
-    assert ModelRunner.graph_reserve_bytes(runner) == 1024 * 128256 * 6  # 0.73 GiB, not 9.2 GiB of per-graph logits
+                                   model_config=types.SimpleNamespace(vocab_size=128256), dtype=torch.bfloat16)
+    assert ModelRunner.graph_reserve_bytes(runner) == 1024 * 128256 * 4  # 0.49 GiB, not 9.2 GiB of per-graph logits
     runner.backend.name = "torch"
     assert ModelRunner.graph_reserve_bytes(runner) == 0
     runner.backend.name, runner.device = "triton", torch.device("cpu")

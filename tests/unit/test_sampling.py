@@ -257,3 +257,29 @@ def test_a_top_k_rows_cut_does_not_depend_on_a_top_p_row_beside_it():
     assert torch.isfinite(cut[1]).sum().item() == 1      # the top-p row: the argmax holds > 0.5 alone
     alone = S._top_k_top_p(logits[:1].clone(), rows[:1], 50)
     assert torch.equal(torch.isfinite(alone[0]), torch.isfinite(cut[0]))
+
+
+def test_greedy_batches_take_the_argmax_of_bf16_logits_without_a_float32_copy(monkeypatch):
+    """The decode graphs hand the sampler bf16 logits: a batch of plain greedy rows takes their argmax as they are
+    (the same ids as float32's, ties to the first index), and a batch where some row needs more converts once."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 500, generator=g) * 4).to(torch.bfloat16)
+    logits[2, 7] = logits[2, 400] = logits[2].max() + 1   # a tie: the first index wins, as in float32
+    expected = logits.float().argmax(dim=-1).tolist()
+    assert expected[2] == 7
+    conversions = []
+    real = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: conversions.append(t.dtype) or real(t))
+    greedy_rows = [_req(temperature=0) for _ in range(6)]
+    assert Sampler()(logits, greedy_rows).token_ids == expected
+    assert conversions == []
+    # a row with logprobs: one conversion, and every greedy row's id unchanged
+    out = Sampler()(logits, greedy_rows[:5] + [_req(temperature=0, logprobs=2)])
+    assert out.token_ids == expected and conversions == [torch.bfloat16]
+    assert out.logprobs[5][0] == pytest.approx(torch.log_softmax(logits[5].float(), -1).max().item(), abs=1e-5)
+    # a penalised greedy row: its logits change, so it takes the float32 path (the penalty must act)
+    conversions.clear()
+    pen = Request("p", [expected[0]], SamplingParams(temperature=0, repetition_penalty=1e9))
+    out = Sampler()(logits, [pen] + greedy_rows[1:])
+    assert conversions.count(torch.bfloat16) == 1
+    assert out.token_ids[0] != expected[0] and out.token_ids[1:] == expected[1:]
