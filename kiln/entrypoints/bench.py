@@ -195,12 +195,13 @@ def _structured(args):
     return StructuredSpec.json_schema(Path(args.json_schema).read_text())
 
 
-def run_batch(core, prompts, output_len: int, structured=None) -> dict:
+def run_batch(core, prompts, output_len: int, structured=None, profile: tuple[int, int, str] | None = None) -> dict:
     """All prompts at once, ignore_eos (a `structured` constraint may still end a request early: ended_early
     counts those). prefill_s: until every request has its first token (prefill chunks of the later requests run
     beside the decodes of the earlier ones); decode_s: the rest. Where the time went by step kind: mixed_* for the
     steps that carried prefill tokens, decode_only_* for the others (with their mean batch), each step timed by the
-    step() call that returned its tokens (with async scheduling, the call that waited for it)."""
+    step() call that returned its tokens (with async scheduling, the call that waited for it). profile = (first
+    step, steps, file): those steps under torch.profiler, their table written to file (and printed)."""
     from kiln.engine.request import SamplingParams
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, structured=structured)
     base = f"b{time.monotonic_ns()}-"
@@ -219,7 +220,13 @@ def run_batch(core, prompts, output_len: int, structured=None) -> dict:
     kinds = {"mixed": [0, 0.0], "decode_only": [0, 0.0]}  # steps, seconds
     decode_only_rows = 0
     last = None
+    prof = None
     while core.has_unfinished():
+        if profile and steps == profile[0]:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+            prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            prof.__enter__()
+            prof_kinds = {k: list(v) for k, v in kinds.items()}
         t = time.perf_counter()
         outs = core.step()
         dt = time.perf_counter() - t
@@ -231,6 +238,14 @@ def run_batch(core, prompts, output_len: int, structured=None) -> dict:
             decode_only_rows += 0 if b.num_prefill_tokens else b.num_decode_rows
             last = b
         steps += 1
+        if prof is not None and steps == profile[0] + profile[1]:
+            _sync(core)
+            prof.__exit__(None, None, None)
+            split = ", ".join(f"{kinds[k][0] - prof_kinds[k][0]} {k.replace('_', '-')}" for k in kinds)
+            _write_profile(prof, profile[1], profile[2], f"steps {profile[0]}..{steps - 1} ({split}, the last "
+                           f"with {b.num_prefill_tokens if b else 0} prefill tokens and "
+                           f"{b.num_decode_rows if b else 0} decode rows): ")
+            prof = None
         n_out += sum(len(o.new_token_ids) for o in outs)
         ended_early += sum(1 for o in outs if o.finished and o.finish_reason != "length")
         if first_token_at is None:
@@ -382,17 +397,23 @@ def _profile_decode(core, prompts, path: str, steps: int = 16) -> None:
     core.abort(list(core.requests))
     while core.has_unfinished():
         core.step()
+    _write_profile(prof, steps, path, f"decode step, batch {batch}: wall {wall * 1e3:.2f} ms; ",
+                   f"; {overlapped}/{steps} steps queued while the previous one ran; host per step: " +
+                   ", ".join(f"{k} {v / steps * 1e3:.2f} ms" for k, v in acc.items()))
+
+
+def _write_profile(prof, steps: int, path: str, head: str, tail: str = "") -> None:
+    """The profiler's kernel-time table of `steps` steps (GPU time a step in the first line), printed and written
+    to path, and its trace beside it (each kernel's start and end: the gaps)."""
     events = prof.key_averages()
     gpu_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
                  for e in events) / steps
-    head = (f"decode step, batch {batch}: wall {wall * 1e3:.2f} ms; GPU kernels {gpu_us / 1e3:.2f} ms/step "
-            f"(under the profiler); {overlapped}/{steps} steps queued while the previous one ran; host per step: " +
-            ", ".join(f"{k} {v / steps * 1e3:.2f} ms" for k, v in acc.items()) + "\n")
-    table = (head + events.table(sort_by="self_cuda_time_total", row_limit=30) + "\nby host time:\n"
+    table = (f"{head}GPU kernels {gpu_us / 1e3:.2f} ms/step (under the profiler){tail}\n"
+             + events.table(sort_by="self_cuda_time_total", row_limit=30) + "\nby host time:\n"
              + events.table(sort_by="self_cpu_time_total", row_limit=25))
     print(table, file=sys.stderr)
     Path(path).write_text(table)
-    prof.export_chrome_trace(str(Path(path).with_suffix(".trace.json")))  # each kernel's start and end: the gaps
+    prof.export_chrome_trace(str(Path(path).with_suffix(".trace.json")))
 
 
 def cmd_throughput(args) -> dict:
@@ -400,7 +421,13 @@ def cmd_throughput(args) -> dict:
     vocab = core.runner.model_config.vocab_size
     run_batch(core, _random_prompts(min(args.num_prompts, 8), args.input_len, vocab, seed=99), 4)  # warm-up
     prompts = _random_prompts(args.num_prompts, args.input_len, vocab)
-    r = run_batch(core, prompts, args.output_len, _structured(args))
+    profile = None
+    if args.profile_steps:
+        if not args.profile:
+            raise SystemExit("--profile-steps needs --profile FILE")
+        first, n = (int(v) for v in args.profile_steps.split(","))
+        profile = (first, n, args.profile)
+    r = run_batch(core, prompts, args.output_len, _structured(args), profile)
     res = dict(bench="throughput", num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
                total_s=r["total_s"], output_tok_s=r["output_tokens"] / r["total_s"],
                total_tok_s=(r["output_tokens"] + args.num_prompts * args.input_len) / r["total_s"],
@@ -798,6 +825,10 @@ def add_bench_parser(sub) -> None:
     thr = bsub.add_parser("throughput", help="offline: N requests of random token ids, ignore_eos")
     _engine_args(thr)
     thr.add_argument("--num-prompts", type=int, default=256)
+    thr.add_argument("--profile-steps", default=None, metavar="FIRST,N",
+                     help="profile steps FIRST..FIRST+N-1 of the run (e.g. mixed steps of prefill and decode) and "
+                          "write their kernel-time table to --profile FILE")
+    thr.add_argument("--profile", default=None, help="the table's file (with --profile-steps)")
     srv = bsub.add_parser("serve", help="client for a running server (OpenAI streaming API)")
     srv.add_argument("--base-url", default="http://127.0.0.1:9965")
     srv.add_argument("--served-model", default="default")

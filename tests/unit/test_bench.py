@@ -3,6 +3,7 @@ random model be served, dummy loading from the server's settings, and the offlin
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,23 @@ def test_bench_serve_cold_starts_its_own_server(tmp_path):
         assert server[part]["median"] is not None and server[part]["median"] >= 0
     # the server's TTFT is inside the client's (the client also pays the connection and the HTTP round trip)
     assert server["ttft_ms"]["median"] <= r["ttft_ms"]["median"] + 1.0
+
+
+def test_throughput_profiles_the_steps_asked_for(tmp_path):
+    """--profile-steps FIRST,N: those steps of the run under the profiler (here mixed steps: chunked prefills beside
+    decodes), their table written to --profile's file, and the run's figures unchanged in kind."""
+    out = tmp_path / "mixed.txt"
+    p = subprocess.run([sys.executable, "-m", "kiln.entrypoints.bench", "throughput", "--preset", "tiny", "--device",
+                        "cpu", "--dtype", "float32", "--num-prompts", "4", "--input-len", "24", "--output-len", "6",
+                        "--max-num-batched-tokens", "32", "--profile-steps", "1,3", "--profile", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    head = out.read_text().splitlines()[0]
+    assert head.startswith("steps 1..3 (") and "GPU kernels" in head, head
+    mixed = int(re.search(r"(\d+) mixed", head).group(1))
+    assert mixed >= 2 and re.search(r"with \d+ prefill tokens and \d+ decode rows", head), head
+    assert (tmp_path / "mixed.trace.json").exists()
+    r = subprocess.run([sys.executable, "-m", "kiln.entrypoints.bench", "throughput", "--preset", "tiny", "--device",
+                        "cpu", "--num-prompts", "1", "--profile-steps", "1,3"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "--profile-steps needs --profile FILE" in r.stderr
