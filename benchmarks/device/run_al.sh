@@ -7,6 +7,7 @@
 #   the copy rate before V was widened), then the int8 step with the input fusion on / off and int8's 1000 x 1000.
 # - an H100: the int8 step on / off (run AF: 13.24 / 13.37 ms before fe614db), then the 1000 x 1000 fp8 (run AH:
 #   12,740; since then greedy batches take the argmax of bf16 logits).
+# - then, time allowing: a profile of 4 mixed steps (w8a8-fp8 + fp8 cache; `bench throughput --profile-steps`).
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
 timeout 150 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=line -rf tests/kernels/test_w8a8.py 2>&1 \
@@ -26,6 +27,13 @@ if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
 else
   int8_ab
   t1000 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 1024
+fi
+# where a mixed step's time goes (prefill chunk beside ~400 decode rows): 4 steps from step 250 under the profiler
+if [ $(left) -gt 70 ]; then
+  timeout $(( $(left) - 10 )) $B throughput --preset $PRESET --num-prompts 600 --input-len 1000 --output-len 200 \
+    --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 1024 --profile-steps 250,4 --profile $R/mixed.txt \
+    > $R/mixed.log 2>&1
+  head -42 $R/mixed.txt | cut -c1-200
 fi
 echo "left: $(left) s"
 tar czf $OUT/run_al.tgz -C $OUT r
