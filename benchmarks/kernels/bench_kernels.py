@@ -248,9 +248,12 @@ DECODE_CONFIGS = [(64, 4, 3), (128, 8, 2), (128, 4, 3), (256, 8, 2)]  # (BLOCK_N
 # (BLOCK_N, warps, stages, int8 Q.K^T, V widened as loaded): around run K's best (128, 4, 2); the int8 Q.K^T is
 # the int8 cache's default (the fp8 cache ignores it). The full (BLOCK_N, warps, stages) grid of run K (docs/kernels.md)
 # found (128, 4, 2) best for both kinds.
-DECODE8_CONFIGS = [(n, w, s, qk8, wide) for (n, w, s) in ((128, 4, 2), (128, 4, 3), (64, 4, 2), (64, 4, 3),
-                                                          (128, 8, 2), (256, 8, 2))
-                   for qk8 in (True, False) for wide in (False, True)]
+# (BLOCK_N, warps, stages, int8 Q.K^T, V widened, products swapped): the default (128, 4, 3, V widened), the old
+# one, and the swapped products around the default (the full grid without swapping: run AB, docs/kernels.md)
+DECODE8_CONFIGS = ([(128, 4, 3, False, True), (128, 4, 2, True, False), (64, 4, 2, False, True)]
+                   + [(n, w, st, False, wide, True) for (n, w, st) in ((128, 4, 3), (128, 4, 2), (64, 4, 3),
+                                                                       (128, 8, 3), (256, 8, 2))
+                      for wide in (True, False)])
 DECODE8_BEST: list[dict] = []
 
 
@@ -262,7 +265,7 @@ def bench_decode8_sweep(cfg):
     g = torch.Generator().manual_seed(1)
     B, (lo, hi), bs = (256, (1000, 1200), 64) if not SMOKE else (3, (30, 60), 16)
     lens = torch.randint(lo, hi + 1, (B,), generator=g).tolist()
-    configs = DECODE8_CONFIGS if not SMOKE else [(32, 4, 2), (64, 4, 3, True, True)]
+    configs = DECODE8_CONFIGS if not SMOKE else [(32, 4, 2), (64, 4, 3, True, True), (32, 4, 2, False, True, True)]
     for kv in KV_KINDS:
         kc, vc, ks, vs, tables, sl = paged(lens, hkv, d, bs, kv)
         q = rand(B, hq, d)

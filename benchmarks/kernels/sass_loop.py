@@ -24,7 +24,8 @@ from kiln.kernels._utils import KV_FLOAT, KV_FP8, KV_INT8
 from kiln.kernels.decode_attention import _decode_kernel
 
 
-def compile_decode(kind: str, block_n: int, warps: int, stages: int, qk8: bool, wide: bool):
+def compile_decode(kind: str, block_n: int, warps: int, stages: int, qk8: bool, wide: bool, swap: bool = False,
+                   group_pad: int = 16):
     fn = _decode_kernel
     cache = {"fp8": "*fp8e4nv", "int8": "*i8", "bf16": "*bf16"}[kind]
     sig = dict(q_ptr="*bf16", k_cache_ptr=cache, v_cache_ptr=cache, k_scale_ptr="*fp32", v_scale_ptr="*fp32",
@@ -33,9 +34,10 @@ def compile_decode(kind: str, block_n: int, warps: int, stages: int, qk8: bool, 
     for a in fn.arg_names:
         if a.startswith("stride_") or a in ("num_partitions", "partition"):
             sig[a] = "i32"
-    consts = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=64, BLOCK_N=block_n,
+    consts = dict(GROUP=4, GROUP_PAD=group_pad, HEAD_DIM=128, BLOCK_SIZE=64, BLOCK_N=block_n,
                   KV_KIND={"fp8": KV_FP8, "int8": KV_INT8, "bf16": KV_FLOAT}[kind].value, DIRECT=True, FP32=False,
-                  INT8_QK=qk8 and kind == "int8", WIDE_V=wide and kind != "bf16", MAGIC=True, USE_GDC=False)
+                  INT8_QK=qk8 and kind == "int8", WIDE_V=wide and kind != "bf16", MAGIC=True, USE_GDC=False,
+                  SWAP=swap)
     for c in consts:
         sig[c] = "constexpr"
     sig = {a: sig[a] for a in fn.arg_names}
@@ -97,8 +99,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["prefill"]:  # prefill KIND BLOC
 elif __name__ == "__main__":
     kind = sys.argv[1] if len(sys.argv) > 1 else "fp8"
     cfg = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "128,4,2,1,0").split(",")]
-    cfg += [0] * (5 - len(cfg))
-    k = compile_decode(kind, *cfg[:3], bool(cfg[3]), bool(cfg[4]))
+    cfg += [0] * (5 - len(cfg)) + [0, 16][len(cfg) - 5:]
+    k = compile_decode(kind, *cfg[:3], bool(cfg[3]), bool(cfg[4]), bool(cfg[5]), cfg[6])
     ops = main_loop(k.asm["sass"])
     print(f"triton {triton.__version__}, {kind} cache, config {tuple(cfg)}: main loop {sum(ops.values())} "
           f"instructions, shared memory {k.metadata.shared} bytes, spill loads {ops['LDL']}")

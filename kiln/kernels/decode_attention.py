@@ -54,6 +54,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_KIND: tl.constexpr, DIRECT: tl.constexpr, FP32: tl.constexpr, INT8_QK: tl.constexpr = False,
     WIDE_V: tl.constexpr = False, MAGIC: tl.constexpr = False, USE_GDC: tl.constexpr = False,
+    SWAP: tl.constexpr = False,
 ):
     gdc_enter(USE_GDC)
     b = tl.program_id(0)
@@ -104,6 +105,9 @@ def _decode_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + b64 * stride_bt
+    if SWAP:
+        qT = tl.trans(q)
+        accT = tl.zeros([HEAD_DIM, GROUP_PAD], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
@@ -119,32 +123,55 @@ def _decode_kernel(
             v = _widen_codes(words, KV_KIND, MAGIC, BLOCK_N, HEAD_DIM)
         else:
             v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        if INT8_QK:
-            s = tl.dot(q8, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_scale[:, None]
-        elif FP32:
-            s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision="ieee")
+        if SWAP:
+            # the tile's tokens as the products' M (a multiple of 64: Hopper's warpgroup MMA), the GQA group as N
+            sT = tl.dot(k.to(cdtype), qT)
+            if KV_KIND == KV_INT8:
+                s_off = blk * stride_sb + (offs_n % BLOCK_SIZE) * stride_st + kvh * stride_sh
+                ks = tl.load(k_scale_ptr + s_off, mask=nmask, other=0.0)
+                vs = tl.load(v_scale_ptr + s_off, mask=nmask, other=0.0)
+                sT = sT * (ks * qk_scale)[:, None]
+            else:
+                sT = sT * qk_scale
+            sT = tl.where(nmask[:, None], sT, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sT, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            pT = tl.exp2(sT - m_new[None, :])
+            l_i = l_i * alpha + tl.sum(pT, axis=0)
+            if KV_KIND == KV_INT8:
+                pT = pT * vs[:, None]
+            pv_dtype = cdtype if KV_KIND == KV_FLOAT else tl.float16
+            accT = accT * alpha[None, :] + tl.dot(tl.trans(v.to(pv_dtype)), pT.to(pv_dtype))
+            m_i = m_new
         else:
-            s = tl.dot(q, tl.trans(k.to(cdtype)))
-        if KV_KIND == KV_INT8:
-            s_off = blk * stride_sb + (offs_n % BLOCK_SIZE) * stride_st + kvh * stride_sh
-            ks = tl.load(k_scale_ptr + s_off, mask=nmask, other=0.0)
-            vs = tl.load(v_scale_ptr + s_off, mask=nmask, other=0.0)
-            s = s * (ks * qk_scale)[None, :]
-        else:
-            s = s * qk_scale
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
-        if KV_KIND == KV_INT8:
-            p = p * vs[None, :]
-        if FP32:
-            pv = tl.dot(p.to(cdtype), v.to(cdtype), input_precision="ieee")
-        elif WIDE_V:  # fp16 (more mantissa than bf16; p, and p times an int8 cache's scales, well inside its range)
-            pv = tl.dot(p.to(tl.float16), v)
-        else:
-            pv = tl.dot(p.to(cdtype), v.to(cdtype))
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+            if INT8_QK:
+                s = tl.dot(q8, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_scale[:, None]
+            elif FP32:
+                s = tl.dot(q, tl.trans(k.to(cdtype)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k.to(cdtype)))
+            if KV_KIND == KV_INT8:
+                s_off = blk * stride_sb + (offs_n % BLOCK_SIZE) * stride_st + kvh * stride_sh
+                ks = tl.load(k_scale_ptr + s_off, mask=nmask, other=0.0)
+                vs = tl.load(v_scale_ptr + s_off, mask=nmask, other=0.0)
+                s = s * (ks * qk_scale)[None, :]
+            else:
+                s = s * qk_scale
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            p, alpha, m_new, l_i = _online_softmax(s, m_i, l_i)
+            if KV_KIND == KV_INT8:
+                p = p * vs[None, :]
+            if FP32:
+                pv = tl.dot(p.to(cdtype), v.to(cdtype), input_precision="ieee")
+            elif WIDE_V:  # fp16 (more mantissa than bf16; p, and p times an int8 cache's scales, well inside its range)
+                pv = tl.dot(p.to(tl.float16), v)
+            else:
+                pv = tl.dot(p.to(cdtype), v.to(cdtype))
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
 
+    if SWAP:
+        acc = tl.trans(accT)
     if KV_KIND == KV_FP8:
         acc = acc * (tl.load(v_scale_ptr + kvh * stride_sh) / l_i)[:, None]
     else:
@@ -243,6 +270,12 @@ def _merge_partitions(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, rows, n_par
 
 
 @functools.lru_cache(maxsize=None)
+def swap_default() -> bool:
+    """KILN_DECODE_SWAP=1: an 8-bit cache's decode with the tile products swapped (SWAP). Read once per process."""
+    return os.environ.get("KILN_DECODE_SWAP", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
 def wide_v_default() -> bool:
     """KILN_DECODE_WIDE_V=0: an 8-bit cache's decode without V widened as loaded (WIDE_V; on by default since run AB)
     and at the config before it. Read once per process."""
@@ -276,10 +309,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_seq_len: an upper bound of seq_lens (default: block_tables.shape[1] * block_size,
     which needs no device sync and so is safe under CUDA graphs). partition_size: tokens
     per flash-decoding partition (default: chosen to fill the SMs); a power of two >= 32.
-    config: (BLOCK_N, num_warps, num_stages[, int8_qk[, wide_v]]) override, for tuning only; int8_qk, with bf16 or
-    fp16 q: an int8 cache's Q.K^T on the int8 tensor cores, q quantized per head (the default without a config);
-    wide_v: an 8-bit cache's V codes widened to fp16 before P.V's shared-memory stage (without a config,
-    wide_v_default()).
+    config: (BLOCK_N, num_warps, num_stages[, int8_qk[, wide_v[, swap]]]) override, for tuning only; int8_qk, with
+    bf16 or fp16 q: an int8 cache's Q.K^T on the int8 tensor cores, q quantized per head (the default without a
+    config); wide_v: an 8-bit cache's V codes widened to fp16 before P.V's shared-memory stage (without a config,
+    wide_v_default()); swap: an 8-bit cache's tile products with the tile's tokens as M and the GQA group as N
+    (K.q^T and V^T.P^T; without a config, swap_default()).
     """
     B, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
@@ -304,16 +338,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # against 346.3 us, B=256, context ~1,100); perplexity on CPU with q through the same quantization, int8 cache:
     # +0.03% / +0.28% over the float cache in float32 / bf16, against +0.22% / +0.48% without it
     # (benchmarks/int8_qk_accuracy.py, 2026-12-06)
-    int8_qk, wide_v = True, False
+    int8_qk, wide_v, swap = True, False, False
     if kind != KV_FLOAT.value and wide_v_default():
         # V widened as loaded, 3 stages, int8 codes converted for Q.K^T as well: the decode8 grid's best for both
         # 8-bit kinds (run AB, H100, B=256, context ~1,100: int8 273.7 us against 314.8 at the old default, fp8
         # 240.1 against 249.9; with the int8 Q.K^T at 3 stages 289.7)
         int8_qk, wide_v, stages = False, True, 3
+        swap = swap_default()
     if config is not None:
         block_n, warps, stages, *rest = config
         int8_qk, wide_v = bool(rest and rest[0]), bool(len(rest) > 1 and rest[1])
+        swap = bool(len(rest) > 2 and rest[2])
     int8_qk = int8_qk and kind == KV_INT8.value and not fp32
+    # the swapped products (8-bit caches; sm_90 SASS of the decode8 tile, 128 tokens, 4 warps, 3 stages, V
+    # widened: fp8 936 -> 706 instructions a thread, int8 1,299 -> 1,062): the GQA group is the products' N,
+    # padded to 8 instead of 16 as M, and the ~200 register moves that built q's A fragments go (q^T is B now)
+    swap = swap and kind != KV_FLOAT.value and not fp32 and not int8_qk
     # the float32 reference keeps the plain loads; the words need 4-byte-aligned rows
     wide_v = (wide_v and kind != KV_FLOAT.value and not fp32 and D % 4 == 0 and v_cache.data_ptr() % 4 == 0
               and all(s % 4 == 0 for s in v_cache.stride()[:3]))
@@ -333,7 +373,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_m = torch.empty((B, Hq, num_parts), dtype=torch.float32, device=q.device)
         part_l = torch.empty((B, Hq, num_parts), dtype=torch.float32, device=q.device)
 
-    group_pad = max(16, next_pow2(group))
+    group_pad = max(8 if swap else 16, next_pow2(group))
     launch(_decode_kernel, (B, Hkv, num_parts),
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens,
         out, part_out, part_m, part_l, count,
@@ -346,7 +386,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_parts, part,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        KV_KIND=kind, DIRECT=direct, FP32=fp32, INT8_QK=int8_qk, WIDE_V=wide_v, MAGIC=not interpreting(),
+        KV_KIND=kind, DIRECT=direct, FP32=fp32, INT8_QK=int8_qk, WIDE_V=wide_v, MAGIC=not interpreting(), SWAP=swap,
         num_warps=warps, num_stages=stages,
     )
     return out

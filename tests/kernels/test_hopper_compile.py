@@ -70,10 +70,13 @@ def _launch_every_kernel():
         lens = torch.tensor([40, 7], dtype=torch.int32)
         for part in (None, 32):  # one pass, and flash-decoding partitions merged by the last program
             K.paged_decode_attention(rand(2, hq, d), kc, vc, tables, lens, 0.125, ks, vs, partition_size=part)
-        if kv != torch.bfloat16:  # at the GPU's tile: int8 Q.K^T (config's 4th field), V widened as loaded (5th)
-            for qk8, wide in ((True, False), (False, True), (True, True)):
-                K.paged_decode_attention(rand(2, hq, d, dtype=torch.bfloat16), kc, vc, tables, lens, 0.125, ks, vs,
-                                         config=(128, 4, 2, qk8, wide))
+        if kv != torch.bfloat16:  # at the GPU's tile: int8 Q.K^T (config's 4th field), V widened as loaded (5th),
+            # the products swapped (6th), each with partitions merged and not
+            for qk8, wide, swap in ((True, False, False), (False, True, False), (True, True, False),
+                                    (False, True, True), (False, False, True)):
+                for part in (None, 32):
+                    K.paged_decode_attention(rand(2, hq, d, dtype=torch.bfloat16), kc, vc, tables, lens, 0.125, ks,
+                                             vs, partition_size=part, config=(128, 4, 3, qk8, wide, swap))
         K.paged_prefill_attention(rand(10, hq, d), kc, vc, tables, torch.tensor([0, 3, 10], dtype=torch.int32),
                                   lens, 0.125, 7, ks, vs)
     for code in (torch.int8, FP8):

@@ -242,6 +242,28 @@ def test_8bit_cache_decode_wide_v(B, Hq, Hkv, D, bs, lens, part, kv):
                                                 config=want))
 
 
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+@pytest.mark.parametrize("B,Hq,Hkv,D,bs,lens,part", CASES_8BIT + [(2, 16, 2, 128, 16, (30, 140), None)])
+def test_8bit_cache_decode_swapped_products(B, Hq, Hkv, D, bs, lens, part, kv):
+    """The tile products swapped (config's 6th field: K.q^T and V^T.P^T, the tile's tokens as M, the GQA group as
+    N padded to 8), with and without V widened: against the reference on the same codes, and near the plain path
+    (the same products, summed in another order). Groups of 1, 4 and 8 heads, partitions merged and not."""
+    qdtype = torch.float16 if INTERP else torch.bfloat16
+    seq_lens = random_lens(B, *lens)
+    (kc, vc, ks, vs), tables, sl = make_paged(seq_lens, Hkv, D, bs, qdtype, kv)
+    q = rand(B, Hq, D, dtype=qdtype)
+    block_n = 32 if INTERP else 128
+    ref = R.paged_decode_attention(q.float(), kc, vc, tables, sl, D ** -0.5, ks, vs)
+    plain = K.paged_decode_attention(q, kc, vc, tables, sl, D ** -0.5, ks, vs, partition_size=part,
+                                     config=(block_n, 4, 2, False, True))
+    for wide in (True, False):
+        out = torch.full_like(q, float("nan"))
+        K.paged_decode_attention(q, kc, vc, tables, sl, D ** -0.5, ks, vs, partition_size=part, out=out,
+                                 config=(block_n, 4, 2, False, wide, True))
+        assert rel_err(out, ref) < ATTN_TOL[qdtype], (wide, rel_err(out, ref))
+        assert rel_err(out, plain) < ATTN_TOL[qdtype], (wide, rel_err(out, plain))
+
+
 @triton.jit
 def _widen_probe_kernel(words_ptr, out_ptr, KV_KIND: tl.constexpr, MAGIC: tl.constexpr):
     rows, cols = tl.arange(0, 16), tl.arange(0, 4)
