@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device run AM (one call, up to BUDGET_S seconds (default 480), carrying .whl; any card, an H200 preferred): the
 # 8-bit decode with its tile products swapped (SWAP: K.q^T and V^T.P^T, the GQA group as N padded to 8; sm_90 SASS
-# of the decode8 tile: fp8 936 -> 706 instructions a thread, int8 1,299 -> 1,062) on a GPU for the first time,
+# of the decode8 tile: fp8 936 -> 706 instructions a thread, int8 1,299 -> 983) on a GPU for the first time,
 # and the int8 gate/up epilogue in the SwiGLU kernel (fe614db, never run on a GPU).
 # 1. GPU tests: the decode kernels (swapped, widened, plain) and tests/kernels/test_w8a8.py.
 # 2. the decode8 grid (B=256, context 1,001-1,199): default, old default, swapped configs.

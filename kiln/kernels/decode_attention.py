@@ -125,7 +125,14 @@ def _decode_kernel(
             v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
         if SWAP:
             # the tile's tokens as the products' M (a multiple of 64: Hopper's warpgroup MMA), the GQA group as N
-            sT = tl.dot(k.to(cdtype), qT)
+            if WIDE_V and KV_KIND == KV_INT8:
+                # int8 K widened as loaded too (byte permutes and a subtraction per two codes, fp16 products: q
+                # is O(1..100)): sm_90 SASS 1,062 -> 983 instructions a tile against the conversion to q's bf16
+                kw = tl.load(k_cache_ptr.to(tl.pointer_type(tl.int32)) + (tok // 4)[:, None] + offs_w[None, :],
+                             mask=nmask[:, None], other=0)
+                sT = tl.dot(_widen_codes(kw, KV_KIND, MAGIC, BLOCK_N, HEAD_DIM), qT.to(tl.float16))
+            else:
+                sT = tl.dot(k.to(cdtype), qT)
             if KV_KIND == KV_INT8:
                 s_off = blk * stride_sb + (offs_n % BLOCK_SIZE) * stride_st + kvh * stride_sh
                 ks = tl.load(k_scale_ptr + s_off, mask=nmask, other=0.0)
@@ -351,7 +358,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         swap = bool(len(rest) > 2 and rest[2])
     int8_qk = int8_qk and kind == KV_INT8.value and not fp32
     # the swapped products (8-bit caches; sm_90 SASS of the decode8 tile, 128 tokens, 4 warps, 3 stages, V
-    # widened: fp8 936 -> 706 instructions a thread, int8 1,299 -> 1,062): the GQA group is the products' N,
+    # widened: fp8 936 -> 706 instructions a thread, int8 1,299 -> 983): the GQA group is the products' N,
     # padded to 8 instead of 16 as M, and the ~200 register moves that built q's A fragments go (q^T is B now)
     swap = swap and kind != KV_FLOAT.value and not fp32 and not int8_qk
     # the float32 reference keeps the plain loads; the words need 4-byte-aligned rows
