@@ -278,8 +278,9 @@ def _merge_partitions(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, rows, n_par
 
 @functools.lru_cache(maxsize=None)
 def swap_default() -> bool:
-    """KILN_DECODE_SWAP=1: an 8-bit cache's decode with the tile products swapped (SWAP). Read once per process."""
-    return os.environ.get("KILN_DECODE_SWAP", "0") == "1"
+    """KILN_DECODE_SWAP=0: an 8-bit cache's decode without its tile products swapped (SWAP; on by default since run
+    AM) and at the tile before it. Read once per process."""
+    return os.environ.get("KILN_DECODE_SWAP", "1") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -351,7 +352,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         # 8-bit kinds (run AB, H100, B=256, context ~1,100: int8 273.7 us against 314.8 at the old default, fp8
         # 240.1 against 249.9; with the int8 Q.K^T at 3 stages 289.7)
         int8_qk, wide_v, stages = False, True, 3
-        swap = swap_default()
+        if swap_default():
+            # the products swapped: run AM (H100, B=256, context ~1,100) fp8 245.8 -> 238.9 us at (128, 4, 3),
+            # int8 283.0 -> 265.9 us at (64, 4, 3) (277.2 at 128)
+            swap = True
+            block_n = 64 if kind == KV_INT8.value else 128
     if config is not None:
         block_n, warps, stages, *rest = config
         int8_qk, wide_v = bool(rest and rest[0]), bool(len(rest) > 1 and rest[1])

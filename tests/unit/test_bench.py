@@ -189,3 +189,25 @@ def test_throughput_profiles_the_steps_asked_for(tmp_path):
                         "cpu", "--num-prompts", "1", "--profile-steps", "1,3"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0 and "--profile-steps needs --profile FILE" in r.stderr
+
+
+def test_profile_gpu_time_counts_each_kernel_once(tmp_path):
+    """The table's GPU time a step sums the kernels' rows only: an operator's row (aten::_scaled_mm) repeats the
+    time of the kernel it launched, and counting both doubled it (run AM', H100: 67.4 ms against the trace's
+    42.7)."""
+    import types
+
+    from torch.autograd import DeviceType
+
+    from kiln.entrypoints.bench import _write_profile
+
+    rows = [types.SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=900.0),    # the operator
+            types.SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=900.0),   # its kernel
+            types.SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=300.0)]   # another kernel
+    events = type("Events", (list,), {"table": lambda self, **kw: "table"})(rows)
+    written = {}
+    prof = types.SimpleNamespace(key_averages=lambda: events,
+                                 export_chrome_trace=lambda path: written.setdefault("trace", path))
+    _write_profile(prof, 2, str(tmp_path / "p.txt"), "head: ")
+    assert (tmp_path / "p.txt").read_text().startswith("head: GPU kernels 0.60 ms/step")
+    assert written["trace"].endswith("p.trace.json")
