@@ -166,6 +166,7 @@ DECODE_CASES = [
     (2, 8, 1, 64, 64, (65, 260), 64),
     (4, 4, 4, 64, 64, (1, 100), 32),
     (2, 16, 2, 128, 16, (30, 140), None),
+    (3, 8, 2, 64, 48, (20, 300), None),  # a block size that is not a power of two: tiles straddle blocks
     pytest.param(1, 32, 8, 128, 64, (4000, 4000), None, marks=gpu_only),
     pytest.param(7, 32, 8, 128, 16, (1, 3000), None, marks=gpu_only),
     pytest.param(64, 32, 8, 128, 64, (1000, 2100), None, marks=gpu_only),
