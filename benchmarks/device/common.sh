@@ -107,3 +107,14 @@ t1000() {
     decode_only_s decode_only_mean_batch 2>/dev/null)"
   grep -m2 -E "KV cache:|after ready|Error" $R/t1000_$1.log | cut -c1-300
 }
+# decode_w8a8_tests: the GPU tests of the decode kernels and of W8A8 (the kernels this work changes most)
+decode_w8a8_tests() {
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=line -rf tests/kernels/test_w8a8.py \
+    tests/kernels/test_kernels.py -k "decode or swapped or widen or w8a8 or quant or silu" 2>&1 \
+    | grep -E "^FAILED|passed|failed" | cut -c1-200 | head -14
+}
+# decode8_grid: the 8-bit decode kernel's configs at B=256, context ~1,100 (bench_kernels.py's DECODE8_CONFIGS)
+decode8_grid() {
+  timeout 90 python3 benchmarks/kernels/bench_kernels.py --sweep --only decode8 > $R/decode8.log 2>&1
+  grep -E "decode8|best|default config" $R/decode8.log | cut -c1-170
+}

@@ -11,11 +11,8 @@
 BUDGET_S=${BUDGET_S:-480}
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
-timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=line -rf tests/kernels/test_w8a8.py \
-  tests/kernels/test_kernels.py -k "decode or swapped or widen or w8a8 or quant or silu" 2>&1 \
-  | grep -E "^FAILED|passed|failed" | cut -c1-200 | head -14
-timeout 90 python3 benchmarks/kernels/bench_kernels.py --sweep --only decode8 > $R/decode8.log 2>&1
-grep -E "decode8|best|default config" $R/decode8.log | cut -c1-170
+decode_w8a8_tests
+decode8_grid
 for s in 0 1; do
   KILN_DECODE_SWAP=$s b256 fp8-kvfp8-swap$s --quantization w8a8-fp8 --kv-cache-dtype fp8
 done

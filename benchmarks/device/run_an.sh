@@ -10,11 +10,8 @@
 #    step (10.86; target 11.5), the 1000 x 1000 w8a8-int8 + int8 cache, batch 1 w8a16 (345.5 with the int8 head).
 source benchmarks/device/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; date -u
-timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=line -rf tests/kernels/test_w8a8.py \
-  tests/kernels/test_kernels.py -k "decode or swapped or widen or w8a8 or quant or silu" 2>&1 \
-  | grep -E "^FAILED|passed|failed" | cut -c1-200 | head -14
-timeout 90 python3 benchmarks/kernels/bench_kernels.py --sweep --only decode8 > $R/decode8.log 2>&1
-grep -E "decode8|best|default config" $R/decode8.log | cut -c1-170
+decode_w8a8_tests
+decode8_grid
 nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { tar czf $OUT/run_an.tgz -C $OUT r; exit 0; }
 t1000 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 1024
 b256 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8
