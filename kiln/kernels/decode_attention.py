@@ -115,6 +115,9 @@ def _decode_kernel(
     if WIDE_V:  # 32-bit words of four codes: the wrapper widens only where every stride is a multiple of 4
         stride_cb_w = stride_cb // 4
         in_block_w = in_block // 4
+    # an int8 cache's K widened as loaded in the swapped products (byte permutes and a subtraction per two codes,
+    # fp16 products: q is O(1..100)): sm_90 SASS 1,062 -> 983 instructions a tile against the conversion to q's bf16
+    WIDE_K: tl.constexpr = SWAP and WIDE_V and KV_KIND == KV_INT8
     if SWAP:
         qT = tl.trans(q)
         accT = tl.zeros([HEAD_DIM, GROUP_PAD], tl.float32)
@@ -136,7 +139,8 @@ def _decode_kernel(
             s_off = blk * stride_sb + (offs_n % BLOCK_SIZE) * stride_st + kvh * stride_sh
             if WIDE_V:
                 wtok = tok // 4
-        k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        if not WIDE_K:
+            k = tl.load(k_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
         if WIDE_V:
             # V's 8-bit codes widened to fp16 as loaded, four to a 32-bit word, before the P.V operand's
             # shared-memory stage: that stage transposes V, and an 8-bit transpose is one byte load per code
@@ -147,10 +151,8 @@ def _decode_kernel(
         else:
             v = tl.load(v_cache_ptr + tok[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
         if SWAP:
-            # the tile's tokens as the products' M (a multiple of 64: Hopper's warpgroup MMA), the GQA group as N
-            if WIDE_V and KV_KIND == KV_INT8:
-                # int8 K widened as loaded too (byte permutes and a subtraction per two codes, fp16 products: q
-                # is O(1..100)): sm_90 SASS 1,062 -> 983 instructions a tile against the conversion to q's bf16
+            # the tile's tokens as the products' M, the GQA group as N (padded to 8: mma.sync's n8)
+            if WIDE_K:  # loaded after V: issued before it, 558 instructions a 64-token tile against 544
                 kw = tl.load(k_cache_ptr.to(tl.pointer_type(tl.int32)) + wtok[:, None] + offs_w[None, :],
                              mask=nmask[:, None], other=0)
                 sT = tl.dot(_widen_codes(kw, KV_KIND, MAGIC, BLOCK_N, HEAD_DIM), qT.to(tl.float16))
