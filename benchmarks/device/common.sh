@@ -109,12 +109,28 @@ t1000() {
 }
 # decode_w8a8_tests: the GPU tests of the decode kernels and of W8A8 (the kernels this work changes most)
 decode_w8a8_tests() {
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=line -rf tests/kernels/test_w8a8.py \
-    tests/kernels/test_kernels.py -k "decode or swapped or widen or w8a8 or quant or silu" 2>&1 \
-    | grep -E "^FAILED|passed|failed" | cut -c1-200 | head -14
+  timeout ${1:-200} python3 -m pytest -q -p no:cacheprovider -W ignore --tb=line -rf tests/kernels/test_w8a8.py \
+    tests/kernels/test_kernels.py -k "decode or swapped or widen or w8a8 or quant or silu" > $R/tests.log 2>&1
+  echo "tests: rc $?"  # 124: cut by the timeout (run AN printed no summary)
+  grep -E "^FAILED|passed|failed" $R/tests.log | cut -c1-200 | head -14 | grep . || tail -4 $R/tests.log | cut -c1-200
+}
+# gpu_state: the card's clocks, power limit and temperature (run AN's H100 ran its GEMM-bound steps ~40% slower than
+# run AM's with the same decode-only steps)
+gpu_state() {
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv 2>&1 | tail -2
 }
 # decode8_grid: the 8-bit decode kernel's configs at B=256, context ~1,100 (bench_kernels.py's DECODE8_CONFIGS)
 decode8_grid() {
   timeout 90 python3 benchmarks/kernels/bench_kernels.py --sweep --only decode8 > $R/decode8.log 2>&1
   grep -E "decode8|best|default config" $R/decode8.log | cut -c1-170
+}
+# mixed_profile NAME ARGS: four mixed steps of a 1000-in run (step 250: ~1,700 prefill tokens beside ~350 decode
+# rows) under torch.profiler, their kernel table's top rows beside the run's wall time of its mixed steps (run AM')
+mixed_profile() {
+  timeout 120 $B throughput --preset $PRESET --num-prompts 600 --input-len 1000 --output-len 200 --max-num-seqs 1024 \
+    --profile-steps 250,4 --profile $R/$1.txt --output-json $R/$1.json "${@:2}" > $R/$1.log 2>&1
+  head -1 $R/$1.txt | cut -c1-250
+  grep -E "nvjet|_kernel|cutlass|gemm" $R/$1.txt | head -9 | awk '{print $1, $(NF-2), $(NF-1), $NF}' | cut -c1-150
+  echo "$1: $(j $R/$1.json output_tok_s total_s mixed_steps mixed_s decode_only_s)"
 }
