@@ -377,10 +377,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         # 240.1 against 249.9; with the int8 Q.K^T at 3 stages 289.7)
         int8_qk, wide_v, stages = False, True, 3
         if swap_default():
-            # the products swapped: run AM (H100, B=256, context ~1,100) fp8 245.8 -> 238.9 us at (128, 4, 3),
-            # int8 283.0 -> 265.9 us at (64, 4, 3) (277.2 at 128)
+            # the products swapped at 64-token tiles: run AM (H100, B=256, context ~1,100) fp8 245.8 -> 238.9 us
+            # at (128, 4, 3), int8 283.0 -> 265.9 us at (64, 4, 3) (277.2 at 128); since the offsets are computed
+            # once a program (a314785), run AN: fp8 228.5 us at 64 against 240.8 at 128, int8 246.7 against 278.0
             swap = True
-            block_n = 64 if kind == KV_INT8.value else 128
+            block_n = 64
     if config is not None:
         block_n, warps, stages, *rest = config
         int8_qk, wide_v = bool(rest and rest[0]), bool(len(rest) > 1 and rest[1])

@@ -236,12 +236,12 @@ def test_8bit_cache_decode_wide_v(B, Hq, Hkv, D, bs, lens, part, kv):
             assert torch.equal(wide, plain), rel_err(wide, plain)
         ref = R.paged_decode_attention(q.float(), kc, vc, tables, sl, D ** -0.5, ks, vs)
         assert rel_err(wide, ref) < (1e-2 if qk8 else ATTN_TOL[qdtype]), rel_err(wide, ref)
-    # the default for both 8-bit kinds: widened V, 3 stages, no int8 Q.K^T, the products swapped at 128-token tiles
-    # for fp8 and 64 for int8 (KILN_DECODE_SWAP=0: not swapped at (128, 4, 3); KILN_DECODE_WIDE_V=0: the old one)
+    # the default for both 8-bit kinds: widened V, 3 stages, no int8 Q.K^T, the products swapped at 64-token tiles
+    # (KILN_DECODE_SWAP=0: not swapped at (128, 4, 3); KILN_DECODE_WIDE_V=0: the old one)
     if not wide_v_default():
         want = (128, 4, 2, True, False)
     elif swap_default():
-        want = (64 if kv == "int8" else 128, 4, 3, False, True, True)
+        want = (64, 4, 3, False, True, True)
     else:
         want = (128, 4, 3, False, True)
     assert torch.equal(K.paged_decode_attention(q, kc, vc, tables, sl, D ** -0.5, ks, vs, partition_size=part),
