@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Fetches into .whl (git-ignored) the wheels that the device machines' image lacks, for Python 3.12 on x86-64, at
-# the versions this checkout's .venv runs. Run here, in the repository root, before a device call that carries .whl.
+# the versions this checkout's .venv runs (pytest too: run AN's machine printed no test summary). Run here, in the
+# repository root, before a device call that carries .whl.
 set -e
 pkgs="fastapi starlette uvicorn h11 click anyio sniffio annotated-doc annotated-types pydantic pydantic_core
 typing-inspection typing_extensions opentelemetry-api importlib_metadata zipp pyzmq msgpack grpcio protobuf tritonclient
 python-rapidjson ml_dtypes prometheus_client xgrammar apache-tvm-ffi setproctitle compressed-tensors loguru gguf
-httpx httpcore certifi idna jsonschema jsonschema-specifications referencing rpds-py attrs"
+httpx httpcore certifi idna jsonschema jsonschema-specifications referencing rpds-py attrs pytest pluggy iniconfig packaging"
 mkdir -p .whl
 for p in $pkgs; do
   v=$(.venv/bin/pip show "$p" 2>/dev/null | awk '/^Version:/{print $2}')
