@@ -250,10 +250,14 @@ DECODE_CONFIGS = [(64, 4, 3), (128, 8, 2), (128, 4, 3), (256, 8, 2)]  # (BLOCK_N
 # found (128, 4, 2) best for both kinds.
 # (BLOCK_N, warps, stages, int8 Q.K^T, V widened, products swapped): the default (128, 4, 3, V widened), the old
 # one, and the swapped products around the default (the full grid without swapping: run AB, docs/kernels.md)
-DECODE8_CONFIGS = ([(128, 4, 3, False, True), (128, 4, 2, True, False), (64, 4, 2, False, True)]
-                   + [(n, w, st, False, wide, True) for (n, w, st) in ((128, 4, 3), (128, 4, 2), (64, 4, 3),
-                                                                       (128, 8, 3), (256, 8, 2))
-                      for wide in (True, False)])
+# not swapped (the default before run AM), then swapped: V widened at 128/64/32-token tiles over 4, 2 and 1 warps
+# (sm_90 SASS, warp instructions a token: 64 tokens over 2 warps 20-24% fewer than over 4, at the same shared
+# memory; benchmarks/kernels/sass_loop.py), and one without the widening
+DECODE8_CONFIGS = ([(128, 4, 3, False, True), (128, 4, 2, True, False)]
+                   + [(n, w, st, False, True, True) for (n, w, st) in ((128, 4, 3), (128, 4, 2), (64, 4, 3),
+                                                                       (64, 2, 3), (64, 2, 4), (32, 1, 3),
+                                                                       (32, 2, 3), (128, 8, 3))]
+                   + [(64, 4, 3, False, False, True)])
 DECODE8_BEST: list[dict] = []
 
 
