@@ -134,3 +134,8 @@ mixed_profile() {
   grep -E "nvjet|_kernel|cutlass|gemm" $R/$1.txt | head -9 | awk '{print $1, $(NF-2), $(NF-1), $NF}' | cut -c1-150
   echo "$1: $(j $R/$1.json output_tok_s total_s mixed_steps mixed_s decode_only_s)"
 }
+# decode8_small: the 8-bit decode's candidate configs at batches 1 (1,000 and 4,000 tokens), 16 and 64
+decode8_small() {
+  timeout 100 python3 benchmarks/kernels/bench_kernels.py --sweep --only decode8b > $R/decode8b.log 2>&1
+  grep -E "decode8b" $R/decode8b.log | sed 's/    decode8b //' | cut -c1-150
+}

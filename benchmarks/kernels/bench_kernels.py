@@ -305,6 +305,37 @@ def bench_decode8_sweep(cfg):
                                      floor_ms=nbytes / BW * 1e3))
             print(f"    best decode8{kv_label(kv)}: {c} {ms * 1e3:.1f} us ({nbytes / ms / 1e6:.0f} GB/s)", flush=True)
         del kc, vc, ks, vs
+# the B=256 grid's winners on an H100 (run AP) beside the default, at the batches where a program of 1-2 warps may
+# leave the SMs short of warps: batch 1 (1,000 and 4,000 tokens, in partitions), 16 and 64
+DECODE8_SMALL_CONFIGS = [(64, 4, 3, False, True, True), (64, 2, 3, False, True, True), (32, 1, 3, False, True, True),
+                         (32, 2, 3, False, True, True)]
+
+
+def bench_decode8_small(cfg):
+    """The 8-bit decode kernel's candidate configs (DECODE8_SMALL_CONFIGS) at small batches, each kind."""
+    hq, hkv, d = cfg["hq"], cfg["hkv"], cfg["d"]
+    g = torch.Generator().manual_seed(2)
+    cases = ([(1, (1000, 1000)), (1, (4000, 4000)), (16, (1000, 1200)), (64, (1000, 1200))] if not SMOKE
+             else [(1, (40, 40)), (3, (30, 60))])
+    configs = DECODE8_SMALL_CONFIGS if not SMOKE else [(32, 4, 2, False, True, True), (16, 1, 2, False, True, True)]
+    for B, (lo, hi) in cases:
+        lens = torch.randint(lo, hi + 1, (B,), generator=g).tolist()
+        for kv in ("int8", "fp8"):
+            kc, vc, ks, vs, tables, sl = paged(lens, hkv, d, 64 if not SMOKE else 16, kv)
+            q = rand(B, hq, d)
+            nbytes = kv_bytes(lens, hkv, d, kv) + 2 * q.numel() * q.element_size() + tables.numel() * 4
+            ref = R.paged_decode_attention(q.float(), kc, vc, tables, sl, d ** -0.5, ks, vs)
+            shape = f"B={B} ctx={min(lens)}-{max(lens)}{kv_label(kv)}"
+            for c in configs:
+                fn = lambda: K.paged_decode_attention(q, kc, vc, tables, sl, d ** -0.5, ks, vs, max_seq_len=max(lens),
+                                                      config=c)
+                err = rel_err(fn(), ref)
+                ms = bench_graph(fn)
+                print(f"    decode8b {shape} cfg={c}: {ms * 1e3:8.1f} us ({nbytes / ms / 1e6:5.0f} GB/s)"
+                      f" err={err:.1e}{'' if err < 2e-2 else ' WRONG'}", flush=True)
+            del kc, vc, ks, vs
+
+
 PREFILL_CONFIGS = [(128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3)]  # (BLOCK_M, BLOCK_N, warps,
 # stages)
 
@@ -577,7 +608,8 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", default=None,
-                    help="comma list: decode,decode8,prefill,cache,norm,rope,silu,w8a16,skinny (decode8: with --sweep)")
+                    help="comma list: decode,decode8,decode8b,prefill,cache,norm,rope,silu,w8a16,skinny (decode8, "
+                         "decode8b: with --sweep)")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = dict(hidden=4096, hq=32, hkv=8, d=128, inter=14336)
@@ -591,6 +623,7 @@ def main():
     only = set(args.only.split(",")) if args.only else None
     steps = [("cache", lambda: bench_cache(cfg)), ("decode", lambda: bench_decode(cfg, args.sweep)),
              ("decode8", lambda: bench_decode8_sweep(cfg) if args.sweep else None),
+            ("decode8b", lambda: bench_decode8_small(cfg) if args.sweep else None),
              ("prefill", lambda: bench_prefill(cfg, args.sweep)), ("norm", lambda: bench_norm(cfg)),
              ("rope", lambda: bench_rope(cfg)), ("silu", lambda: bench_silu(cfg)),
              ("w8a16", lambda: bench_w8a16(cfg, args.sweep)), ("skinny", lambda: bench_skinny(cfg, args.sweep))]

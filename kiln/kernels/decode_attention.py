@@ -397,7 +397,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if interpreting():
         stages = 1
     max_ctx = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
-    part = partition_size or choose_partition(B, Hkv, max_ctx, q.device, block_n)
+    # partitions as for 64-token tiles at least: a 32-token tile (a config) splits a sequence no finer than they do
+    part = partition_size or choose_partition(B, Hkv, max_ctx, q.device, max(block_n, 64))
     block_n = min(block_n, part)
     assert part % block_n == 0, "partition_size: a power of two >= 32"
     num_parts = triton.cdiv(max_ctx, part)
