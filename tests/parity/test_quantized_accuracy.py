@@ -96,9 +96,10 @@ def _known_miss(figure: str, why: str):
     ("w8a16", "auto"), (None, "int8"), (None, "fp8"), ("w8a16", "int8"),
     # per-token int8 activations without SmoothQuant: SmolLM2's activation outliers; the w8a8-int8 checkpoint
     # of `kiln quantize --smoothquant-alpha` below is the scheme that holds the bound
-    pytest.param("w8a8-int8", "auto", marks=_known_miss("+3.21%", "no SmoothQuant at load (activation outliers)")),
+    pytest.param("w8a8-int8", "auto", marks=_known_miss("+3.79% (2026-12-07)",
+                                                        "no SmoothQuant at load (activation outliers)")),
     # E4M3's 3-bit mantissa on the weights and on the activations: per-channel / per-token scales do not change a
-    # float format's relative step; measured +1.87%, the closest of these to the bound
+    # float format's relative step; measured +1.44% (2026-12-07; +1.87% before), the closest of these to the bound
     ("w8a8-fp8", "auto"),
 ])
 def test_perplexity_within_two_percent(model_for, ids, base_ppl, figures, quantization, kv):
