@@ -11,7 +11,10 @@ mkdir -p .whl
 for p in $pkgs; do
   v=$(.venv/bin/pip show "$p" 2>/dev/null | awk '/^Version:/{print $2}')
   spec=$p${v:+==$v}
-  ls .whl | grep -qi "^$(echo $p | tr - _)-${v}" && continue
+  ls .whl | grep -qi "^$(echo $p | tr - _)-${v}-" && continue
+  # another version of it from an earlier fetch: two versions of one package make the device's pip refuse them all
+  # (run AP's first try: ml_dtypes 0.5.4 beside 0.7.0)
+  [ -n "$v" ] && ls .whl | grep -i "^$(echo $p | tr - _)-[0-9]" | sed 's|^|.whl/|' | xargs -r rm -f
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64 \
