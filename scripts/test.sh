@@ -11,5 +11,10 @@ bash scripts/setup.sh
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   export TRITON_INTERPRET=1
 fi
-say "running the test suite (pytest; about 15 minutes on 2 CPU cores with AVX2 only, less with AVX-512)"
-exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"
+# one pytest worker a core, at most 4 (KILN_TEST_WORKERS overrides; 0 runs in one process); a test file stays on
+# one worker (--dist loadfile), so a module's server starts once
+cores=$(.venv/bin/python -c "from kiln.threads import usable_cores; print(usable_cores())")
+workers=${KILN_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
+[ "$workers" -le 1 ] && workers=0
+say "running the test suite (pytest, $workers workers; about 11 minutes on 2 CPU cores with AVX2 only)"
+exec .venv/bin/python -m pytest -q -ra --durations=15 -n "$workers" --dist loadfile "$@"

@@ -1,6 +1,21 @@
 """Shared fixtures for the whole test suite (keep this file small)."""
 
+import os
+
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (scripts/test.sh), each worker's torch gets its share of the cores: two workers each
+    running torch's default pool (a thread per core) make every parallel region of the in-process engines wait
+    for a thread that the other worker has pre-empted (the structured-output engine tests ran 5x slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        from kiln.threads import usable_cores
+
+        torch.set_num_threads(max(1, usable_cores() // workers))
 
 
 @pytest.fixture(scope="session")
