@@ -16,5 +16,5 @@ fi
 cores=$(.venv/bin/python -c "from kiln.threads import usable_cores; print(usable_cores())")
 workers=${KILN_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
 [ "$workers" -le 1 ] && workers=0
-say "running the test suite (pytest, $workers workers; about 11 minutes on 2 CPU cores with AVX2 only)"
+say "running the test suite (pytest, $workers workers; about 9 minutes on 2 CPU cores with AVX2 only)"
 exec .venv/bin/python -m pytest -q -ra --durations=15 -n "$workers" --dist loadfile "$@"
