@@ -7,7 +7,7 @@ source benchmarks/device/common.sh
 gpu_state; date -u
 decode8_grid
 decode8_small
-timeout 120 python3 benchmarks/kernels/overlap_bench.py --batches 324,512 > $R/overlap.log 2>&1; cat $R/overlap.log | tail -30
+timeout 180 python3 benchmarks/kernels/overlap_bench.py --batches 324,512 --mixed > $R/overlap.log 2>&1; cat $R/overlap.log | tail -30
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
   t1000 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 1024
   b256 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8

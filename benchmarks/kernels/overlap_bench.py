@@ -12,7 +12,11 @@ scales and rows padded to a multiple of 128, `paged_decode_attention`), 32 layer
               other half's GEMMs
 and the attention and the GEMMs alone. GPU time of a graph replay (median of events), us per layer.
 
-    PYTHONPATH=. python benchmarks/kernels/overlap_bench.py [--batches 324,512] [--ctx 1000,2000]
+--mixed: a mixed step's attention (run AM''s profile: 354 decode rows beside ~1,700 prefill tokens), whose decode
+and prefill kernels run one after the other today: the same on two streams, in a CUDA graph and eagerly (mixed
+steps run eagerly), us per layer.
+
+    PYTHONPATH=. python benchmarks/kernels/overlap_bench.py [--batches 324,512] [--ctx 1000,2000] [--mixed]
 """
 from __future__ import annotations
 
@@ -109,10 +113,77 @@ def two_streams(first, second, locked: bool):
     return body
 
 
+def eager_us(body, reps: int = 10) -> float:
+    body()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        body()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / LAYERS)
+    return sorted(times)[len(times) // 2]
+
+
+def mixed_attention(decode_rows: int, ctx: tuple[int, int], prefill: list[int]) -> None:
+    """One mixed step's attention: decode rows (contexts in ctx) and whole-prompt prefills (token counts), fp8
+    cache, one stream against two (the prefill on a side stream, joined at every layer)."""
+    lens = torch.randint(ctx[0], ctx[1] + 1, (decode_rows,)).tolist()
+    dec = Half(lens, 0, [])
+    nblk = [-(-n // BS) for n in prefill]
+    tables = torch.zeros(len(prefill), max(nblk), dtype=torch.int32, device="cuda")
+    i = dec.blocks_end
+    for r, n in enumerate(nblk):
+        tables[r, :n] = torch.arange(i, i + n, dtype=torch.int32)
+        i += n
+    kc = (torch.randn(i, BS, HKV, D, device="cuda") * 50).clamp(-448, 448).to(FP8)
+    vc = (torch.randn(i, BS, HKV, D, device="cuda") * 50).clamp(-448, 448).to(FP8)
+    ks, vs = torch.rand(HKV, device="cuda") / 100 + 1e-3, torch.rand(HKV, device="cuda") / 100 + 1e-3
+    qp = torch.randn(sum(prefill), HQ, D, device="cuda", dtype=torch.bfloat16)
+    outp = torch.empty_like(qp)
+    qsl = torch.tensor([0] + list(torch.tensor(prefill).cumsum(0)), dtype=torch.int32, device="cuda")
+    plens = torch.tensor(prefill, dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+
+    def decode():
+        dec.attention((kc, vc, ks, vs))
+
+    def pre():
+        K.paged_prefill_attention(qp, kc, vc, tables, qsl, plens, D ** -0.5, max(prefill), ks, vs, out=outp)
+
+    def one_stream():
+        for _ in range(LAYERS):
+            decode()
+            pre()
+
+    def two():
+        main = torch.cuda.current_stream()
+        for _ in range(LAYERS):
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                pre()
+            decode()
+            main.wait_stream(side)
+
+    res = {"decode alone": graph_us(lambda: [decode() for _ in range(LAYERS)]),
+           "prefill alone": graph_us(lambda: [pre() for _ in range(LAYERS)]),
+           "one stream": graph_us(one_stream), "two streams": graph_us(two),
+           "one stream, eager": eager_us(one_stream), "two streams, eager": eager_us(two)}
+    print(f"mixed step's attention: {decode_rows} decode rows (contexts {ctx[0]}-{ctx[1]}), prefills {prefill},"
+          f" fp8 cache:", flush=True)
+    for k, v in res.items():
+        print(f"  {k:22s} {v:8.1f} us a layer", flush=True)
+    print(f"  two / one stream: graph {res['two streams'] / res['one stream']:.3f},"
+          f" eager {res['two streams, eager'] / res['one stream, eager']:.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="324,512")
     ap.add_argument("--ctx", default="1000,2000", help="contexts drawn uniformly in this range")
+    ap.add_argument("--mixed", action="store_true")
     args = ap.parse_args()
     lo, hi = (int(x) for x in args.ctx.split(","))
     torch.manual_seed(0)
@@ -120,7 +191,10 @@ def main() -> None:
     # four layers' weights, cycled (218 MB a layer: more than L2, as in a model)
     weights = [{name: ((torch.randn(n, k, device="cuda") * 0.05).to(FP8), torch.rand(1, n, device="cuda") / 100)
                 for name, (n, k) in SHAPES.items()} for _ in range(4)]
-    for batch in (int(b) for b in args.batches.split(",")):
+    if args.mixed:
+        mixed_attention(354, (lo, hi), [1000, 694])
+        mixed_attention(354, (lo, hi), [512, 512, 512, 170])
+    for batch in (int(b) for b in args.batches.split(",") if b):
         lens = torch.randint(lo, hi + 1, (batch,)).tolist()
         nblocks = sum(-(-n // BS) for n in lens)
         # one layer's fp8 cache, shared by the layers (each layer's bytes still far exceed L2)
