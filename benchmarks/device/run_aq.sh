@@ -4,7 +4,8 @@
 # - decode8_small: the 8-bit decode's smaller programs (fp8 (32, 1, 3), int8 (32, 2, 3); run AP's H100 found them
 #   4-7% faster at B=256) at batches 1, 16 and 64, before they become the defaults;
 # - overlap_bench.py: does one half of a decode batch's attention gain beside the other half's FP8 GEMMs on a
-#   second stream (batches 324 and 512), and a mixed step's prefill attention beside its decode attention (--mixed);
+#   second stream (batches 324 and 512); and a mixed step (--mixed) with its attention on two streams, and split:
+#   the decode rows' layers (memory-bound attention) beside the prefill tokens' (compute-bound GEMMs);
 # - the mixed-step A/B in the engine (KILN_MIXED_ATTN_STREAMS=0/1): 600 x (1,000 in / 200 out), w8a8-fp8 + fp8
 #   cache, where mixed steps carry most of the time;
 # - on an H200: the decode8 grid and issue 10's figures (1000 x 1000 fp8, batch-256 step, 1000 x 1000 int8);

@@ -12,9 +12,9 @@ scales and rows padded to a multiple of 128, `paged_decode_attention`), 32 layer
               other half's GEMMs
 and the attention and the GEMMs alone. GPU time of a graph replay (median of events), us per layer.
 
---mixed: a mixed step's attention (run AM''s profile: 354 decode rows beside ~1,700 prefill tokens), whose decode
-and prefill kernels run one after the other today: the same on two streams, in a CUDA graph and eagerly (mixed
-steps run eagerly), us per layer.
+--mixed: a mixed step (run AM''s profile: 354 decode rows beside ~1,700 prefill tokens), whose kernels run one
+after the other today, against its attention on two streams and against the decode rows and the prefill tokens
+each on a stream of their own (mixed_step), in a CUDA graph and eagerly (mixed steps run eagerly), us per layer.
 
     PYTHONPATH=. python benchmarks/kernels/overlap_bench.py [--batches 324,512] [--ctx 1000,2000] [--mixed]
 """
@@ -35,6 +35,20 @@ def pad(m: int, k: int = 128) -> int:
     return -(-m // k) * k
 
 
+class Gemms:
+    """A layer's four FP8 GEMMs for `rows` rows (padded to a multiple of 128, as Kiln pads them)."""
+
+    def __init__(self, rows: int, weights):
+        mp = pad(rows)
+        self.x = {name: (torch.randn(mp, k, device="cuda") * 0.05).to(FP8) for name, (n, k) in SHAPES.items()}
+        self.xs = torch.rand(mp, 1, device="cuda") / 100
+        self.weights = weights
+
+    def __call__(self, layer: int):
+        for name, (w, ws) in self.weights[layer % len(self.weights)].items():
+            torch._scaled_mm(self.x[name], w.t(), scale_a=self.xs, scale_b=ws, out_dtype=torch.bfloat16)
+
+
 class Half:
     """One part of the batch: its queries, block tables and lengths over the shared cache, its GEMM inputs."""
 
@@ -51,19 +65,12 @@ class Half:
         self.max_len = max(lens)
         self.q = torch.randn(self.b, HQ, D, device="cuda", dtype=torch.bfloat16)
         self.out = torch.empty_like(self.q)
-        mp = pad(self.b)
-        self.x = {name: (torch.randn(mp, k, device="cuda") * 0.05).to(FP8) for name, (n, k) in SHAPES.items()}
-        self.xs = torch.rand(mp, 1, device="cuda") / 100
-        self.weights = weights
+        self.gemms = Gemms(self.b, weights)
 
     def attention(self, cache):
         kc, vc, ks, vs = cache
         K.paged_decode_attention(self.q, kc, vc, self.tables, self.lens, D ** -0.5, ks, vs,
                                  max_seq_len=self.max_len, out=self.out)
-
-    def gemms(self, layer: int):
-        for name, (w, ws) in self.weights[layer % len(self.weights)].items():
-            torch._scaled_mm(self.x[name], w.t(), scale_a=self.xs, scale_b=ws, out_dtype=torch.bfloat16)
 
 
 def graph_us(body, reps: int = 20) -> float:
@@ -127,9 +134,14 @@ def eager_us(body, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def mixed_attention(decode_rows: int, ctx: tuple[int, int], prefill: list[int]) -> None:
-    """One mixed step's attention: decode rows (contexts in ctx) and whole-prompt prefills (token counts), fp8
-    cache, one stream against two (the prefill on a side stream, joined at every layer)."""
+def mixed_step(weights, decode_rows: int, ctx: tuple[int, int], prefill: list[int]) -> None:
+    """One mixed step (decode rows with contexts in ctx beside whole-prompt prefills of the given token counts),
+    fp8 cache, its GEMMs and attention, 32 layers:
+      one stream           today: the GEMMs over all rows, then the decode and the prefill attention
+      attention on two     the prefill attention on a side stream beside the decode attention (KILN_MIXED_ATTN_STREAMS)
+      split                the decode rows' whole layers (GEMMs, attention) on one stream, the prefill tokens' on
+                           another: the decode rows' memory-bound attention beside the prefill's compute-bound GEMMs,
+                           for the price of reading the weights twice"""
     lens = torch.randint(ctx[0], ctx[1] + 1, (decode_rows,)).tolist()
     dec = Half(lens, 0, [])
     nblk = [-(-n // BS) for n in prefill]
@@ -145,6 +157,8 @@ def mixed_attention(decode_rows: int, ctx: tuple[int, int], prefill: list[int]) 
     outp = torch.empty_like(qp)
     qsl = torch.tensor([0] + list(torch.tensor(prefill).cumsum(0)), dtype=torch.int32, device="cuda")
     plens = torch.tensor(prefill, dtype=torch.int32, device="cuda")
+    g_all, g_dec, g_pre = Gemms(decode_rows + sum(prefill), weights), Gemms(decode_rows, weights), \
+        Gemms(sum(prefill), weights)
     side = torch.cuda.Stream()
 
     def decode():
@@ -154,29 +168,51 @@ def mixed_attention(decode_rows: int, ctx: tuple[int, int], prefill: list[int]) 
         K.paged_prefill_attention(qp, kc, vc, tables, qsl, plens, D ** -0.5, max(prefill), ks, vs, out=outp)
 
     def one_stream():
-        for _ in range(LAYERS):
+        for layer in range(LAYERS):
+            g_all(layer)
             decode()
             pre()
 
-    def two():
+    def attention_on_two():
         main = torch.cuda.current_stream()
-        for _ in range(LAYERS):
+        for layer in range(LAYERS):
+            g_all(layer)
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 pre()
             decode()
             main.wait_stream(side)
 
-    res = {"decode alone": graph_us(lambda: [decode() for _ in range(LAYERS)]),
-           "prefill alone": graph_us(lambda: [pre() for _ in range(LAYERS)]),
-           "one stream": graph_us(one_stream), "two streams": graph_us(two),
-           "one stream, eager": eager_us(one_stream), "two streams, eager": eager_us(two)}
-    print(f"mixed step's attention: {decode_rows} decode rows (contexts {ctx[0]}-{ctx[1]}), prefills {prefill},"
-          f" fp8 cache:", flush=True)
+    def split():
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        for layer in range(LAYERS):
+            with torch.cuda.stream(side):
+                g_pre(layer)
+                pre()
+            g_dec(layer)
+            decode()
+        main.wait_stream(side)
+
+    res = {"decode attention": graph_us(lambda: [decode() for _ in range(LAYERS)]),
+           "prefill attention": graph_us(lambda: [pre() for _ in range(LAYERS)]),
+           "GEMMs, all rows": graph_us(lambda: [g_all(layer) for layer in range(LAYERS)]),
+           "GEMMs, decode rows": graph_us(lambda: [g_dec(layer) for layer in range(LAYERS)]),
+           "GEMMs, prefill rows": graph_us(lambda: [g_pre(layer) for layer in range(LAYERS)]),
+           "one stream": graph_us(one_stream), "attention on two": graph_us(attention_on_two),
+           "split": graph_us(split),
+           "one stream, eager": eager_us(one_stream), "attention on two, eager": eager_us(attention_on_two),
+           "split, eager": eager_us(split)}
+    print(f"mixed step: {decode_rows} decode rows (contexts {ctx[0]}-{ctx[1]}), prefills {prefill}, fp8 cache:",
+          flush=True)
     for k, v in res.items():
-        print(f"  {k:22s} {v:8.1f} us a layer", flush=True)
-    print(f"  two / one stream: graph {res['two streams'] / res['one stream']:.3f},"
-          f" eager {res['two streams, eager'] / res['one stream, eager']:.3f}", flush=True)
+        print(f"  {k:26s} {v:8.1f} us a layer", flush=True)
+    one = res["one stream"]
+    print(f"  against one stream: attention on two {res['attention on two'] / one:.3f}, split {res['split'] / one:.3f}"
+          f" (eager {res['attention on two, eager'] / res['one stream, eager']:.3f},"
+          f" {res['split, eager'] / res['one stream, eager']:.3f})", flush=True)
+    del kc, vc
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -192,8 +228,8 @@ def main() -> None:
     weights = [{name: ((torch.randn(n, k, device="cuda") * 0.05).to(FP8), torch.rand(1, n, device="cuda") / 100)
                 for name, (n, k) in SHAPES.items()} for _ in range(4)]
     if args.mixed:
-        mixed_attention(354, (lo, hi), [1000, 694])
-        mixed_attention(354, (lo, hi), [512, 512, 512, 170])
+        mixed_step(weights, 354, (lo, hi), [1000, 694])
+        mixed_step(weights, 354, (lo, hi), [512, 512, 512, 158])
     for batch in (int(b) for b in args.batches.split(",") if b):
         lens = torch.randint(lo, hi + 1, (batch,)).tolist()
         nblocks = sum(-(-n // BS) for n in lens)
