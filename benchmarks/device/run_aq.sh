@@ -7,7 +7,7 @@
 #   second stream (batches 324 and 512); and a mixed step (--mixed) with its attention on two streams, and split:
 #   the decode rows' layers (memory-bound attention) beside the prefill tokens' (compute-bound GEMMs);
 # - the mixed-step A/B in the engine (KILN_MIXED_ATTN_STREAMS=0/1): 600 x (1,000 in / 200 out), w8a8-fp8 + fp8
-#   cache, where mixed steps carry most of the time;
+#   cache, where mixed steps carry most of the time (the switch was removed after this run: 11% slower);
 # - on an H200: the decode8 grid and issue 10's figures (1000 x 1000 fp8, batch-256 step, 1000 x 1000 int8);
 # - the GPU tests of the decode, W8A8 and mixed-step attention (two streams included).
 source benchmarks/device/common.sh

@@ -138,7 +138,8 @@ def mixed_step(weights, decode_rows: int, ctx: tuple[int, int], prefill: list[in
     """One mixed step (decode rows with contexts in ctx beside whole-prompt prefills of the given token counts),
     fp8 cache, its GEMMs and attention, 32 layers:
       one stream           today: the GEMMs over all rows, then the decode and the prefill attention
-      attention on two     the prefill attention on a side stream beside the decode attention (KILN_MIXED_ATTN_STREAMS)
+      attention on two     the prefill attention on a side stream beside the decode attention (KILN_MIXED_ATTN_STREAMS,
+                           removed after run AQ measured it)
       split                the decode rows' whole layers (GEMMs, attention) on one stream, the prefill tokens' on
                            another: the decode rows' memory-bound attention beside the prefill's compute-bound GEMMs,
                            for the price of reading the weights twice"""
@@ -265,7 +266,7 @@ def main() -> None:
         print(f"batch {batch} (halves {a.b} + {b.b}, rows padded to {pad(batch)} / {pad(a.b)}), contexts {lo}-{hi},"
               f" {kv_gb:.2f} GB of K/V a layer:", flush=True)
         for k, v in res.items():
-            extra = f" ({kv_gb / v * 1e3:.0f} GB/s)" if "attention" in k else ""
+            extra = f" ({kv_gb / (v * 1e-6):,.0f} GB/s)" if "attention" in k else ""
             print(f"  {k:22s} {v:8.1f} us a layer{extra}", flush=True)
         print(f"  overlap / full {res['overlap'] / res['full']:.3f}, locked / full {res['locked'] / res['full']:.3f},"
               f" ideal (max of the halves' parts x 2) / full "

@@ -165,9 +165,6 @@ class TorchAttention:
 
 # RoPE in the cache write's kernel (one kernel a layer fewer; KILN_FUSED_ROPE=0: separate kernels, for A/B runs)
 FUSED_ROPE = os.environ.get("KILN_FUSED_ROPE", "1") != "0"
-# a mixed step's prefill attention (bound by the tensor cores) on a second stream beside its decode attention
-# (bound by the cache's bytes); an experiment, off by default (benchmarks/kernels/overlap_bench.py --mixed)
-MIXED_STREAMS = os.environ.get("KILN_MIXED_ATTN_STREAMS", "0") == "1"
 
 
 class TritonAttention(TorchAttention):
@@ -178,7 +175,6 @@ class TritonAttention(TorchAttention):
     def __init__(self):
         from kiln import kernels
         self.k = kernels
-        self._side_stream = None
 
     def write_kv(self, cache, k, v, slot_mapping):
         self.k.reshape_and_cache(k, v, cache.k, cache.v, slot_mapping, cache.k_scale, cache.v_scale)
@@ -204,33 +200,13 @@ class TritonAttention(TorchAttention):
         # mixed step: the decode rows through the decode kernel (the prefill kernel's grid is per q head, so it
         # would read their KV once per q head), the rest through the prefill kernel
         out = torch.empty_like(q)
-        side = self._mixed_side_stream(q)
-        if side is not None:  # the prefill waits for what the main stream has written (q, the cache)
-            main = torch.cuda.current_stream(q.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                self._prefill_rows(q, cache, meta, scale, out, nd)
-        else:
-            self._prefill_rows(q, cache, meta, scale, out, nd)
         self.k.paged_decode_attention(q[:nd], cache.k, cache.v, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                                       cache.k_scale, cache.v_scale, max_seq_len=max(meta.seq_lens_list[:nd]),
                                       out=out[:nd])
-        if side is not None:  # joined before anything reads out or frees what the prefill used
-            main.wait_stream(side)
-        return out
-
-    def _prefill_rows(self, q, cache, meta, scale, out, nd):
         self.k.paged_prefill_attention(q[nd:], cache.k, cache.v, meta.block_tables[nd:],
                                        meta.query_start_loc[nd:] - nd, meta.seq_lens[nd:], scale, meta.max_query_len,
                                        cache.k_scale, cache.v_scale, out=out[nd:])
-
-    def _mixed_side_stream(self, q):
-        """The second stream of KILN_MIXED_ATTN_STREAMS=1 (None: one stream; never while a CUDA graph is captured)."""
-        if not MIXED_STREAMS or not q.is_cuda or torch.cuda.is_current_stream_capturing():
-            return None
-        if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(q.device)
-        return self._side_stream
+        return out
 
 
 def make_attention_backend(name: str, device: torch.device):

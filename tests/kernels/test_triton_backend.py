@@ -32,19 +32,13 @@ def test_triton_backend_matches_torch_backend(tmp_path, kv):
     assert greedy(d, "triton", kv) == greedy(d, "torch", kv)
 
 
-@pytest.mark.parametrize("streams", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="KILN_MIXED_ATTN_STREAMS: a second CUDA stream"))], ids=["", "two-streams"])
 @pytest.mark.parametrize("rope", [False, True], ids=["rotated", "rope"])
 @pytest.mark.parametrize("kv", ["auto", "int8", "fp8"])
-def test_mixed_step_splits_decode_rows_and_matches_torch(kv, rope, streams, monkeypatch):
+def test_mixed_step_splits_decode_rows_and_matches_torch(kv, rope):
     """A mixed step (three one-token rows, then a fresh prompt and a prompt chunk with a cached prefix): the
     Triton backend routes the leading rows to the decode kernel and gives the torch backend's output; with q and k
-    still to be rotated (as the model hands them over on CUDA) too, where RoPE goes with the cache write; and with
-    the prefill rows on a second stream (KILN_MIXED_ATTN_STREAMS=1)."""
-    from kiln.layers import attention
+    still to be rotated (as the model hands them over on CUDA) too, where RoPE goes with the cache write."""
     from kiln.layers.attention import AttentionMetadata, LayerKVCache, TorchAttention, TritonAttention
-
-    monkeypatch.setattr(attention, "MIXED_STREAMS", streams)
     from kiln.layers.rope import RotaryEmbedding
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,5 +97,4 @@ def test_mixed_step_splits_decode_rows_and_matches_torch(kv, rope, streams, monk
     backend.k = Spy()
     out = backend.forward(q, k, v, c2, meta(3), d ** -0.5, rope=rotary)
     assert calls == [("decode", 3)]
-    assert (backend._side_stream is not None) == streams
     assert torch.allclose(out, ref, atol=1e-4 if kv == "auto" else 2e-3, rtol=1e-3)
