@@ -5,9 +5,9 @@
 # default; on an H200 also issue 10's int8 1000 x 1000 and batch 1 (w8a16).
 source benchmarks/device/common.sh
 gpu_state; date -u
+for rows in 100000 16; do KILN_DECODE_SMALL_ROWS=$rows b256 fp8-kvfp8-small$rows --quantization w8a8-fp8 --kv-cache-dtype fp8; done
 for rows in 100000 16; do
-  KILN_DECODE_SMALL_ROWS=$rows b256 fp8-kvfp8-small$rows --quantization w8a8-fp8 --kv-cache-dtype fp8
-  KILN_DECODE_SMALL_ROWS=$rows b256 int8-kv8-small$rows --quantization w8a8-int8 --kv-cache-dtype int8
+  [ $(left) -gt 100 ] && KILN_DECODE_SMALL_ROWS=$rows b256 int8-kv8-small$rows --quantization w8a8-int8 --kv-cache-dtype int8
 done
 t1000 fp8-kvfp8 --quantization w8a8-fp8 --kv-cache-dtype fp8 --max-num-seqs 1024
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
