@@ -403,16 +403,7 @@ class EngineCore:
             self.step()
         add(16, 1, temperature=0.0)
         drain()
-        # 3. many decode rows beside prompts, with short and with longer contexts: kernels choose their programs by
-        #    rows as well (an 8-bit cache's decode from 16 rows: kiln/kernels/decode_attention.py), and split a
-        #    context into partitions by its length; the first rows still decode when the last prompt is prefilled
-        wide = min(self.cfg.max_num_seqs - 1, 32)
-        for prompt_len in (4, 160):
-            for _ in range(wide):
-                add(prompt_len, 16 + wide * prompt_len // budget, temperature=0.0)
-            add(2 * budget, 2, temperature=0.0)
-            drain()
-        # 4. a prefill alone of each tile class (the step's longest prompt row: <= 16, 32, 64 tokens; 128 and 256
+        # 3. a prefill alone of each tile class (the step's longest prompt row: <= 16, 32, 64 tokens; 128 and 256
         #    reach the int8-weight kernel's row classes on a GPU), then a prompt over the budget alone
         #    (prefill+chunk, then prefill)
         for n in sorted({min(n, budget) for n in (16, 32, 64, 128, 256)}):
@@ -420,7 +411,7 @@ class EngineCore:
             drain()
         add(budget + budget // 2 + 1, 1, temperature=0.0)
         drain()
-        # 5. a decode at every CUDA-graph ladder size (eager on CPU; on the GPU the graphs were captured, this
+        # 4. a decode at every CUDA-graph ladder size (eager on CPU; on the GPU the graphs were captured, this
         #    runs their replay and the sampler at that batch)
         for size in batch_size_ladder(self.cfg.max_num_seqs):
             for _ in range(min(size, self.kv.num_blocks // 2)):

@@ -300,11 +300,6 @@ def _merge_partitions(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, rows, n_par
              (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
-# rows from which an 8-bit cache's swapped decode runs 32-token programs of 1 (fp8) or 2 (int8) warps
-# (KILN_DECODE_SMALL_ROWS; a number above any batch, e.g. 100000, keeps the 64-token, 4-warp programs: A/B runs)
-SMALL_PROGRAM_ROWS = int(os.environ.get("KILN_DECODE_SMALL_ROWS", "16"))
-
-
 @functools.lru_cache(maxsize=None)
 def swap_default() -> bool:
     """KILN_DECODE_SWAP=0: an 8-bit cache's decode without its tile products swapped (SWAP; on by default since run
@@ -387,12 +382,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             # once a program (a314785), run AN: fp8 228.5 us at 64 against 240.8 at 128, int8 246.7 against 278.0
             swap = True
             block_n = 64
-            if B >= SMALL_PROGRAM_ROWS and not fp32:
-                # from 16 rows, smaller programs: run AP (H100, B=256, context ~1,100) fp8 (32, 1) 224.4 us against
-                # 233.0 at (64, 4), int8 (32, 2) 239.7 against 256.8; run AQ: B=64 fp8 69.8 / 72.5, int8 73.2 / 75.0,
-                # B=16 about even; at B=1 they lose 15-25% (1,000 and 4,000 tokens: a 1-2 warp program per
-                # partition leaves the SMs short of loads in flight)
-                block_n, warps = (32, 1) if kind == KV_FP8.value else (32, 2)
     if config is not None:
         block_n, warps, stages, *rest = config
         int8_qk, wide_v = bool(rest and rest[0]), bool(len(rest) > 1 and rest[1])

@@ -77,8 +77,6 @@ def _launch_every_kernel():
                 for part in (None, 32):
                     K.paged_decode_attention(rand(2, hq, d, dtype=torch.bfloat16), kc, vc, tables, lens, 0.125, ks,
                                              vs, partition_size=part, config=(128, 4, 3, qk8, wide, swap))
-            # the default from 16 rows: 32-token programs of 1 (fp8) or 2 (int8) warps
-            K.paged_decode_attention(rand(16, hq, d), kc, vc, tables.repeat(8, 1), lens.repeat(8), 0.125, ks, vs)
         K.paged_prefill_attention(rand(10, hq, d), kc, vc, tables, torch.tensor([0, 3, 10], dtype=torch.int32),
                                   lens, 0.125, 7, ks, vs)
     for code in (torch.int8, FP8):

@@ -25,7 +25,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from kiln.kernels._utils import KV_FP8, KV_INT8  # noqa: E402
-from kiln.kernels.decode_attention import SMALL_PROGRAM_ROWS, _widen_codes, swap_default, wide_v_default  # noqa: E402
+from kiln.kernels.decode_attention import _widen_codes, swap_default, wide_v_default  # noqa: E402
 
 ALL_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 TOL = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3, torch.float32: 1e-5}
@@ -194,8 +194,7 @@ def test_paged_decode_attention(B, Hq, Hkv, D, bs, lens, part, dtype):
 
 
 CASES_8BIT = ([c for c in DECODE_CASES if not getattr(c, "marks", None)][:3]
-              + [(16, 4, 2, 64, 16, (20, 90), None),  # from 16 rows: the default's smaller programs
-                 pytest.param(64, 32, 8, 128, 64, (1000, 2100), None, marks=gpu_only)])
+              + [pytest.param(64, 32, 8, 128, 64, (1000, 2100), None, marks=gpu_only)])
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,D,bs,lens,part", CASES_8BIT)
@@ -238,12 +237,11 @@ def test_8bit_cache_decode_wide_v(B, Hq, Hkv, D, bs, lens, part, kv):
         ref = R.paged_decode_attention(q.float(), kc, vc, tables, sl, D ** -0.5, ks, vs)
         assert rel_err(wide, ref) < (1e-2 if qk8 else ATTN_TOL[qdtype]), rel_err(wide, ref)
     # the default for both 8-bit kinds: widened V, 3 stages, no int8 Q.K^T, the products swapped at 64-token tiles
-    # over 4 warps, from 16 rows at 32-token tiles over 1 warp (fp8) or 2 (int8) (KILN_DECODE_SWAP=0: not swapped
-    # at (128, 4, 3); KILN_DECODE_WIDE_V=0: the old one)
+    # (KILN_DECODE_SWAP=0: not swapped at (128, 4, 3); KILN_DECODE_WIDE_V=0: the old one)
     if not wide_v_default():
         want = (128, 4, 2, True, False)
     elif swap_default():
-        want = ((64, 4) if B < SMALL_PROGRAM_ROWS else (32, 1) if kv == "fp8" else (32, 2)) + (3, False, True, True)
+        want = (64, 4, 3, False, True, True)
     else:
         want = (128, 4, 3, False, True)
     assert torch.equal(K.paged_decode_attention(q, kc, vc, tables, sl, D ** -0.5, ks, vs, partition_size=part),

@@ -80,27 +80,6 @@ def test_mixed_load_after_warmup_reaches_nothing_new(model_dir, caplog):
     assert load - warm == set(), f"the load reached what the warm-up did not: {load - warm}"
 
 
-def test_warmup_runs_mixed_steps_with_many_decode_rows(model_dir, monkeypatch):
-    """Kernels choose their programs by rows (an 8-bit cache's decode from 16) and split long contexts into
-    partitions, so the warm-up's mixed steps carry few and many decode rows, with short and longer contexts."""
-    from kiln.layers.attention import TorchAttention
-
-    seen = []  # (decode rows, their longest context) of each mixed step's attention
-    forward = TorchAttention.forward
-
-    def spy(self, q, k, v, cache, meta, scale, rope=None):
-        nd = meta.num_decode_rows
-        if 0 < nd < len(meta.query_lens_list):
-            seen.append((nd, max(meta.seq_lens_list[:nd])))
-        return forward(self, q, k, v, cache, meta, scale, rope)
-
-    monkeypatch.setattr(TorchAttention, "forward", spy)
-    EngineCore(EngineConfig(model=str(model_dir), warmup=True, **dict(CFG, max_num_seqs=40, num_gpu_blocks=1200)))
-    assert any(nd < 16 for nd, _ in seen), sorted(set(seen))[-40:]
-    assert any(nd >= 16 and ctx <= 64 for nd, ctx in seen), sorted(set(seen))[-40:]
-    assert any(nd >= 16 and ctx > 128 for nd, ctx in seen), sorted(set(seen))[-40:]
-
-
 def test_a_load_outside_the_warmup_is_caught(model_dir):
     """The check above can fail: a warm-up that skipped decodes at batch 6 shows up as a new key."""
     core = EngineCore(EngineConfig(model=str(model_dir), **CFG))
