@@ -63,6 +63,22 @@ def bench_eager(fn, rep=100, warmup=25):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def capture_graph(fn, warmups: int = 2) -> torch.cuda.CUDAGraph:
+    """fn run on a side stream first (its kernels compiled, the allocator warm), then captured in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g
+
+
 def bench_graph(fn, rep_ms=100):
     """GPU time: fn captured once in a CUDA graph, replayed after a 256 MB read that
     evicts L2 (and hides the replay's host cost); median of events. The flush reads rather
@@ -73,17 +89,7 @@ def bench_graph(fn, rep_ms=100):
         return bench_eager(fn)
     if _FLUSH is None:
         _FLUSH = torch.ones(256 * 1024 * 1024 // 4, dtype=torch.int32, device=DEV)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
+    g = capture_graph(fn)
 
     def timed(n):
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]

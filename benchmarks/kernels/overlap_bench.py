@@ -24,6 +24,7 @@ import argparse
 
 import torch
 
+from benchmarks.kernels.bench_kernels import capture_graph
 from kiln import kernels as K
 
 HQ, HKV, D, HIDDEN, INTER, LAYERS, BS = 32, 8, 128, 4096, 14336, 32, 64
@@ -75,15 +76,7 @@ class Half:
 
 def graph_us(body, reps: int = 20) -> float:
     """us per layer: body() (all layers) captured in one CUDA graph, replayed; median of event timings."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        body()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        body()
+    g = capture_graph(body, warmups=1)
     g.replay()
     torch.cuda.synchronize()
     times = []
