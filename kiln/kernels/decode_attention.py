@@ -308,6 +308,23 @@ def swap_default() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def swapped_tile() -> tuple[int, int, int]:
+    """(BLOCK_N, warps, stages) of an 8-bit cache's swapped decode: (64, 4, 3), or KILN_DECODE_TILE=N,W,S, for timing
+    other tiles in the engine's own steps (the kernel grid alone misranked them: run AR). Read once per process."""
+    raw = os.environ.get("KILN_DECODE_TILE", "").strip()
+    if not raw:
+        return 64, 4, 3
+    try:
+        n, w, st = (int(x) for x in raw.split(","))
+    except ValueError:
+        n = w = st = 0
+    if n < 16 or n & (n - 1) or w not in (1, 2, 4, 8) or not 1 <= st <= 4:
+        raise ValueError(f"KILN_DECODE_TILE={raw!r}: want BLOCK_N,warps,stages, e.g. 64,4,3 (BLOCK_N a power of "
+                         f"two >= 16, warps 1/2/4/8, stages 1-4)")
+    return n, w, st
+
+
+@functools.lru_cache(maxsize=None)
 def wide_v_default() -> bool:
     """KILN_DECODE_WIDE_V=0: an 8-bit cache's decode without V widened as loaded (WIDE_V; on by default since run AB)
     and at the config before it. Read once per process."""
@@ -381,7 +398,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             # at (128, 4, 3), int8 283.0 -> 265.9 us at (64, 4, 3) (277.2 at 128); since the offsets are computed
             # once a program (a314785), run AN: fp8 228.5 us at 64 against 240.8 at 128, int8 246.7 against 278.0
             swap = True
-            block_n = 64
+            block_n, warps, stages = swapped_tile()
     if config is not None:
         block_n, warps, stages, *rest = config
         int8_qk, wide_v = bool(rest and rest[0]), bool(len(rest) > 1 and rest[1])

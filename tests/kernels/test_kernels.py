@@ -249,6 +249,34 @@ def test_8bit_cache_decode_wide_v(B, Hq, Hkv, D, bs, lens, part, kv):
                                                 config=want))
 
 
+def test_decode_tile_setting(monkeypatch):
+    """KILN_DECODE_TILE=N,W,S sets the tile of every swapped 8-bit decode launch (to time tiles in the engine's own
+    steps); a malformed value is refused with what to write."""
+    from kiln.kernels import decode_attention
+
+    qdtype = torch.float16 if INTERP else torch.bfloat16
+    seq_lens = random_lens(3, 20, 200)
+    (kc, vc, ks, vs), tables, sl = make_paged(seq_lens, 2, 64, 16, qdtype, "fp8")
+    q = rand(3, 8, 64, dtype=qdtype)
+    try:
+        monkeypatch.setenv("KILN_DECODE_TILE", "32,1,3")
+        decode_attention.swapped_tile.cache_clear()
+        assert decode_attention.swapped_tile() == (32, 1, 3)
+        if wide_v_default() and swap_default():
+            assert torch.equal(K.paged_decode_attention(q, kc, vc, tables, sl, 0.125, ks, vs),
+                               K.paged_decode_attention(q, kc, vc, tables, sl, 0.125, ks, vs,
+                                                        config=(32, 1, 3, False, True, True)))
+        for bad in ("64,4", "48,4,3", "64,3,3", "64,4,9", "sixty-four"):
+            monkeypatch.setenv("KILN_DECODE_TILE", bad)
+            decode_attention.swapped_tile.cache_clear()
+            with pytest.raises(ValueError, match="KILN_DECODE_TILE=.*BLOCK_N,warps,stages"):
+                decode_attention.swapped_tile()
+    finally:
+        monkeypatch.delenv("KILN_DECODE_TILE")
+        decode_attention.swapped_tile.cache_clear()
+    assert decode_attention.swapped_tile() == (64, 4, 3)
+
+
 @pytest.mark.parametrize("kv", ["int8", "fp8"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,bs,lens,part", CASES_8BIT + [(2, 16, 2, 128, 16, (30, 140), None)])
 def test_8bit_cache_decode_swapped_products(B, Hq, Hkv, D, bs, lens, part, kv):
