@@ -43,11 +43,15 @@ def copy_rate() -> float:
 
 
 def sweep_configs(m: int, n: int, k: int) -> list[tuple]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, SWAP_AB): the plain tiles (rows padded to BLOCK_M), and
+    the swapped ones (W x^T: the weight's rows on the tensor cores' wide side, 64 or 128 of them a program)."""
     bm = max(16, 1 << (m - 1).bit_length())
     out = []
-    for bn, split, stages in itertools.product((32, 64, 128), (1, 2, 4), (3, 4)):
+    for swap, bn, split, stages in itertools.product((False, True), (32, 64, 128), (1, 2, 4), (3, 4)):
+        if (bn == 128) != swap and bn != 64:  # plain: 32, 64 wide; swapped: 64, 128 wide
+            continue
         warps = 8 if bn * bm >= 128 * 64 else 4
-        out.append((bm, bn, 128, split, warps, stages))
+        out.append((bm, bn, 128, split, warps, stages, swap))
     return out
 
 
@@ -55,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="8,16,32,48,64,96,128")
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--sweep", action="store_true", help="also time sweep_configs' tiles (compiles ~18 per rows)")
+    ap.add_argument("--sweep", action="store_true", help="also time sweep_configs' tiles (compiles ~24 per rows)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)

@@ -40,10 +40,13 @@ def _w8a16_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, FP32: tl.constexpr,
     HAS_SCALE: tl.constexpr = True,
+    SWAP_AB: tl.constexpr = False,
     USE_GDC: tl.constexpr = False,
 ):
     gdc_enter(USE_GDC)
     # HAS_SCALE=False: a plain bf16/fp16 weight (kiln.kernels.skinny reuses this kernel).
+    # SWAP_AB: the product as W x^T ([BLOCK_N, BLOCK_M] accumulator), so that the weight's rows fill the tensor
+    # cores' 64-row side and a few activation rows their narrow one, instead of padding the rows to 64 for wgmma.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -56,7 +59,10 @@ def _w8a16_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     k_start = pid_k * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAP_AB:
+        acc_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + offs_kb
         if EVEN_K:
@@ -66,10 +72,14 @@ def _w8a16_kernel(
             kmask = offs_k < k_end
             x = tl.load(x_rows + offs_k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_rows + offs_k[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        if FP32:
+        if SWAP_AB:
+            acc_t += tl.dot(w.to(x.dtype), tl.trans(x))
+        elif FP32:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
     offs_m64 = offs_m.to(tl.int64)
     if SPLIT_K == 1:
         y = acc
@@ -511,7 +521,8 @@ def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | No
     programs and summed by a second kernel. w is int8 or E4M3 with a scale, or in x's dtype with w_scale None."""
     M, K = x2.shape
     N = w.shape[0]
-    bm, bn, bk, split, warps, stages = config
+    bm, bn, bk, split, warps, stages = config[:6]
+    swap = len(config) > 6 and bool(config[6])  # a 7th element: SWAP_AB (tuning configs)
     k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
     split = triton.cdiv(K, k_split)
     even_k = K % bk == 0 and k_split % bk == 0
@@ -525,7 +536,7 @@ def small_m_matmul(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | No
         M, N, K, k_split,
         x2.stride(0), w.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_BIAS=has_bias, EVEN_K=even_k,
-        FP32=x2.dtype == torch.float32, HAS_SCALE=has_scale,
+        FP32=x2.dtype == torch.float32, HAS_SCALE=has_scale, SWAP_AB=swap and x2.dtype != torch.float32,
         num_warps=warps, num_stages=stages,
     )
     if split > 1:

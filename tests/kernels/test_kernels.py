@@ -567,6 +567,39 @@ def test_w8a16_matmul(M, N, Kd, bias, dtype):
     assert rel_err(out, ref) < tol
 
 
+SWAP_CASES = [
+    (5, 96, 256, 16),                                      # BLOCK_M 16, two tiles of N
+    (20, 64, 512, 32),                                     # ragged rows, K split
+    pytest.param(40, 6144, 4096, 64, marks=gpu_only),      # Llama-3-8B qkv at a decode batch of 40
+    pytest.param(100, 4096, 14336, 128, marks=gpu_only),   # down
+]
+
+
+@pytest.mark.parametrize("M,N,Kd,bm", SWAP_CASES)
+@pytest.mark.parametrize("weight", ["dense", "int8", "e4m3"])
+@pytest.mark.parametrize("dtype", [d for d in DOT_DTYPES if d != torch.float32])
+def test_tile_kernel_swapped_operands(M, N, Kd, bm, weight, dtype):
+    """SWAP_AB (W x^T on the tensor cores, transposed back) against the plain tile and the reference, for a dense
+    weight (skinny_matmul), int8 and E4M3 codes with their scales, K unsplit and split."""
+    from kiln.kernels.w8a16 import small_m_matmul
+    x = rand(M, Kd, dtype=dtype)
+    if weight == "dense":
+        w, ws = rand(N, Kd, dtype=dtype, scale=0.05), None
+        ref = R.skinny_matmul(x, w)
+    else:
+        w, ws = R.quantize_int8(rand(N, Kd))
+        if weight == "e4m3":
+            w = (w.float() / 127 * 448).to(torch.float8_e4m3fn)
+            ws = ws * 127 / 448
+        ref = R.w8a16_matmul(x, w, ws)
+    bn, bk = (32, 32) if INTERP else (64, 128)
+    for split in (1, 2):
+        for swap in (False, True):
+            out = torch.empty(M, N, dtype=dtype, device=x.device)
+            small_m_matmul(x, w, ws, None, out, (bm, bn, bk, split, 4, 1 if INTERP else 3, swap))
+            assert rel_err(out, ref) < TOL[dtype], (split, swap)
+
+
 def _every_code(n: int, code: torch.dtype) -> torch.Tensor:
     """n codes cycling through every value of the code type (E4M3: every finite one; its two NaN bytes are 0)."""
     b = torch.arange(n) % 256
