@@ -1,15 +1,18 @@
 """skinny_matmul: y = x @ w.T (+ bias) for a bf16/fp16 weight and a few rows of x (decode at small batch).
 
-With T <= 64 rows a linear layer is mostly a read of its weight. This runs the split-K tile kernel of w8a16.py on
-the dense weight with its operands swapped (W x^T: 64 or 128 weight rows a program on the tensor cores' wide side,
-the few activation rows on the narrow one), K split until the grid covers most SMs. On an H100 (run AU,
-docs/kernels.md) it streams Llama-3-8B's four projections 3-7% faster than cuBLAS at 16-64 rows (a layer at 16
-rows: 158 us against 170); at 128 rows cuBLAS is as fast. The linear layers and the LM head use it when
-`use_skinny` says so.
+With T <= 8 rows a linear layer is a read of its weight. This runs the split-K tile kernel of w8a16.py on the
+dense weight, K split until every SM has ~2 programs so that enough bytes are in flight. On an H200 it beats
+cuBLAS by 2-7% on Llama-3-8B's projections and LM head at T=1 (qkv 18.4 vs 19.6 us, o 15.1 vs 16.2, LM head
+240 vs 250; docs/kernels.md): ~0.13 ms of a 4.8 ms batch-1 step. The linear layers use it when `use_skinny`
+says so.
 
-KILN_SKINNY_MAX_T sets the largest T it is used for (0 turns it off); KILN_SKINNY_SWAP=0 takes the plain tiles of
-before run AU (rows padded to 16-64 on the wide side, 32 weight rows a program), with KILN_SKINNY_MAX_T=8 what
-ran before: dispatch knobs for benchmarks.
+KILN_SKINNY_SWAP=1 runs the tile with its operands swapped instead (W x^T: 64 or 128 weight rows a program on the
+tensor cores' wide side, the few activation rows on the narrow one). On an H100 (run AU, docs/kernels.md) the
+swapped tiles streamed the four projections 4-7% faster than cuBLAS at 16 and 32 rows (a layer at 16 rows: 158 us
+against cuBLAS's 170 and the plain tile's 168), so with KILN_SKINNY_MAX_T=32 they are the candidate default; not
+yet checked for correctness on a GPU nor timed in the engine (benchmarks/device/run_av.sh does both).
+
+KILN_SKINNY_MAX_T sets the largest T it is used for (0 turns it off).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import triton
 from ._utils import interpreting, next_pow2, num_sms
 from .w8a16 import rows_and_out, small_m_matmul
 
-MAX_T = int(os.environ.get("KILN_SKINNY_MAX_T", "64"))
-SWAP = os.environ.get("KILN_SKINNY_SWAP", "1") != "0"
+MAX_T = int(os.environ.get("KILN_SKINNY_MAX_T", "8"))
+SWAP = os.environ.get("KILN_SKINNY_SWAP", "0") == "1"
 
 
 def use_skinny(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -40,7 +43,7 @@ def skinny_config(M: int, N: int, K: int, device: torch.device) -> tuple:
     sms = num_sms(device)
     bk = min(128, max(32, next_pow2(K)))
     if SWAP:
-        # run AU's sweep (H100, 16-64 rows): 128 weight rows a program where those tiles alone fill the SMs
+        # run AU's sweep (H100, 16 and 32 rows, its best tiles): 128 weight rows a program where those tiles alone fill the SMs
         # (gate_up), else 64 with K split in two (o, down; qkv's 96 tiles ran fastest unsplit)
         bn = 128 if triton.cdiv(N, 128) >= sms else 64
         tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
