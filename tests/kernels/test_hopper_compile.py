@@ -51,6 +51,8 @@ def _launch_every_kernel():
         q, k = rand(3, 4, 64, dtype=dt), rand(3, 2, 64, dtype=dt)
         K.rotary_embedding(torch.arange(3), q, k, torch.randn(16, 64, generator=g))
         K.skinny_matmul(rand(2, 256, dtype=dt), rand(96, 256, dtype=dt))
+        # the swapped tile (KILN_SKINNY_SWAP=1) at a GPU-sized config: W x^T, 64 weight rows a program
+        K.skinny_matmul(rand(2, 256, dtype=dt), rand(96, 256, dtype=dt), config=(16, 64, 128, 1, 4, 4, True))
     blocks, bs, hkv, d, hq = 6, 16, 2, 64, 4
     for kv in (torch.bfloat16, torch.int8, FP8):
         kc = torch.zeros(blocks, bs, hkv, d).to(kv)
