@@ -43,8 +43,8 @@ def skinny_config(M: int, N: int, K: int, device: torch.device) -> tuple:
     sms = num_sms(device)
     bk = min(128, max(32, next_pow2(K)))
     if SWAP:
-        # run AU's sweep (H100, 16 and 32 rows, its best tiles): 128 weight rows a program where those tiles alone fill the SMs
-        # (gate_up), else 64 with K split in two (o, down; qkv's 96 tiles ran fastest unsplit)
+        # run AU's best tiles (H100, 16 and 32 rows): 128 weight rows a program where those tiles alone fill the
+        # SMs (gate_up), else 64 with K split in two (o, down; qkv's 96 tiles ran fastest unsplit)
         bn = 128 if triton.cdiv(N, 128) >= sms else 64
         tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
         split = 1
