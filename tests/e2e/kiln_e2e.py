@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import requests
 
 from kiln.engine.core import pid_alive  # noqa: F401 - the e2e tests' check that a process is gone
+from tests.helpers.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,18 +45,6 @@ SEED_ENV = ("MODEL_DIR", "MP_NUM", "HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "IN
             "CHECK_HEALTH_INTERVAL", "DTYPE", "FD_DEBUG", "HEALTH_HTTP_PORT", "SERVICE_GRPC_PORT",
             "METRICS_HTTP_PORT", "INTER_PROC_PORT", "SERVICE_HTTP_PORT", "GPU_MEMORY_UTILIZATION",
             "ENC_DEC_BLOCK_NUM", "MAX_PREFILL_BATCH", "PROMETHEUS_MULTIPROC_DIR")
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def clean_env(**overrides: str) -> dict[str, str]:

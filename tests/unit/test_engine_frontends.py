@@ -20,7 +20,7 @@ from kiln.engine.config import EngineConfig
 from kiln.engine.core import launch_engine_core
 from kiln.engine.request import SamplingParams
 from tests.helpers.tiny_models import write_tiny_model
-from tests.unit.test_engine_process import free_port
+from tests.helpers.ports import free_port
 
 SECRET = "a-per-start-secret"
 REPO = Path(__file__).resolve().parents[2]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
@@ -11,15 +10,10 @@ from kiln.engine.config import EngineConfig
 from kiln.engine.core import launch_engine_core
 from kiln.engine.request import SamplingParams
 from tests.helpers.tiny_models import write_tiny_model
+from tests.helpers.ports import free_port
 
 
 SECRET = "test-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

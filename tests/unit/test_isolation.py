@@ -104,14 +104,11 @@ def test_engine_process_refuses_a_poisoned_request_sent_past_the_front_end(model
     """The engine process on its socket: 8 healthy streams run while poisoned requests arrive straight from a
     client (no front-end validation); the poisoned ones get an error output, the 8 finish untouched."""
     import asyncio
-    import socket
 
     from kiln.engine.client import AsyncEngineClient
     from kiln.engine.core import launch_engine_core
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        addr = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    from tests.helpers.ports import free_port
+    addr = f"tcp://127.0.0.1:{free_port()}"
     secret = "isolation-test"
     proc = launch_engine_core(EngineConfig(model=str(model_dir), dtype="float32", block_size=16, num_gpu_blocks=64,
                                            max_num_seqs=16), addr, secret)
