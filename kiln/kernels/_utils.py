@@ -34,6 +34,18 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=None)
+def _max_shared(index: int) -> int:
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def max_shared_mem(device: torch.device) -> int:
+    """Bytes of shared memory a program may use (Triton's own limit; H100/H200 227 KiB, A100 163 KiB)."""
+    if device.type != "cuda":
+        return 227 * 1024
+    return _max_shared(device.index if device.index is not None else torch.cuda.current_device())
+
+
 _counters: dict[torch.device, torch.Tensor] = {}
 
 

@@ -1,18 +1,19 @@
 """skinny_matmul: y = x @ w.T (+ bias) for a bf16/fp16 weight and a few rows of x (decode at small batch).
 
-With T <= 8 rows a linear layer is a read of its weight. This runs the split-K tile kernel of w8a16.py on the
+With a few rows (T) a linear layer is a read of its weight. This runs the split-K tile kernel of w8a16.py on the
 dense weight, K split until every SM has ~2 programs so that enough bytes are in flight. On an H200 it beats
 cuBLAS by 2-7% on Llama-3-8B's projections and LM head at T=1 (qkv 18.4 vs 19.6 us, o 15.1 vs 16.2, LM head
 240 vs 250; docs/kernels.md): ~0.13 ms of a 4.8 ms batch-1 step. The linear layers use it when `use_skinny`
 says so.
 
-KILN_SKINNY_SWAP=1 runs the tile with its operands swapped instead (W x^T: 64 or 128 weight rows a program on the
-tensor cores' wide side, the few activation rows on the narrow one). On an H100 (run AU, docs/kernels.md) the
-swapped tiles streamed the four projections 4-7% faster than cuBLAS at 16 and 32 rows (a layer at 16 rows: 158 us
-against cuBLAS's 170 and the plain tile's 168), so with KILN_SKINNY_MAX_T=32 they are the candidate default; not
-yet checked for correctness on a GPU nor timed in the engine (benchmarks/device/run_av.sh does both).
+Up to 64 rows the tile runs with its operands swapped (W x^T: 64 or 128 weight rows a program on the tensor
+cores' wide side, the few activation rows on the narrow one, instead of rows padded to 64). On an H100 (runs AU and
+AV, docs/kernels.md) that took the engine's bf16 decode step from 5.69 to 5.57 ms at batch 1 (against the plain
+tile), and against cuBLAS from 7.05 to 6.65 ms at batch 16, 7.80 to 7.48 at 32, 8.46 to 8.18 at 48 and 9.09 to
+8.89 at 64. Above 64 rows cuBLAS is as fast (run AU's sweep) and the 4-stage tiles outgrow shared memory.
+KILN_SKINNY_SWAP=0 keeps the plain tile (the default up to run AV).
 
-KILN_SKINNY_MAX_T sets the largest T it is used for (0 turns it off).
+KILN_SKINNY_MAX_T sets the largest T it is used for (default 64; 0 turns it off).
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import os
 import torch
 import triton
 
-from ._utils import interpreting, next_pow2, num_sms
+from ._utils import interpreting, max_shared_mem, next_pow2, num_sms
 from .w8a16 import rows_and_out, small_m_matmul
 
-MAX_T = int(os.environ.get("KILN_SKINNY_MAX_T", "8"))
-SWAP = os.environ.get("KILN_SKINNY_SWAP", "0") == "1"
+MAX_T = int(os.environ.get("KILN_SKINNY_MAX_T", "64"))
+SWAP = os.environ.get("KILN_SKINNY_SWAP", "1") == "1"
+# the swapped tile's narrow side holds the rows: beyond 64 a 4-stage tile outgrows shared memory and cuBLAS is as
+# fast (run AU); rows above it (with a larger KILN_SKINNY_MAX_T) take the plain tile
+SWAP_MAX_T = 64
 
 
 def use_skinny(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -39,18 +43,25 @@ def skinny_config(M: int, N: int, K: int, device: torch.device) -> tuple:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP_AB)."""
     bm = max(16, next_pow2(M))
     if interpreting():
-        return bm, 32, 32, (2 if K >= 128 else 1), 4, 1, SWAP
+        return bm, 32, 32, (2 if K >= 128 else 1), 4, 1, SWAP and M <= SWAP_MAX_T
     sms = num_sms(device)
     bk = min(128, max(32, next_pow2(K)))
-    if SWAP:
+    if SWAP and M <= SWAP_MAX_T:
         # run AU's best tiles (H100, 16 and 32 rows): 128 weight rows a program where those tiles alone fill the
         # SMs (gate_up), else 64 with K split in two (o, down; qkv's 96 tiles ran fastest unsplit)
         bn = 128 if triton.cdiv(N, 128) >= sms else 64
-        tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-        split = 1
-        while tiles * split < 0.7 * sms and K // (split * 2) >= 4 * bk:
-            split *= 2
-        return bm, bn, bk, split, 8 if bn * bm >= 128 * 64 else 4, 4, True
+        # 4 stages of both operands' tiles where shared memory holds them (H100: 192 KiB at 64 rows); on smaller
+        # GPUs fewer (A100: 3), then shorter K tiles; the plain tile where not even 2 stages of 32 fit
+        room, sbk = max_shared_mem(device) - 4096, bk
+        while room // ((bm + bn) * sbk * 2) < 3 and sbk > 32:  # bf16/fp16
+            sbk //= 2
+        stages = min(4, room // ((bm + bn) * sbk * 2))
+        if stages >= 2:
+            tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+            split = 1
+            while tiles * split < 0.7 * sms and K // (split * 2) >= 4 * sbk:
+                split *= 2
+            return bm, bn, sbk, split, 8 if bn * bm >= 128 * 64 else 4, stages, True
     bn = 32
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     split = 1

@@ -686,12 +686,16 @@ SKINNY_CASES = [
     (1, 96, 160, False),
     (3, 64, 256, True),
     (8, 40, 64, False),
+    (24, 64, 128, True),                                   # swapped, rows padded to 32
     pytest.param(1, 6144, 4096, False, marks=gpu_only),    # Llama-3-8B qkv
     pytest.param(1, 4096, 4096, True, marks=gpu_only),     # o
     pytest.param(2, 28672, 4096, False, marks=gpu_only),   # gate_up
     pytest.param(8, 4096, 14336, False, marks=gpu_only),   # down: K split
     pytest.param(5, 128256, 4096, False, marks=gpu_only),  # lm_head
     pytest.param(7, 1000, 1000, True, marks=gpu_only),     # ragged
+    pytest.param(48, 28672, 4096, False, marks=gpu_only),  # gate_up at 48 rows: swapped, 128 weight rows a program
+    pytest.param(64, 4096, 14336, True, marks=gpu_only),   # down at 64 rows: swapped, K split
+    pytest.param(65, 4096, 4096, False, marks=gpu_only),   # past the swapped tile's rows: the plain one
 ]
 
 
