@@ -2,15 +2,15 @@
 # Device run AU (one call, up to BUDGET_S seconds (default 570), carrying .whl): bf16 projections at decode batches
 # of 8-128 rows, where issue 11's served loads run (4 req/s: ~40 decoding sequences; 8 req/s: ~140) and a bf16 layer
 # is mostly a read of its weight. cuBLAS (the linear layers above KILN_SKINNY_MAX_T=8 rows) against the split-K tile
-# kernel at its heuristic and a sweep (benchmarks/kernels/bf16_gemm_rows.py; H200, 2026-12-02: cuBLAS streamed qkv
+# kernel at its heuristic and a sweep (benchmarks/kernels/gemm_rows.py; H200, 2026-12-02: cuBLAS streamed qkv
 # and o at 53-66% of the copy rate at T <= 8). Then the engine's decode step at batch 48 and 96, 1000 in, both ways.
 source benchmarks/device/common.sh
 # an H200 is rarer than this question: it runs issue 10's figures instead
 nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && exec bash benchmarks/device/run_as.sh
 gpu_state; date -u
-timeout 300 python3 benchmarks/kernels/bf16_gemm_rows.py --rows 16,32,64,128 --sweep > $R/gemm_sweep.log 2>&1
+timeout 300 python3 benchmarks/kernels/gemm_rows.py --rows 16,32,64,128 --sweep > $R/gemm_sweep.log 2>&1
 grep -E "layer|copy rate|Error" $R/gemm_sweep.log
-timeout 60 python3 benchmarks/kernels/bf16_gemm_rows.py --rows 8,24,48,96 > $R/gemm_rows.log 2>&1
+timeout 60 python3 benchmarks/kernels/gemm_rows.py --rows 8,24,48,96 > $R/gemm_rows.log 2>&1
 grep -E "layer|Error" $R/gemm_rows.log
 for bs in 48 96; do
   for t in 8 128; do

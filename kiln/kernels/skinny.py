@@ -23,14 +23,13 @@ import os
 import torch
 import triton
 
-from ._utils import interpreting, max_shared_mem, next_pow2, num_sms
-from .w8a16 import rows_and_out, small_m_matmul
+from ._utils import interpreting, next_pow2, num_sms
+from .w8a16 import SMALL_T, rows_and_out, small_m_matmul, swapped_config
 
 MAX_T = int(os.environ.get("KILN_SKINNY_MAX_T", "64"))
 SWAP = os.environ.get("KILN_SKINNY_SWAP", "1") == "1"
-# the swapped tile's narrow side holds the rows: beyond 64 a 4-stage tile outgrows shared memory and cuBLAS is as
-# fast (run AU); rows above it (with a larger KILN_SKINNY_MAX_T) take the plain tile
-SWAP_MAX_T = 64
+# the swapped tile's narrow side holds the rows: beyond SMALL_T (64) a 4-stage tile outgrows shared memory and
+# cuBLAS is as fast (run AU); rows above it (with a larger KILN_SKINNY_MAX_T) take the plain tile
 
 
 def use_skinny(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -43,25 +42,13 @@ def skinny_config(M: int, N: int, K: int, device: torch.device) -> tuple:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP_AB)."""
     bm = max(16, next_pow2(M))
     if interpreting():
-        return bm, 32, 32, (2 if K >= 128 else 1), 4, 1, SWAP and M <= SWAP_MAX_T
+        return bm, 32, 32, (2 if K >= 128 else 1), 4, 1, SWAP and M <= SMALL_T
+    if SWAP and M <= SMALL_T:
+        cfg = swapped_config(M, N, K, device, 2)
+        if cfg:
+            return cfg
     sms = num_sms(device)
     bk = min(128, max(32, next_pow2(K)))
-    if SWAP and M <= SWAP_MAX_T:
-        # run AU's best tiles (H100, 16 and 32 rows): 128 weight rows a program where those tiles alone fill the
-        # SMs (gate_up), else 64 with K split in two (o, down; qkv's 96 tiles ran fastest unsplit)
-        bn = 128 if triton.cdiv(N, 128) >= sms else 64
-        # 4 stages of both operands' tiles where shared memory holds them (H100: 192 KiB at 64 rows); on smaller
-        # GPUs fewer (A100: 3), then shorter K tiles; the plain tile where not even 2 stages of 32 fit
-        room, sbk = max_shared_mem(device) - 4096, bk
-        while room // ((bm + bn) * sbk * 2) < 3 and sbk > 32:  # bf16/fp16
-            sbk //= 2
-        stages = min(4, room // ((bm + bn) * sbk * 2))
-        if stages >= 2:
-            tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-            split = 1
-            while tiles * split < 0.7 * sms and K // (split * 2) >= 4 * sbk:
-                split *= 2
-            return bm, bn, sbk, split, 8 if bn * bm >= 128 * 64 else 4, stages, True
     bn = 32
     tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     split = 1
