@@ -4,6 +4,7 @@
 # for 8-bit weights (KILN_W8_SWAP=1): w8a8-fp8 decode steps at batch 16, 32 and 64 with the weight-only tile up to 64
 # rows (KILN_W8A8_WEIGHT_ONLY_MAX_T=64; the default: 16, cuBLAS's FP8 GEMM above) plain and swapped, w8a16 at batch
 # 32 plain and swapped, then gemm_rows.py on int8 and fp8 weights (the fp8 one with its sweep, as time allows).
+# (Tree 5ec3b87; KILN_W8_SWAP and gemm_rows.py's "swapped" heuristic column were removed after it: 8-bit weights lost.)
 source benchmarks/device/common.sh
 BUDGET_S=${BUDGET_S:-560}
 gpu_state; date -u

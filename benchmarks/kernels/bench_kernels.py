@@ -483,7 +483,7 @@ def w8_small_sweep(T, N, Kd):
     (Int8 codes converted to fp16 by add + bitcast instead of the int->float unit ran 1.5x slower: run J.)"""
     if T > 16:
         return []
-    bm, bn, bk, split, warps, stages = K.w8a16._config(T, N, Kd, torch.device(DEV), swap=False)[:6]
+    bm, bn, bk, split, warps, stages = K.w8a16._config(T, N, Kd, torch.device(DEV))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     more = split
     while -(-N // bn) * more < 2 * sms and Kd // (more * 2) >= 4 * bk:

@@ -10,8 +10,8 @@ L2), captured in one CUDA graph per projection; us a layer = graph time / LAYERS
 bf16: cuBLAS is `x @ w.T` (the linear layers above KILN_SKINNY_MAX_T rows), the tile is skinny_config's. int8 /
 fp8 (per-channel scales, bf16 activations): cuBLAS is the W8A8 path's GEMM on rows already quantized
 (`ops.w8a8_gemm`: torch._int_mm + the scale epilogue, or torch._scaled_mm; in a decoder layer the producer kernels
-quantize), against the weight-only tile (`w8a16_matmul`, activations unquantized) with the plain and the swapped
-configs (`w8a16._config(swap=False / True)`).
+quantize), against the weight-only tile (`w8a16_matmul`, activations unquantized) at its heuristic
+(`w8a16._config`; the sweep: swapped tiles, which lost in run AW).
 
 Prints, per rows and projection: cuBLAS us, each heuristic's us (config, error against the reference relative to
 its largest value), the sweep's best us and config, GB/s of each; then per rows the four projections summed (one
@@ -110,9 +110,7 @@ def main() -> None:
         xq = ops.QuantizedRows(codes, scales, m, x.dtype)
         return lambda: [ops.w8a8_gemm(xq, w, s, None) for w, s in ws]
 
-    heuristics = ({"tile": skinny_config} if w_bytes == 2 else
-                  {"plain": lambda m, n, k, d: w8a16._config(m, n, k, d, swap=False),
-                   "swapped": lambda m, n, k, d: w8a16._config(m, n, k, d, swap=True)})
+    heuristics = {"tile": skinny_config if w_bytes == 2 else w8a16._config}
     print("rows | proj | cuBLAS us (GB/s) | " + " | ".join(f"{h} us (GB/s) config rel.err" for h in heuristics)
           + " | best of sweep us (config)")
     for m in [int(r) for r in args.rows.split(",")]:

@@ -23,8 +23,8 @@ import os
 import torch
 import triton
 
-from ._utils import interpreting, next_pow2, num_sms
-from .w8a16 import SMALL_T, rows_and_out, small_m_matmul, swapped_config
+from ._utils import interpreting, max_shared_mem, next_pow2, num_sms
+from .w8a16 import SMALL_T, rows_and_out, small_m_matmul
 
 MAX_T = int(os.environ.get("KILN_SKINNY_MAX_T", "64"))
 SWAP = os.environ.get("KILN_SKINNY_SWAP", "1") == "1"
@@ -38,13 +38,40 @@ def use_skinny(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.stride(-1) == 1)
 
 
-def skinny_config(M: int, N: int, K: int, device: torch.device) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP_AB)."""
+def swapped_config(M: int, N: int, K: int, device: torch.device) -> tuple | None:
+    """The tile with its operands swapped (SWAP_AB: W x^T, 64 or 128 weight rows a program on the tensor cores' wide
+    side, M <= SMALL_T activation rows padded to 16-64 on the narrow one), bf16/fp16 operands, or None where two
+    stages do not fit the GPU's shared memory. Run AU's best tiles (H100, 16 and 32 rows) as a rule: 128 weight rows
+    a program where those tiles alone fill the SMs (gate_up), else 64; K split while the grid covers under 70% of the
+    SMs (o, down split in two; qkv's 96 tiles ran fastest unsplit); 4 stages where shared memory holds them (H100:
+    192 KiB at 64 rows), fewer on smaller GPUs (A100: 3), then shorter K tiles. (8-bit weights lose on it: run AW,
+    docs/kernels.md.)"""
     bm = max(16, next_pow2(M))
+    sms = num_sms(device)
+    bn = 128 if triton.cdiv(N, 128) >= sms else 64
+    bk = min(128, max(32, next_pow2(K)))
+    room = max_shared_mem(device) - 4096
+    while room // ((bm + bn) * bk * 2) < 3 and bk > 32:
+        bk //= 2
+    stages = min(4, room // ((bm + bn) * bk * 2))
+    if stages < 2:
+        return None
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    split = 1
+    while tiles * split < 0.7 * sms and K // (split * 2) >= 4 * bk:
+        split *= 2
+    return bm, bn, bk, split, 8 if bn * bm >= 128 * 64 else 4, stages, True
+
+
+def skinny_config(M: int, N: int, K: int, device: torch.device, elem_bytes: int = 2) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP_AB) for operands of elem_bytes bytes (the
+    kernel swaps bf16/fp16 ones only)."""
+    bm = max(16, next_pow2(M))
+    swap = SWAP and M <= SMALL_T and elem_bytes == 2
     if interpreting():
-        return bm, 32, 32, (2 if K >= 128 else 1), 4, 1, SWAP and M <= SMALL_T
-    if SWAP and M <= SMALL_T:
-        cfg = swapped_config(M, N, K, device, 2)
+        return bm, 32, 32, (2 if K >= 128 else 1), 4, 1, swap
+    if swap:
+        cfg = swapped_config(M, N, K, device)
         if cfg:
             return cfg
     sms = num_sms(device)
@@ -56,8 +83,17 @@ def skinny_config(M: int, N: int, K: int, device: torch.device) -> tuple:
     while tiles * split < 2 * sms and K // (split * 2) >= 4 * bk:
         split *= 2
     # H200 sweep (docs/kernels.md): unsplit wide weights (gate_up, LM head) want 3 stages (4: +26% on
-    # gate_up), split ones 4-5
-    return bm, bn, bk, split, 4, 3 if split == 1 else 4, False
+    # gate_up), split ones 4-5; no more than shared memory holds (fp32, or rows past 64, on smaller GPUs)
+    stages = 3 if split == 1 else 4
+    room = max_shared_mem(device) - 4096
+    while stages * (bm + bn) * bk * elem_bytes > room:
+        if stages > 2:
+            stages -= 1
+        elif bk > 32:
+            bk //= 2
+        else:
+            break
+    return bm, bn, bk, split, 4, stages, False
 
 
 def skinny_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -69,5 +105,5 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     x2, out = rows_and_out(x, N)
     M = x2.shape[0]
     if M:
-        small_m_matmul(x2, w, None, bias, out, config or skinny_config(M, N, K, x.device))
+        small_m_matmul(x2, w, None, bias, out, config or skinny_config(M, N, K, x.device, x.element_size()))
     return out.view(*x.shape[:-1], N)

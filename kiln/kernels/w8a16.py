@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import gdc_enter, interpreting, launch, max_shared_mem, next_pow2, num_sms, zeroed_counters
+from ._utils import gdc_enter, interpreting, launch, next_pow2, num_sms, zeroed_counters
 from .activation import silu_and_mul
 
 SMALL_T = 64    # up to here: decode-sized tiles (the weight read dominates)
@@ -375,52 +375,13 @@ def dequantize_int8_weight(w_int8: torch.Tensor, w_scale: torch.Tensor, dtype: t
     return out
 
 
-# KILN_W8_SWAP=1: 8-bit weights at 2-64 rows on the swapped tile (swapped_config) instead of the plain one (an A/B
-# switch until a GPU has timed it; the bf16 layers take it by default: skinny.py)
-W8_SWAP = os.environ.get("KILN_W8_SWAP", "0") == "1"
-
-
-def swapped_config(M: int, N: int, K: int, device: torch.device, w_bytes: int) -> tuple | None:
-    """The tile with its operands swapped (SWAP_AB: W x^T, 64 or 128 weight rows a program on the tensor cores' wide
-    side, M <= SMALL_T activation rows padded to 16-64 on the narrow one) for a weight of w_bytes bytes an element:
-    (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, True), or None where two stages do not fit the GPU's
-    shared memory. Run AU's best bf16 tiles (H100, 16 and 32 rows) as a rule: 128 weight rows a program where those
-    tiles alone fill the SMs (gate_up), else 64; K split while the grid covers under 70% of the SMs (o, down split
-    in two; qkv's 96 tiles ran fastest unsplit); 4 stages where shared memory holds them (H100: 192 KiB for bf16 at
-    64 rows), fewer on smaller GPUs (A100: 3), then shorter K tiles."""
-    bm = max(16, next_pow2(M))
-    sms = num_sms(device)
-    bn = 128 if triton.cdiv(N, 128) >= sms else 64
-    bk = min(128 * (2 // w_bytes), max(32, next_pow2(K)))  # 8-bit weights: the same bytes a tile as bf16's
-    room = max_shared_mem(device) - 4096
-
-    def stage_bytes(bk):
-        return (bm * 2 + bn * w_bytes) * bk  # bf16/fp16 activations
-
-    while room // stage_bytes(bk) < 3 and bk > 32:
-        bk //= 2
-    stages = min(4, room // stage_bytes(bk))
-    if stages < 2:
-        return None
-    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-    split = 1
-    while tiles * split < 0.7 * sms and K // (split * 2) >= 4 * bk:
-        split *= 2
-    return bm, bn, bk, split, 8 if bn * bm >= 128 * 64 else 4, stages, True
-
-
-def _config(M: int, N: int, K: int, device: torch.device, swap: bool | None = None) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, SWAP_AB]) for a small-M problem with an 8-bit
-    weight; swap (default KILN_W8_SWAP) takes the swapped tile up to SMALL_T rows."""
-    swap = W8_SWAP if swap is None else swap
-    bm = max(16, next_pow2(M))
+def _config(M: int, N: int, K: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for a small-M problem."""
     if interpreting():
-        return bm, 32, 32, (2 if K >= 128 else 1), 4, 1, swap and bm <= SMALL_T
-    if swap and bm <= SMALL_T:
-        cfg = swapped_config(M, N, K, device, 1)
-        if cfg:
-            return cfg
+        bm = max(16, next_pow2(M))
+        return bm, 32, 32, (2 if K >= 128 else 1), 4, 1
     sms = num_sms(device)
+    bm = max(16, next_pow2(M))
     if bm > 64:
         # 64 < T <= 256 on an H100 (docs/kernels.md): 128 x 128 tiles when they alone fill
         # the SMs (gate_up), else 64 x 128 tiles with K split in two; both beat dequantize +

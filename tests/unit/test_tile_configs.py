@@ -1,13 +1,13 @@
-"""The split-K tile's configuration rules for GPUs (kiln/kernels/skinny.py for bf16 weights, w8a16.py's _config for
-8-bit ones), checked without one: the swapped tile up to 64 rows with run AU's shapes, its stages cut to what the
-GPU's shared memory holds, and the plain tile where even two stages would not fit or past 64 rows."""
+"""The bf16 split-K tile's configuration rule (kiln/kernels/skinny.py) for GPUs, checked without one: the swapped
+tile up to 64 rows with run AU's shapes, its stages cut to what the GPU's shared memory holds, and the plain tile
+where even two stages would not fit, past 64 rows or for fp32 (also cut to fit)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
-from kiln.kernels import skinny, w8a16  # noqa: E402
+from kiln.kernels import skinny  # noqa: E402
 
 KIB = 1024
 LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -16,8 +16,7 @@ LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "
 def config(monkeypatch, m, n, k, smem, sms=132):
     monkeypatch.setattr(skinny, "interpreting", lambda: False)
     monkeypatch.setattr(skinny, "num_sms", lambda device: sms)
-    monkeypatch.setattr(w8a16, "num_sms", lambda device: sms)
-    monkeypatch.setattr(w8a16, "max_shared_mem", lambda device: smem)
+    monkeypatch.setattr(skinny, "max_shared_mem", lambda device: smem)
     monkeypatch.setattr(skinny, "SWAP", True)
     return skinny.skinny_config(m, n, k, torch.device("cuda", 0))
 
@@ -50,9 +49,10 @@ def test_run_au_tiles_on_hopper(monkeypatch):
 
 
 def test_plain_tile_where_swapped_does_not_fit_or_past_64_rows(monkeypatch):
-    # 16 KiB: two stages of a 64-row swapped tile with the shortest K tile need 24 KiB
+    # 16 KiB: two stages of a 64-row swapped tile with the shortest K tile need 24 KiB; the plain tile's 2 x 12 KiB
+    # (K tiles of 32) fit
     bm, bn, bk, split, warps, stages, swap = config(monkeypatch, 64, 28672, 4096, 16 * KIB)
-    assert not swap and bn == 32
+    assert not swap and bn == 32 and (stages, bk) == (2, 32)
     assert not config(monkeypatch, 65, 4096, 4096, 227 * KIB)[6]
     assert not config(monkeypatch, 128, 4096, 4096, 227 * KIB)[6]
 
@@ -60,34 +60,23 @@ def test_plain_tile_where_swapped_does_not_fit_or_past_64_rows(monkeypatch):
 def test_switch_off_keeps_the_plain_tile(monkeypatch):
     monkeypatch.setattr(skinny, "interpreting", lambda: False)
     monkeypatch.setattr(skinny, "num_sms", lambda device: 132)
+    monkeypatch.setattr(skinny, "max_shared_mem", lambda device: 227 * KIB)
     monkeypatch.setattr(skinny, "SWAP", False)
     assert skinny.skinny_config(16, 6144, 4096, torch.device("cuda", 0))[6] is False
 
 
-def test_fallback_keeps_the_plain_tiles_k(monkeypatch):
-    assert config(monkeypatch, 64, 28672, 4096, 16 * KIB)[2] == 128
 
-
-def w8_config(monkeypatch, m, n, k, smem, swap=True):
-    monkeypatch.setattr(w8a16, "interpreting", lambda: False)
-    monkeypatch.setattr(w8a16, "num_sms", lambda device: 132)
-    monkeypatch.setattr(w8a16, "max_shared_mem", lambda device: smem)
-    return w8a16._config(m, n, k, torch.device("cuda", 0), swap=swap)
-
-
-@pytest.mark.parametrize("rows", [2, 16, 32, 64])
-@pytest.mark.parametrize("proj", sorted(LLAMA3_8B))
+@pytest.mark.parametrize("rows", [16, 48, 64, 65, 128])
 @pytest.mark.parametrize("smem", [227 * KIB, 163 * KIB, 99 * KIB])
-def test_8bit_swapped_tile_fits_shared_memory(monkeypatch, rows, proj, smem):
-    n, k = LLAMA3_8B[proj]
-    bm, bn, bk, split, warps, stages, swap = w8_config(monkeypatch, rows, n, k, smem)
-    assert swap and bm == max(16, 1 << (rows - 1).bit_length()) and bn == (128 if proj == "gate_up" else 64)
-    # bf16 activations, 8-bit weights: a stage is 2 bytes a row of x and 1 a weight row, K tiles of 256 on Hopper
-    assert 2 <= stages <= 4 and stages * (2 * bm + bn) * bk <= smem
-    assert bk == 256 if smem >= 227 * KIB else stages >= 3
-    assert k % (split * bk) == 0
-
-
-def test_8bit_plain_tile_without_the_switch_or_past_64_rows(monkeypatch):
-    assert len(w8_config(monkeypatch, 32, 4096, 4096, 227 * KIB, swap=False)) == 6
-    assert len(w8_config(monkeypatch, 128, 4096, 4096, 227 * KIB)) == 6  # 64 < T <= 256: the larger plain tiles
+def test_fp32_and_past_64_rows_plain_tile_fits_shared_memory(monkeypatch, rows, smem):
+    # fp32 operands never swap (the kernel swaps bf16/fp16 only); run AW's GPU tests found fp32 at 48 rows taking
+    # the swapped tile's 64 x 128 tiles (384 KiB) and at 65 the plain tile's 4 stages of 128 rows (320 KiB)
+    for n, k in LLAMA3_8B.values():
+        for elem in (2, 4):
+            cfg = config(monkeypatch, rows, n, k, smem) if elem == 2 else None
+            if elem == 4:
+                monkeypatch.setattr(skinny, "SWAP", True)
+                cfg = skinny.skinny_config(rows, n, k, torch.device("cuda", 0), elem_bytes=4)
+                assert cfg[6] is False
+            bm, bn, bk, _split, _warps, stages, swap = cfg
+            assert stages >= 2 and stages * (bm + bn) * bk * elem <= smem
