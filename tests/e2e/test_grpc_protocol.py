@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from kiln.server import grpc_server as G
+from tests.helpers.grpc_clients import run_dying_client
 from tests.helpers.ports import free_port
 
 
@@ -237,34 +238,6 @@ def test_stream_cancel_aborts_running_requests(server):
     while "c1" not in runner.cancelled and time.time() < deadline:
         time.sleep(0.05)
     assert "c1" in runner.cancelled and "c1" not in runner.finished
-
-
-CLIENT_THAT_DIES = """
-import json, os, queue, sys
-from functools import partial
-import numpy as np
-import tritonclient.grpc as grpcclient
-url, req = sys.argv[1], json.loads(sys.argv[2])
-q = queue.Queue()
-c = grpcclient.InferenceServerClient(url)
-c.start_stream(callback=partial(lambda q, result, error: q.put(error or result), q))
-inp = grpcclient.InferInput("IN", [1], "BYTES")
-inp.set_data_from_numpy(np.array([json.dumps([req])], dtype=np.object_))
-c.async_stream_infer("model", [inp], request_id=req["req_id"])
-r = q.get(timeout=30)
-print(r.as_numpy("OUT")[0].decode(), flush=True)
-os._exit(0)   # the process dies with its stream open
-"""
-
-
-def run_dying_client(url: str, req: dict) -> str:
-    import subprocess
-    import sys
-
-    p = subprocess.run([sys.executable, "-c", CLIENT_THAT_DIES, url, json.dumps(req)], capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    return p.stdout
 
 
 def test_stream_client_disconnect_aborts(server):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import queue
-import subprocess
-import sys
 import time
 from functools import partial
 
@@ -16,6 +14,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
+
+from tests.helpers.grpc_clients import run_dying_client
 
 PROMPT = "Write one sentence about the sea."
 
@@ -285,29 +285,9 @@ def test_cancelling_the_stream_aborts_the_request(url, server):
     assert time.monotonic() - t0 < 15
 
 
-DYING_CLIENT = """
-import json, os, queue, sys
-from functools import partial
-import numpy as np
-import tritonclient.grpc as grpcclient
-url, req = sys.argv[1], json.loads(sys.argv[2])
-q = queue.Queue()
-c = grpcclient.InferenceServerClient(url)
-c.start_stream(callback=partial(lambda q, result, error: q.put(error or result), q))
-inp = grpcclient.InferInput("IN", [1], "BYTES")
-inp.set_data_from_numpy(np.array([json.dumps([req])], dtype=np.object_))
-c.async_stream_infer("model", [inp], request_id=req["req_id"])
-print(q.get(timeout=120).as_numpy("OUT")[0].decode(), flush=True)
-os._exit(0)    # the client dies with its stream open
-"""
-
-
 def test_client_that_dies_mid_stream_aborts_the_request(url, server):
     req = {"req_id": "dies-1", "text": PROMPT, "max_dec_len": 64, "min_dec_len": 64}
-    p = subprocess.run([sys.executable, "-c", DYING_CLIENT, url, json.dumps(req)], capture_output=True, text=True,
-                       timeout=180)
-    assert p.returncode == 0, p.stderr
-    assert '"send_idx": 0' in p.stdout
+    assert '"send_idx": 0' in run_dying_client(url, req, first_response_timeout=120)
     server.wait_idle(15)
     assert "finish_reason=abort" in requests_log_line(server, "dies-1")
 
