@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The next device call (carrying .whl; BUDGET_S as the call allows): on an H200, issue 10's figures (run_as.sh,
-# ~570 s); on an H100, run AW (run_aw.sh: the swapped tile as the bf16 default checked on the GPU, and tried for
-# 8-bit weights).
+# ~570 s); on an H100, run AX (run_ax.sh: the swapped bf16 tile, the default since run AV, checked end to end).
 if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
   exec bash benchmarks/device/run_as.sh
 fi
-exec bash benchmarks/device/run_aw.sh
+exec bash benchmarks/device/run_ax.sh
