@@ -418,6 +418,21 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None, warm_up: bool 
             return error
         return await serve_openai(request, body, fe_of(request), "chat")
 
+    async def tokenizer_route(request: Request, work):
+        try:
+            body = await read_json(request)
+            return JSONResponse(await work(body, fe_of(request)))
+        except RequestError as e:
+            return _openai_error(e)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await tokenizer_route(request, oai.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await tokenizer_route(request, oai.detokenize)
+
     @app.get("/v1/models")
     @app.get("/v1/chat/completions/models")
     async def models(request: Request):

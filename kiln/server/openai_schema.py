@@ -89,6 +89,34 @@ class ChatCompletionRequest(_Common):
     response_format: Optional[dict[str, Any]] = None
 
 
+class TokenizeCompletionRequest(BaseModel):
+    """/tokenize of a prompt (vLLM's body)."""
+    model_config = _STRICT
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """/tokenize of chat messages rendered by the model's template, as /v1/chat/completions renders them."""
+    model_config = _STRICT
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    add_generation_prompt: bool = True
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[Any] = None
+    response_format: Optional[dict[str, Any]] = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+    model: Optional[str] = None
+    tokens: list[int]
+
+
 def validation_message(e: ValidationError) -> tuple[str, str | None]:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err.get("loc", ()))
@@ -245,17 +273,7 @@ async def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
     structured = await structured_outputs(body)
     if req.top_logprobs is not None and not req.logprobs:
         raise _bad("top_logprobs needs logprobs=true", "top_logprobs")
-    messages = normalize_messages([m.model_dump(exclude_none=True) for m in req.messages])
-    tok = frontend.tokenizer
-    tool_plan = _tool_plan(req, messages, frontend)
-    size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
-    check_prompt_chars(size, frontend.max_seq_len, "messages")
-    try:
-        render = (functools.partial(tok.apply_chat_template, tools=tool_plan.tools)
-                  if tool_plan is not None and tool_plan.tools else tok.apply_chat_template)
-        ids = await frontend.run_tokenizer(render, messages, req.add_generation_prompt, size=size)
-    except ValueError as e:
-        raise _bad(str(e), "messages") from None
+    ids, tool_plan = await _chat_prompt(req, frontend)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     limits = await frontend.limits(req.timeout or frontend.cfg.request_timeout)
@@ -273,6 +291,48 @@ async def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
                      timeout=req.timeout or frontend.cfg.request_timeout, tool_plan=tool_plan)
 
 
+async def _chat_prompt(req: ChatCompletionRequest | TokenizeChatRequest, frontend: Frontend
+                       ) -> tuple[list[int], ToolPlan | None]:
+    """The prompt's token ids (the messages and tools rendered by the chat template) and the tool plan."""
+    messages = normalize_messages([m.model_dump(exclude_none=True) for m in req.messages])
+    tok = frontend.tokenizer
+    tool_plan = _tool_plan(req, messages, frontend)
+    size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    check_prompt_chars(size, frontend.max_seq_len, "messages")
+    try:
+        render = (functools.partial(tok.apply_chat_template, tools=tool_plan.tools)
+                  if tool_plan is not None and tool_plan.tools else tok.apply_chat_template)
+        ids = await frontend.run_tokenizer(render, messages, req.add_generation_prompt, size=size)
+    except ValueError as e:
+        raise _bad(str(e), "messages") from None
+    return ids, tool_plan
+
+
+async def tokenize(body: Any, frontend: Frontend) -> dict:
+    """/tokenize (vLLM's API): a prompt, or chat messages as /v1/chat/completions renders them -> their token ids
+    (and their token strings when asked)."""
+    tok = frontend.tokenizer
+    if isinstance(body, dict) and "messages" in body:
+        chat: TokenizeChatRequest = _parse(TokenizeChatRequest, body)
+        ids, _ = await _chat_prompt(chat, frontend)
+        want_strs = chat.return_token_strs
+    else:
+        req: TokenizeCompletionRequest = _parse(TokenizeCompletionRequest, body)
+        check_prompt_chars(len(req.prompt), frontend.max_seq_len, "prompt")
+        ids = await frontend.run_tokenizer(tok.encode, req.prompt, req.add_special_tokens, size=len(req.prompt))
+        want_strs = req.return_token_strs
+    return {"count": len(ids), "max_model_len": frontend.max_model_len or frontend.max_seq_len, "tokens": ids,
+            "token_strs": tok.convert_ids_to_tokens(ids) if want_strs else None}
+
+
+async def detokenize(body: Any, frontend: Frontend) -> dict:
+    """/detokenize (vLLM's API): token ids -> their text, special tokens included."""
+    req: DetokenizeRequest = _parse(DetokenizeRequest, body)
+    tok = frontend.tokenizer
+    ids = check_token_ids(req.tokens, getattr(tok, "vocab_size", None), "tokens")
+    return {"prompt": await frontend.run_tokenizer(tok.decode, ids, False, size=len(ids))}
+
+
 def _tool_call(fn, *args):
     """fn(*args) with tool_parsers' ToolCallError as a 400 naming the field."""
     try:
@@ -281,7 +341,7 @@ def _tool_call(fn, *args):
         raise _bad(str(e), e.param) from None
 
 
-def _tool_plan(req: ChatCompletionRequest, messages: list[dict], frontend: Frontend) -> ToolPlan | None:
+def _tool_plan(req: ChatCompletionRequest | TokenizeChatRequest, messages: list[dict], frontend: Frontend) -> ToolPlan | None:
     """The request's tools checked and planned; the parser for tool_choice "auto" comes from the model."""
     _tool_call(check_tool_messages, messages)
     parser = select_parser(frontend.cfg.tool_call_parser, frontend.cfg.model_path,

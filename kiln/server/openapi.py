@@ -54,10 +54,12 @@ def _body(ref: str) -> dict:
 
 @lru_cache(maxsize=1)
 def _document() -> dict:
-    from kiln.server.openai_schema import ChatCompletionRequest, CompletionRequest
+    from kiln.server.openai_schema import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                           TokenizeChatRequest, TokenizeCompletionRequest)
 
     schemas: dict[str, Any] = {"NativeRequest": NATIVE_REQUEST, "KServeGenerateRequest": KSERVE_GENERATE}
-    for model in (ChatCompletionRequest, CompletionRequest):
+    for model in (ChatCompletionRequest, CompletionRequest, TokenizeCompletionRequest, TokenizeChatRequest,
+                  DetokenizeRequest):
         s = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(s.pop("$defs", {}))
         schemas[model.__name__] = s
@@ -65,11 +67,15 @@ def _document() -> dict:
                                          {"$ref": "#/components/schemas/NativeRequest"}]}
     schemas["CompletionOrNative"] = {"anyOf": [{"$ref": "#/components/schemas/CompletionRequest"},
                                                {"$ref": "#/components/schemas/NativeRequest"}]}
+    schemas["TokenizeRequest"] = {"anyOf": [{"$ref": "#/components/schemas/TokenizeCompletionRequest"},
+                                            {"$ref": "#/components/schemas/TokenizeChatRequest"}]}
     paths = {
         "/v1/chat/completions": {"post": _body("ChatOrNative")},
         "/v1/completions": {"post": _body("CompletionOrNative")},
         "/v1/chat/completions/chat/completions": {"post": _body("ChatCompletionRequest")},
         "/v1/chat/completions/completions": {"post": _body("CompletionRequest")},
+        "/tokenize": {"post": _body("TokenizeRequest")},
+        "/detokenize": {"post": _body("DetokenizeRequest")},
         "/v2/models/model/generate": {"post": _body("KServeGenerateRequest")},
         "/v2/models/model/generate_stream": {"post": _body("KServeGenerateRequest")},
     }

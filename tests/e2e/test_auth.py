@@ -34,7 +34,8 @@ def bearer(key: str) -> dict:
 def test_http_refuses_without_a_right_key(server, headers, problem):
     for path, body in (("/v1/chat/completions", NATIVE),
                        ("/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": 2}),
-                       ("/v2/models/model/generate", {"text_input": "hi", "parameters": {"max_tokens": 2}})):
+                       ("/v2/models/model/generate", {"text_input": "hi", "parameters": {"max_tokens": 2}}),
+                       ("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
         r = requests.post(server.url + path, json=body, headers=headers, timeout=30)
         assert r.status_code == 401, (path, r.text)
         assert r.headers["www-authenticate"].startswith("Bearer")

@@ -301,3 +301,56 @@ def test_curl_openai(server):
                          capture_output=True, text=True, timeout=120)
     lines = [x for x in out.stdout.splitlines() if x]
     assert lines[-1] == "data: [DONE]" and json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
+
+
+# ---- /tokenize and /detokenize (vLLM's API) --------------------------------------------------------------------
+
+def test_tokenize_counts_what_a_completion_counts_and_detokenize_inverts_it(server, v1):
+    prompt = "The capital of France is"
+    r = requests.post(server.url + "/tokenize", json={"model": "m", "prompt": prompt, "return_token_strs": True},
+                      timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    out = v1.completions.create(model="m", prompt=prompt, max_tokens=1)
+    assert body["count"] == len(body["tokens"]) == out.usage.prompt_tokens > 0
+    assert len(body["token_strs"]) == body["count"] and all(isinstance(t, str) for t in body["token_strs"])
+    assert body["max_model_len"] >= 512
+    back = requests.post(server.url + "/detokenize", json={"tokens": body["tokens"]}, timeout=30)
+    assert back.status_code == 200 and back.json() == {"prompt": prompt}, back.text
+    # the ids themselves complete the same way: greedy text of the ids equals that of the string
+    by_ids = v1.completions.create(model="m", prompt=body["tokens"], max_tokens=4, temperature=0)
+    by_text = v1.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    plain = requests.post(server.url + "/tokenize", json={"prompt": prompt}, timeout=30).json()
+    assert plain["tokens"] == body["tokens"] and plain["token_strs"] is None
+
+
+def test_tokenize_messages_counts_what_a_chat_completion_counts(server, v1):
+    r = requests.post(server.url + "/tokenize", json={"messages": MESSAGES}, timeout=30)
+    assert r.status_code == 200, r.text
+    out = v1.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)
+    assert r.json()["count"] == out.usage.prompt_tokens
+    # without the assistant turn's opening the prompt is shorter, and the rendered text carries the messages
+    bare = requests.post(server.url + "/tokenize", json={"messages": MESSAGES, "add_generation_prompt": False},
+                         timeout=30).json()
+    assert 0 < bare["count"] < r.json()["count"]
+    text = requests.post(server.url + "/detokenize", json={"tokens": r.json()["tokens"]}, timeout=30).json()["prompt"]
+    assert all(m["content"] in text for m in MESSAGES)
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/detokenize", {"tokens": [1, 10**9]}, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, "tokens"),
+    ("/detokenize", {"tokens": "hi"}, "tokens"),
+    ("/tokenize", {"prompt": "hi", "add_special_tokens": "yes"}, "add_special_tokens"),
+    ("/tokenize", {"prompt": 5}, "prompt"),
+    ("/tokenize", {"messages": []}, "messages"),
+    ("/tokenize", {}, "prompt"),
+])
+def test_tokenizer_routes_refuse_bad_bodies(server, path, body, param):
+    r = requests.post(server.url + path, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"], err
+    r = requests.post(server.url + path, data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
