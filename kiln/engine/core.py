@@ -161,7 +161,7 @@ class EngineCore:
             return reject(f"invalid sampling parameters: {e}", ErrorKind.INVALID)
         vocab = self.runner.model_config.vocab_size
         for name, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids),
-                          ("eos_token_ids", eos_token_ids or [])):
+                          ("eos_token_ids", eos_token_ids or []), ("logit_bias", [t for t, _ in params.logit_bias])):
             bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
             if bad:
                 return reject(f"{name}: token ids out of the vocabulary [0, {vocab}): {bad[:5]}", ErrorKind.INVALID)
@@ -351,6 +351,7 @@ class EngineCore:
         dict(temperature=0.0, min_tokens=2, stop_token_ids=[0]),
         dict(temperature=0.0, logprobs=0),
         dict(temperature=0.0, logprobs=5),
+        dict(temperature=0.0, logit_bias=[(0, -1.0)]),
     )
 
     def warmup(self) -> None:

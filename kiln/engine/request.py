@@ -48,6 +48,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None          # number of top logprobs to return per token (0: only the sampled)
     structured: StructuredSpec | None = None  # the grammar the output must follow (kiln/engine/structured.py)
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)  # (token id, added to its logit), OpenAI's
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -55,6 +56,8 @@ class SamplingParams:
         if isinstance(self.top_k, int) and self.top_k < 0:
             self.top_k = 0
         self.structured = StructuredSpec.coerce(self.structured)  # also from its wire form; raises ValueError
+        if isinstance(self.logit_bias, list):  # its wire form: lists of [id, bias]
+            self.logit_bias = [tuple(p) if isinstance(p, list) else p for p in self.logit_bias]
         self.validate()
 
     def validate(self) -> None:
@@ -87,6 +90,9 @@ class SamplingParams:
         need(isinstance(self.stop_token_ids, list) and all(is_int(t, 0) for t in self.stop_token_ids),
              "stop_token_ids must be a list of token ids (ints >= 0)")
         need(isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop), "stop must be a list of strings")
+        need(isinstance(self.logit_bias, list) and all(
+            isinstance(p, tuple) and len(p) == 2 and is_int(p[0], 0) and is_num(p[1]) and -100 <= p[1] <= 100
+            for p in self.logit_bias), "logit_bias must be a list of (token id >= 0, bias in [-100, 100]) pairs")
 
     @property
     def greedy(self) -> bool:

@@ -206,8 +206,8 @@ def _params(req: _Common, frontend: Frontend, limits: Limits, prompt_len: int, m
             default_max: int | None, logprobs: int | None) -> SamplingParams:
     if prompt_len == 0:
         raise _bad("The prompt is empty", "prompt")
-    if req.logit_bias:
-        raise _bad("logit_bias is not supported", "logit_bias")
+    vocab = getattr(frontend.tokenizer, "vocab_size", None)
+    bias = _logit_bias(req.logit_bias or {}, vocab)
     stop_token_ids = check_token_ids(req.stop_token_ids or [], getattr(frontend.tokenizer, "vocab_size", None),
                                      "stop_token_ids")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -217,7 +217,21 @@ def _params(req: _Common, frontend: Frontend, limits: Limits, prompt_len: int, m
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
         repetition_penalty=req.repetition_penalty or 1.0, frequency_penalty=req.frequency_penalty or 0.0,
         presence_penalty=req.presence_penalty or 0.0, seed=req.seed, stop=[s for s in stop if s],
-        stop_token_ids=stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs)
+        stop_token_ids=stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=bias)
+
+
+def _logit_bias(bias: dict[str, float], vocab: int | None) -> list[tuple[int, float]]:
+    """OpenAI's logit_bias ({"token id": bias in [-100, 100]}) as (id, bias) pairs."""
+    out = []
+    for key, value in bias.items():
+        if not key.isdigit():
+            raise _bad(f"logit_bias keys must be token ids (digits), got {key!r}", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise _bad(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {key}",
+                       "logit_bias")
+        out.append((int(key), float(value)))
+    check_token_ids([t for t, _ in out], vocab, "logit_bias")
+    return out
 
 
 async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:

@@ -354,3 +354,32 @@ def test_tokenizer_routes_refuse_bad_bodies(server, path, body, param):
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"], err
     r = requests.post(server.url + path, data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+# ---- logit_bias ----------------------------------------------------------------------------------------------
+
+def test_logit_bias_bans_and_forces_tokens(server, v1):
+    prompt = "The capital of France is"
+    plain = v1.completions.create(model="m", prompt=prompt, max_tokens=3, temperature=0, logprobs=0)
+    first = plain.choices[0].logprobs.tokens[0]
+    first_id = requests.post(server.url + "/tokenize", json={"prompt": first, "add_special_tokens": False},
+                             timeout=30).json()["tokens"]
+    assert len(first_id) == 1, first_id
+    banned = v1.completions.create(model="m", prompt=prompt, max_tokens=3, temperature=0,
+                                   logit_bias={str(first_id[0]): -100})
+    assert not banned.choices[0].text.startswith(first)
+    forced_id = requests.post(server.url + "/tokenize", json={"prompt": " Kiln", "add_special_tokens": False},
+                              timeout=30).json()["tokens"][0]
+    forced = v1.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                        logit_bias={str(forced_id): 100})
+    ids = requests.post(server.url + "/tokenize", json={"prompt": forced.choices[0].message.content,
+                                                        "add_special_tokens": False}, timeout=30).json()["tokens"]
+    assert ids == [forced_id] * 3, (forced.choices[0].message.content, ids)
+
+
+@pytest.mark.parametrize("bias,needle", [({"x": 1}, "token ids"), ({"5": 101}, "[-100, 100]"),
+                                         ({"5": True}, "logit_bias"), ({"99999999": 1}, "outside the vocabulary")])
+def test_logit_bias_refuses_what_it_cannot_use(v1, bias, needle):
+    with pytest.raises(openai.BadRequestError) as e:
+        v1.completions.create(model="m", prompt="hi", max_tokens=2, logit_bias=bias)
+    assert needle in str(e.value) and "logit_bias" in str(e.value)

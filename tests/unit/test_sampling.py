@@ -283,3 +283,38 @@ def test_greedy_batches_take_the_argmax_of_bf16_logits_without_a_float32_copy(mo
     out = Sampler()(logits, [pen] + greedy_rows[1:])
     assert conversions.count(torch.bfloat16) == 1
     assert out.token_ids[0] != expected[0] and out.token_ids[1:] == expected[1:]
+
+
+def test_logit_bias_moves_greedy_and_sampled_choices_per_row():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-9]])).repeat(3, 1)
+    reqs = [Request("a", [1], SamplingParams(temperature=0, logit_bias=[(0, -100.0)])),   # the top token banned
+            Request("b", [1], SamplingParams(temperature=0, logit_bias=[(3, 30.0), (2, 5.0)])),
+            Request("c", [1], SamplingParams(temperature=0))]                            # no bias: the argmax
+    assert Sampler()(logits.clone(), reqs).token_ids == [1, 3, 0]
+    # sampling: -100 on the two likeliest tokens leaves only token 2's mass (token 3 still ~0)
+    s = Sampler()
+    drawn = {s(logits[:1].clone(), [Request("d", [1], SamplingParams(temperature=1.0, logit_bias=[
+        (0, -100.0), (1, -100.0)]))]).token_ids[0] for _ in range(200)}
+    assert drawn == {2}
+    # the logprobs returned are the model's, before the bias (as vLLM's and OpenAI's)
+    out = Sampler()(logits[:1].clone(), [Request("e", [1], SamplingParams(temperature=0, logprobs=0,
+                                                                           logit_bias=[(0, -100.0)]))])
+    assert out.token_ids == [1] and out.logprobs[0][0] == pytest.approx(torch.log(torch.tensor(0.3)).item(), abs=1e-5)
+
+
+def test_logit_bias_engine_end_to_end_and_its_checks(core):
+    g = greedy(core, 8)
+    banned = run(core, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                      logit_bias=[(t, -100.0) for t in set(g)]))[0]
+    assert not set(banned) & set(g)
+    forced = run(core, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logit_bias=[(7, 100.0)]))[0]
+    assert forced == [7, 7, 7, 7]
+    vocab = core.runner.model_config.vocab_size
+    err = core.add_request("bad-id", PROMPT, SamplingParams(max_tokens=2, logit_bias=[(vocab, 1.0)]))
+    assert err is not None and err.finish_reason == "error" and "logit_bias" in err.error
+    for bad in ([(1, 101.0)], [(-1, 1.0)], [(1, float("nan"))], [(1,)]):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+    # its wire form (lists) comes back as pairs
+    assert SamplingParams.from_dict(SamplingParams(logit_bias=[(3, 2.5)]).to_dict() | {"logit_bias": [[3, 2.5]]}
+                                    ).logit_bias == [(3, 2.5)]

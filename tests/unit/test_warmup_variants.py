@@ -49,7 +49,7 @@ def test_mixed_load_after_warmup_reaches_nothing_new(model_dir, caplog):
     must |= {("decode_batch", s) for s in batch_size_ladder(CFG["max_num_seqs"])}
     must |= {("prefill_tile", t) for t in (16, 32, 64, "full")}
     must |= {("sampler", p) for p in ("greedy", "random", "seeded", "top_k_top_p", "min_p", "penalties",
-                                      "min_tokens", "logprobs", "top_logprobs")}
+                                      "min_tokens", "logprobs", "top_logprobs", "logit_bias")}
     assert must <= warm, must - warm
     # start-up says what the warm-up did and how long it took
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up:"))
