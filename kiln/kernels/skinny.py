@@ -27,9 +27,9 @@ from ._utils import interpreting, max_shared_mem, next_pow2, num_sms
 from .w8a16 import SMALL_T, rows_and_out, small_m_matmul
 
 MAX_T = int(os.environ.get("KILN_SKINNY_MAX_T", "64"))
-SWAP = os.environ.get("KILN_SKINNY_SWAP", "1") == "1"
-# the swapped tile's narrow side holds the rows: beyond SMALL_T (64) a 4-stage tile outgrows shared memory and
+# the swapped tile up to SMALL_T (64) rows, its narrow side: beyond, a 4-stage tile outgrows shared memory and
 # cuBLAS is as fast (run AU); rows above it (with a larger KILN_SKINNY_MAX_T) take the plain tile
+SWAP = os.environ.get("KILN_SKINNY_SWAP", "1") == "1"
 
 
 def use_skinny(x: torch.Tensor, w: torch.Tensor) -> bool:

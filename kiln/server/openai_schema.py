@@ -77,16 +77,21 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
 
 
-class ChatCompletionRequest(_Common):
+class _ChatPrompt(BaseModel):
+    """What the chat template renders (and what decides the tools' plan): a chat completion's and /tokenize's."""
+    model_config = _STRICT
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
-    logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     tools: Optional[Any] = None               # checked by kiln/server/tool_parsers.py (messages that say what to fix)
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[Any] = None
     response_format: Optional[dict[str, Any]] = None
+
+
+class ChatCompletionRequest(_Common, _ChatPrompt):
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 class TokenizeCompletionRequest(BaseModel):
@@ -98,16 +103,9 @@ class TokenizeCompletionRequest(BaseModel):
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(BaseModel):
+class TokenizeChatRequest(_ChatPrompt):
     """/tokenize of chat messages rendered by the model's template, as /v1/chat/completions renders them."""
-    model_config = _STRICT
     model: Optional[str] = None
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    add_generation_prompt: bool = True
-    tools: Optional[Any] = None
-    tool_choice: Optional[Any] = None
-    parallel_tool_calls: Optional[Any] = None
-    response_format: Optional[dict[str, Any]] = None
     return_token_strs: bool = False
 
 
@@ -208,8 +206,7 @@ def _params(req: _Common, frontend: Frontend, limits: Limits, prompt_len: int, m
         raise _bad("The prompt is empty", "prompt")
     vocab = getattr(frontend.tokenizer, "vocab_size", None)
     bias = _logit_bias(req.logit_bias or {}, vocab)
-    stop_token_ids = check_token_ids(req.stop_token_ids or [], getattr(frontend.tokenizer, "vocab_size", None),
-                                     "stop_token_ids")
+    stop_token_ids = check_token_ids(req.stop_token_ids or [], vocab, "stop_token_ids")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return build_sampling_params(
         limits, prompt_len, OPENAI_LENGTH_WORDING, max_tokens=max_tokens, min_tokens=req.min_tokens,
@@ -226,10 +223,10 @@ def _logit_bias(bias: dict[str, float], vocab: int | None) -> list[tuple[int, fl
     for key, value in bias.items():
         if not key.isdigit():
             raise _bad(f"logit_bias keys must be token ids (digits), got {key!r}", "logit_bias")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+        if not -100 <= value <= 100:  # a float: the model's strict types checked that
             raise _bad(f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {key}",
                        "logit_bias")
-        out.append((int(key), float(value)))
+        out.append((int(key), value))
     check_token_ids([t for t, _ in out], vocab, "logit_bias")
     return out
 
@@ -305,8 +302,7 @@ async def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
                      timeout=req.timeout or frontend.cfg.request_timeout, tool_plan=tool_plan)
 
 
-async def _chat_prompt(req: ChatCompletionRequest | TokenizeChatRequest, frontend: Frontend
-                       ) -> tuple[list[int], ToolPlan | None]:
+async def _chat_prompt(req: _ChatPrompt, frontend: Frontend) -> tuple[list[int], ToolPlan | None]:
     """The prompt's token ids (the messages and tools rendered by the chat template) and the tool plan."""
     messages = normalize_messages([m.model_dump(exclude_none=True) for m in req.messages])
     tok = frontend.tokenizer
@@ -355,7 +351,7 @@ def _tool_call(fn, *args):
         raise _bad(str(e), e.param) from None
 
 
-def _tool_plan(req: ChatCompletionRequest | TokenizeChatRequest, messages: list[dict], frontend: Frontend) -> ToolPlan | None:
+def _tool_plan(req: _ChatPrompt, messages: list[dict], frontend: Frontend) -> ToolPlan | None:
     """The request's tools checked and planned; the parser for tool_choice "auto" comes from the model."""
     _tool_call(check_tool_messages, messages)
     parser = select_parser(frontend.cfg.tool_call_parser, frontend.cfg.model_path,
