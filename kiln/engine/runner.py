@@ -304,7 +304,11 @@ class ModelRunner:
         head (and its all-gather). All ranks run this in lockstep under tensor parallelism."""
         ids, pos, meta, logits_indices = self.upload(p)
         if self.graphs is not None and meta.decode_only and self.graphs.fits(len(ids), meta.block_tables.shape[1]):
-            return self.graphs.run(ids, pos, meta)  # every decode row samples, in order
+            logits = self.graphs.run(ids, pos, meta)  # every row's
+            if p.num_logits == len(ids):
+                return logits
+            # a row that does not sample: a one-token prompt chunk (the step's budget had one token left)
+            return logits[logits_indices] if p.num_logits else None
         hidden = self.model(ids, pos, self.kv_caches, meta)
         if not p.num_logits:
             return None
