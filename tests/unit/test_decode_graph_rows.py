@@ -34,12 +34,13 @@ def model_dir(tmp_path_factory):
     return write_tiny_model("llama", tmp_path_factory.mktemp("llama"))
 
 
-def run(model_dir, graphs: bool):
+def run(model_dir, graphs: bool, device: str = "cpu"):
     # a budget of 4 tokens a step and 4 sequences: while three decode, the fourth prompt gets one token a step
-    core = EngineCore(EngineConfig(model=str(model_dir), dtype="float32", block_size=16, num_gpu_blocks=64,
-                                   max_num_seqs=4, max_num_batched_tokens=4, async_scheduling=False))
-    stand_in = AllRowsGraphs(core.runner) if graphs else None
-    core.runner.graphs = stand_in
+    core = EngineCore(EngineConfig(model=str(model_dir), dtype="float32" if device == "cpu" else "bfloat16",
+                                   block_size=16, num_gpu_blocks=64, max_num_seqs=4, max_num_batched_tokens=4,
+                                   async_scheduling=False, device=device, use_cuda_graph=graphs))
+    if device == "cpu":
+        core.runner.graphs = AllRowsGraphs(core.runner) if graphs else None
     prompts = {"a": [5, 6], "b": [7, 8], "c": [9, 10], "d": [11, 12, 13, 14, 15, 16]}
     for i, (rid, p) in enumerate(prompts.items()):
         sp = SamplingParams(max_tokens=12, temperature=0.9, seed=100 + i, ignore_eos=True)
@@ -55,7 +56,7 @@ def run(model_dir, graphs: bool):
         b = core.last_collected
         if b is not None and all(n == 1 for n in b.num_tokens) and b.num_prefill_tokens:
             one_token_chunk_steps += 1
-    return out, errors, one_token_chunk_steps, stand_in
+    return out, errors, one_token_chunk_steps, core.runner.graphs
 
 
 def test_decode_graph_step_with_a_one_token_prompt_chunk_samples_only_its_sampling_rows(model_dir):
@@ -64,3 +65,13 @@ def test_decode_graph_step_with_a_one_token_prompt_chunk_samples_only_its_sampli
     assert not eager_errors and not errors, errors
     assert chunk_steps > 0 and stand_in.replays > 0   # the case arose, on the graph path
     assert graphed == eager and all(len(v) == 12 for v in graphed.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real decode graphs: GPU only (the CPU test above "
+                    "stands them in)")
+def test_real_decode_graphs_with_a_one_token_prompt_chunk(model_dir):
+    eager, _, _, _ = run(model_dir, graphs=False, device="cuda")
+    graphed, errors, chunk_steps, graphs = run(model_dir, graphs=True, device="cuda")
+    assert graphs is not None, "no decode graphs were captured"
+    assert not errors and chunk_steps > 0
+    assert graphed == eager
