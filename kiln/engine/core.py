@@ -22,6 +22,7 @@ from kiln.engine.config import EngineConfig
 from kiln.engine.cuda_graph import batch_size_ladder
 from kiln.engine.kv_cache import KVCacheManager
 from kiln.engine.request import EngineOutput, EngineStats, FinishReason, Request, RequestStatus, SamplingParams
+from kiln.engine.runner import PromptLogprobs
 from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import ScheduledBatch, Scheduler
 from kiln.engine.structured import GrammarCompiler, PendingGrammars
@@ -44,6 +45,7 @@ class InFlightStep:
     slots: list[int]            # where each one's token goes in its output list
     sample: PendingSample | None
     logits: object = None       # torch.Tensor: logits still to sample (grammar rows wait for the previous ids)
+    prompt: PromptLogprobs | None = None  # the prompt logprobs the step computes
 
 
 def process_age_s() -> float | None:
@@ -276,7 +278,7 @@ class EngineCore:
 
     def _launch(self, batch: ScheduledBatch, outs: list[EngineOutput]) -> InFlightStep | None:
         try:
-            sampling, logits = self.runner.launch(batch)
+            sampling, logits, prompt = self.runner.launch(batch)
             # grammar rows' masks need the ids of the step in flight: sampled after it is collected (_sample)
             deferred = logits is not None and self.inflight is not None and any(r.grammar is not None
                                                                                  for r in sampling)
@@ -288,7 +290,7 @@ class EngineCore:
         # sample is None for a step in which nobody samples (a middle chunk of a prefill: sampling is []) or
         # whose sampling is deferred (logits kept)
         return InFlightStep(batch, sampling, self.scheduler.launched(batch, sampling), sample,
-                            logits if deferred else None)
+                            logits if deferred else None, prompt)
 
     def _sample(self, step: InFlightStep, outs: list[EngineOutput]) -> None:
         """Sample a step whose sampling waited for the previous step's ids (now accepted by the matchers)."""
@@ -302,6 +304,8 @@ class EngineCore:
         self.last_collected = step.batch
         try:
             res = step.sample.result() if step.sample is not None else None
+            if step.prompt is not None:
+                self._take_prompt_logprobs(step.prompt)
         except Exception as e:  # noqa: BLE001 - e.g. a device error surfacing at the sync
             return self._fail(step.batch.requests, e)
         # a request whose own sampling work failed ends alone (the sampler logged why); the others go on
@@ -321,11 +325,30 @@ class EngineCore:
             lp = res.logprobs[i]
             queue_time = (req.first_scheduled_time - req.arrival_time
                           if slot == 0 and req.first_scheduled_time is not None else None)
-            outs.append(EngineOutput(rid, [tok], fin, req.finish_reason.value if fin else None,
-                                     req.num_prompt_tokens, None if lp is None else [lp], queue_time=queue_time))
+            out = EngineOutput(rid, [tok], fin, req.finish_reason.value if fin else None, req.num_prompt_tokens,
+                               None if lp is None else [lp], queue_time=queue_time)
+            if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+                out.prompt_logprobs = [None, *req.prompt_logprobs]
+                req.prompt_logprobs_sent = True
+            outs.append(out)
             if fin:
                 del self.requests[rid]
         return outs
+
+    @staticmethod
+    def _take_prompt_logprobs(prompt: PromptLogprobs) -> None:
+        """Append each request's newly scored prompt positions to its list, in order; positions it already has
+        (rows computed again after a preemption) are skipped."""
+        res = prompt.pending.result()
+        row = 0
+        for req, first, count in prompt.spans:
+            have = req.prompt_logprobs
+            if req.status != RequestStatus.FINISHED and first + count > len(have):
+                if first > len(have):  # chunks are scored in order: a gap would be a scheduling bug
+                    raise RuntimeError(f"request {req.request_id}: prompt logprobs from position {first} came "
+                                       f"before those from {len(have)}")
+                have.extend(res.logprobs[row + len(have) - first:row + count])
+            row += count
 
     def close(self) -> None:
         self.grammars.compiler.shutdown()

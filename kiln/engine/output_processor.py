@@ -26,6 +26,7 @@ class TokenEvent:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0                 # total so far
     stop_reason: str | int | None = None       # the stop string that ended it, or the engine's stop token id
+    prompt_logprobs: list | None = None        # on the first event, when asked: per prompt token (the first None)
 
 
 class OutputProcessor:
@@ -58,7 +59,14 @@ class OutputProcessor:
 
     def process(self, output: EngineOutput) -> list[TokenEvent]:
         """The events of one engine output: one per new token, the last finished when the request ended here
-        (an end without a token gives one empty finished event)."""
+        (an end without a token gives one empty finished event). The first event carries the prompt logprobs
+        that came with the output."""
+        events = self._events(output)
+        if output.prompt_logprobs is not None and events:
+            events[0].prompt_logprobs = output.prompt_logprobs
+        return events
+
+    def _events(self, output: EngineOutput) -> list[TokenEvent]:
         if self.finished:
             return []
         ids = list(output.new_token_ids or [])

@@ -49,6 +49,8 @@ class SamplingParams:
     logprobs: int | None = None          # number of top logprobs to return per token (0: only the sampled)
     structured: StructuredSpec | None = None  # the grammar the output must follow (kiln/engine/structured.py)
     logit_bias: list[tuple[int, float]] = field(default_factory=list)  # (token id, added to its logit), OpenAI's
+    # logprobs of the prompt's own tokens (and this many top ones at each position): OpenAI's echo with logprobs
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -87,6 +89,8 @@ class SamplingParams:
         need(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         need(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         need(self.logprobs is None or is_int(self.logprobs, 0, 20), f"logprobs must be in [0, 20], got {self.logprobs}")
+        need(self.prompt_logprobs is None or is_int(self.prompt_logprobs, 0, 20),
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         need(isinstance(self.stop_token_ids, list) and all(is_int(t, 0) for t in self.stop_token_ids),
              "stop_token_ids must be a list of token ids (ints >= 0)")
         need(isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop), "stop must be a list of strings")
@@ -138,6 +142,10 @@ class Request:
         self.pending_row = -1        # row of the last launched step's sampled ids that holds the newest one
         self.grammar = None          # RequestGrammar once params.structured is compiled (kiln/engine/structured.py)
         self.prompt_ids_array = None  # the prompt ids as a numpy array, made by the sampler's penalties on first use
+        # params.prompt_logprobs: entry i is the logprob pair of prompt token i + 1 (what position i predicted),
+        # filled chunk by chunk as the prefill runs, sent with the first new token
+        self.prompt_logprobs: list = []
+        self.prompt_logprobs_sent = False
         ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             ids |= set(eos_token_ids)
@@ -153,6 +161,11 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt positions still lack their logprobs: the prefill must compute them (no prefix-cache hits)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def num_known_tokens(self) -> int:
@@ -179,6 +192,9 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     # per new token: (sampled token logprob, [(token_id, logprob), ...] top-n) when logprobs were asked
     logprobs: list[Any] | None = None
+    # with the request's first new token, when params.prompt_logprobs: one per prompt token, None for the first
+    # (nothing predicts it), then (logprob of the prompt token, [(token_id, logprob), ...] top-n)
+    prompt_logprobs: list[Any] | None = None
     error: str | None = None               # set with finish_reason "error": what went wrong, in plain words
     # the kind of error (kiln.errors.ErrorKind): each front end maps it to its status and wording
     error_type: ErrorKind | None = None

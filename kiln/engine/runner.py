@@ -9,7 +9,7 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -193,6 +193,9 @@ class ModelRunner:
         qlens, slens, logits_idx, sampling, tables = [], [], [], [], []
         fix_dst: list[int] = []
         fix_src: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[int] = []
+        prompt_spans: list[tuple[Request, int, int]] = []
         for req, n in zip(batch.requests, batch.num_tokens):
             start = req.num_computed_tokens
             end = start + n
@@ -211,7 +214,17 @@ class ModelRunner:
             if end == req.num_tokens:  # caught up with all known tokens: the model's output is a new token
                 logits_idx.append(len(ids) - 1)
                 sampling.append(req)
-        return StepInputs(ids, pos, slots, tables, qlens, slens, logits_idx, fix_dst, fix_src), sampling
+            if req.params.prompt_logprobs is not None:
+                # position p predicts prompt token p + 1; those already scored (before a preemption) are skipped
+                lo, hi = max(start, len(req.prompt_logprobs)), min(end, req.num_prompt_tokens - 1)
+                if lo < hi:
+                    first_row = len(ids) - n + lo - start
+                    prompt_rows.extend(range(first_row, first_row + hi - lo))
+                    prompt_targets.extend(req.prompt_token_ids[lo + 1:hi + 1])
+                    prompt_spans.append((req, lo, hi - lo))
+        top_k = max((r.params.prompt_logprobs for r, _, _ in prompt_spans), default=0)
+        return StepInputs(ids, pos, slots, tables, qlens, slens, logits_idx, fix_dst, fix_src, prompt_rows,
+                          prompt_targets, top_k, prompt_spans), sampling
 
     def step_buffer(self, size: int) -> torch.Tensor:
         """A host int64 buffer for one step's packed inputs: on CUDA one of two pinned buffers used in turn (a
@@ -231,9 +244,9 @@ class ModelRunner:
         """All of a step's index tensors in one int64 host buffer (built with numpy: per-row torch.tensor calls
         cost ~1 ms per step at batch 64): one host->device copy, and what tensor-parallel ranks receive."""
         n, t = len(s.block_tables), len(s.input_ids)
-        nl, nf = len(s.logits_indices), len(s.pending_dst)
+        nl, nf, npr = len(s.logits_indices), len(s.pending_dst), len(s.prompt_rows)
         width = max(len(b) for b in s.block_tables)
-        p = PackedStep(None, t, n, nl, nf, width)
+        p = PackedStep(None, t, n, nl, nf, width, npr, s.prompt_top_k)
         host = p.host = self.step_buffer(p.size)
         buf = host.numpy()
         buf[0:t] = s.input_ids
@@ -244,6 +257,9 @@ class ModelRunner:
         buf[o + nl:o + nl + nf] = s.pending_dst
         buf[o + nl + nf:o + nl + 2 * nf] = s.pending_src
         o += nl + 2 * nf
+        buf[o:o + npr] = s.prompt_rows
+        buf[o + npr:o + 2 * npr] = s.prompt_targets
+        o += 2 * npr
         buf[o:o + n] = s.seq_lens
         buf[o + n] = 0
         np.cumsum(s.query_lens, out=buf[o + n + 1:o + 2 * n + 1])
@@ -263,7 +279,7 @@ class ModelRunner:
         """The packed step on the device, and its attention metadata. Nothing here waits for the GPU, so the
         step can be queued while the previous one runs."""
         dev = self.device
-        t, n, nl, nf, width = p.num_tokens, p.num_seqs, p.num_logits, p.num_pending, p.width
+        t, n, nl, nf, npr, width = p.num_tokens, p.num_seqs, p.num_logits, p.num_pending, p.num_prompt_rows, p.width
         d = p.host.to(dev, non_blocking=True)
         if dev.type == "cuda":
             self._staging_copied[self._step_parity] = torch.cuda.Event()
@@ -275,6 +291,8 @@ class ModelRunner:
             o = 3 * t + nl
             ids[d[o:o + nf]] = self.last_sampled_ids[d[o + nf:o + 2 * nf]]
         o = 3 * t + nl + 2 * nf
+        prompt_rows, prompt_targets = d[o:o + npr], d[o + npr:o + 2 * npr]
+        o += 2 * npr
         lens = p.host[o:o + 2 * n + 1].numpy()  # host lists for the attention backends: from the buffer, so
         seq_lens = lens[:n].tolist()            # tensor-parallel ranks, which only receive it, get them too
         query_lens = np.diff(lens[n:]).tolist()
@@ -284,7 +302,7 @@ class ModelRunner:
             query_start_loc=ints[n:2 * n + 1], seq_lens_list=seq_lens, query_lens_list=query_lens,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             num_decode_rows=next((i for i, q in enumerate(query_lens) if q != 1), n))
-        return ids, d[t:2 * t], meta, d[3 * t:3 * t + nl]
+        return ids, d[t:2 * t], meta, d[3 * t:3 * t + nl], prompt_rows, prompt_targets
 
     def capture_cuda_graphs(self, max_model_len: int) -> None:
         """Decode graphs need the Triton backend (the torch one loops over Python lists)."""
@@ -296,33 +314,63 @@ class ModelRunner:
         self.graphs.capture()
 
     def forward(self, s: "StepInputs") -> torch.Tensor | None:
-        return self.forward_packed(self.pack(s))
+        return self.forward_packed(self.pack(s))[0]
 
     @torch.inference_mode()
-    def forward_packed(self, p: "PackedStep") -> torch.Tensor | None:
+    def forward_packed(self, p: "PackedStep") -> tuple[torch.Tensor | None, PendingSample | None]:
         """Logits of the rows that sample, and only of those: a prefill chunk that samples nothing skips the LM
-        head (and its all-gather). All ranks run this in lockstep under tensor parallelism."""
-        ids, pos, meta, logits_indices = self.upload(p)
+        head (and its all-gather); and the prompt logprobs the step computes, if any. All ranks run this in
+        lockstep under tensor parallelism."""
+        ids, pos, meta, logits_indices, prompt_rows, prompt_targets = self.upload(p)
         if self.graphs is not None and meta.decode_only and self.graphs.fits(len(ids), meta.block_tables.shape[1]):
-            logits = self.graphs.run(ids, pos, meta)  # every row's
+            all_logits = self.graphs.run(ids, pos, meta)  # every row's
+            prompt = self._prompt_logprobs(p, lambda rows: all_logits[rows], prompt_rows, prompt_targets)
             if p.num_logits == len(ids):
-                return logits
+                return all_logits, prompt
             # a row that does not sample: a one-token prompt chunk (the step's budget had one token left)
-            return logits[logits_indices] if p.num_logits else None
+            return (all_logits[logits_indices] if p.num_logits else None), prompt
         hidden = self.model(ids, pos, self.kv_caches, meta)
+        prompt = self._prompt_logprobs(p, lambda rows: self.model.compute_logits(hidden[rows]), prompt_rows,
+                                       prompt_targets)
         if not p.num_logits:
+            return None, prompt
+        return self.model.compute_logits(hidden[logits_indices]), prompt
+
+    def _prompt_logprobs(self, p: "PackedStep", logits_of, rows: torch.Tensor,
+                         targets: torch.Tensor) -> PendingSample | None:
+        """The log-softmax of the model's logits at the prompt rows: each row's next prompt token's logprob and
+        the top p.prompt_top_k, on their way to the host (the targets stand as the "sampled" ids). In slices of
+        at most max_num_seqs rows, the most logits a sampling step holds, so a long prefill chunk needs no more
+        memory than the cache sizing left."""
+        if not p.num_prompt_rows:
             return None
-        return self.model.compute_logits(hidden[logits_indices])
+        k, size = p.prompt_top_k, self.cfg.max_num_seqs
+        chosen, top_vals, top_idx = [], [], []
+        for i in range(0, p.num_prompt_rows, size):
+            logprobs = torch.log_softmax(logits_of(rows[i:i + size]).float(), dim=-1)
+            chosen.append(logprobs.gather(1, targets[i:i + size, None])[:, 0])
+            if k:
+                vals, idx = logprobs.topk(k, dim=-1)
+                top_vals.append(vals)
+                top_idx.append(idx)
+        return PendingSample(targets, [k] * p.num_prompt_rows, torch.cat(chosen),
+                             torch.cat(top_vals) if k else None, torch.cat(top_idx) if k else None)
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> tuple[list[Request], torch.Tensor | None]:
-        """Queue one step's forward without waiting for it: the requests that sample and their logits (None if
-        nobody samples). `sample` must follow before the next launch (its ids are that step's inputs)."""
+    def launch(self, batch: ScheduledBatch) -> tuple[list[Request], torch.Tensor | None, "PromptLogprobs | None"]:
+        """Queue one step's forward without waiting for it: the requests that sample, their logits (None if
+        nobody samples) and the prompt logprobs the step computes (None if none). `sample` must follow before
+        the next launch (its ids are that step's inputs)."""
         inputs, sampling = self.prepare(batch)
         packed = self.pack(inputs)
         if self.tp_group is not None:
             self.tp_group.send_step(packed, self.last_sampled_ids)
-        return sampling, self.forward_packed(packed)
+        logits, prompt = self.forward_packed(packed)
+        if prompt is None:
+            return sampling, logits, None
+        # each row keeps as many top logprobs as its request asked (the step computed the most any asked)
+        prompt.num_logprobs = [r.params.prompt_logprobs for r, _, rows in inputs.prompt_spans for _ in range(rows)]
+        return sampling, logits, PromptLogprobs(inputs.prompt_spans, prompt)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, sampling: list[Request]) -> PendingSample:
@@ -342,21 +390,37 @@ class StepInputs:
     logits_indices: list[int]
     pending_dst: list[int]      # input positions whose token is still in flight ...
     pending_src: list[int]      # ... and its row in the last step's sampled ids
+    prompt_rows: list[int] = field(default_factory=list)     # input positions whose prompt logprobs are asked ...
+    prompt_targets: list[int] = field(default_factory=list)  # ... and the prompt token each one predicts
+    prompt_top_k: int = 0       # top logprobs per prompt row (the most any of the step's requests asks)
+    # (request, first prompt position, rows) of each request's prompt rows, in order (host only, not packed)
+    prompt_spans: list = field(default_factory=list)
+
+
+@dataclass
+class PromptLogprobs:
+    """One step's prompt logprobs: which request's positions its rows are, and the rows on their way to the host
+    (a PendingSample whose "sampled" ids are the prompt tokens)."""
+    spans: list[tuple[Request, int, int]]
+    pending: PendingSample
 
 
 @dataclass
 class PackedStep:
     """A step's inputs in one int64 host buffer; the sizes say where each part lies. Layout:
-    ids[t] | positions[t] | slots[t] | logits_indices[nl] | pending_dst[nf] | pending_src[nf] | seq_lens[n] |
-    query_start_loc[n+1] | block_tables[n*width]"""
+    ids[t] | positions[t] | slots[t] | logits_indices[nl] | pending_dst[nf] | pending_src[nf] | prompt_rows[np] |
+    prompt_targets[np] | seq_lens[n] | query_start_loc[n+1] | block_tables[n*width]"""
     host: torch.Tensor | None
     num_tokens: int     # t
     num_seqs: int       # n
     num_logits: int     # nl: rows that sample
     num_pending: int    # nf: input tokens still in flight (read from the last step's sampled ids)
     width: int          # block-table columns
+    num_prompt_rows: int = 0  # np: rows whose prompt logprobs are asked
+    prompt_top_k: int = 0
 
     @property
     def size(self) -> int:
         t, n = self.num_tokens, self.num_seqs
-        return 3 * t + self.num_logits + 2 * self.num_pending + 2 * n + 1 + n * self.width
+        return (3 * t + self.num_logits + 2 * self.num_pending + 2 * self.num_prompt_rows + 2 * n + 1
+                + n * self.width)

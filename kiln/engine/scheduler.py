@@ -177,7 +177,9 @@ class Scheduler:
         while (i < len(self.waiting) and prefill_budget > 0 and len(self.running) < self.max_num_seqs
                and not batch.preempted):
             req = self.waiting[i]
-            cached = self.kv.match_prefix(req) if req.num_computed_tokens == 0 else []
+            # prompt logprobs need the logits of every prompt position: no cached prefix for those
+            cached = (self.kv.match_prefix(req) if req.num_computed_tokens == 0 and not req.needs_prompt_logprobs
+                      else [])
             n = min(req.num_tokens - len(cached) * self.kv.block_size, prefill_budget)
             keep = self.watermark + int(self.reserve_ratio * reserve) if self.running else 0
             if not self.kv.can_admit(req, cached, n, keep):

@@ -35,7 +35,7 @@ log = logging.getLogger("kiln.tp")
 GiB = 1 << 30
 # header of a step message: kind, then PackedStep's sizes, then the number of last sampled ids that follow
 STEP, STOP = 1, 2
-HEADER_LEN = 7
+HEADER_LEN = 9
 CANDIDATE_SIZES = range(1, 9)  # MP_NUM values suggested in errors: the GPUs of one host
 
 
@@ -202,7 +202,8 @@ class TPGroup:
         """The step's sizes and packed inputs (host to host), then, if the step reads tokens still in flight,
         the last sampled ids (device to device, queued behind the sampling that makes them)."""
         n_ids = last_sampled_ids.numel() if p.num_pending else 0
-        header = torch.tensor([STEP, p.num_tokens, p.num_seqs, p.num_logits, p.num_pending, p.width, n_ids],
+        header = torch.tensor([STEP, p.num_tokens, p.num_seqs, p.num_logits, p.num_pending, p.width, n_ids,
+                               p.num_prompt_rows, p.prompt_top_k],
                               dtype=torch.int64)
         dist.broadcast(header, 0, group=tpd.host_group())
         dist.broadcast(p.host, 0, group=tpd.host_group())
@@ -228,10 +229,10 @@ def receive_step(runner):
     from kiln.engine.runner import PackedStep
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     dist.broadcast(header, 0, group=tpd.host_group())
-    kind, t, n, nl, nf, width, n_ids = header.tolist()
+    kind, t, n, nl, nf, width, n_ids, npr, top_k = header.tolist()
     if kind == STOP:
         return None
-    p = PackedStep(None, t, n, nl, nf, width)
+    p = PackedStep(None, t, n, nl, nf, width, npr, top_k)
     p.host = runner.step_buffer(p.size)
     dist.broadcast(p.host, 0, group=tpd.host_group())
     if n_ids:

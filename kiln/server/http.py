@@ -219,28 +219,30 @@ async def _collect_openai(job: oai.OpenAIJob, fe: Frontend) -> dict:
     merged = merge_streams(streams)
     try:
         async for idx, ev in merged:
-            if job.want_logprobs:
-                if job.kind == "chat":
+            if job.kind == "chat":
+                if job.want_logprobs:
                     lp_parts[idx].append(builders[idx].chat_part(ev.token_ids, ev.logprobs))
-                else:
-                    lp_parts[idx].append(builders[idx].completion_part(ev.token_ids, ev.logprobs))
-            if ev.finished:
-                finish[idx] = ev.finish_reason
+                if ev.finished:
+                    finish[idx] = ev.finish_reason
+                continue
+            d = oai.completion_delta(job, builders[idx], idx // job.n, ev, first=not lp_parts[idx])
+            lp_parts[idx].append(d.logprobs)  # (None without logprobs: it marks that the choice has begun)
+            if d.finish_reason is not None:
+                finish[idx] = d.finish_reason
     finally:
         await merged.aclose()
     choices = []
     for idx, p, _rid in job.request_ids():
-        st = states[idx]
         if job.kind == "chat":
-            message, finish_reason = oai.chat_message(job, st.text, finish[idx])
+            message, finish_reason = oai.chat_message(job, states[idx].text, finish[idx])
             choices.append({"index": idx, "message": message, "logprobs": oai.merge_chat_logprobs(lp_parts[idx]),
                             "finish_reason": finish_reason})
         else:
-            text = (job.prompt_texts[p] + st.text) if job.echo else st.text
-            choices.append({"index": idx, "text": text, "logprobs": oai.merge_completion_logprobs(lp_parts[idx]),
-                            "finish_reason": finish[idx]})
+            text = (job.prompt_texts[p] if job.echo else "") + ("" if job.echo_only else states[idx].text)
+            choices.append({"index": idx, "text": text,
+                            "logprobs": oai.merge_completion_logprobs(lp_parts[idx]), "finish_reason": finish[idx]})
     prompt_tokens = sum(len(x) for x in job.prompts)
-    completion_tokens = sum(len(st.token_ids) for st in states)
+    completion_tokens = 0 if job.echo_only else sum(len(st.token_ids) for st in states)
     if job.kind == "chat":
         return oai.chat_response(job, choices, prompt_tokens, completion_tokens)
     return oai.completion_response(job, choices, prompt_tokens, completion_tokens)
@@ -311,18 +313,14 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
                         c["usage"] = oai.usage(len(job.prompts[p]), ev.num_output_tokens)
                     out.append(sse(c))
             else:
-                text = ev.text
-                if idx not in started:
-                    started.add(idx)
-                    if job.echo:
-                        text = job.prompt_texts[p] + text
-                lp = builders[idx].completion_part(ev.token_ids, ev.logprobs)
-                if plain and text and not ev.finished and lp is None:
-                    out.append(text_events[idx].sse(text))
-                elif text or ev.finished or lp:
-                    c = oai.completion_chunk(job, idx, text, ev.finish_reason if ev.finished else None, lp)
+                d = oai.completion_delta(job, builders[idx], p, ev, first=idx not in started)
+                started.add(idx)
+                if plain and d.text and d.finish_reason is None and d.logprobs is None:
+                    out.append(text_events[idx].sse(d.text))
+                elif d.text or d.finish_reason or d.logprobs:
+                    c = oai.completion_chunk(job, idx, d.text, d.finish_reason, d.logprobs)
                     if job.include_usage and job.continuous_usage:
-                        c["usage"] = oai.usage(len(job.prompts[p]), ev.num_output_tokens)
+                        c["usage"] = oai.usage(len(job.prompts[p]), d.num_output_tokens)
                     out.append(sse(c))
             return out
 
@@ -337,7 +335,8 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
                     if out:
                         yield "".join(out)
             if job.include_usage:
-                yield sse(oai.usage_chunk(job, prompt_tokens, sum(len(st.token_ids) for st in states)))
+                yield sse(oai.usage_chunk(job, prompt_tokens,
+                                          0 if job.echo_only else sum(len(st.token_ids) for st in states)))
         except RequestError as e:
             yield sse(openai_error_body(e.message, e.http_status, e.param, e.error_type))
         finally:

@@ -64,6 +64,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(None, ge=0, le=INT64_MAX)  # 0: with echo, score the prompt only
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     suffix: Optional[str] = None
@@ -145,6 +146,7 @@ class OpenAIJob:
     include_usage: bool
     continuous_usage: bool
     echo: bool = False
+    echo_only: bool = False                   # completions' max_tokens 0: the prompt (and its logprobs) only
     logprobs: int | None = None               # top-n asked (completions: logprobs; chat: top_logprobs)
     want_logprobs: bool = False
     skip_special_tokens: bool = True
@@ -237,8 +239,9 @@ async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
         raise _bad("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise _bad("best_of must equal n (best_of > n is not supported)", "best_of")
-    if req.echo and req.logprobs is not None:
-        raise _bad("echo together with logprobs is not supported", "echo")
+    if req.max_tokens == 0 and not req.echo:
+        raise _bad("max_tokens must be at least 1 (0 only with echo=true, which returns the prompt and, with "
+                   "logprobs, scores it)", "max_tokens")
     structured = await structured_outputs(body)
     p = req.prompt
     tok = frontend.tokenizer
@@ -265,15 +268,19 @@ async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
     else:
         texts = [tok.decode(x, skip_special_tokens=False) for x in prompts]
     limits = await frontend.limits(req.timeout or frontend.cfg.request_timeout)
-    params = [_params(req, frontend, limits, len(ids), req.max_tokens, 16, req.logprobs) for ids in prompts]
+    echo_only = req.max_tokens == 0  # the engine makes one token, which nobody sees
+    params = [_params(req, frontend, limits, len(ids), 1 if echo_only else req.max_tokens, 16, req.logprobs)
+              for ids in prompts]
     for sp in params:
         sp.structured = structured
+        if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
+            sp.prompt_logprobs = req.logprobs
     so = req.stream_options
     return OpenAIJob(kind="completions", id=f"cmpl-{uuid.uuid4().hex}", model=req.model or frontend.model_name,
                      created=int(time.time()), prompts=prompts, prompt_texts=texts, params=params, n=req.n,
                      stream=req.stream, include_usage=bool(so and so.include_usage),
                      continuous_usage=bool(so and so.continuous_usage_stats), echo=req.echo,
-                     logprobs=req.logprobs, want_logprobs=req.logprobs is not None,
+                     echo_only=echo_only, logprobs=req.logprobs, want_logprobs=req.logprobs is not None,
                      skip_special_tokens=req.skip_special_tokens,
                      include_stop_str_in_output=req.include_stop_str_in_output,
                      timeout=req.timeout or frontend.cfg.request_timeout)
@@ -421,6 +428,33 @@ class LogprobsBuilder:
                                          "bytes": list(ts.encode("utf-8"))} for t, v in top]
             content.append(item)
         return {"content": content}
+
+
+@dataclass
+class CompletionDelta:
+    """What one engine event adds to a completions choice, echo applied."""
+    text: str
+    logprobs: dict | None
+    finish_reason: str | None  # set on the last event
+    num_output_tokens: int     # the choice's output tokens so far, as usage counts them
+
+
+def completion_delta(job: OpenAIJob, builder: LogprobsBuilder, prompt_index: int, ev: Any,
+                     first: bool) -> CompletionDelta:
+    """One event of a completions choice: with echo its first one leads with the prompt's text and, when
+    logprobs are asked, the prompt tokens' logprobs (the first token's None); with max_tokens 0 (echo_only) the
+    engine's one token is left out."""
+    parts = []
+    text = ""
+    if first and job.echo:
+        text = job.prompt_texts[prompt_index]
+        if ev.prompt_logprobs is not None:
+            parts.append(builder.completion_part(job.prompts[prompt_index], ev.prompt_logprobs))
+    if job.echo_only:
+        return CompletionDelta(text, merge_completion_logprobs(parts), "length" if ev.finished else None, 0)
+    parts.append(builder.completion_part(ev.token_ids, ev.logprobs))
+    return CompletionDelta(text + ev.text, merge_completion_logprobs(parts),
+                           ev.finish_reason if ev.finished else None, ev.num_output_tokens)
 
 
 def merge_completion_logprobs(parts: list[dict | None]) -> dict | None:

@@ -383,3 +383,56 @@ def test_logit_bias_refuses_what_it_cannot_use(v1, bias, needle):
     with pytest.raises(openai.BadRequestError) as e:
         v1.completions.create(model="m", prompt="hi", max_tokens=2, logit_bias=bias)
     assert needle in str(e.value) and "logit_bias" in str(e.value)
+
+
+def test_echo_with_logprobs_scores_the_prompt(server, v1):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs, max_tokens 0. The prompt's tokens get the
+    logprobs the model gives them, the same that it gives the tokens it generates after the same text."""
+    context = "The capital of France is"
+    gen = v1.completions.create(model="m", prompt=context, max_tokens=3, logprobs=1, temperature=0,
+                                extra_body={"min_tokens": 3})
+    ctx_ids = requests.post(server.url + "/tokenize", json={"prompt": context}).json()["tokens"]
+    cont_ids = requests.post(server.url + "/tokenize", json={"prompt": gen.choices[0].text,
+                                                             "add_special_tokens": False}).json()["tokens"]
+    prompt = ctx_ids + cont_ids
+    r = v1.completions.create(model="m", prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    c, lp = r.choices[0], r.choices[0].logprobs
+    assert c.finish_reason == "length" and r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(prompt)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
+    # the generated tokens, scored as prompt tokens: the same logprobs (bf16 on this CPU: a prefill's and the
+    # decode steps' sums differ in the last bits; tests/unit/test_prompt_logprobs.py holds float32 to 1e-4)
+    assert lp.tokens[len(ctx_ids):] == gen.choices[0].logprobs.tokens
+    assert lp.token_logprobs[len(ctx_ids):] == pytest.approx(gen.choices[0].logprobs.token_logprobs, abs=0.05)
+    for tok, l, top in zip(lp.tokens[len(ctx_ids):], lp.token_logprobs[len(ctx_ids):], lp.top_logprobs[len(ctx_ids):]):
+        assert tok in top and max(top.values()) == pytest.approx(l, abs=1e-4)
+    # streamed: the same text and the same logprobs
+    chunks = list(v1.completions.create(model="m", prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                        temperature=0, stream=True))
+    streamed = [ch.choices[0] for ch in chunks if ch.choices]
+    assert "".join(ch.text for ch in streamed) == c.text
+    assert [x for ch in streamed if ch.logprobs for x in ch.logprobs.token_logprobs] == lp.token_logprobs
+    assert streamed[-1].finish_reason == "length"
+
+
+def test_echo_with_logprobs_then_generates(server, v1):
+    prompt = "Hello, my name is"
+    r = v1.completions.create(model="m", prompt=prompt, max_tokens=4, echo=True, logprobs=2, temperature=0,
+                              extra_body={"min_tokens": 4})
+    c, lp = r.choices[0], r.choices[0].logprobs
+    n_prompt = r.usage.prompt_tokens
+    assert r.usage.completion_tokens == 4 and len(lp.tokens) == n_prompt + 4
+    assert c.text.startswith(prompt) and c.text.endswith("".join(lp.tokens[n_prompt:]))
+    assert lp.token_logprobs[0] is None and all(len(t) >= 2 for t in lp.top_logprobs[1:])
+    plain = v1.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0, extra_body={"min_tokens": 4})
+    assert c.text == prompt + plain.choices[0].text
+
+
+def test_max_tokens_zero_needs_echo(v1):
+    with pytest.raises(openai.BadRequestError) as e:
+        v1.completions.create(model="m", prompt="Hi", max_tokens=0)
+    assert "max_tokens" in str(e.value) and "echo" in str(e.value)
+    r = v1.completions.create(model="m", prompt="Hi there", max_tokens=0, echo=True)
+    assert r.choices[0].text == "Hi there" and r.choices[0].logprobs is None and r.usage.completion_tokens == 0
