@@ -110,6 +110,41 @@ def test_two_ranks_under_preemption(tmp_path):
         core.close()
 
 
+def test_two_ranks_score_prompts_as_one_rank(tmp_path):
+    """Prompt logprobs: every rank runs the LM head over the scored prompt rows (its all-gather) in lockstep, in
+    chunked steps, some of which sample nothing; the logprobs equal one rank's."""
+    d = write_tiny_model("llama", tmp_path / "llama")
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    kw = dict(max_num_batched_tokens=24, max_num_seqs=4, enable_prefix_caching=False)
+
+    def scored(core) -> dict[str, list]:
+        for i, p in enumerate(PROMPTS):
+            assert core.add_request(str(i), p, sp) is None
+        got = {}
+        for _ in range(2000):
+            if not core.has_unfinished():
+                return got
+            for o in core.step():
+                if o.prompt_logprobs is not None:
+                    got[o.request_id] = o.prompt_logprobs
+        raise AssertionError("the engine did not finish")
+    one = make_core(d, 1, async_scheduling=False, **kw)
+    try:
+        ref = scored(one)
+    finally:
+        one.close()
+    core = make_core(d, 2, async_scheduling=True, **kw)
+    try:
+        got = scored(core)
+    finally:
+        core.close()
+    assert sorted(got) == sorted(ref) == ["0", "1", "2"]
+    for rid, lps in ref.items():
+        assert len(got[rid]) == len(lps) == len(PROMPTS[int(rid)]) and got[rid][0] is None
+        for (c1, top1), (c2, top2) in zip(got[rid][1:], lps[1:]):
+            assert c1 == pytest.approx(c2, abs=1e-4) and [t for t, _ in top1] == [t for t, _ in top2]
+
+
 def test_four_ranks_replicate_two_kv_heads(tmp_path):
     d = write_tiny_model("qwen3", tmp_path / "qwen3")  # 4 heads, 2 KV heads, q/k norm
     one = make_core(d, 1, async_scheduling=False)
