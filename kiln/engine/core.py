@@ -364,7 +364,8 @@ class EngineCore:
                            self.num_refused, self.scheduler.prefill_tokens_per_step.cumulative(),
                            self.scheduler.prefill_tokens_per_step.sum)
 
-    # one request per sampler path (Sampler.paths): each path's ops run once before ready
+    # one request per sampler path (Sampler.paths), and one scoring its prompt (the runner's prompt logprobs):
+    # each path's ops run once before ready
     WARMUP_SAMPLING = (
         dict(temperature=0.0),
         dict(temperature=0.8),
@@ -375,6 +376,7 @@ class EngineCore:
         dict(temperature=0.0, logprobs=0),
         dict(temperature=0.0, logprobs=5),
         dict(temperature=0.0, logit_bias=[(0, -1.0)]),
+        dict(temperature=0.0, prompt_logprobs=1),
     )
 
     def warmup(self) -> None:
