@@ -16,12 +16,20 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from kiln.engine.config import EngineConfig
 from kiln.engine.cuda_graph import batch_size_ladder
 from kiln.engine.kv_cache import KVCacheManager
-from kiln.engine.request import EngineOutput, EngineStats, FinishReason, Request, RequestStatus, SamplingParams
+from kiln.engine.request import (
+    EngineOutput,
+    EngineStats,
+    FinishReason,
+    Request,
+    RequestStatus,
+    RequestTotals,
+    SamplingParams,
+)
 from kiln.engine.runner import PromptLogprobs
 from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import ScheduledBatch, Scheduler
@@ -101,6 +109,8 @@ class EngineCore:
         self.num_steps = 0
         self.num_overlapped_steps = 0  # steps queued while the previous one was still in flight
         self.num_refused = 0           # requests refused with a full queue
+        self.totals = RequestTotals()  # requests ended since ready (KServe's model statistics)
+        self.num_warmup_steps = 0
         self.inflight: InFlightStep | None = None
         self.last_collected: ScheduledBatch | None = None  # the batch whose results step() last returned
         a = cfg.async_scheduling
@@ -142,6 +152,7 @@ class EngineCore:
                     eos_token_ids: list[int] | None = None) -> EngineOutput | None:
         """Queue a request; returns an error output instead when it is rejected."""
         def reject(msg: str, kind: ErrorKind, **args):
+            self.totals.record(None, failed=True)
             return EngineOutput(request_id, [], True, FinishReason.ERROR.value, len(prompt_token_ids),
                                 error=msg, error_type=kind, error_args=args or None)
 
@@ -194,6 +205,7 @@ class EngineCore:
                 continue
             if not self.grammars.discard(rid):
                 self.scheduler.finish(req)
+            self.totals.record(req, failed=False)  # the client's wish (a stop string, a cancel): not a failure
             outs.append(EngineOutput(rid, [], True, FinishReason.ABORT.value, req.num_prompt_tokens))
         return outs
 
@@ -255,6 +267,7 @@ class EngineCore:
         outs = []
         for req, why in failed:
             del self.requests[req.request_id]
+            self.totals.record(req, failed=True)
             req.status = RequestStatus.FINISHED
             outs.append(EngineOutput(req.request_id, [], True, FinishReason.ERROR.value, req.num_prompt_tokens,
                                      error=why, error_type=ErrorKind.INVALID))
@@ -271,6 +284,7 @@ class EngineCore:
                 continue
             self.scheduler.finish(req)
             self.requests.pop(req.request_id, None)
+            self.totals.record(req, failed=True)
             outs.append(EngineOutput(req.request_id, [], True, FinishReason.ERROR.value, req.num_prompt_tokens,
                                      error="internal error in the engine while running this request (the server "
                                      "log has the details)", error_type=ErrorKind.INTERNAL))
@@ -333,6 +347,7 @@ class EngineCore:
             outs.append(out)
             if fin:
                 del self.requests[rid]
+                self.totals.record(req, failed=False)
         return outs
 
     @staticmethod
@@ -362,7 +377,8 @@ class EngineCore:
                            self.kv.num_free_blocks, self.kv.num_blocks, self.cfg.block_size,
                            self.scheduler.num_preemptions, self.num_steps, ready, self.max_model_len,
                            self.num_refused, self.scheduler.prefill_tokens_per_step.cumulative(),
-                           self.scheduler.prefill_tokens_per_step.sum)
+                           self.scheduler.prefill_tokens_per_step.sum, self.num_warmup_steps,
+                           asdict(self.totals))
 
     # one request per sampler path (Sampler.paths), and one scoring its prompt (the runner's prompt logprobs):
     # each path's ops run once before ready
@@ -446,6 +462,8 @@ class EngineCore:
         self.kv.reset_prefix_cache()
         # the warm-up's steps are not traffic: start the published step statistics afresh
         self.scheduler.prefill_tokens_per_step.reset()
+        self.totals = RequestTotals()
+        self.num_warmup_steps = self.num_steps
         self.cfg.max_waiting = max_waiting
         kernels = compiled_triton_kernels()
         log.info("warm-up: %d requests, %d steps in %.1f s; reached %s%s", n_req, self.num_steps - steps0,

@@ -207,6 +207,33 @@ class EngineOutput:
 
 
 @dataclass
+class RequestTotals:
+    """Requests that ended since ready, and where their time went (KServe's model statistics): a request ends
+    well with its answer, at a stop or at the client's cancel, and fails with an error (refusals included)."""
+
+    succeeded: int = 0
+    failed: int = 0
+    success_seconds: float = 0.0   # arrival to end, summed over the requests that ended well
+    fail_seconds: float = 0.0
+    queue_seconds: float = 0.0     # arrival to first scheduling, summed over the requests that ended well
+    last_end_time: float = 0.0     # time.time() of the last end, 0 before any
+
+    def record(self, req: "Request | None", failed: bool) -> None:
+        """One request's end (None: refused before it became a request, which took no time)."""
+        now = time.monotonic()
+        took = 0.0 if req is None else now - req.arrival_time
+        if failed:
+            self.failed += 1
+            self.fail_seconds += took
+        else:
+            self.succeeded += 1
+            self.success_seconds += took
+            if req is not None and req.first_scheduled_time is not None:
+                self.queue_seconds += req.first_scheduled_time - req.arrival_time
+        self.last_end_time = time.time()
+
+
+@dataclass
 class EngineStats:
     """Snapshot the engine core publishes every step (and at least every heartbeat interval when idle)."""
 
@@ -226,6 +253,8 @@ class EngineStats:
     # prefill tokens per step: cumulative counts per bound of scheduler.PREFILL_TOKEN_BUCKETS (+Inf last), sum
     prefill_tokens_buckets: list[int] = field(default_factory=list)
     prefill_tokens_sum: float = 0.0
+    num_warmup_steps: int = 0          # of num_steps_total, those the warm-up ran before ready
+    requests: dict[str, float] = field(default_factory=dict)  # RequestTotals' fields since ready
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

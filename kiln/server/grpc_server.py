@@ -14,8 +14,9 @@ tokenization, engine, detokenization) and each packet comes back as one response
 * ModelInfer (unary): the whole answer in one response (the final packet, with tokens_all); errors are
   gRPC status codes (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ALREADY_EXISTS, DEADLINE_EXCEEDED, INTERNAL,
   NOT_FOUND for an unknown model) whose message is the packet's error_msg.
-* ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig. Other RPCs answer
-  UNIMPLEMENTED.
+* ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig, RepositoryIndex and
+  ModelStatistics (server-wide request counts and times since ready: kserve.model_statistics). Other RPCs
+  (model load / unload, shared memory, trace and log settings) answer UNIMPLEMENTED.
 
 gRPC does not need the HTTP API: it talks to the engine core directly (unlike the seed, whose gRPC breaks when
 PUSH_MODE_HTTP_PORT is off). The supervisor runs `run(cfg)` in its own process.
@@ -51,6 +52,8 @@ from kiln.server.kserve import (
     bad,
     check_model,
     model_metadata,
+    model_statistics,
+    repository_index,
     request_in,
 )
 from kiln.server.kserve import model_config as model_config_dict
@@ -175,9 +178,10 @@ def request_id_of(req: dict, request: pb.ModelInferRequest) -> str:
 # -- the service ---------------------------------------------------------------------------------------------
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runner: Runner, ready: Callable[[], bool], model_aliases: tuple[str, ...] = (),
-                 version: str = ""):
+                 version: str = "", engine_stats: Callable[[], Any] = lambda: None):
         self.runner = runner
         self.ready = ready
+        self.engine_stats = engine_stats  # the engine's last EngineStats (None before its first)
         self.aliases = tuple(a for a in model_aliases if a and a != MODEL_NAME)
         self.version = version
         self.stopping = False
@@ -220,6 +224,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):
         await self._check_or_abort(request.name, request.version, context)
         return pb.ModelConfigResponse(config=model_config())
+
+    async def RepositoryIndex(self, request, context):
+        ready = bool(self.ready())
+        models = [m for m in repository_index(ready) if ready or not request.ready]
+        return json_format.ParseDict({"models": models}, pb.RepositoryIndexResponse())
+
+    async def ModelStatistics(self, request, context):
+        if request.name or request.version:  # no name: every model's (the one)
+            await self._check_or_abort(request.name, request.version, context)
+        return json_format.ParseDict(model_statistics(self.engine_stats()), pb.ModelStatisticsResponse())
 
     # inference
     async def ModelInfer(self, request, context):
@@ -407,7 +421,8 @@ async def _serve(cfg: Any) -> None:
 
     frontend = await Frontend.start(cfg)
     servicer = KServeServicer(build_runner(frontend), lambda: frontend.readiness()[0],
-                              (getattr(cfg, "model_name", None) or "",), getattr(kiln, "__version__", ""))
+                              (getattr(cfg, "model_name", None) or "",), getattr(kiln, "__version__", ""),
+                              lambda: getattr(frontend.client, "stats", None))
     host = getattr(cfg, "host", None) or "0.0.0.0"
     address = f"[::]:{cfg.grpc_port}" if host in ("0.0.0.0", "::", "") else f"{host}:{cfg.grpc_port}"
     from kiln.server.auth import ApiKeyInterceptor, ApiKeys

@@ -12,7 +12,7 @@ MODEL_VERSION = "1"
 INPUT_NAME = "IN"
 OUTPUT_NAME = "OUT"
 SERVER_NAME = "kiln"
-EXTENSIONS = ["model_configuration", "generate"]
+EXTENSIONS = ["model_configuration", "generate", "statistics"]
 
 
 def server_version() -> str:
@@ -38,6 +38,37 @@ def model_config() -> dict:
             "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_STRING", "dims": [1]}],
             "model_transaction_policy": {"decoupled": True},
             "instance_group": [{"name": "model_0", "kind": "KIND_MODEL", "count": 1}]}
+
+
+def repository_index(ready: bool) -> list[dict]:
+    """The model repository as Triton indexes it: the one model, READY once the engine is."""
+    return [{"name": MODEL_NAME, "version": MODEL_VERSION, "state": "READY" if ready else "UNAVAILABLE",
+             "reason": "" if ready else "the engine is not ready"}]
+
+
+def _duration(count: int, seconds: float) -> dict:
+    return {"count": count, "ns": int(seconds * 1e9)}
+
+
+def model_statistics(stats: Any) -> dict:
+    """Triton's model statistics (JSON form) from the engine's stats (kiln.engine.request.EngineStats; None
+    before the engine has reported): requests ended since ready, server-wide (every API's), and engine steps as
+    executions. The queue is arrival to first scheduling; compute_infer the rest of a request's time;
+    tokenization runs in the front ends, outside these figures (compute_input / compute_output stay 0)."""
+    r = getattr(stats, "requests", None) or {}
+    ok, ok_s, queue_s = int(r.get("succeeded", 0)), float(r.get("success_seconds", 0)), float(r.get("queue_seconds", 0))
+    steps = 0 if stats is None else stats.num_steps_total - stats.num_warmup_steps
+    zero = _duration(0, 0.0)
+    return {"model_stats": [{
+        "name": MODEL_NAME, "version": MODEL_VERSION,
+        "last_inference": int(float(r.get("last_end_time", 0.0)) * 1000),
+        "inference_count": ok, "execution_count": steps,
+        "inference_stats": {"success": _duration(ok, ok_s),
+                            "fail": _duration(int(r.get("failed", 0)), float(r.get("fail_seconds", 0.0))),
+                            "queue": _duration(ok, queue_s), "compute_input": zero,
+                            "compute_infer": _duration(ok, max(0.0, ok_s - queue_s)), "compute_output": zero,
+                            "cache_hit": zero, "cache_miss": zero},
+        "batch_stats": []}]}
 
 
 def check_model(name: str, version: str | None, aliases: tuple[str, ...] = ()) -> None:

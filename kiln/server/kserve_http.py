@@ -4,6 +4,8 @@
     GET  /v2/models/model[/versions/1]         model metadata {name, versions, platform, inputs, outputs}
     GET  /v2/models/model[/versions/1]/ready   200 when ready, 400 when not (KServe v2: a 4xx means false)
     GET  /v2/models/model[/versions/1]/config  the model configuration (Triton's JSON form)
+    GET  /v2/models[/model[/versions/1]]/stats  Triton's model statistics (kserve.model_statistics)
+    POST /v2/repository/index                  the model repository's index (the one model and its state)
     POST /v2/models/model[/versions/1]/generate          Triton's generate extension: one JSON answer
     POST /v2/models/model[/versions/1]/generate_stream   the same as server-sent events, one per token
 
@@ -50,6 +52,8 @@ from kiln.server.kserve import (
     check_model,
     model_config,
     model_metadata,
+    model_statistics,
+    repository_index,
     request_in,
     server_version,
 )
@@ -75,6 +79,32 @@ def _check(request: Request, name: str, version: str | None) -> JSONResponse | N
 @router.get("/v2")
 async def server_metadata() -> JSONResponse:
     return JSONResponse({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
+
+
+@router.get("/v2/models/stats")  # before /v2/models/{name}, which would take "stats" for a name
+async def all_model_statistics(request: Request) -> JSONResponse:
+    return JSONResponse(model_statistics(getattr(_fe(request).client, "stats", None)))
+
+
+@router.get("/v2/models/{name}/stats")
+@router.get("/v2/models/{name}/versions/{version}/stats")
+async def get_model_statistics(request: Request, name: str, version: str | None = None) -> JSONResponse:
+    return _check(request, name, version) or await all_model_statistics(request)
+
+
+@router.post("/v2/repository/index")
+async def get_repository_index(request: Request) -> JSONResponse:
+    """Triton's index of the model repository; a body {"ready": true} lists only ready models."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
+        err = bad('the body must be empty or a JSON object {"ready": true|false}')
+        return JSONResponse(_error_body(err), status_code=err.http_status)
+    ready = _fe(request).readiness()[0]
+    return JSONResponse([m for m in repository_index(ready) if ready or not body.get("ready", False)])
 
 
 @router.get("/v2/models/{name}")

@@ -102,6 +102,39 @@ def test_health_and_metadata(client):
         client.get_model_metadata("no-such-model")
 
 
+def wait_for_stats(read, done, timeout: float = 30.0) -> dict:
+    """The statistics once done(stats) holds: the front end sees the engine's counts with its next stats
+    message (every step, and every heartbeat when idle)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = read()
+        if done(stats) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+def test_repository_index_and_statistics(client):
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert index == [{"name": "model", "version": "1", "state": "READY"}]
+    assert client.get_model_repository_index(as_json=True) == {"models": index}
+
+    def stats() -> dict:
+        return client.get_inference_statistics("model", as_json=True)["model_stats"][0]
+    s0 = stats()
+    before_ms = time.time() * 1000
+    client.infer("model", make_inputs({"req_id": "stats-1", "text": PROMPT, "max_dec_len": 4}))
+    s1 = wait_for_stats(stats, lambda s: int(s.get("inference_count", 0)) > int(s0.get("inference_count", 0)))
+    ok0, ok1 = (int(s["inference_stats"].get("success", {}).get("count", 0)) for s in (s0, s1))
+    assert int(s1["inference_count"]) == int(s0.get("inference_count", 0)) + 1 and ok1 == ok0 + 1
+    assert int(s1["execution_count"]) > int(s0.get("execution_count", 0))
+    assert int(s1["last_inference"]) >= before_ms - 1
+    inf = s1["inference_stats"]
+    assert 0 < int(inf["queue"]["ns"]) < int(inf["success"]["ns"])
+    assert client.get_inference_statistics(as_json=True)["model_stats"][0]["name"] == "model"  # all models
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_inference_statistics("no-such-model")
+
+
 # -- inference ---------------------------------------------------------------------------------------------
 def test_seed_streaming_pattern(url):
     req = {"req_id": "stream-1", "text": PROMPT, "max_dec_len": 8, "temperature": 0, "return_usage": True}
@@ -336,6 +369,25 @@ def test_kserve_http_metadata(kserve_http):
     assert kserve_http.get("/v2/models/model/ready").status_code == 200
     assert kserve_http.get("/v2/models/nope/ready").status_code == 404
     assert kserve_http.get("/v2/models/model/config").json()["model_transaction_policy"] == {"decoupled": True}
+
+
+def test_kserve_http_statistics_and_repository_index(kserve_http):
+    assert "statistics" in kserve_http.get("/v2").json()["extensions"]
+    s0 = kserve_http.get("/v2/models/model/stats").json()["model_stats"][0]
+    r = kserve_http.post("/v2/models/model/generate", json={"text": PROMPT, "max_dec_len": 3})
+    assert r.status_code == 200, r.text
+    s1 = wait_for_stats(lambda: kserve_http.get("/v2/models/stats").json()["model_stats"][0],
+                        lambda s: s["inference_count"] > s0["inference_count"])
+    assert s1["inference_count"] >= s0["inference_count"] + 1 and s1["execution_count"] > s0["execution_count"]
+    assert s1["inference_stats"]["success"]["ns"] > s0["inference_stats"]["success"]["ns"]
+    assert kserve_http.get("/v2/models/model/versions/1/stats").status_code == 200
+    assert kserve_http.get("/v2/models/nope/stats").status_code == 404
+    assert kserve_http.get("/v2/models/model/versions/7/stats").status_code == 404
+    index = [{"name": "model", "version": "1", "state": "READY", "reason": ""}]
+    assert kserve_http.post("/v2/repository/index").json() == index
+    assert kserve_http.post("/v2/repository/index", json={"ready": True}).json() == index
+    bad = kserve_http.post("/v2/repository/index", content=b"[1]")
+    assert bad.status_code == 400 and "ready" in bad.json()["error"]
 
 
 def test_kserve_http_generate(kserve_http):
