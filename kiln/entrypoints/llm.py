@@ -29,6 +29,8 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list | None = None
+    # SamplingParams.prompt_logprobs: per prompt token, None for the first, then (logprob, [(id, logprob), ...])
+    prompt_logprobs: list | None = None
     error: str | None = None
 
     @property
@@ -100,6 +102,8 @@ class LLM:
                     self.engine.abort([eo.request_id])
                 out = results[i]
                 out.text, out.token_ids, out.logprobs = proc.text, list(proc.token_ids), proc.logprobs
+                if events[0].prompt_logprobs is not None:
+                    out.prompt_logprobs = events[0].prompt_logprobs
                 out.finish_reason, out.stop_reason, out.error = proc.finish_reason, proc.stop_reason, proc.error
                 delta = "".join(ev.text for ev in events)
                 if on_text and delta:

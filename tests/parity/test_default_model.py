@@ -47,3 +47,21 @@ def test_streaming_callback_sees_the_whole_text(llm):
                        on_text=lambda i, d: pieces.append((i, d)))
     assert "".join(d for i, d in pieces if i == 0) == out[0].text
     assert "".join(d for i, d in pieces if i == 1) == out[1].text
+
+
+def test_prompt_logprobs_match_transformers_and_rank_the_answer(llm, transformers_gguf_model):
+    """Scoring text (lm-evaluation-harness's loglikelihood): the model's logprob of each prompt token."""
+    def score(text: str) -> tuple[list[int], list]:
+        ids = llm.tokenizer.encode(text)
+        out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))[0]
+        return ids, out.prompt_logprobs
+    ids, lps = score("The capital of France is Paris")
+    assert len(lps) == len(ids) and lps[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(transformers_gguf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for pos in range(1, len(ids)):
+        chosen, top = lps[pos]
+        assert chosen == pytest.approx(ref[pos - 1, ids[pos]].item(), abs=2e-3)
+        assert [t for t, _ in top] == ref[pos - 1].topk(2).indices.tolist()
+    _, wrong = score("The capital of France is London")
+    assert lps[-1][0] > wrong[-1][0] + 1  # the model knows which continuation is right
