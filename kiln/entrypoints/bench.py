@@ -195,15 +195,18 @@ def _structured(args):
     return StructuredSpec.json_schema(Path(args.json_schema).read_text())
 
 
-def run_batch(core, prompts, output_len: int, structured=None, profile: tuple[int, int, str] | None = None) -> dict:
+def run_batch(core, prompts, output_len: int, structured=None, profile: tuple[int, int, str] | None = None,
+              prompt_logprobs: int | None = None) -> dict:
     """All prompts at once, ignore_eos (a `structured` constraint may still end a request early: ended_early
     counts those). prefill_s: until every request has its first token (prefill chunks of the later requests run
     beside the decodes of the earlier ones); decode_s: the rest. Where the time went by step kind: mixed_* for the
     steps that carried prefill tokens, decode_only_* for the others (with their mean batch), each step timed by the
     step() call that returned its tokens (with async scheduling, the call that waited for it). profile = (first
-    step, steps, file): those steps under torch.profiler, their table written to file (and printed)."""
+    step, steps, file): those steps under torch.profiler, their table written to file (and printed).
+    prompt_logprobs: every request also scores its prompt (lm-evaluation-harness's loglikelihood work)."""
     from kiln.engine.request import SamplingParams
-    sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, structured=structured)
+    sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, structured=structured,
+                        prompt_logprobs=prompt_logprobs)
     base = f"b{time.monotonic_ns()}-"
     _sync(core)
     t0 = time.perf_counter()
@@ -422,7 +425,8 @@ def _write_profile(prof, steps: int, path: str, head: str, tail: str = "") -> No
 def cmd_throughput(args) -> dict:
     core = _engine(args)
     vocab = core.runner.model_config.vocab_size
-    run_batch(core, _random_prompts(min(args.num_prompts, 8), args.input_len, vocab, seed=99), 4)  # warm-up
+    run_batch(core, _random_prompts(min(args.num_prompts, 8), args.input_len, vocab, seed=99), 4,
+              prompt_logprobs=args.prompt_logprobs)  # warm-up
     prompts = _random_prompts(args.num_prompts, args.input_len, vocab)
     profile = None
     if args.profile_steps:
@@ -430,9 +434,10 @@ def cmd_throughput(args) -> dict:
             raise SystemExit("--profile-steps needs --profile FILE")
         first, n = (int(v) for v in args.profile_steps.split(","))
         profile = (first, n, args.profile)
-    r = run_batch(core, prompts, args.output_len, _structured(args), profile)
+    r = run_batch(core, prompts, args.output_len, _structured(args), profile, args.prompt_logprobs)
     res = dict(bench="throughput", num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-               total_s=r["total_s"], output_tok_s=r["output_tokens"] / r["total_s"],
+               prompt_logprobs=args.prompt_logprobs, total_s=r["total_s"],
+               output_tok_s=r["output_tokens"] / r["total_s"], input_tok_s=args.num_prompts * args.input_len / r["total_s"],
                total_tok_s=(r["output_tokens"] + args.num_prompts * args.input_len) / r["total_s"],
                req_s=args.num_prompts / r["total_s"], preemptions=core.scheduler.num_preemptions,
                kv_blocks=core.kv.num_blocks, steps=r["steps"],
@@ -828,6 +833,8 @@ def add_bench_parser(sub) -> None:
     thr = bsub.add_parser("throughput", help="offline: N requests of random token ids, ignore_eos")
     _engine_args(thr)
     thr.add_argument("--num-prompts", type=int, default=256)
+    thr.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+                     help="every request scores its prompt too, with N top logprobs a position (as echo + logprobs)")
     thr.add_argument("--profile-steps", default=None, metavar="FIRST,N",
                      help="profile steps FIRST..FIRST+N-1 of the run (e.g. mixed steps of prefill and decode) and "
                           "write their kernel-time table to --profile FILE")

@@ -81,6 +81,10 @@ def test_offline_benchmarks_count_the_tokens_they_ran(capsys):
     # where the time went: one step of the six prefills, then four decode steps of all six
     assert (t["mixed_steps"], t["decode_only_steps"], t["decode_only_mean_batch"]) == (1, 4, 6)
     assert 0 < t["mixed_s"] and 0 < t["decode_only_s"] and t["mixed_s"] + t["decode_only_s"] <= t["total_s"]
+    assert t["input_tok_s"] * t["total_s"] == pytest.approx(6 * 12) and t["prompt_logprobs"] is None
+    scored = bench("throughput", "--num-prompts", "2", "--input-len", "12", "--output-len", "1", "--prompt-logprobs",
+                   "1")
+    assert scored["prompt_logprobs"] == 1 and scored["output_tok_s"] * scored["total_s"] == pytest.approx(2)
     lat = bench("latency", "--batch-size", "3", "--input-len", "10", "--output-len", "7", "--iters", "1")
     assert lat["decode_steps"] == 6 and lat["decode_mean_batch"] == pytest.approx(3)
     assert lat["total_s"] == pytest.approx(lat["prefill_s"] + lat["decode_s"])
