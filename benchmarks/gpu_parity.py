@@ -44,6 +44,39 @@ def kiln_greedy(path, prompts, n, **kw):
     return res, pre, graphs
 
 
+def kiln_prompt_logprobs(path, prompts, n, **kw):
+    """Each prompt's prompt logprobs (top 1) through the engine, run together with n new tokens each."""
+    from kiln.engine.config import EngineConfig
+    from kiln.engine.core import EngineCore
+    from kiln.engine.request import SamplingParams
+    core = EngineCore(EngineConfig(model=str(path), dtype="bfloat16", device="cuda", block_size=64,
+                                   gpu_memory_utilization=0.5, max_num_seqs=16, **kw))
+    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    for i, p in enumerate(prompts):
+        assert core.add_request(str(i), p, sp) is None
+    got = {}
+    while core.has_unfinished():
+        for o in core.step():
+            if o.prompt_logprobs is not None:
+                got[int(o.request_id)] = o.prompt_logprobs
+    del core
+    torch.cuda.empty_cache()
+    return [got[i] for i in range(len(prompts))]
+
+
+def prompt_logprob_errors(got, prompts, ref_logits) -> dict:
+    """Against transformers' log-softmax (ref_logits: the prompts' rows, concatenated): the mean and largest
+    absolute error of the prompt tokens' logprobs, and how often the top token agrees."""
+    ref = torch.log_softmax(ref_logits.float(), dim=-1)
+    errs, agree, row = [], [], 0
+    for lps, p in zip(got, prompts):
+        for pos in range(1, len(p)):
+            errs.append(abs(lps[pos][0] - ref[row + pos - 1, p[pos]].item()))
+            agree.append(lps[pos][1][0][0] == int(ref[row + pos - 1].argmax()))
+        row += len(p)
+    return {"mean_abs_err": sum(errs) / len(errs), "max_abs_err": max(errs), "top1_agree": sum(agree) / len(agree)}
+
+
 def hf_greedy(path, prompts, n):
     import transformers as tf
     m = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
@@ -140,8 +173,13 @@ def main():
                                 max_num_batched_tokens=512)
     tight_sync, pre_sync, _ = kiln_greedy(d, prompts, n, attention_backend="triton", num_gpu_blocks=60,
                                           max_num_batched_tokens=512, async_scheduling=False)
+    # prompt logprobs: in 512-token chunks; and in one-token chunks beside six decodes (budget 7: decode-only steps
+    # with a prompt row, on the decode CUDA graphs)
+    scored = {f"prompt_logprobs_budget{b}_vs_hf": prompt_logprob_errors(
+        kiln_prompt_logprobs(d, lp, n, attention_backend="triton", max_num_batched_tokens=b), lp, ref_logits)
+        for b in (512, 7)}
     res = {
-        **logits_res,
+        **logits_res, **scored,
         "prompt_lens": lens, "new_tokens": n, "cuda_graphs": graphs,
         "fast_vs_torch_path": agreement(fast, torch_path),
         "fast_vs_transformers": agreement(fast, ref_hf),
