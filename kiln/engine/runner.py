@@ -17,7 +17,7 @@ import torch
 from kiln import distributed as tpd
 from kiln.engine.config import EngineConfig
 from kiln.engine.request import PENDING_TOKEN, Request
-from kiln.engine.sampler import PendingSample, Sampler
+from kiln.engine.sampler import PendingSample, Sampler, token_logprobs
 from kiln.engine.scheduler import ScheduledBatch
 from kiln.layers.attention import AttentionMetadata, LayerKVCache, make_attention_backend
 from kiln.models.config import ModelConfig, resolve_dtype
@@ -338,19 +338,18 @@ class ModelRunner:
 
     def _prompt_logprobs(self, p: "PackedStep", logits_of, rows: torch.Tensor,
                          targets: torch.Tensor) -> PendingSample | None:
-        """The log-softmax of the model's logits at the prompt rows: each row's next prompt token's logprob and
-        the top p.prompt_top_k, on their way to the host (the targets stand as the "sampled" ids). In slices of
-        at most max_num_seqs rows, the most logits a sampling step holds, so a long prefill chunk needs no more
-        memory than the cache sizing left."""
+        """The log-softmax of the model's logits at the prompt rows (token_logprobs): each row's next prompt
+        token's logprob and the top p.prompt_top_k, on their way to the host (the targets stand as the "sampled"
+        ids). In slices of at most max_num_seqs rows, the most logits a sampling step holds, so a long prefill
+        chunk needs no more memory than the cache sizing left."""
         if not p.num_prompt_rows:
             return None
         k, size = p.prompt_top_k, self.cfg.max_num_seqs
         chosen, top_vals, top_idx = [], [], []
         for i in range(0, p.num_prompt_rows, size):
-            logprobs = torch.log_softmax(logits_of(rows[i:i + size]).float(), dim=-1)
-            chosen.append(logprobs.gather(1, targets[i:i + size, None])[:, 0])
+            c, vals, idx = token_logprobs(logits_of(rows[i:i + size]), targets[i:i + size], k)
+            chosen.append(c)
             if k:
-                vals, idx = logprobs.topk(k, dim=-1)
                 top_vals.append(vals)
                 top_idx.append(idx)
         return PendingSample(targets, [k] * p.num_prompt_rows, torch.cat(chosen),
