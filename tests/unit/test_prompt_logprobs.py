@@ -128,3 +128,34 @@ def test_prompt_logprobs_are_checked_at_admission(model_dir):
     sp.prompt_logprobs = 99  # a wire message that skipped the constructor's check
     err = core.add_request("bad", [3, 4, 5], sp)
     assert err is not None and err.finish_reason == "error" and "prompt_logprobs" in err.error
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_engines_score_every_prompt_exactly(model_dir, reference, seed):
+    """Random engine shapes (blocks of 4 or 16, 12-64 of them, 2-40 tokens a step, 1-7 sequences, async on or off,
+    prefix caching on or off) and random requests that share a prefix, some scoring their prompts: every request
+    gets all its tokens, those that asked get each prompt position's logprob once and exactly, every block comes
+    back."""
+    rnd = random.Random(seed)
+    block = rnd.choice([4, 16])
+    seqs = rnd.randrange(1, 8)
+    core = make_core(model_dir, block_size=block, num_gpu_blocks=rnd.randrange(12, 64), max_num_seqs=seqs,
+                     max_num_batched_tokens=max(seqs, rnd.randrange(2, 40)), async_scheduling=rnd.random() < 0.5,
+                     enable_prefix_caching=rnd.random() < 0.5, kv_reserve_ratio=rnd.choice([0.0, None]))
+    shared = [rnd.randrange(3, 500) for _ in range(rnd.randrange(0, 30))]
+    work = []
+    for i in range(rnd.randrange(2, 7)):
+        prompt = shared + [rnd.randrange(3, 500) for _ in range(rnd.randrange(1, 40))]
+        room = core.kv.num_blocks * block - len(prompt) - 1
+        if room >= 2:
+            work.append((f"r{i}", prompt, SamplingParams(max_tokens=rnd.randrange(1, min(room, 30)), temperature=0,
+                                                         ignore_eos=True, prompt_logprobs=rnd.choice([None, 0, 1, 3]))))
+    outs = drain(core, work)
+    for rid, prompt, sp in work:
+        assert sum(len(o.new_token_ids) for o in outs[rid]) == sp.max_tokens
+        if sp.prompt_logprobs is None:
+            assert all(o.prompt_logprobs is None for o in outs[rid])
+        else:
+            check_against_reference(outs[rid], prompt, sp.prompt_logprobs, reference)
+    core.kv.reset_prefix_cache()
+    assert core.kv.num_free_blocks == core.kv.num_blocks
