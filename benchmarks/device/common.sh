@@ -139,3 +139,15 @@ decode8_small() {
   timeout 100 python3 benchmarks/kernels/bench_kernels.py --sweep --only decode8b > $R/decode8b.log 2>&1
   grep -E "decode8b" $R/decode8b.log | sed 's/    decode8b //' | cut -c1-150
 }
+# score_runs MIN_LEFT: 256 prompts of 1,000 tokens and one new token each, without prompt logprobs and with 1 and 5
+# top logprobs a position (bench throughput --prompt-logprobs): what scoring a prompt costs; each while MIN_LEFT s
+# of the budget remain
+score_runs() {
+  for pl in none 1 5; do
+    [ $(left) -gt $1 ] || break
+    local a=""; [ $pl = none ] || a="--prompt-logprobs $pl"
+    timeout 100 $B throughput --preset $PRESET --load-format dummy --num-prompts 256 --input-len 1000 --output-len 1 \
+      --max-num-seqs 256 $a --output-json $R/score_$pl.json > $R/score_$pl.log 2>&1
+    echo "prompt logprobs $pl: $(j $R/score_$pl.json total_s input_tok_s steps) $(grep -m1 Error $R/score_$pl.log)"
+  done
+}

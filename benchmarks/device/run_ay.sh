@@ -11,12 +11,6 @@ gpu_state; date -u
 timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short -rf tests/unit/test_prompt_logprobs.py \
   tests/unit/test_request_totals.py 2>&1 | grep -E "Error|^FAILED|passed|failed" | head
 timeout 200 python3 benchmarks/gpu_parity.py --out $R/parity.json > $R/parity.log 2>&1; tail -1 $R/parity.log | cut -c1-2000
-for pl in none 1 5; do
-  [ $(left) -gt 100 ] || break
-  a=""; [ $pl = none ] || a="--prompt-logprobs $pl"
-  timeout 100 $B throughput --preset $PRESET --load-format dummy --num-prompts 256 --input-len 1000 --output-len 1 \
-    --max-num-seqs 256 $a --output-json $R/score_$pl.json > $R/score_$pl.log 2>&1
-  echo "prompt logprobs $pl: $(j $R/score_$pl.json total_s input_tok_s steps) $(grep -m1 Error $R/score_$pl.log)"
-done
+score_runs 100
 gpu_state; echo "left: $(left) s"
 tar czf $OUT/run_ay.tgz -C $OUT r

@@ -8,11 +8,5 @@ BUDGET_S=${BUDGET_S:-400}
 gpu_state; date -u
 timeout 150 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short -rf tests/unit/test_prompt_logprobs.py \
   tests/unit/test_sampling.py 2>&1 | grep -E "Error|^FAILED|passed|failed" | head
-for pl in none 1 5; do
-  [ $(left) -gt 80 ] || break
-  a=""; [ $pl = none ] || a="--prompt-logprobs $pl"
-  timeout 100 $B throughput --preset $PRESET --load-format dummy --num-prompts 256 --input-len 1000 --output-len 1 \
-    --max-num-seqs 256 $a --output-json $R/score_$pl.json > $R/score_$pl.log 2>&1
-  echo "prompt logprobs $pl: $(j $R/score_$pl.json total_s input_tok_s steps) $(grep -m1 Error $R/score_$pl.log)"
-done
+score_runs 80
 gpu_state; echo "left: $(left) s"
