@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -272,10 +273,10 @@ class ModelRunner:
                                     count=int(lens.sum()))
         return p
 
-    def to_device(self, s: "StepInputs"):
+    def to_device(self, s: "StepInputs") -> "DeviceStep":
         return self.upload(self.pack(s))
 
-    def upload(self, p: "PackedStep"):
+    def upload(self, p: "PackedStep") -> "DeviceStep":
         """The packed step on the device, and its attention metadata. Nothing here waits for the GPU, so the
         step can be queued while the previous one runs."""
         dev = self.device
@@ -302,7 +303,7 @@ class ModelRunner:
             query_start_loc=ints[n:2 * n + 1], seq_lens_list=seq_lens, query_lens_list=query_lens,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             num_decode_rows=next((i for i, q in enumerate(query_lens) if q != 1), n))
-        return ids, d[t:2 * t], meta, d[3 * t:3 * t + nl], prompt_rows, prompt_targets
+        return DeviceStep(ids, d[t:2 * t], meta, d[3 * t:3 * t + nl], prompt_rows, prompt_targets)
 
     def capture_cuda_graphs(self, max_model_len: int) -> None:
         """Decode graphs need the Triton backend (the torch one loops over Python lists)."""
@@ -394,6 +395,16 @@ class StepInputs:
     prompt_top_k: int = 0       # top logprobs per prompt row (the most any of the step's requests asks)
     # (request, first prompt position, rows) of each request's prompt rows, in order (host only, not packed)
     prompt_spans: list = field(default_factory=list)
+
+
+class DeviceStep(NamedTuple):
+    """A step's inputs on the device (views of its one packed copy) and its attention metadata."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows that sample
+    prompt_rows: torch.Tensor     # rows whose prompt logprobs are asked ...
+    prompt_targets: torch.Tensor  # ... and the prompt token each one predicts
 
 
 @dataclass

@@ -32,7 +32,7 @@ def test_forward_logits_match_transformers(tiny):
     for r in reqs:
         assert kv.allocate_slots(r, r.num_tokens)
     batch = ScheduledBatch(reqs, [r.num_tokens for r in reqs])
-    ids, pos, meta, _ = runner.to_device(runner.prepare(batch)[0])
+    ids, pos, meta = runner.to_device(runner.prepare(batch)[0])[:3]
     with torch.inference_mode():
         logits = runner.model.compute_logits(runner.model(ids, pos, runner.kv_caches, meta))
         start = 0
