@@ -436,3 +436,28 @@ def test_max_tokens_zero_needs_echo(v1):
     assert "max_tokens" in str(e.value) and "echo" in str(e.value)
     r = v1.completions.create(model="m", prompt="Hi there", max_tokens=0, echo=True)
     assert r.choices[0].text == "Hi there" and r.choices[0].logprobs is None and r.usage.completion_tokens == 0
+
+
+def test_lm_evaluation_harness_loglikelihood_request(server):
+    """lm-evaluation-harness's local-completions model, as it scores a continuation: token ids, echo, max_tokens 1,
+    logprobs 1, and its parse (the logprobs after the context, less the one generated token; greedy when each is
+    its position's top)."""
+    ctx = requests.post(server.url + "/tokenize", json={"prompt": "The capital of France is"}).json()["tokens"]
+    gen = requests.post(server.url + "/v1/completions", json={
+        "model": "m", "prompt": ctx, "max_tokens": 2, "temperature": 0, "min_tokens": 2}).json()
+    cont = requests.post(server.url + "/tokenize", json={"prompt": gen["choices"][0]["text"],
+                                                         "add_special_tokens": False}).json()["tokens"]
+    wrong = requests.post(server.url + "/tokenize", json={"prompt": " Berlin", "add_special_tokens": False}).json()
+    scores = []
+    for c in (cont, wrong["tokens"]):
+        out = requests.post(server.url + "/v1/completions", json={
+            "model": "m", "prompt": [ctx + c], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}).json()
+        choice = out["choices"][0]
+        token_lps = choice["logprobs"]["token_logprobs"][len(ctx):-1]
+        tops = choice["logprobs"]["top_logprobs"][len(ctx):-1]
+        assert len(token_lps) == len(c) and all(x is not None for x in token_lps)
+        greedy = all(lp == max(top.values()) for lp, top in zip(token_lps, tops))
+        scores.append((sum(token_lps), greedy))
+    assert scores[0][1] is True and scores[1][1] is False   # the model's own continuation is its greedy one
+    assert scores[0][0] > scores[1][0]
