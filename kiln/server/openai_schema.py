@@ -83,6 +83,10 @@ class _ChatPrompt(BaseModel):
     model_config = _STRICT
     messages: list[ChatMessage] = Field(..., min_length=1)
     add_generation_prompt: bool = True
+    # vLLM's: the last (assistant) message left open for the model to go on with; extra template variables (Qwen3's
+    # enable_thinking, ...)
+    continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     tools: Optional[Any] = None               # checked by kiln/server/tool_parsers.py (messages that say what to fix)
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[Any] = None
@@ -316,13 +320,38 @@ async def _chat_prompt(req: _ChatPrompt, frontend: Frontend) -> tuple[list[int],
     tool_plan = _tool_plan(req, messages, frontend)
     size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
     check_prompt_chars(size, frontend.max_seq_len, "messages")
+    extra = _template_kwargs(req, messages)
     try:
-        render = (functools.partial(tok.apply_chat_template, tools=tool_plan.tools)
-                  if tool_plan is not None and tool_plan.tools else tok.apply_chat_template)
+        render = functools.partial(tok.apply_chat_template, **extra,
+                                   **({"tools": tool_plan.tools} if tool_plan is not None and tool_plan.tools else {}))
         ids = await frontend.run_tokenizer(render, messages, req.add_generation_prompt, size=size)
     except ValueError as e:
         raise _bad(str(e), "messages") from None
     return ids, tool_plan
+
+
+# what Kiln itself hands the template: not for chat_template_kwargs to override
+_TEMPLATE_OWN_ARGS = {"messages", "conversation", "tools", "documents", "add_generation_prompt",
+                      "continue_final_message", "tokenize", "return_dict", "return_tensors", "chat_template"}
+
+
+def _template_kwargs(req: _ChatPrompt, messages: list[dict]) -> dict[str, Any]:
+    """chat_template_kwargs and continue_final_message as the chat template's keyword arguments (400s that say
+    what to fix)."""
+    extra = dict(req.chat_template_kwargs or {})
+    own = sorted(set(extra) & _TEMPLATE_OWN_ARGS)
+    if own:
+        raise _bad(f"chat_template_kwargs may not set {', '.join(own)}: use the request's own fields",
+                   "chat_template_kwargs")
+    if req.continue_final_message:
+        if req.add_generation_prompt:
+            raise _bad("continue_final_message needs add_generation_prompt=false (the last message is continued, "
+                       "not answered)", "continue_final_message")
+        if messages[-1].get("role") != "assistant" or not isinstance(messages[-1].get("content"), str):
+            raise _bad("continue_final_message needs the last message to be the assistant's, with text content",
+                       "continue_final_message")
+        extra["continue_final_message"] = True
+    return extra
 
 
 async def tokenize(body: Any, frontend: Frontend) -> dict:

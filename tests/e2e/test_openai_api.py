@@ -461,3 +461,20 @@ def test_lm_evaluation_harness_loglikelihood_request(server):
         scores.append((sum(token_lps), greedy))
     assert scores[0][1] is True and scores[1][1] is False   # the model's own continuation is its greedy one
     assert scores[0][0] > scores[1][0]
+
+
+def test_continue_final_message(server, v1):
+    """vLLM's continue_final_message: the assistant's last message left open, and the model goes on with it."""
+    msgs = [{"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is"}]
+    body = {"messages": msgs, "add_generation_prompt": False}
+    closed = requests.post(server.url + "/tokenize", json=body).json()
+    open_ = requests.post(server.url + "/tokenize", json={**body, "continue_final_message": True}).json()
+    assert open_["count"] < closed["count"] and closed["tokens"][:open_["count"]] == open_["tokens"]
+    r = v1.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0,
+                                   extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert r.choices[0].message.content.strip().startswith("Paris")
+    assert r.usage.prompt_tokens == open_["count"]
+    with pytest.raises(openai.BadRequestError, match="add_generation_prompt"):
+        v1.chat.completions.create(model="m", messages=msgs, max_tokens=2,
+                                   extra_body={"continue_final_message": True})

@@ -111,3 +111,49 @@ def test_bad_tool_call_arguments_in_history(smol):
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{nope"}}]}]
     with pytest.raises(ValueError, match="not valid JSON"):
         smol.render_chat_template(bad)
+
+
+# The end of Qwen3's chat template, as published: enable_thinking=false writes an empty think block
+THINKING_TEMPLATE = """{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}"""
+
+
+def test_chat_template_kwargs_and_continue_final_message_reach_the_template(default_model_dir):
+    """vLLM's chat_template_kwargs (Qwen3's enable_thinking) and continue_final_message, from a request's body
+    to the rendered prompt, and the 400s for what cannot work."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from kiln.errors import RequestError
+    from kiln.server import openai_schema as oai
+
+    tok = Tokenizer.from_dir(default_model_dir)
+    tok.hf.chat_template = THINKING_TEMPLATE
+
+    async def run_tokenizer(fn, *args, size=0):
+        return fn(*args)
+    frontend = SimpleNamespace(tokenizer=tok, max_seq_len=4096, run_tokenizer=run_tokenizer,
+                               cfg=SimpleNamespace(tool_call_parser="auto", model_path=str(default_model_dir)))
+
+    def prompt(**body) -> str:
+        req = oai._parse(oai.ChatCompletionRequest, {"messages": [{"role": "user", "content": "Hi"}], **body})
+        ids, _ = asyncio.run(oai._chat_prompt(req, frontend))
+        return tok.decode(ids, skip_special_tokens=False)
+
+    assert prompt().endswith("<|im_start|>assistant\n")
+    no_thinking = prompt(chat_template_kwargs={"enable_thinking": False})
+    assert no_thinking.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert prompt(chat_template_kwargs={"enable_thinking": True}) == prompt()
+    cont = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How"}]
+    assert prompt(messages=cont, add_generation_prompt=False, continue_final_message=True).endswith("Hello! How")
+    assert prompt(messages=cont, add_generation_prompt=False).endswith("Hello! How<|im_end|>\n")
+    own_field = {"chat_template_kwargs": {"add_generation_prompt": False}}
+    for body, param in ((own_field, "chat_template_kwargs"),
+                        ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+                        ({"messages": cont, "continue_final_message": True}, "continue_final_message"),
+                        ({"add_generation_prompt": False, "continue_final_message": True}, "continue_final_message")):
+        with pytest.raises(RequestError) as e:
+            prompt(**body)
+        assert e.value.param == param and e.value.http_status == 400
