@@ -348,7 +348,8 @@ class ModelRunner:
         k, size = p.prompt_top_k, self.cfg.max_num_seqs
         chosen, top_vals, top_idx = [], [], []
         for i in range(0, p.num_prompt_rows, size):
-            c, vals, idx = token_logprobs(logits_of(rows[i:i + size]), targets[i:i + size], k)
+            logprobs = torch.log_softmax(logits_of(rows[i:i + size]).float(), dim=-1)
+            c, vals, idx = token_logprobs(logprobs, targets[i:i + size], k)
             chosen.append(c)
             if k:
                 top_vals.append(vals)

@@ -67,19 +67,16 @@ def _prompt_array(r: Request) -> np.ndarray:
     return r.prompt_ids_array
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, k: int, lse: torch.Tensor | None = None):
-    """(logprob of ids[i] in row i, the top k logprobs of each row, their ids; None, None for k = 0): the float32
-    log-sum-exp of each row less the raw logits, with no [rows, vocab] log-softmax written and read back (the top k
-    are found on the raw logits, whose order is the logprobs'; for k = 1 a max, not a top-k select). On an H100 that
-    took the prompt logprobs of 256 rows of a 128k vocabulary from ~0.8 to ~0.3 ms (docs/benchmarks.md, run AY).
-    lse: the rows' float32 log-sum-exp ([rows, 1]) where the caller has it."""
-    if lse is None:
-        lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
-    chosen = (logits.gather(1, ids[:, None]).float() - lse)[:, 0]
+def token_logprobs(logprobs: torch.Tensor, ids: torch.Tensor, k: int):
+    """From log-probabilities [rows, vocab] (float32): (logprob of ids[i] in row i, each row's top k logprobs, their
+    ids; None, None for k = 0). For k = 1 a max, not a top-k select: on an H100 torch's radix top-k over a 128k
+    vocabulary takes ~0.5 ms for 256 rows, the max ~0.06 (docs/benchmarks.md, runs AY and AZ; a log-sum-exp less the
+    raw logits instead of the fused log-softmax was slower still: torch's logsumexp is five passes)."""
+    chosen = logprobs.gather(1, ids[:, None])[:, 0]
     if not k:
         return chosen, None, None
-    vals, idx = logits.max(dim=-1, keepdim=True) if k == 1 else logits.topk(k, dim=-1)
-    return chosen, vals.float() - lse, idx
+    vals, idx = logprobs.max(dim=-1, keepdim=True) if k == 1 else logprobs.topk(k, dim=-1)
+    return chosen, vals, idx
 
 
 class PendingSample:
@@ -212,13 +209,9 @@ class Sampler:
             # every row takes the argmax of its raw logits: float32 holds a bf16 value exactly, so the ids are
             # those of the float32 path, ties included (the first index of the maximum either way)
             return PendingSample(logits.argmax(dim=-1), [None] * b, None, None, None, failed)
-        raw = logits  # the model's logits: logprobs are of these (before penalties, biases and masks)
         logits = logits.float()
-        wants_logprobs = any(w.logprobs is not None for w in rows)
-        if wants_logprobs:
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            if logits.data_ptr() == raw.data_ptr():
-                logits = logits.clone()  # float32 already: the steps below write in place
+        # the model's distribution: logprobs are of these (before penalties, biases and masks)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(w.logprobs is not None for w in rows) else None
 
         if any(_penalised(r) for r in reqs):
             logits = self._apply_penalties(logits, reqs, vocab)
@@ -266,8 +259,8 @@ class Sampler:
             ids = torch.where(greedy, greedy_ids, sampled)
 
         chosen = top_vals = top_idx = None
-        if wants_logprobs:
-            chosen, top_vals, top_idx = token_logprobs(raw, ids, max(w.logprobs or 0 for w in rows), lse)
+        if raw_logprobs is not None:
+            chosen, top_vals, top_idx = token_logprobs(raw_logprobs, ids, max(w.logprobs or 0 for w in rows))
         return PendingSample(ids, [w.logprobs for w in rows], chosen, top_vals, top_idx, sorted(set(failed)))
 
     @staticmethod
