@@ -318,12 +318,12 @@ class EngineCore:
         self.last_collected = step.batch
         try:
             res = step.sample.result() if step.sample is not None else None
-            if step.prompt is not None:
-                self._take_prompt_logprobs(step.prompt)
+            unscored = self._take_prompt_logprobs(step.prompt) if step.prompt is not None else []
         except Exception as e:  # noqa: BLE001 - e.g. a device error surfacing at the sync
             return self._fail(step.batch.requests, e)
         # a request whose own sampling work failed ends alone (the sampler logged why); the others go on
         outs = self._fail([step.sampling[i] for i in res.failed_rows]) if res is not None and res.failed_rows else []
+        outs += self._fail(unscored)
         # requests finished or aborted since the launch get nothing (their blocks are already back)
         live = [i for i, r in enumerate(step.sampling) if r.status != RequestStatus.FINISHED]
         sampling = [step.sampling[i] for i in live]
@@ -351,19 +351,24 @@ class EngineCore:
         return outs
 
     @staticmethod
-    def _take_prompt_logprobs(prompt: PromptLogprobs) -> None:
+    def _take_prompt_logprobs(prompt: PromptLogprobs) -> list[Request]:
         """Append each request's newly scored prompt positions to its list, in order; positions it already has
-        (rows computed again after a preemption) are skipped."""
+        (rows computed again after a preemption) are skipped. Returns the requests whose positions came out of
+        order (a scheduling bug: they end alone, logged)."""
         res = prompt.pending.result()
         row = 0
+        broken = []
         for req, first, count in prompt.spans:
             have = req.prompt_logprobs
             if req.status != RequestStatus.FINISHED and first + count > len(have):
-                if first > len(have):  # chunks are scored in order: a gap would be a scheduling bug
-                    raise RuntimeError(f"request {req.request_id}: prompt logprobs from position {first} came "
-                                       f"before those from {len(have)}")
-                have.extend(res.logprobs[row + len(have) - first:row + count])
+                if first > len(have):
+                    log.error("request %s: prompt logprobs from position %d came before those from %d", req.request_id,
+                              first, len(have))
+                    broken.append(req)
+                else:
+                    have.extend(res.logprobs[row + len(have) - first:row + count])
             row += count
+        return broken
 
     def close(self) -> None:
         self.grammars.compiler.shutdown()

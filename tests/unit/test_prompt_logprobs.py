@@ -159,3 +159,20 @@ def test_random_engines_score_every_prompt_exactly(model_dir, reference, seed):
             check_against_reference(outs[rid], prompt, sp.prompt_logprobs, reference)
     core.kv.reset_prefix_cache()
     assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+def test_scored_rows_are_taken_in_order_once():
+    """The engine's bookkeeping alone: rows already held are skipped, a gap ends its request alone."""
+    from kiln.engine.runner import PromptLogprobs
+    from kiln.engine.sampler import PendingSample
+
+    def step(*spans):
+        n = sum(c for _, _, c in spans)
+        chosen = -torch.arange(n, dtype=torch.float32)  # row i's logprob: -i
+        return PromptLogprobs(list(spans), PendingSample(torch.zeros(n, dtype=torch.long), [0] * n, chosen, None, None))
+    a, b = (Request(rid, list(range(3, 13)), SamplingParams(prompt_logprobs=0)) for rid in "ab")
+    assert EngineCore._take_prompt_logprobs(step((a, 0, 3), (b, 0, 2))) == []
+    assert [c for c, _ in a.prompt_logprobs] == [0, -1, -2] and [c for c, _ in b.prompt_logprobs] == [-3, -4]
+    # a's positions 1-4 again (computed once more after a preemption): only 3 and 4 are new; b's 4-5 leave a gap
+    assert EngineCore._take_prompt_logprobs(step((a, 1, 4), (b, 4, 2))) == [b]
+    assert [c for c, _ in a.prompt_logprobs] == [0, -1, -2, -2, -3] and len(b.prompt_logprobs) == 2
