@@ -366,6 +366,11 @@ class KilnConfig:
         "auto", "KILN_TOOL_CALL_PARSER", "How the OpenAI API reads tool calls in the model's output: auto (by model "
         "family and chat template), llama3_json, hermes (also Qwen2.5/Qwen3), none (left as text).", kind="str",
         flags=("--tool-call-parser",), check=_choice("auto", "llama3_json", "hermes", "none"), group="runtime")
+    reasoning_parser: str = setting(
+        "none", "KILN_REASONING_PARSER", "How the OpenAI chat API splits the model's reasoning (<think> ... </think>) "
+        "from its answer into `reasoning_content`: qwen3 (the model opens the block), deepseek_r1 (the template "
+        "opens it in the prompt), none (left in the content).", kind="str", flags=("--reasoning-parser",),
+        check=_choice("none", "qwen3", "deepseek_r1"), group="runtime")
     seed: int = setting(
         0, "KILN_SEED", "Engine random seed (requests without `seed`).", kind="int", flags=("--seed",),
         group="runtime")

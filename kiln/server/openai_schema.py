@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kiln.engine.request import INT64_MAX, INT64_MIN, UINT64_MAX, SamplingParams
 from kiln.errors import ErrorKind, RequestError
 from kiln.server.frontend import Frontend
+from kiln.server.reasoning import ReasoningParser
 from kiln.server.sampling import LengthWording, Limits, build_sampling_params
 from kiln.server.seed_protocol import normalize_messages
 from kiln.server.structured_api import structured_outputs
@@ -158,6 +159,7 @@ class OpenAIJob:
     timeout: float = 300.0
     arrival_time: float = field(default_factory=time.time)
     tool_plan: ToolPlan | None = None         # chat with tools: how the output becomes tool_calls
+    reasoning: ReasoningParser | None = None  # chat: how the output's reasoning becomes reasoning_content
 
 
     def request_ids(self) -> list[tuple[int, int, str]]:
@@ -310,7 +312,8 @@ async def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
                      continuous_usage=bool(so and so.continuous_usage_stats), logprobs=logprobs,
                      want_logprobs=req.logprobs, skip_special_tokens=req.skip_special_tokens,
                      include_stop_str_in_output=req.include_stop_str_in_output,
-                     timeout=req.timeout or frontend.cfg.request_timeout, tool_plan=tool_plan)
+                     timeout=req.timeout or frontend.cfg.request_timeout, tool_plan=tool_plan,
+                     reasoning=_reasoning_parser(frontend.cfg.reasoning_parser))
 
 
 async def _chat_prompt(req: _ChatPrompt, frontend: Frontend) -> tuple[list[int], ToolPlan | None]:
@@ -549,14 +552,26 @@ def chat_chunk(job: OpenAIJob, index: int, delta: dict, finish_reason: str | Non
     return c
 
 
+@functools.lru_cache(maxsize=None)
+def _reasoning_parser(name: str) -> ReasoningParser | None:
+    return None if name == "none" else ReasoningParser(name)
+
+
 def chat_message(job: OpenAIJob, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-    """A finished chat choice's assistant message and finish_reason: with tools, the output read into
-    `tool_calls` (finish_reason "tool_calls" when the model stopped after calling)."""
+    """A finished chat choice's assistant message and finish_reason: its reasoning as `reasoning_content` (with a
+    reasoning parser), and with tools the rest read into `tool_calls` (finish_reason "tool_calls" when the model
+    stopped after calling)."""
+    message: dict[str, Any] = {"role": "assistant"}
+    if job.reasoning is not None:
+        split = job.reasoning.split(text)
+        text = split.content
+        if split.reasoning is not None:
+            message["reasoning_content"] = split.reasoning
     plan = job.tool_plan
     if plan is None or plan.mode == "none":
-        return {"role": "assistant", "content": text}, finish_reason
+        return message | {"content": text}, finish_reason
     out = plan.parse(text)
-    message: dict[str, Any] = {"role": "assistant", "content": out.content}
+    message["content"] = out.content
     if out.tool_calls:
         message["tool_calls"] = [c.to_openai() for c in out.tool_calls]
         if finish_reason == "stop":
@@ -565,14 +580,27 @@ def chat_message(job: OpenAIJob, text: str, finish_reason: str | None) -> tuple[
 
 
 class ChatChoiceStream:
-    """One streamed chat choice's deltas: the text as content or, with tools, read by the tool-call parser."""
+    """One streamed chat choice's deltas: its reasoning as reasoning_content (with a reasoning parser), the rest
+    as content or, with tools, read by the tool-call parser."""
 
     def __init__(self, job: OpenAIJob):
         plan = job.tool_plan
         self.parser = plan.stream_parser() if plan is not None and plan.mode != "none" else None
+        self.reasoning = job.reasoning.stream() if job.reasoning is not None else None
 
     def deltas(self, text: str, finished: bool, finish_reason: str | None) -> tuple[list[dict], str | None]:
         """(deltas for this piece of text, the finish_reason to send with the last one)."""
+        if self.reasoning is None:
+            return self._content_deltas(text, finished, finish_reason)
+        pieces = self.reasoning.feed(text) + (self.reasoning.finish() if finished else [])
+        thought = [{"reasoning_content": t} for kind, t in pieces if kind == "reasoning"]
+        content = "".join(t for kind, t in pieces if kind == "content")
+        deltas, finish_reason = self._content_deltas(content, finished, finish_reason)
+        if thought and not content:  # the reasoning deltas carry the end: no empty content delta after them
+            deltas = [d for d in deltas if d not in ({}, {"content": ""})]
+        return thought + deltas, finish_reason
+
+    def _content_deltas(self, text: str, finished: bool, finish_reason: str | None) -> tuple[list[dict], str | None]:
         if self.parser is None:
             return ([{"content": text}] if text or finished else []), finish_reason
         deltas = self.parser.feed(text) + (self.parser.finish() if finished else [])

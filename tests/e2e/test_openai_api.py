@@ -478,3 +478,25 @@ def test_continue_final_message(server, v1):
     with pytest.raises(openai.BadRequestError, match="add_generation_prompt"):
         v1.chat.completions.create(model="m", messages=msgs, max_tokens=2,
                                    extra_body={"continue_final_message": True})
+
+
+@pytest.fixture(scope="module")
+def r1_server(kiln_server_factory):
+    # the bundled model writes no </think>: under deepseek_r1 (the template opened the block) it is all reasoning
+    return kiln_server_factory(KILN_REASONING_PARSER="deepseek_r1", BATCH_SIZE="4", MAX_SEQ_LEN="512",
+                               MAX_DEC_LEN="64")
+
+
+def test_reasoning_parser_puts_the_reasoning_apart(r1_server, v1):
+    r1 = openai.Client(base_url=r1_server.url + "/v1", api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
+    kw = dict(model="m", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12,
+              temperature=0)
+    plain = v1.chat.completions.create(**kw).choices[0].message
+    got = r1.chat.completions.create(**kw).choices[0].message
+    assert plain.content and not getattr(plain, "reasoning_content", None)
+    assert got.reasoning_content == plain.content and not got.content
+    chunks = list(r1.chat.completions.create(stream=True, **kw))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == plain.content
+    assert not "".join(d.content or "" for d in deltas)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
