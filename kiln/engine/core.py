@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from kiln.engine.config import EngineConfig
 from kiln.engine.cuda_graph import batch_size_ladder
@@ -383,7 +383,7 @@ class EngineCore:
                            self.scheduler.num_preemptions, self.num_steps, ready, self.max_model_len,
                            self.num_refused, self.scheduler.prefill_tokens_per_step.cumulative(),
                            self.scheduler.prefill_tokens_per_step.sum, self.num_warmup_steps,
-                           asdict(self.totals))
+                           dict(vars(self.totals)))  # every step: a shallow copy, not asdict
 
     # one request per sampler path (Sampler.paths), and one scoring its prompt (the runner's prompt logprobs):
     # each path's ops run once before ready
