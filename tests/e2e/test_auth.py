@@ -42,8 +42,10 @@ def test_http_refuses_without_a_right_key(server, headers, problem):
         b = r.json()
         assert problem in b["error_msg"] and "Authorization: Bearer" in b["error_msg"]
         assert b["error_code"] == 401 and b["error"]["type"] == "authentication_error"
-    r = requests.get(server.url + "/v1/models", headers=headers, timeout=30)
-    assert r.status_code == 401
+    for path in ("/v1/models", "/v2/models/stats", "/v2/models/model/stats"):  # the statistics too
+        r = requests.get(server.url + path, headers=headers, timeout=30)
+        assert r.status_code == 401, path
+    assert requests.post(server.url + "/v2/repository/index", headers=headers, timeout=30).status_code == 401
 
 
 def test_http_serves_each_key_and_both_headers(server):
@@ -86,9 +88,12 @@ def test_grpc_needs_the_key(server):
             with pytest.raises(InferenceServerException) as e:
                 _infer(client, headers)
             assert "UNAUTHENTICATED" in str(e.value.status()) and "API key" in e.value.message()
-        with pytest.raises(InferenceServerException) as e:
-            client.get_model_metadata("model")
-        assert "UNAUTHENTICATED" in str(e.value.status())
+        for call in (lambda: client.get_model_metadata("model"), lambda: client.get_inference_statistics("model"),
+                     client.get_model_repository_index):
+            with pytest.raises(InferenceServerException) as e:
+                call()
+            assert "UNAUTHENTICATED" in str(e.value.status())
+        assert client.get_inference_statistics("model", headers={"x-api-key": "second-key-456"}).model_stats
         r = _infer(client, {"authorization": "Bearer first-key-123"})
         assert json.loads(r.as_numpy("OUT")[0])[0]["is_end"] == 1
         assert client.get_model_metadata("model", headers={"x-api-key": "second-key-456"}).name == "model"
