@@ -437,6 +437,19 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None, warm_up: bool 
     async def models(request: Request):
         return JSONResponse(oai.models_response(fe_of(request)))
 
+    @app.get("/v1/models/{model:path}")  # a served name may hold "/"
+    async def retrieve_model(request: Request, model: str):
+        try:
+            return JSONResponse(oai.retrieve_model(fe_of(request), model))
+        except RequestError as e:
+            return _openai_error(e)
+
+    @app.get("/version")
+    async def version():
+        import kiln
+
+        return JSONResponse({"version": getattr(kiln, "__version__", "")})
+
     @app.get("/v2/health/live")
     async def live(request: Request):
         return Response(status_code=200)

@@ -617,7 +617,18 @@ def usage_chunk(job: OpenAIJob, prompt_tokens: int, completion_tokens: int) -> d
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
+def model_card(frontend: Frontend) -> dict:
+    return {"id": frontend.model_name, "object": "model", "created": frontend.created, "owned_by": "kiln",
+            "root": frontend.model_name, "max_model_len": frontend.max_model_len}
+
+
 def models_response(frontend: Frontend) -> dict:
-    return {"object": "list", "data": [{"id": frontend.model_name, "object": "model", "created": frontend.created,
-                                        "owned_by": "kiln", "root": frontend.model_name,
-                                        "max_model_len": frontend.max_model_len}]}
+    return {"object": "list", "data": [model_card(frontend)]}
+
+
+def retrieve_model(frontend: Frontend, model: str) -> dict:
+    """GET /v1/models/{model}: the served model's card, 404 for another name (requests may still name any)."""
+    if model != frontend.model_name:
+        raise RequestError(f"The model `{model}` does not exist: this server serves `{frontend.model_name}`",
+                           ErrorKind.NOT_FOUND, param="model")
+    return model_card(frontend)

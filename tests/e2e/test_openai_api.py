@@ -500,3 +500,12 @@ def test_reasoning_parser_puts_the_reasoning_apart(r1_server, v1):
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == plain.content
     assert not "".join(d.content or "" for d in deltas)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_retrieve_model_and_version(server, v1):
+    card = v1.models.retrieve("SmolLM2-135M-Instruct")
+    assert card.id == "SmolLM2-135M-Instruct" and card.object == "model"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        v1.models.retrieve("gpt-4o")
+    r = requests.get(server.url + "/version", timeout=10)
+    assert r.status_code == 200 and r.json()["version"]
