@@ -346,14 +346,19 @@ class ModelRunner:
         if not p.num_prompt_rows:
             return None
         k, size = p.prompt_top_k, self.cfg.max_num_seqs
+        reader = tpd.tp_rank() == 0  # the other ranks take part in the LM head's all-gather, nothing more
         chosen, top_vals, top_idx = [], [], []
         for i in range(0, p.num_prompt_rows, size):
-            logprobs = torch.log_softmax(logits_of(rows[i:i + size]).float(), dim=-1)
-            c, vals, idx = token_logprobs(logprobs, targets[i:i + size], k)
+            logits = logits_of(rows[i:i + size])
+            if not reader:
+                continue
+            c, vals, idx = token_logprobs(torch.log_softmax(logits.float(), dim=-1), targets[i:i + size], k)
             chosen.append(c)
             if k:
                 top_vals.append(vals)
                 top_idx.append(idx)
+        if not reader:
+            return None
         return PendingSample(targets, [k] * p.num_prompt_rows, torch.cat(chosen),
                              torch.cat(top_vals) if k else None, torch.cat(top_idx) if k else None)
 
