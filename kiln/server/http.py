@@ -280,6 +280,8 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
     builders = [oai.LogprobsBuilder(job, fe) for _ in streams]
     choice_streams = [oai.ChatChoiceStream(job) for _ in streams]
     text_events = [oai.TextDeltaEvent(job, idx, dumps) for idx in range(len(streams))]
+    thought_events = ([oai.TextDeltaEvent(job, idx, dumps, "reasoning_content") for idx in range(len(streams))]
+                      if job.reasoning is not None else None)
     plain = not (job.include_usage and job.continuous_usage)  # events that carry only the text
     prompt_tokens = sum(len(x) for x in job.prompts)
 
@@ -304,9 +306,13 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
                     deltas = [{"content": ""}]
                 for k, delta in enumerate(deltas):
                     last = k == len(deltas) - 1
-                    if plain and lp is None and not (last and ev.finished) and delta.keys() == {"content"}:
-                        out.append(text_events[idx].sse(delta["content"]))
-                        continue
+                    if plain and lp is None and not (last and ev.finished) and len(delta) == 1:
+                        if "content" in delta:
+                            out.append(text_events[idx].sse(delta["content"]))
+                            continue
+                        if thought_events is not None and "reasoning_content" in delta:
+                            out.append(thought_events[idx].sse(delta["reasoning_content"]))
+                            continue
                     c = oai.chat_chunk(job, idx, delta, finish_reason if last and ev.finished else None,
                                        lp if k == 0 else None)
                     if job.include_usage and job.continuous_usage:

@@ -529,12 +529,13 @@ def completion_chunk(job: OpenAIJob, index: int, text: str, finish_reason: str |
 class TextDeltaEvent:
     """One choice's SSE event for a plain text delta (no finish reason, logprobs or usage: nearly every event of
     a stream), its constant parts serialized once per stream: an event costs one dumps of the text, not of the
-    whole chunk. The same JSON as completion_chunk / chat_chunk give."""
+    whole chunk. The same JSON as completion_chunk / chat_chunk give; a chat delta's `field` is its content or,
+    with a reasoning parser, its reasoning_content."""
 
     _MARK = "\x00kiln-text\x00"
 
-    def __init__(self, job: OpenAIJob, index: int, dumps):
-        c = (chat_chunk(job, index, {"content": self._MARK}, None) if job.kind == "chat"
+    def __init__(self, job: OpenAIJob, index: int, dumps, field: str = "content"):
+        c = (chat_chunk(job, index, {field: self._MARK}, None) if job.kind == "chat"
              else completion_chunk(job, index, self._MARK, None))
         self.prefix, self.suffix = dumps(c).split(dumps(self._MARK))
         self.prefix, self.dumps = "data: " + self.prefix, dumps

@@ -25,3 +25,11 @@ def test_text_events_equal_the_general_chunks(kind, include_usage):
                        else oai.completion_chunk(job, index, text, None))
             assert ev.sse(text) == f"data: {dumps(general)}\n\n"
             assert json.loads(ev.sse(text)[len("data: "):]) == general
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_reasoning_events_equal_the_general_chunks(include_usage):
+    job = SimpleNamespace(id="chatcmpl-1", created=1700000000, model="m", include_usage=include_usage, kind="chat")
+    ev = oai.TextDeltaEvent(job, 1, dumps, "reasoning_content")
+    for text in TEXTS:
+        assert ev.sse(text) == f"data: {dumps(oai.chat_chunk(job, 1, {'reasoning_content': text}, None))}\n\n"
