@@ -341,9 +341,8 @@ class EngineCore:
                           if slot == 0 and req.first_scheduled_time is not None else None)
             out = EngineOutput(rid, [tok], fin, req.finish_reason.value if fin else None, req.num_prompt_tokens,
                                None if lp is None else [lp], queue_time=queue_time)
-            if req.params.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            if slot == 0 and req.params.prompt_logprobs is not None:  # with the first token
                 out.prompt_logprobs = [None, *req.prompt_logprobs]
-                req.prompt_logprobs_sent = True
             outs.append(out)
             if fin:
                 del self.requests[rid]

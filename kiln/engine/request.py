@@ -145,7 +145,6 @@ class Request:
         # params.prompt_logprobs: entry i is the logprob pair of prompt token i + 1 (what position i predicted),
         # filled chunk by chunk as the prefill runs, sent with the first new token
         self.prompt_logprobs: list = []
-        self.prompt_logprobs_sent = False
         ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             ids |= set(eos_token_ids)
