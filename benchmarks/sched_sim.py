@@ -66,7 +66,7 @@ def simulate(num_blocks: int, block_size: int, max_num_seqs: int, budget: int, r
             decode_rows += len(decodes)
         slots = sched.launched(batch, sampling)
         # an EOS at each request's drawn length
-        sched.resolve(batch, sampling, slots, [EOS if len(r.output_token_ids) >= ends[r.request_id] else 5
+        sched.resolve(batch, sampling, slots, [[EOS if len(r.output_token_ids) >= ends[r.request_id] else 5]
                                                for r in sampling])
     out = sum(ends.values())
     return dict(total_s=t, output_tok_s=out / t, preemptions=sched.num_preemptions, steps=steps, mixed_s=mixed_s,

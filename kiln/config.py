@@ -125,6 +125,15 @@ def _port(optional: bool):
     return check
 
 
+def _speculative(v):
+    from kiln.engine.speculative import SpeculativeConfig
+    try:
+        SpeculativeConfig.parse(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _choice(*choices: str):
     def check(v):
         if v not in choices:
@@ -328,6 +337,13 @@ class KilnConfig:
         "auto", "KILN_ASYNC_SCHEDULING", "Queue the next step on the GPU before the current one's tokens reach the "
         "host, hiding the host's work: auto (on with CUDA), on, off.", kind="str",
         flags=("--async-scheduling",), check=_choice("auto", "on", "off"), group="runtime")
+    speculative_config: str | None = setting(
+        None, "KILN_SPECULATIVE_CONFIG", "Speculative decoding, vLLM's JSON: '{\"method\": \"ngram\", "
+        "\"num_speculative_tokens\": 5}' drafts up to 5 tokens a step from the request's own earlier tokens "
+        "(prompt_lookup_max 4 / prompt_lookup_min 2 tokens matched; disable_by_batch_size N: off while more than N "
+        "requests run). The output is what it would be without (greedy: the same tokens); steps then run "
+        "synchronously. Unset: off.", kind="optstr", flags=("--speculative-config",), check=_speculative,
+        group="runtime")
 
     # --- behaviour -------------------------------------------------------------------------------------
     use_warmup: bool | None = setting(
@@ -543,6 +559,7 @@ class KilnConfig:
             warmup=self.use_warmup,
             grammar_compile_timeout=self.grammar_compile_timeout,
             async_scheduling={"auto": None, "on": True, "off": False}[self.async_scheduling],
+            speculative_config=self.speculative_config,
             extra={"max_seq_len": self.max_seq_len, "max_dec_len": self.max_dec_len,
                    "block_ratio": self.block_ratio, "enc_dec_block_num": self.enc_dec_block_num,
                    "max_prefill_batch": self.max_prefill_batch},

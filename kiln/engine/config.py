@@ -34,6 +34,8 @@ class EngineConfig:
     # queue step N+1 before step N's ids reach the host; None: on with CUDA
     async_scheduling: bool | None = None
     warmup: bool | None = False           # USE_WARMUP; None: on with CUDA (where kernels compile), off on CPU
+    # speculative decoding: vLLM's JSON or dict (kiln/engine/speculative.py); None: off
+    speculative_config: str | dict[str, Any] | None = None
     grammar_compile_timeout: float = 10.0  # s a structured-output request may wait for its grammar to compile
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -9,6 +9,7 @@ Stats go to every front end that said hello, at least every HEARTBEAT_S: health 
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -33,6 +34,7 @@ from kiln.engine.request import (
 from kiln.engine.runner import PromptLogprobs
 from kiln.engine.sampler import PendingSample, Sampler
 from kiln.engine.scheduler import ScheduledBatch, Scheduler
+from kiln.engine.speculative import NgramProposer, SpecDecodeStats, SpeculativeConfig, confirmed
 from kiln.engine.structured import GrammarCompiler, PendingGrammars
 from kiln.engine.variants import CompileWatch, VariantLog, compiled_triton_kernels
 from kiln.engine.wire import Abort, AddRequest, Fatal, Hello, Message, Outputs, Stats, WireError, decode, encode
@@ -51,6 +53,7 @@ class InFlightStep:
     batch: ScheduledBatch
     sampling: list[Request]     # the requests that sample this step, in the order of the sampled ids
     slots: list[int]            # where each one's token goes in its output list
+    rows: list[int]             # sampled rows of each (1, or 1 + its draft tokens when it speculates)
     sample: PendingSample | None
     logits: object = None       # torch.Tensor: logits still to sample (grammar rows wait for the previous ids)
     prompt: PromptLogprobs | None = None  # the prompt logprobs the step computes
@@ -103,8 +106,13 @@ class EngineCore:
         mc = self.runner.model_config
         self.max_model_len = self.runner.max_model_len()
         self.kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.speculative = SpeculativeConfig.parse(cfg.speculative_config)
+        self.spec_stats = SpecDecodeStats()
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
-                                   cfg.max_prefill_tokens, reserve_ratio=cfg.kv_reserve_ratio)
+                                   cfg.max_prefill_tokens, reserve_ratio=cfg.kv_reserve_ratio,
+                                   proposer=NgramProposer(self.speculative) if self.speculative else None)
+        if self.speculative:
+            log.info("speculative decoding: %s (steps run synchronously)", self.speculative.describe())
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self.num_overlapped_steps = 0  # steps queued while the previous one was still in flight
@@ -252,8 +260,10 @@ class EngineCore:
         return outs
 
     def _may_overlap(self) -> bool:
-        # penalties read the whole output on the host (a grammar's mask waits in _sample instead)
-        return self.async_scheduling and not any(r.needs_output_history for r in self.scheduler.running)
+        # penalties read the whole output on the host (a grammar's mask waits in _sample instead); drafts are
+        # looked up in every known token, and a step's confirmed count moves the next step's positions
+        return (self.async_scheduling and self.speculative is None
+                and not any(r.needs_output_history for r in self.scheduler.running))
 
     def _admit_compiled(self) -> list[EngineOutput]:
         """Requests whose grammar compiled go to the scheduler; those whose grammar failed or timed out end."""
@@ -300,11 +310,12 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001
             outs += self._fail(batch.requests, e)
             return None
-        self.variants.record_step(batch.num_tokens, batch.num_decode_rows, len(sampling), Sampler.paths(sampling))
+        self.variants.record_step(batch.num_tokens, batch.num_decode_rows, len(sampling), Sampler.paths(sampling),
+                                  batch.num_draft_tokens)
         # sample is None for a step in which nobody samples (a middle chunk of a prefill: sampling is []) or
         # whose sampling is deferred (logits kept)
-        return InFlightStep(batch, sampling, self.scheduler.launched(batch, sampling), sample,
-                            logits if deferred else None, prompt)
+        return InFlightStep(batch, sampling, self.scheduler.launched(batch, sampling),
+                            [r.num_sample_rows for r in sampling], sample, logits if deferred else None, prompt)
 
     def _sample(self, step: InFlightStep, outs: list[EngineOutput]) -> None:
         """Sample a step whose sampling waited for the previous step's ids (now accepted by the matchers)."""
@@ -321,26 +332,38 @@ class EngineCore:
             unscored = self._take_prompt_logprobs(step.prompt) if step.prompt is not None else []
         except Exception as e:  # noqa: BLE001 - e.g. a device error surfacing at the sync
             return self._fail(step.batch.requests, e)
+        first_row = list(itertools.accumulate(step.rows, initial=0))  # each request's first sampled row
         # a request whose own sampling work failed ends alone (the sampler logged why); the others go on
-        outs = self._fail([step.sampling[i] for i in res.failed_rows]) if res is not None and res.failed_rows else []
+        if res is not None and res.failed_rows:
+            owner = [i for i, k in enumerate(step.rows) for _ in range(k)]
+            outs = self._fail([step.sampling[i] for i in sorted({owner[row] for row in res.failed_rows})])
+        else:
+            outs = []
         outs += self._fail(unscored)
         # requests finished or aborted since the launch get nothing (their blocks are already back)
         live = [i for i, r in enumerate(step.sampling) if r.status != RequestStatus.FINISHED]
         sampling = [step.sampling[i] for i in live]
         slots = [step.slots[i] for i in live]
-        toks = [res.token_ids[i] for i in live] if res is not None else []
-        for req, tok in zip(sampling, toks):
+        toks = []  # each live request's new tokens
+        for i, req in zip(live, sampling) if res is not None else ():
+            sampled = res.token_ids[first_row[i]:first_row[i + 1]]
+            if req.draft_token_ids:  # the drafts the samples confirm, then the sample after them
+                n = confirmed(req.draft_token_ids, sampled)
+                self.spec_stats.record(len(req.draft_token_ids), n)
+                sampled = sampled[:n + 1]
+            toks.append(sampled)
             if req.grammar is not None:
-                req.grammar.accept(tok)  # before resolve: a grammar that has ended ends its request
+                req.grammar.accept(sampled[0])  # before resolve: a grammar that has ended ends its request
         self.scheduler.resolve(step.batch, sampling, slots, toks)
-        for req, slot, i, tok in zip(sampling, slots, live, toks):
+        for req, slot, i, sampled in zip(sampling, slots, live, toks):
             rid = req.request_id
             fin = req.status == RequestStatus.FINISHED
-            lp = res.logprobs[i]
+            new = req.output_token_ids[slot:slot + len(sampled)]  # fewer where a stop came among them
+            lps = res.logprobs[first_row[i]:first_row[i] + len(new)]
             queue_time = (req.first_scheduled_time - req.arrival_time
                           if slot == 0 and req.first_scheduled_time is not None else None)
-            out = EngineOutput(rid, [tok], fin, req.finish_reason.value if fin else None, req.num_prompt_tokens,
-                               None if lp is None else [lp], queue_time=queue_time)
+            out = EngineOutput(rid, new, fin, req.finish_reason.value if fin else None, req.num_prompt_tokens,
+                               None if lps[0] is None else lps, queue_time=queue_time)
             if slot == 0 and req.params.prompt_logprobs is not None:  # with the first token
                 out.prompt_logprobs = [None, *req.prompt_logprobs]
             outs.append(out)
@@ -382,7 +405,8 @@ class EngineCore:
                            self.scheduler.num_preemptions, self.num_steps, ready, self.max_model_len,
                            self.num_refused, self.scheduler.prefill_tokens_per_step.cumulative(),
                            self.scheduler.prefill_tokens_per_step.sum, self.num_warmup_steps,
-                           dict(vars(self.totals)))  # every step: a shallow copy, not asdict
+                           dict(vars(self.totals)),  # every step: a shallow copy, not asdict
+                           dict(vars(self.spec_stats)) if self.speculative else {})
 
     # one request per sampler path (Sampler.paths), and one scoring its prompt (the runner's prompt logprobs):
     # each path's ops run once before ready
@@ -413,13 +437,13 @@ class EngineCore:
         n_req = 0
         max_waiting, self.cfg.max_waiting = self.cfg.max_waiting, 1 << 30  # a batch of warm-up requests is no overload
 
-        def add(prompt_len: int, max_tokens: int, **params) -> None:
+        def add(prompt_len: int, max_tokens: int, prompt: list[int] | None = None, **params) -> None:
             nonlocal n_req
             n_req += 1
             prompt_len = max(1, min(prompt_len, room - max_tokens - 1))
             # distinct tokens per request: no prefix-cache hit turns a prefill into something smaller
-            prompt = [(n_req * 7919 + i) % max(2, self.runner.model_config.vocab_size - 1) + 1
-                      for i in range(prompt_len)]
+            prompt = prompt or [(n_req * 7919 + i) % max(2, self.runner.model_config.vocab_size - 1) + 1
+                                for i in range(prompt_len)]
             err = self.add_request(f"__warmup_{n_req}", prompt, SamplingParams(ignore_eos=True, max_tokens=max_tokens,
                                                                                **params))
             if err is not None:
@@ -457,6 +481,13 @@ class EngineCore:
             drain()
         add(budget + budget // 2 + 1, 1, temperature=0.0)
         drain()
+        if self.speculative:
+            # speculating decode rows beside a plain one (a "+spec" step): a prompt of one repeated token that a
+            # logit bias makes the model repeat, so the n-gram lookup drafts it and the samples confirm it
+            k = self.speculative.num_speculative_tokens
+            add(8, 1 + k, temperature=0.0)
+            add(8, 2 * k + 2, prompt=[3] * 8, temperature=0.0, logit_bias=[(3, 100.0)])
+            drain()
         # 4. a decode at every CUDA-graph ladder size (eager on CPU; on the GPU the graphs were captured, this
         #    runs their replay and the sampler at that batch)
         for size in batch_size_ladder(self.cfg.max_num_seqs):
@@ -467,6 +498,7 @@ class EngineCore:
         # the warm-up's steps are not traffic: start the published step statistics afresh
         self.scheduler.prefill_tokens_per_step.reset()
         self.totals = RequestTotals()
+        self.spec_stats = SpecDecodeStats()
         self.num_warmup_steps = self.num_steps
         self.cfg.max_waiting = max_waiting
         kernels = compiled_triton_kernels()

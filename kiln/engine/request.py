@@ -145,6 +145,11 @@ class Request:
         # params.prompt_logprobs: entry i is the logprob pair of prompt token i + 1 (what position i predicted),
         # filled chunk by chunk as the prefill runs, sent with the first new token
         self.prompt_logprobs: list = []
+        # speculative decoding (kiln/engine/speculative.py): this step's draft tokens, computed after the last
+        # known token and sampled at each of their positions; the n-gram lookup's copy of the known tokens
+        self.draft_token_ids: list[int] = []
+        self.history_array = None
+        self.history_len = 0
         ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             ids |= set(eos_token_ids)
@@ -165,6 +170,11 @@ class Request:
     def needs_prompt_logprobs(self) -> bool:
         """Prompt positions still lack their logprobs: the prefill must compute them (no prefix-cache hits)."""
         return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+
+    @property
+    def num_sample_rows(self) -> int:
+        """Logit rows this request samples in its step: its next token's, and one per draft token."""
+        return 1 + len(self.draft_token_ids)
 
     @property
     def num_known_tokens(self) -> int:
@@ -254,6 +264,7 @@ class EngineStats:
     prefill_tokens_sum: float = 0.0
     num_warmup_steps: int = 0          # of num_steps_total, those the warm-up ran before ready
     requests: dict[str, float] = field(default_factory=dict)  # RequestTotals' fields since ready
+    spec_decode: dict[str, int] = field(default_factory=dict)  # SpecDecodeStats since ready ({}: speculation off)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -200,20 +200,23 @@ class ModelRunner:
         for req, n in zip(batch.requests, batch.num_tokens):
             start = req.num_computed_tokens
             end = start + n
-            toks = req.all_token_ids[start:end] if start < req.num_prompt_tokens else req.output_token_ids[
-                start - req.num_prompt_tokens:end - req.num_prompt_tokens]
+            drafts = req.draft_token_ids  # speculative tokens after the known ones (kiln/engine/speculative.py)
+            known_end = end - len(drafts)
+            toks = req.all_token_ids[start:known_end] if start < req.num_prompt_tokens else req.output_token_ids[
+                start - req.num_prompt_tokens:known_end - req.num_prompt_tokens]
             ids.extend(toks)
             if toks[-1] == PENDING_TOKEN:  # sampled by the step still in flight: read it on the device
                 fix_dst.append(len(ids) - 1)
                 fix_src.append(req.pending_row)
+            ids.extend(drafts)
             pos.extend(range(start, end))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             tables.append(blocks)
             qlens.append(n)
             slens.append(end)
-            if end == req.num_tokens:  # caught up with all known tokens: the model's output is a new token
-                logits_idx.append(len(ids) - 1)
+            if known_end == req.num_tokens:  # caught up with all known tokens: the model's output is a new token
+                logits_idx.extend(range(len(ids) - 1 - len(drafts), len(ids)))  # and one after each draft
                 sampling.append(req)
             if req.params.prompt_logprobs is not None:
                 # position p predicts prompt token p + 1; those already scored (before a preemption) are skipped
@@ -380,7 +383,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, sampling: list[Request]) -> PendingSample:
-        pending = self.sampler.sample(logits, sampling)
+        """One row per logit row: a speculating request's (num_sample_rows) are each sampled with its settings."""
+        rows = sampling if len(logits) == len(sampling) else [r for r in sampling for _ in range(r.num_sample_rows)]
+        pending = self.sampler.sample(logits, rows)
         self.last_sampled_ids = pending.ids
         return pending
 

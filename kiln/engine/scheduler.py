@@ -12,7 +12,9 @@ allow. Admission is FIFO, except that a request whose first chunk does not fit t
 ones that fit go first (it would otherwise make them wait for work they could run beside); each waiting request
 lets at most `max_overtakes` others pass it, then the queue waits for it, so nobody starves. When blocks run
 out, the newest running request not yet in this step is preempted: its blocks are freed and it is recomputed
-later from its tokens, ahead of the queue. reserve_ratio (KILN_KV_RESERVE_RATIO) makes admission keep free that
+later from its tokens, ahead of the queue. With speculative decoding (kiln/engine/speculative.py) a decode row
+carries its request's draft tokens too, within the step's budget, the request's max_tokens and the model length,
+and only where their blocks are free without a preemption. reserve_ratio (KILN_KV_RESERVE_RATIO) makes admission keep free that
 share of the blocks the running requests may still take up to their max_tokens: 1 admits only what can run to
 the end without a preemption, at the price of a smaller batch where requests end early; auto (the default) takes
 the share of max_tokens that finished requests actually used (benchmarks/sched_sim.py: as good as 1 where
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 
 from kiln.engine.kv_cache import KVCacheManager
 from kiln.engine.request import PENDING_TOKEN, FinishReason, Request, RequestStatus
+from kiln.engine.speculative import NgramProposer, may_speculate
 
 
 USAGE_WEIGHT = 0.05  # the running average's weight of one finished request (~20 requests to follow a change)
@@ -46,6 +49,7 @@ class ScheduledBatch:
     preempted: list[Request] = field(default_factory=list)
     num_prefill_tokens: int = 0                              # tokens of rows that are not decodes
     num_decode_rows: int = 0                                 # decodes come first in `requests`
+    num_draft_tokens: int = 0                                # speculative tokens among the decode rows'
 
     @property
     def total_tokens(self) -> int:
@@ -90,8 +94,9 @@ class CumulativeHistogram:
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  max_prefill_tokens: int | None = None, max_overtakes: int | None = None,
-                 reserve_ratio: float | None = 0.0):
+                 reserve_ratio: float | None = 0.0, proposer: NgramProposer | None = None):
         self.kv = kv
+        self.proposer = proposer  # speculative decoding's drafts, None: off
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # None: prefills may take the whole step budget
@@ -146,7 +151,10 @@ class Scheduler:
             batch.add(req, n, prefill)
             return True
 
-        # 1. decodes: one token each, before any prefill
+        # 1. decodes: one token each (and a speculating request's drafts), before any prefill
+        proposer = self.proposer
+        if proposer is not None and (proposer.cfg.disable_by_batch_size or 1 << 30) < len(self.running):
+            proposer = None
         for req in list(self.running):
             if budget <= 0:
                 break
@@ -154,8 +162,18 @@ class Scheduler:
                 continue
             if req.num_pending_tokens and self._ends_at(req, len(req.output_token_ids)) is FinishReason.LENGTH:
                 continue  # its last token is in flight: nothing left to compute
-            if grow(req, 1, False):
-                budget -= 1
+            n = 1
+            if proposer is not None and budget > 1 and may_speculate(req):
+                # the step's tokens end the request at its max_tokens or the model length at the latest
+                room = min(budget - 1, req.params.max_tokens - len(req.output_token_ids) - 1,
+                           self.max_model_len - req.num_tokens - 1)
+                req.draft_token_ids = proposer.propose(req, room)
+                if req.draft_token_ids and not self.kv.allocate_slots(req, 1 + len(req.draft_token_ids)):
+                    req.draft_token_ids = []  # drafts never preempt anyone
+                n += len(req.draft_token_ids)
+            if grow(req, n, False):
+                budget -= n
+                batch.num_draft_tokens += n - 1
 
         # 2. running prefills (chunked prompts, recomputes), oldest first, within the prefill bound
         prefill_budget = min(self.max_prefill_tokens, budget)
@@ -212,6 +230,7 @@ class Scheduler:
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
         self.kv.free_request(req)
+        req.draft_token_ids = []
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -234,20 +253,29 @@ class Scheduler:
         return slots
 
     def resolve(self, batch: ScheduledBatch, sampling: list[Request], slots: list[int],
-                token_ids: list[int]) -> list[Request]:
+                token_ids: list[list[int]]) -> list[Request]:
         """The step's sampled ids are on the host: fill them in, finish requests. Returns the finished ones.
-        `sampling` must hold only requests not finished since the launch."""
+        `sampling` must hold only requests not finished since the launch; token_ids[i] are sampling[i]'s new
+        tokens: one, or after speculation its confirmed drafts and the token after them (their KV positions past
+        the confirmed ones are given back here)."""
         finished = []
-        for req, i, tok in zip(sampling, slots, token_ids):
-            req.output_token_ids[i] = tok
+        for req, i, toks in zip(sampling, slots, token_ids):
+            req.output_token_ids[i] = toks[0]
             req.num_pending_tokens -= 1
-            reason = self._ends_at(req, i + 1, tok)
-            if reason is not None:
-                req.finish_reason = reason
-                # a step launched after this one may have added a token past the end: drop it
-                req.num_pending_tokens -= len(req.output_token_ids) - (i + 1)
-                del req.output_token_ids[i + 1:]
-                finished.append(req)
+            if req.draft_token_ids:  # a speculating step runs alone (no later step in flight): i is the last
+                req.output_token_ids[i + 1:i + 1] = toks[1:]
+                req.num_computed_tokens -= len(req.draft_token_ids) - (len(toks) - 1)
+                req.draft_token_ids = []
+            for j, tok in enumerate(toks):
+                reason = self._ends_at(req, i + j + 1, tok)
+                if reason is not None:
+                    req.finish_reason = reason
+                    # a step launched after this one may have added a token past the end: drop it, and any
+                    # confirmed draft after the end
+                    req.num_pending_tokens -= len(req.output_token_ids) - (i + len(toks))
+                    del req.output_token_ids[i + j + 1:]
+                    finished.append(req)
+                    break
         for req in finished:
             if self.reserve_auto:
                 allowed = min(req.params.max_tokens, self.max_model_len - req.num_prompt_tokens)

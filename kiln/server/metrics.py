@@ -31,6 +31,9 @@ Families (all under the `kiln:` prefix unless noted)
     kiln:num_preemptions_total             counter    preemptions (running request evicted, recomputed later)
     kiln:num_requests_refused_total        counter    requests refused with a full queue (MAX_CACHED_TASK_NUM: 429)
     kiln:prefill_tokens_per_step           histogram  prefill tokens per engine step (KILN_MAX_PREFILL_TOKENS_PER_STEP)
+    kiln:spec_decode_num_drafts_total      counter    speculative decoding (KILN_SPECULATIVE_CONFIG set): decode
+    kiln:spec_decode_num_draft_tokens_total           rows with drafts, draft tokens, drafts confirmed
+    kiln:spec_decode_num_accepted_tokens_total
     kiln:engine_ready                      gauge      1 once the model is loaded and warm
     kiln:time_to_first_token_seconds       histogram  request arrival at the front end -> first token
     kiln:inter_token_latency_seconds       histogram  gap between consecutive tokens of one request
@@ -257,6 +260,14 @@ class EngineStatsCollector:
             bounds = [str(b) for b in PREFILL_TOKEN_BUCKETS] + ["+Inf"]
             h.add_metric([], list(zip(bounds, s.prefill_tokens_buckets)), s.prefill_tokens_sum)
             yield h
+        for key, doc in (("num_drafts", "Speculative decoding: decode rows that carried draft tokens."),
+                         ("num_draft_tokens", "Speculative decoding: draft tokens computed."),
+                         ("num_accepted_tokens", "Speculative decoding: draft tokens the model's samples confirmed "
+                          "(over num_draft_tokens: the acceptance rate).")):
+            if key in s.spec_decode:  # only when KILN_SPECULATIVE_CONFIG is set
+                c = CounterMetricFamily(f"kiln:spec_decode_{key}", doc)
+                c.add_metric([], s.spec_decode[key])
+                yield c
         # The seed's family: one series per label, the label's value being its own name (as the seed's
         # Triton Python backend exposes it), e.g. inference_server_metrics{batch_size="batch_size"} 3
         m = Metric(SEED_FAMILY, "Inference server status (the seed's family): running batch, free and total "

@@ -110,6 +110,25 @@ def test_two_ranks_under_preemption(tmp_path):
         core.close()
 
 
+def test_two_ranks_speculate_as_one_rank_decodes(tmp_path):
+    """Speculative decoding: the draft tokens travel in the packed step, every rank computes their positions and
+    the LM head over their rows, rank 0 confirms them; the greedy tokens equal one rank's without speculation."""
+    d = write_tiny_model("llama", tmp_path / "llama")
+    prompts = [[5, 6, 7, 8] * 6, [9, 10, 11] * 9 + [12], list(range(100, 140))]
+    sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    one = make_core(d, 1, async_scheduling=False, num_gpu_blocks=64)
+    try:
+        ref = generate(one, prompts, sp)
+    finally:
+        one.close()
+    core = make_core(d, 2, num_gpu_blocks=64, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    try:
+        assert generate(core, prompts, sp) == ref
+        assert core.spec_stats.num_accepted_tokens > 0
+    finally:
+        core.close()
+
+
 def test_two_ranks_score_prompts_as_one_rank(tmp_path):
     """Prompt logprobs: every rank runs the LM head over the scored prompt rows (its all-gather) in lockstep, in
     chunked steps, some of which sample nothing; the logprobs equal one rank's."""

@@ -24,7 +24,7 @@ def run_step(sched: Scheduler, token: int = 7):
     batch = sched.schedule()
     sampling = [r for r, n in zip(batch.requests, batch.num_tokens) if r.num_computed_tokens + n == r.num_tokens]
     slots = sched.launched(batch, sampling)
-    sched.resolve(batch, sampling, slots, [token] * len(sampling))
+    sched.resolve(batch, sampling, slots, [[token]] * len(sampling))
     return batch
 
 
@@ -253,7 +253,7 @@ def test_auto_reserve_learns_how_much_of_max_tokens_requests_use():
             sampling = [r for r, n in zip(batch.requests, batch.num_tokens)
                         if r.num_computed_tokens + n == r.num_tokens]
             slots = sched.launched(batch, sampling)
-            sched.resolve(batch, sampling, slots, [2 if eos_after and len(r.output_token_ids) >= eos_after else 7
+            sched.resolve(batch, sampling, slots, [[2 if eos_after and len(r.output_token_ids) >= eos_after else 7]
                                                    for r in sampling])
             peak = max(peak, len(sched.running))
         assert all(r.status is RequestStatus.FINISHED for r in reqs) and sched.kv.num_free_blocks == 30
