@@ -169,6 +169,7 @@ def _engine(args):
                        use_cuda_graph=not args.enforce_eager, attention_backend=args.attention_backend,
                        device=args.device, max_waiting=1 << 30, tensor_parallel_size=args.tensor_parallel_size,
                        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+                       speculative_config=args.speculative_config,
                        # the server's warm-up (on with CUDA): without it, runs K-M's offline benches compiled
                        # W8A16 and prefill variants inside their timed runs (up to 1.8 s each)
                        warmup=None)
@@ -196,17 +197,20 @@ def _structured(args):
 
 
 def run_batch(core, prompts, output_len: int, structured=None, profile: tuple[int, int, str] | None = None,
-              prompt_logprobs: int | None = None) -> dict:
+              prompt_logprobs: int | None = None, bias_token: int | None = None) -> dict:
     """All prompts at once, ignore_eos (a `structured` constraint may still end a request early: ended_early
     counts those). prefill_s: until every request has its first token (prefill chunks of the later requests run
     beside the decodes of the earlier ones); decode_s: the rest. Where the time went by step kind: mixed_* for the
     steps that carried prefill tokens, decode_only_* for the others (with their mean batch), each step timed by the
     step() call that returned its tokens (with async scheduling, the call that waited for it). profile = (first
     step, steps, file): those steps under torch.profiler, their table written to file (and printed).
-    prompt_logprobs: every request also scores its prompt (lm-evaluation-harness's loglikelihood work)."""
+    prompt_logprobs: every request also scores its prompt (lm-evaluation-harness's loglikelihood work).
+    bias_token: every request's logits favour this token by +100, so its output repeats it (what n-gram drafts of
+    speculative decoding then always guess: its best case)."""
     from kiln.engine.request import SamplingParams
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, structured=structured,
-                        prompt_logprobs=prompt_logprobs)
+                        prompt_logprobs=prompt_logprobs,
+                        logit_bias=[(bias_token, 100.0)] if bias_token is not None else [])
     base = f"b{time.monotonic_ns()}-"
     _sync(core)
     t0 = time.perf_counter()
@@ -329,7 +333,10 @@ def cmd_latency(args) -> dict:
     for _ in range(args.warmup_iters):
         run_batch(core, _random_prompts(args.batch_size, args.input_len, vocab, seed=99), min(8, args.output_len),
                   structured)
-    runs = [run_batch(core, prompts, args.output_len, structured) for _ in range(args.iters)]
+    spec0 = dict(vars(core.spec_stats))
+    runs = [run_batch(core, prompts, args.output_len, structured, bias_token=args.bias_token)
+            for _ in range(args.iters)]
+    spec = {k: (v - spec0[k]) / args.iters for k, v in vars(core.spec_stats).items()}
     runs.sort(key=lambda r: r["total_s"])
     r = runs[len(runs) // 2]
     decode_steps = max(1, r["decode_steps"])
@@ -340,7 +347,10 @@ def cmd_latency(args) -> dict:
                decode_ms_per_step=1000 * r["decode_s"] / decode_steps,
                decode_tok_s=r["decode_tokens"] / r["decode_s"] if r["decode_s"] else None,
                decode_mean_batch=r["decode_tokens"] / decode_steps, ended_early=r["ended_early"],
-               json_schema=args.json_schema, overlapped_steps=core.num_overlapped_steps, steps=core.num_steps)
+               json_schema=args.json_schema, overlapped_steps=core.num_overlapped_steps, steps=core.num_steps,
+               bias_token=args.bias_token, speculative_config=args.speculative_config)
+    if core.speculative:  # per run: decode rows with drafts, draft tokens, confirmed drafts
+        res.update({f"spec_{k}": v for k, v in spec.items()})
     if args.profile:
         _profile_decode(core, prompts, args.profile)
     if args.compare_hf:
@@ -812,6 +822,8 @@ def _engine_args(p):
     p.add_argument("--tensor-parallel-size", "--mp-num", type=int, default=1, help="GPUs per model (MP_NUM)")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="queue step N+1 before step N's ids reach the host (auto: on with CUDA)")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\'')
     p.add_argument("--compare-hf", action="store_true", help="run the same workload through transformers too")
     p.add_argument("--json-schema", default=None, metavar="FILE",
                    help="every request's output follows this JSON schema (structured outputs; e.g. "
@@ -828,6 +840,9 @@ def add_bench_parser(sub) -> None:
     lat.add_argument("--batch-size", type=int, default=1)
     lat.add_argument("--iters", type=int, default=3)
     lat.add_argument("--warmup-iters", type=int, default=1)
+    lat.add_argument("--bias-token", type=int, default=None, metavar="ID",
+                     help="every request's output repeats this token (a +100 logit bias): speculative decoding's "
+                          "best case, every n-gram draft confirmed")
     lat.add_argument("--profile", default=None,
                      help="write a kernel-time table of 16 decode steps to this file (and their trace beside it)")
     thr = bsub.add_parser("throughput", help="offline: N requests of random token ids, ignore_eos")
