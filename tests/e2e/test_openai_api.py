@@ -509,3 +509,34 @@ def test_retrieve_model_and_version(server, v1):
         v1.models.retrieve("gpt-4o")
     r = requests.get(server.url + "/version", timeout=10)
     assert r.status_code == 200 and r.json()["version"]
+
+
+@pytest.fixture(scope="module")
+def spec_server(kiln_server_factory):
+    return kiln_server_factory(("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 5}'),
+                               BATCH_SIZE="4", MAX_SEQ_LEN="512", MAX_DEC_LEN="96")
+
+
+def test_speculative_decoding_serves_the_same_text_whole_and_streamed(server, spec_server, v1):
+    """Several tokens an engine step (confirmed drafts) through the OpenAI API (whole and as deltas) and the seed's
+    native stream: the same text as a server without speculation, and the drafts counted in the metrics."""
+    spec = openai.Client(base_url=spec_server.url + "/v1", api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
+    kw = dict(model="m", messages=[{"role": "user", "content": "Repeat this list exactly, twice: Apple, Banana, "
+                                    "Cherry, Date, Elderberry, Fig, Grape, Honeydew, Kiwi, Lemon, Mango."}],
+              max_tokens=48, temperature=0)
+    plain = v1.chat.completions.create(**kw)
+    got = spec.chat.completions.create(**kw)
+    assert got.choices[0].message.content == plain.choices[0].message.content
+    assert "Banana, Cherry" in plain.choices[0].message.content
+    assert got.usage.completion_tokens == plain.usage.completion_tokens
+    chunks = list(spec.chat.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    native = requests.post(spec_server.url + "/v1/chat/completions", stream=True, timeout=120,
+                           json={"messages": kw["messages"], "max_dec_len": 48, "temperature": 0, "stream": True})
+    packets = [json.loads(line) for line in native.iter_lines() if line]
+    assert "".join(p["token"] for p in packets) == packets[-1]["tokens_all"] == plain.choices[0].message.content
+    assert len(packets) >= plain.usage.completion_tokens - 1  # a packet per token (the end may join the last)
+    m = requests.get(f"http://127.0.0.1:{spec_server.ports['METRICS_PORT']}/metrics", timeout=10).text
+    accepted = [float(line.split()[-1]) for line in m.splitlines()
+                if line.startswith("kiln:spec_decode_num_accepted_tokens_total")]
+    assert accepted and accepted[0] > 10
