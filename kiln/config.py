@@ -341,8 +341,8 @@ class KilnConfig:
         None, "KILN_SPECULATIVE_CONFIG", "Speculative decoding, vLLM's JSON: '{\"method\": \"ngram\", "
         "\"num_speculative_tokens\": 5}' drafts up to 5 tokens a step from the request's own earlier tokens "
         "(prompt_lookup_max 4 / prompt_lookup_min 2 tokens matched; disable_by_batch_size N: off while more than N "
-        "requests run). The output is what it would be without (greedy: the same tokens); steps then run "
-        "synchronously. Unset: off.", kind="optstr", flags=("--speculative-config",), check=_speculative,
+        "requests run). The output is what it would be without (greedy: the same tokens); steps that may "
+        "draft run synchronously. Unset: off.", kind="optstr", flags=("--speculative-config",), check=_speculative,
         group="runtime")
 
     # --- behaviour -------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ class EngineCore:
 
     With async scheduling (default on CUDA) a step queues the next batch on the GPU before it
     collects the previous batch's ids, so the host's work (scheduling, inputs, outputs) hides behind the GPU's;
-    outputs then come one step later. Steps run synchronously while a request with penalties is running
+    outputs then come one step later. Steps run synchronously while speculative decoding may draft and while a
+    request with penalties is running
     (they read the whole output on the host). A step with grammar rows still overlaps: its forward is queued
     first, then the previous step's ids are collected and accepted into the matchers (their masks are filled
     while the GPU runs the forward), then it is sampled. Under tensor parallelism rank 0 sends its sampled ids to the other
@@ -112,7 +113,7 @@ class EngineCore:
                                    cfg.max_prefill_tokens, reserve_ratio=cfg.kv_reserve_ratio,
                                    proposer=NgramProposer(self.speculative) if self.speculative else None)
         if self.speculative:
-            log.info("speculative decoding: %s (steps run synchronously)", self.speculative.describe())
+            log.info("speculative decoding: %s (steps that may draft run synchronously)", self.speculative.describe())
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self.num_overlapped_steps = 0  # steps queued while the previous one was still in flight
@@ -261,8 +262,10 @@ class EngineCore:
 
     def _may_overlap(self) -> bool:
         # penalties read the whole output on the host (a grammar's mask waits in _sample instead); drafts are
-        # looked up in every known token, and a step's confirmed count moves the next step's positions
-        return (self.async_scheduling and self.speculative is None
+        # looked up in every known token, and a step's confirmed count moves the next step's positions (above
+        # disable_by_batch_size nobody drafts: steps overlap again)
+        return (self.async_scheduling and not self.scheduler.drafting()
+                and not (self.inflight is not None and self.inflight.batch.num_draft_tokens)
                 and not any(r.needs_output_history for r in self.scheduler.running))
 
     def _admit_compiled(self) -> list[EngineOutput]:

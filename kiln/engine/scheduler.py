@@ -132,6 +132,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def drafting(self) -> bool:
+        """Whether the next step may give decode rows draft tokens (speculation on, and not switched off by the
+        number of running requests)."""
+        p = self.proposer
+        return p is not None and len(self.running) <= (p.cfg.disable_by_batch_size or 1 << 30)
+
     # -- one step --------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -152,9 +158,7 @@ class Scheduler:
             return True
 
         # 1. decodes: one token each (and a speculating request's drafts), before any prefill
-        proposer = self.proposer
-        if proposer is not None and (proposer.cfg.disable_by_batch_size or 1 << 30) < len(self.running):
-            proposer = None
+        proposer = self.proposer if self.drafting() else None
         for req in list(self.running):
             if budget <= 0:
                 break

@@ -259,6 +259,17 @@ def test_greedy_output_and_logprobs_equal_the_output_without_speculation(model_d
     assert core.num_overlapped_steps == 0
 
 
+def test_steps_overlap_again_above_the_batch_size_that_turns_drafting_off(model_dir):
+    """Six requests, drafting off above two running: the full batch's steps overlap (async scheduling), the last
+    requests draft in synchronous steps, and the tokens equal those without speculation."""
+    spec = {**NGRAM5, "disable_by_batch_size": 2}
+    work = [w for w in workload() if w[2].repetition_penalty == 1.0]  # penalties would make every step wait
+    ref = run(make_core(model_dir, spec=None), work)
+    core = make_core(model_dir, spec=spec, async_scheduling=True)
+    assert_same(run(core, work), ref)
+    assert core.num_overlapped_steps > 10 and core.spec_stats.num_accepted_tokens > 0
+
+
 def test_blocks_written_under_speculation_serve_a_later_prefix_hit(model_dir):
     """The rejected drafts' KV were overwritten before their blocks were cached: a request that continues another's
     output from the prefix cache answers as on an engine that never speculated."""
