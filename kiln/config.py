@@ -337,6 +337,11 @@ class KilnConfig:
         "auto", "KILN_ASYNC_SCHEDULING", "Queue the next step on the GPU before the current one's tokens reach the "
         "host, hiding the host's work: auto (on with CUDA), on, off.", kind="str",
         flags=("--async-scheduling",), check=_choice("auto", "on", "off"), group="runtime")
+    scheduling_policy: str = setting(
+        "fcfs", "KILN_SCHEDULING_POLICY", "Which waiting request runs first: fcfs (arrival order), or priority (the "
+        "OpenAI API's `priority` field, vLLM's: lower first, 0 by default, ties by arrival; a preemption takes the "
+        "running request that comes last). Under fcfs a request with a priority other than 0 gets a 400.",
+        kind="str", flags=("--scheduling-policy",), check=_choice("fcfs", "priority"), group="limits")
     speculative_config: str | None = setting(
         None, "KILN_SPECULATIVE_CONFIG", "Speculative decoding, vLLM's JSON: '{\"method\": \"ngram\", "
         "\"num_speculative_tokens\": 5}' drafts up to 5 tokens a step from the request's own earlier tokens "
@@ -546,6 +551,7 @@ class KilnConfig:
             max_prefill_tokens=self.max_prefill_tokens,
             kv_reserve_ratio=self.kv_reserve_ratio,
             max_waiting=self.max_cached_task_num,
+            scheduling_policy=self.scheduling_policy,
             block_size=self.block_size,
             num_gpu_blocks=self.num_gpu_blocks,
             block_bs=self.block_bs,

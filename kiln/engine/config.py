@@ -18,6 +18,7 @@ class EngineConfig:
     max_prefill_tokens: int | None = None  # prefill tokens per step within it; None: no separate bound
     kv_reserve_ratio: float | None = None  # admission keeps this share of running requests' future blocks free;
     #                                        None: the share finished requests used of their max_tokens
+    scheduling_policy: str = "fcfs"       # fcfs | priority (SamplingParams.priority: lower first)
     max_waiting: int = 128                # MAX_CACHED_TASK_NUM: waiting-queue cap
     block_size: int = 64                  # BLOCK_SIZE
     num_gpu_blocks: int | None = None     # explicit KV block count (overrides the two below)

@@ -111,7 +111,8 @@ class EngineCore:
         self.spec_stats = SpecDecodeStats()
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
                                    cfg.max_prefill_tokens, reserve_ratio=cfg.kv_reserve_ratio,
-                                   proposer=NgramProposer(self.speculative) if self.speculative else None)
+                                   proposer=NgramProposer(self.speculative) if self.speculative else None,
+                                   policy=cfg.scheduling_policy)
         if self.speculative:
             log.info("speculative decoding: %s (steps that may draft run synchronously)", self.speculative.describe())
         self.requests: dict[str, Request] = {}
@@ -181,6 +182,9 @@ class EngineCore:
             params.validate()
         except (ValueError, TypeError) as e:
             return reject(f"invalid sampling parameters: {e}", ErrorKind.INVALID)
+        if params.priority and self.scheduler.policy != "priority":
+            return reject(f"priority {params.priority} needs the priority scheduling policy: start the server with "
+                          f"KILN_SCHEDULING_POLICY=priority (--scheduling-policy priority)", ErrorKind.INVALID)
         vocab = self.runner.model_config.vocab_size
         for name, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids),
                           ("eos_token_ids", eos_token_ids or []), ("logit_bias", [t for t, _ in params.logit_bias])):

@@ -51,6 +51,8 @@ class SamplingParams:
     logit_bias: list[tuple[int, float]] = field(default_factory=list)  # (token id, added to its logit), OpenAI's
     # logprobs of the prompt's own tokens (and this many top ones at each position): OpenAI's echo with logprobs
     prompt_logprobs: int | None = None
+    # the scheduling policy "priority" (KILN_SCHEDULING_POLICY) serves lower values first, as vLLM's `priority`
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -91,6 +93,7 @@ class SamplingParams:
         need(self.logprobs is None or is_int(self.logprobs, 0, 20), f"logprobs must be in [0, 20], got {self.logprobs}")
         need(self.prompt_logprobs is None or is_int(self.prompt_logprobs, 0, 20),
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
+        need(is_int(self.priority, INT64_MIN), f"priority must be an int in [-2^63, 2^63), got {self.priority!r}")
         need(isinstance(self.stop_token_ids, list) and all(is_int(t, 0) for t in self.stop_token_ids),
              "stop_token_ids must be a list of token ids (ints >= 0)")
         need(isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop), "stop must be a list of strings")

@@ -12,7 +12,9 @@ allow. Admission is FIFO, except that a request whose first chunk does not fit t
 ones that fit go first (it would otherwise make them wait for work they could run beside); each waiting request
 lets at most `max_overtakes` others pass it, then the queue waits for it, so nobody starves. When blocks run
 out, the newest running request not yet in this step is preempted: its blocks are freed and it is recomputed
-later from its tokens, ahead of the queue. With speculative decoding (kiln/engine/speculative.py) a decode row
+later from its tokens, ahead of the queue. Under the "priority" policy (KILN_SCHEDULING_POLICY) the queue is
+kept in order of (SamplingParams.priority, arrival), lower first, a preempted request goes back to its place in
+that order, and the victim is the running request that comes last in it (vLLM's priority policy). With speculative decoding (kiln/engine/speculative.py) a decode row
 carries its request's draft tokens too, within the step's budget, the request's max_tokens and the model length,
 and only where their blocks are free without a preemption. reserve_ratio (KILN_KV_RESERVE_RATIO) makes admission keep free that
 share of the blocks the running requests may still take up to their max_tokens: 1 admits only what can run to
@@ -94,8 +96,11 @@ class CumulativeHistogram:
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  max_prefill_tokens: int | None = None, max_overtakes: int | None = None,
-                 reserve_ratio: float | None = 0.0, proposer: NgramProposer | None = None):
+                 reserve_ratio: float | None = 0.0, proposer: NgramProposer | None = None, policy: str = "fcfs"):
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be fcfs or priority, got {policy!r}")
         self.kv = kv
+        self.policy = policy
         self.proposer = proposer  # speculative decoding's drafts, None: off
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -127,7 +132,31 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
-        self.waiting.append(req)
+        if self.policy == "priority":
+            self._queue_in_order(req)
+        else:
+            self.waiting.append(req)
+
+    @staticmethod
+    def _order(req: Request) -> tuple[int, float]:
+        return req.params.priority, req.arrival_time
+
+    def _queue_in_order(self, req: Request) -> None:
+        """Into the waiting queue after every request that comes before it by (priority, arrival): a scan from the
+        end, where a new arrival of the common priority goes at once."""
+        key = self._order(req)
+        i = len(self.waiting)
+        while i and self._order(self.waiting[i - 1]) > key:
+            i -= 1
+        self.waiting.insert(i, req)
+
+    def _victim(self, scheduled: set[int]) -> Request:
+        """The running request to preempt, of those not in this step: the newest (fcfs) or the last by (priority,
+        arrival), the newest of equals (priority)."""
+        candidates = (r for r in reversed(self.running) if id(r) not in scheduled)
+        if self.policy == "priority":
+            return max(candidates, key=self._order)
+        return next(candidates)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -148,7 +177,7 @@ class Scheduler:
             """Blocks for n more tokens of running `req`, preempting the newest running requests not in this
             step; False if req itself had to go."""
             while not self.kv.allocate_slots(req, n):
-                victim = next(r for r in reversed(self.running) if id(r) not in scheduled)
+                victim = self._victim(scheduled)
                 self.running.remove(victim)
                 self._preempt(victim, batch)
                 if victim is req:
@@ -239,7 +268,10 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         req.num_overtaken = 0
-        self.waiting.appendleft(req)
+        if self.policy == "priority":
+            self._queue_in_order(req)
+        else:
+            self.waiting.appendleft(req)
         batch.preempted.append(req)
 
     # -- after the model ran ----------------------------------------------------------------------------

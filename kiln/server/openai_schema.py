@@ -61,6 +61,7 @@ class _Common(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     timeout: Optional[float] = Field(None, gt=0)     # Kiln: whole-request timeout (s), as the native API's
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)  # vLLM: lower first (KILN_SCHEDULING_POLICY=priority)
 
 
 class CompletionRequest(_Common):
@@ -216,13 +217,15 @@ def _params(req: _Common, frontend: Frontend, limits: Limits, prompt_len: int, m
     bias = _logit_bias(req.logit_bias or {}, vocab)
     stop_token_ids = check_token_ids(req.stop_token_ids or [], vocab, "stop_token_ids")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return build_sampling_params(
+    sp = build_sampling_params(
         limits, prompt_len, OPENAI_LENGTH_WORDING, max_tokens=max_tokens, min_tokens=req.min_tokens,
         default_max_tokens=default_max, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
         repetition_penalty=req.repetition_penalty or 1.0, frequency_penalty=req.frequency_penalty or 0.0,
         presence_penalty=req.presence_penalty or 0.0, seed=req.seed, stop=[s for s in stop if s],
         stop_token_ids=stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=bias)
+    sp.priority = req.priority
+    return sp
 
 
 def _logit_bias(bias: dict[str, float], vocab: int | None) -> list[tuple[int, float]]:
