@@ -540,3 +540,12 @@ def test_speculative_decoding_serves_the_same_text_whole_and_streamed(server, sp
     accepted = [float(line.split()[-1]) for line in m.splitlines()
                 if line.startswith("kiln:spec_decode_num_accepted_tokens_total")]
     assert accepted and accepted[0] > 10
+
+
+def test_priority_needs_the_priority_policy(server, v1):
+    kw = dict(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="KILN_SCHEDULING_POLICY=priority"):
+        v1.chat.completions.create(extra_body={"priority": 3}, **kw)
+    assert v1.chat.completions.create(extra_body={"priority": 0}, **kw).choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError, match="priority"):
+        v1.completions.create(model="m", prompt="Hi", max_tokens=2, extra_body={"priority": "high"})
