@@ -200,23 +200,34 @@ class ModelRunner:
         for req, n in zip(batch.requests, batch.num_tokens):
             start = req.num_computed_tokens
             end = start + n
-            drafts = req.draft_token_ids  # speculative tokens after the known ones (kiln/engine/speculative.py)
-            known_end = end - len(drafts)
-            toks = req.all_token_ids[start:known_end] if start < req.num_prompt_tokens else req.output_token_ids[
-                start - req.num_prompt_tokens:known_end - req.num_prompt_tokens]
+            if req.draft_token_ids:
+                # speculative decoding (kiln/engine/speculative.py): the last known token and each draft token a
+                # decode row of its own, on the request's blocks, seeing the positions before it (the step's
+                # cache writes come before its attention), so the step stays a decode step (its CUDA graphs)
+                for j, tok in enumerate([req.output_token_ids[-1], *req.draft_token_ids]):
+                    ids.append(tok)
+                    pos.append(start + j)
+                    slots.append(req.block_ids[(start + j) // bs] * bs + (start + j) % bs)
+                    tables.append(req.block_ids)
+                    qlens.append(1)
+                    slens.append(start + j + 1)
+                    logits_idx.append(len(ids) - 1)
+                sampling.append(req)
+                continue
+            toks = req.all_token_ids[start:end] if start < req.num_prompt_tokens else req.output_token_ids[
+                start - req.num_prompt_tokens:end - req.num_prompt_tokens]
             ids.extend(toks)
             if toks[-1] == PENDING_TOKEN:  # sampled by the step still in flight: read it on the device
                 fix_dst.append(len(ids) - 1)
                 fix_src.append(req.pending_row)
-            ids.extend(drafts)
             pos.extend(range(start, end))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             tables.append(blocks)
             qlens.append(n)
             slens.append(end)
-            if known_end == req.num_tokens:  # caught up with all known tokens: the model's output is a new token
-                logits_idx.extend(range(len(ids) - 1 - len(drafts), len(ids)))  # and one after each draft
+            if end == req.num_tokens:  # caught up with all known tokens: the model's output is a new token
+                logits_idx.append(len(ids) - 1)
                 sampling.append(req)
             if req.params.prompt_logprobs is not None:
                 # position p predicts prompt token p + 1; those already scored (before a preemption) are skipped

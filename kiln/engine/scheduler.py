@@ -15,8 +15,9 @@ out, the newest running request not yet in this step is preempted: its blocks ar
 later from its tokens, ahead of the queue. Under the "priority" policy (KILN_SCHEDULING_POLICY) the queue is
 kept in order of (SamplingParams.priority, arrival), lower first, a preempted request goes back to its place in
 that order, and the victim is the running request that comes last in it (vLLM's priority policy). With speculative decoding (kiln/engine/speculative.py) a decode row
-carries its request's draft tokens too, within the step's budget, the request's max_tokens and the model length,
-and only where their blocks are free without a preemption. reserve_ratio (KILN_KV_RESERVE_RATIO) makes admission keep free that
+carries its request's draft tokens too, within the step's budget, the batch's free rows (max_num_seqs less the
+running requests: each draft becomes a row), the request's max_tokens and the model length, and only where their
+blocks are free without a preemption. reserve_ratio (KILN_KV_RESERVE_RATIO) makes admission keep free that
 share of the blocks the running requests may still take up to their max_tokens: 1 admits only what can run to
 the end without a preemption, at the price of a smaller batch where requests end early; auto (the default) takes
 the share of max_tokens that finished requests actually used (benchmarks/sched_sim.py: as good as 1 where
@@ -188,6 +189,9 @@ class Scheduler:
 
         # 1. decodes: one token each (and a speculating request's drafts), before any prefill
         proposer = self.proposer if self.drafting() else None
+        # each draft token is a decode row of its own (the runner's): they fill the batch's free rows, so a step
+        # never has more rows than max_num_seqs (the decode graphs' sizes, the logits memory sized at start)
+        spare_rows = self.max_num_seqs - len(self.running)
         for req in list(self.running):
             if budget <= 0:
                 break
@@ -198,12 +202,13 @@ class Scheduler:
             n = 1
             if proposer is not None and budget > 1 and may_speculate(req):
                 # the step's tokens end the request at its max_tokens or the model length at the latest
-                room = min(budget - 1, req.params.max_tokens - len(req.output_token_ids) - 1,
+                room = min(budget - 1, spare_rows, req.params.max_tokens - len(req.output_token_ids) - 1,
                            self.max_model_len - req.num_tokens - 1)
                 req.draft_token_ids = proposer.propose(req, room)
                 if req.draft_token_ids and not self.kv.allocate_slots(req, 1 + len(req.draft_token_ids)):
                     req.draft_token_ids = []  # drafts never preempt anyone
                 n += len(req.draft_token_ids)
+                spare_rows -= len(req.draft_token_ids)
             if grow(req, n, False):
                 budget -= n
                 batch.num_draft_tokens += n - 1

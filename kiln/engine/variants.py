@@ -4,7 +4,7 @@ ready.
 Each engine step reports keys (family, value) to the core's VariantLog:
   ("step", kind)            decode | prefill | mixed, with "+chunk" when a prefill row samples nothing (a middle
                             chunk of a prompt longer than the step's prefill budget); "speculative" when decode
-                            rows carried draft tokens (kiln/engine/speculative.py)
+                            rows carried draft tokens (kiln/engine/speculative.py; each a decode row of its own)
   ("decode_batch", size)    the CUDA-graph ladder size a decode-only step of this batch replays (on CPU the same
                             ladder, so the CPU test checks what the GPU captures)
   ("prefill_tile", bucket)  the Triton prefill kernel's BLOCK_M class of the step's longest prefill row: 16, 32, 64
@@ -53,13 +53,14 @@ class VariantLog:
 
     def record_step(self, num_tokens: list[int], num_decode_rows: int, num_sampling: int,
                     sampler_paths: frozenset[str], num_draft_tokens: int = 0) -> None:
-        """num_draft_tokens: speculative tokens of the step's decode rows. Such a row computes several tokens, so
-        the runner takes it, and every row after it, as prompt chunks (outside the decode CUDA graphs): the kind
-        and tile are those it runs, and ("step", "speculative") says that drafts ran."""
-        rows = len(num_tokens)
+        """num_draft_tokens: speculative tokens of the step's decode rows; the runner gives each a decode row of its
+        own (so the decode graphs of the larger batch run), and ("step", "speculative") says that drafts ran."""
         if num_draft_tokens:
-            num_decode_rows = next((i for i, n in enumerate(num_tokens) if n != 1), rows)
             self.seen.add(("step", "speculative"))
+            num_tokens = [1] * (num_decode_rows + num_draft_tokens) + list(num_tokens[num_decode_rows:])
+            num_decode_rows += num_draft_tokens
+            num_sampling += num_draft_tokens
+        rows = len(num_tokens)
         prefill = rows - num_decode_rows
         kind = "decode" if not prefill else "prefill" if not num_decode_rows else "mixed"
         if num_sampling < rows:

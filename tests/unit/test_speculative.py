@@ -101,7 +101,7 @@ def test_config_parses_vllms_json_and_names_what_is_wrong():
 # -- the scheduler ------------------------------------------------------------------------------------------
 
 def spec_scheduler(num_blocks=40, budget=64, k=4, **kw) -> Scheduler:
-    return Scheduler(KVCacheManager(num_blocks, 4), max_num_seqs=4, max_num_batched_tokens=budget, max_model_len=64,
+    return Scheduler(KVCacheManager(num_blocks, 4), max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=64,
                      proposer=NgramProposer(SpeculativeConfig(k, 3, 1, **kw)))
 
 
@@ -196,7 +196,7 @@ def model_dir(tmp_path_factory):
 
 
 def make_core(model_dir, spec=NGRAM5, **kw) -> EngineCore:
-    cfg = dict(model=str(model_dir), dtype="float32", block_size=16, num_gpu_blocks=128, max_num_seqs=8,
+    cfg = dict(model=str(model_dir), dtype="float32", block_size=16, num_gpu_blocks=128, max_num_seqs=16,
                async_scheduling=False, speculative_config=spec) | kw
     return EngineCore(EngineConfig(**cfg))
 
@@ -243,11 +243,12 @@ def assert_same(got, ref):
             assert c1 == pytest.approx(c2, abs=1e-4) and [t for t, _ in top1] == [t for t, _ in top2]
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=24, max_num_seqs=4),
+@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=24, max_num_seqs=10),
                                 dict(async_scheduling=True), dict(num_gpu_blocks=10, kv_reserve_ratio=0.0,
                                                                        enable_prefix_caching=False)])
 def test_greedy_output_and_logprobs_equal_the_output_without_speculation(model_dir, kw):
-    """Small step budgets (drafts cut to fit, prompts chunked beside speculating rows), async scheduling asked for
+    """Small step budgets and few free batch rows (drafts cut to fit, prompts chunked beside speculating rows), async
+    scheduling asked for
     (the engine steps synchronously), a cache so small that requests are preempted and recomputed."""
     ref = run(make_core(model_dir, spec=None, **kw), workload())
     core = make_core(model_dir, **kw)
@@ -257,6 +258,28 @@ def test_greedy_output_and_logprobs_equal_the_output_without_speculation(model_d
     if "num_gpu_blocks" in kw:
         assert core.scheduler.num_preemptions > 0
     assert core.num_overlapped_steps == 0
+
+
+def test_a_speculating_step_is_a_decode_step_of_a_row_per_token(model_dir):
+    """Each draft token becomes a decode row of its own (same blocks, one more position of context each), so the
+    step stays decode-only (on a GPU: its CUDA graph of that batch size) and never has more rows than
+    max_num_seqs."""
+    core = make_core(model_dir, max_num_seqs=4)
+    seen = []
+    upload = core.runner.upload
+
+    def spy(p):
+        d = upload(p)
+        seen.append((p.num_seqs, d.meta.decode_only, d.meta.seq_lens_list, d.positions.tolist()))
+        return d
+    core.runner.upload = spy
+    run(core, [("a", [5, 6, 7, 8] * 5, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=20,
+                                                         logit_bias=[(5, 50.0)]))])
+    spec_steps = [s for s in seen if s[0] > 1]
+    assert spec_steps and all(decode_only and rows <= 4 for rows, decode_only, _, _ in spec_steps)
+    rows, _, lens, positions = spec_steps[0]
+    assert lens == [positions[0] + 1 + j for j in range(rows)] and positions == [lens[0] - 1 + j for j in range(rows)]
+    assert core.variants.snapshot() >= {("step", "speculative"), ("step", "decode"), ("decode_batch", 4)}
 
 
 def test_steps_overlap_again_above_the_batch_size_that_turns_drafting_off(model_dir):
