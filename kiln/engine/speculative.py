@@ -13,6 +13,10 @@ therefore give exactly the tokens they give without speculation. A row's setting
 before it within the step, so requests with penalties, a grammar or min_tokens still masking their stop ids
 decode one token at a time.
 
+The runner gives each draft token a decode row of its own (the request's blocks, one more position of context
+each), so a speculating step is a decode step of a larger batch (the decode kernel, the decode CUDA graphs); the
+scheduler keeps the rows within max_num_seqs.
+
 The positions whose drafts were not confirmed were written to the KV cache: the request's computed count is
 moved back over them (the scheduler's `resolve`), and the next step writes its own tokens there.
 """
