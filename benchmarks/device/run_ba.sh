@@ -27,7 +27,7 @@ spec_b b1_spec3_bias 1 --bias-token 42 --speculative-config "$S3"
 spec_b b8_plain_bias 8 --bias-token 42
 spec_b b8_spec5_bias 8 --bias-token 42 --speculative-config "$S5"
 spec_b b8_spec5 8 --speculative-config "$S5"
-spec_b b32_plain 32
-spec_b b32_spec5 32 --speculative-config "$S5"
+spec_b b32_plain 32 --max-num-seqs 64
+spec_b b32_spec5 32 --max-num-seqs 64 --speculative-config "$S5"
 gpu_state; echo "left: $(left) s"
 tar czf $OUT/run_ba.tgz -C $OUT r
