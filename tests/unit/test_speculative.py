@@ -4,10 +4,12 @@ their logprobs) through preemptions, prefix-cache reuse of blocks written under 
 the warm-up and the metrics."""
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import pytest
+import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -362,3 +364,20 @@ def test_the_bundled_model_repeats_a_list_faster_with_the_same_text(default_mode
         steps.append(llm.engine.num_steps - s0)
     assert answers[0] == answers[1] and "Banana, Cherry" in answers[0]
     assert steps[1] < 0.5 * steps[0], steps
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs CUDA or TRITON_INTERPRET=1 (the Triton attention backend)")
+def test_the_triton_decode_kernel_reads_each_draft_rows_context(tmp_path):
+    """The draft rows on the Triton backend (on CPU its interpreter): the cache write of the step's tokens comes
+    before the decode kernel, which reads each row's context through the shared block table; the same greedy tokens
+    as without speculation."""
+    d = write_tiny_model("llama", tmp_path / "one", num_layers=1)
+    kw = dict(attention_backend="triton", use_cuda_graph=False, max_num_seqs=8)
+    work = [("a", [5, 6, 7, 8] * 5, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=12)),
+            ("b", repetitive(4, 30), SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=12,
+                                                      logit_bias=[(9, 8.0)]))]
+    ref = run(make_core(d, spec=None, **kw), work)
+    core = make_core(d, **kw)
+    assert_same(run(core, work), ref)
+    assert core.runner.backend.name == "triton" and core.spec_stats.num_accepted_tokens > 0
