@@ -151,6 +151,7 @@ class Request:
         # speculative decoding (kiln/engine/speculative.py): this step's draft tokens, computed after the last
         # known token and sampled at each of their positions; the n-gram lookup's copy of the known tokens
         self.draft_token_ids: list[int] = []
+        self.draft_limit = 0  # drafts it may carry next (speculative.next_draft_limit; 0: the configured number)
         self.history_array = None
         self.history_len = 0
         ids = set(params.stop_token_ids)

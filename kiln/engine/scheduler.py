@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from kiln.engine.kv_cache import KVCacheManager
 from kiln.engine.request import PENDING_TOKEN, FinishReason, Request, RequestStatus
-from kiln.engine.speculative import NgramProposer, may_speculate
+from kiln.engine.speculative import NgramProposer, may_speculate, next_draft_limit
 
 
 USAGE_WEIGHT = 0.05  # the running average's weight of one finished request (~20 requests to follow a change)
@@ -306,6 +306,8 @@ class Scheduler:
             if req.draft_token_ids:  # a speculating step runs alone (no later step in flight): i is the last
                 req.output_token_ids[i + 1:i + 1] = toks[1:]
                 req.num_computed_tokens -= len(req.draft_token_ids) - (len(toks) - 1)
+                req.draft_limit = next_draft_limit(len(req.draft_token_ids), len(toks) - 1,
+                                                   self.proposer.cfg.num_speculative_tokens)
                 req.draft_token_ids = []
             for j, tok in enumerate(toks):
                 reason = self._ends_at(req, i + j + 1, tok)

@@ -130,8 +130,8 @@ class NgramProposer:
         self.cfg = cfg
 
     def propose(self, req: Request, limit: int) -> list[int]:
-        """Draft tokens for `req` (at most `limit` and the configured number)."""
-        k = min(limit, self.cfg.num_speculative_tokens)
+        """Draft tokens for `req` (at most `limit`, the configured number and the request's own draft limit)."""
+        k = min(limit, self.cfg.num_speculative_tokens, req.draft_limit or self.cfg.num_speculative_tokens)
         if k < 1:
             return []
         return lookup(token_history(req), k, self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max)
@@ -154,6 +154,16 @@ def token_history(req: Request) -> np.ndarray:
         buf[n:total] = req.output_token_ids[n - req.num_prompt_tokens:]
     req.history_len = total
     return buf[:total]
+
+
+def next_draft_limit(drafted: int, confirmed_count: int, k: int) -> int:
+    """How many drafts a request may carry next step: twice as many after all were confirmed (up to k), one more
+    than were confirmed otherwise. Each unconfirmed draft costs a row of compute (on a CPU, or a GPU near its
+    compute bound, nearly as much as a token); on free text, where lookups rarely come true, this keeps that cost
+    at about one row a step, and on copied text it is back to k in a few steps."""
+    if confirmed_count == drafted:
+        return min(k, 2 * drafted)
+    return confirmed_count + 1
 
 
 def confirmed(drafts: list[int], sampled: list[int]) -> int:

@@ -19,7 +19,14 @@ from kiln.engine.core import EngineCore
 from kiln.engine.kv_cache import KVCacheManager
 from kiln.engine.request import FinishReason, Request, RequestStatus, SamplingParams
 from kiln.engine.scheduler import Scheduler
-from kiln.engine.speculative import NgramProposer, SpeculativeConfig, confirmed, lookup, token_history
+from kiln.engine.speculative import (
+    NgramProposer,
+    SpeculativeConfig,
+    confirmed,
+    lookup,
+    next_draft_limit,
+    token_history,
+)
 from kiln.server.metrics import EngineStatsCollector
 from tests.helpers.tiny_models import write_tiny_model
 
@@ -79,6 +86,19 @@ def test_confirmed_counts_drafts_up_to_the_first_difference():
     assert confirmed([4, 5, 6], [4, 9, 6, 7]) == 1
     assert confirmed([4, 5, 6], [3, 5, 6, 7]) == 0
     assert confirmed([], [8]) == 0
+
+
+def test_the_draft_limit_doubles_after_a_full_confirmation_and_drops_after_a_miss():
+    assert [next_draft_limit(d, c, 5) for d, c in [(1, 1), (2, 2), (4, 4), (5, 5), (5, 0), (5, 3), (3, 2)]] == \
+        [2, 4, 5, 5, 1, 4, 3]
+    sched = spec_scheduler(k=6)
+    r = decode_ready(sched, [1, 2, 3, 4, 5, 6, 7, 8, 9] * 3 + [1], max_tokens=40)   # + 1 -> drafts 2, 3, ...
+    batch = sched.schedule()
+    assert r.draft_token_ids == [2, 3, 4, 5, 6, 7]
+    sched.resolve(batch, [r], sched.launched(batch, [r]), [[2, 8]])                  # one confirmed
+    assert r.draft_limit == 2
+    batch = sched.schedule()
+    assert len(r.draft_token_ids) == 2
 
 
 def test_config_parses_vllms_json_and_names_what_is_wrong():
