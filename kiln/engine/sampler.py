@@ -271,15 +271,17 @@ class Sampler:
         freq = rows_to_device([r.params.frequency_penalty for r in reqs], torch.float32, dev)
         pres = rows_to_device([r.params.presence_penalty for r in reqs], torch.float32, dev)
 
-        # the token ids of every row, padded with `vocab` (a column dropped below), filled through numpy (a
-        # torch.tensor per row took 47 ms at 256 rows of 1,000 ids on the CI CPU, numpy 5.5 ms; a prompt's array
-        # is made once)
-        out_ids = _padded_ids([r.output_token_ids for r in reqs], vocab, dev)
+        # the token ids of the penalised rows (none for the others: they may hold a token still in flight, which
+        # a step overlapping theirs cannot read; such rows have neutral penalties), padded with `vocab` (a column
+        # dropped below), filled through numpy (a torch.tensor per row took 47 ms at 256 rows of 1,000 ids on the
+        # CI CPU, numpy 5.5 ms; a prompt's array is made once)
+        penalised = [_penalised(r) for r in reqs]
+        out_ids = _padded_ids([r.output_token_ids if p else () for r, p in zip(reqs, penalised)], vocab, dev)
         counts = torch.zeros(b, vocab + 1, device=dev).scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=torch.float))
         counts = counts[:, :vocab]
 
         if any(r.params.repetition_penalty != 1.0 for r in reqs):
-            p_ids = _padded_ids([_prompt_array(r) for r in reqs], vocab, dev)
+            p_ids = _padded_ids([_prompt_array(r) if p else () for r, p in zip(reqs, penalised)], vocab, dev)
             seen = torch.zeros(b, vocab + 1, dtype=torch.bool, device=dev)
             seen.scatter_(1, p_ids, True)
             seen = seen[:, :vocab] | (counts > 0)

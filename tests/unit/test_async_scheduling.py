@@ -129,6 +129,30 @@ def test_penalties_make_steps_synchronous_and_stay_exact(model_dir):
     assert got[0] == ref[0] and got[1] == ref[1]
 
 
+def test_a_penalised_request_arriving_beside_a_token_in_flight(model_dir):
+    """A request with penalties admitted by a step that overlaps another request's in-flight token: its penalties
+    read only its own output (the other row's in-flight token cannot be read; it once failed the whole step)."""
+    rnd = random.Random(5)
+    first = ("a", [rnd.randrange(3, 500) for _ in range(10)], SamplingParams(max_tokens=12, temperature=0,
+                                                                           ignore_eos=True))
+    late = ("b", [rnd.randrange(3, 500) for _ in range(10)], SamplingParams(max_tokens=8, temperature=0,
+                                                                          ignore_eos=True, presence_penalty=1.5,
+                                                                          repetition_penalty=1.3))
+    ref = drain(make_core(model_dir, False), [first, late])
+    core = make_core(model_dir, True)
+    assert core.add_request(*first) is None
+    for _ in range(3):
+        core.step()
+    assert core.inflight is not None and core.requests["a"].num_pending_tokens == 1
+    assert core.add_request(*late) is None
+    toks = {"a": [], "b": []}
+    while core.has_unfinished():
+        for o in core.step():
+            assert o.error is None, o.error
+            toks[o.request_id] += o.new_token_ids
+    assert toks["b"] == ref[0]["b"] and len(toks["a"]) + 2 >= 12  # "a"'s first tokens came in the steps above
+
+
 def test_abort_while_a_step_is_in_flight(model_dir):
     work = [(f"a{i}", [5 + i, 6, 7, 8], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
             for i in range(4)]
