@@ -204,7 +204,10 @@ class ModelRunner:
                 # speculative decoding (kiln/engine/speculative.py): the last known token and each draft token a
                 # decode row of its own, on the request's blocks, seeing the positions before it (the step's
                 # cache writes come before its attention), so the step stays a decode step (its CUDA graphs)
-                for j, tok in enumerate([req.output_token_ids[-1], *req.draft_token_ids]):
+                # the known token at `start` (the last prompt token where the prompt's last chunk was one token)
+                known = (req.prompt_token_ids[start] if start < req.num_prompt_tokens
+                         else req.output_token_ids[start - req.num_prompt_tokens])
+                for j, tok in enumerate([known, *req.draft_token_ids]):
                     ids.append(tok)
                     pos.append(start + j)
                     slots.append(req.block_ids[(start + j) // bs] * bs + (start + j) % bs)

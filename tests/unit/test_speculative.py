@@ -401,3 +401,54 @@ def test_the_triton_decode_kernel_reads_each_draft_rows_context(tmp_path):
     core = make_core(d, **kw)
     assert_same(run(core, work), ref)
     assert core.runner.backend.name == "triton" and core.spec_stats.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_engines_speculate_to_the_same_tokens(model_dir, seed):
+    """Random engine shapes (blocks of 4 or 16, 10-64 of them, 2-40 tokens a step, 1-10 sequences, async asked or
+    not, prefix caching on or off, greedy or reserving admission, 1-6 draft tokens, lookups of 1-4 tokens) and
+    random repetitive requests that share prefixes, some with logprobs, stop ids or penalties, some aborted
+    midway: every request that is not aborted gets the tokens (and logprobs) an engine without speculation gives,
+    every block comes back."""
+    rnd = random.Random(100 + seed)
+    block = rnd.choice([4, 16])
+    seqs = rnd.randrange(1, 11)
+    n_min = rnd.randint(1, 3)
+    spec = {"method": "ngram", "num_speculative_tokens": rnd.randint(1, 6), "prompt_lookup_min": n_min,
+            "prompt_lookup_max": n_min + rnd.randint(0, 1)}
+    shape = dict(block_size=block, num_gpu_blocks=rnd.randrange(10, 64), max_num_seqs=seqs,
+                 max_num_batched_tokens=max(seqs, rnd.randrange(2, 40)), async_scheduling=rnd.random() < 0.5,
+                 enable_prefix_caching=rnd.random() < 0.5, kv_reserve_ratio=rnd.choice([0.0, None]))
+    shared = repetitive(seed, rnd.randrange(0, 24))
+    work, aborted = [], set()
+    for i in range(rnd.randrange(2, 8)):
+        prompt = shared + repetitive(seed * 100 + i, rnd.randrange(1, 40))
+        room = shape["num_gpu_blocks"] * block - len(prompt) - 1
+        if room < 2:
+            continue
+        p = dict(max_tokens=rnd.randrange(1, min(room, 30)), temperature=0.0, ignore_eos=True)
+        p.update(rnd.choice([{}, {}, {"logprobs": 2}, {"stop_token_ids": [rnd.randrange(1, 500)]},
+                             {"presence_penalty": 0.5}, {"logit_bias": [(prompt[-1], 20.0)]}]))
+        work.append((f"r{i}", prompt, SamplingParams(**p)))
+        if rnd.random() < 0.2:
+            aborted.add(f"r{i}")
+
+    def drive(core) -> dict:
+        for rid, prompt, sp in work:
+            assert core.add_request(rid, prompt, sp) is None
+        got = {rid: ([], []) for rid, _, _ in work}
+        for step in range(3000):
+            if not core.has_unfinished():
+                break
+            if step == 3:
+                core.abort(sorted(aborted))
+            for o in core.step():
+                got[o.request_id][0].extend(o.new_token_ids)
+                got[o.request_id][1].extend(o.logprobs or [])
+        assert not core.has_unfinished()
+        core.kv.reset_prefix_cache()
+        assert core.kv.num_free_blocks == core.kv.num_blocks
+        return {rid: v for rid, v in got.items() if rid not in aborted}
+
+    ref = drive(make_core(model_dir, spec=None, **shape))
+    assert_same(drive(make_core(model_dir, spec=spec, **shape)), ref)
