@@ -125,6 +125,15 @@ def _port(optional: bool):
     return check
 
 
+def _lora_modules(v):
+    from kiln.layers.lora import parse_lora_modules
+    try:
+        parse_lora_modules(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _speculative(v):
     from kiln.engine.speculative import SpeculativeConfig
     try:
@@ -191,6 +200,11 @@ class KilnConfig:
         check=lambda v: None if v in (None, "none", "w8a16", "w8a8-int8", "w8a8-fp8")
         else "must be none, w8a16, w8a8-int8 or w8a8-fp8",
         group="model")
+    lora_modules: str | None = setting(
+        None, "KILN_LORA_MODULES", "LoRA adapters (PEFT's adapter_config.json + adapter_model.safetensors) served "
+        "beside the base model: name=path,name2=path2 (or a JSON object). A request picks one by its name as the "
+        "OpenAI `model`; /v1/models lists them. Not with MP_NUM > 1 or w8a8 quantization.", kind="optstr",
+        flags=("--lora-modules",), check=_lora_modules, group="model")
     quantize_lm_head: bool = setting(
         False, "KILN_QUANTIZE_LM_HEAD", "Hold the LM head in weight-only int8 (per-row scales) too: at batch 1 an "
         "8B model's step reads ~0.5 GB less. Off: the head stays in the model's dtype, as vLLM keeps it.",
@@ -566,6 +580,7 @@ class KilnConfig:
             grammar_compile_timeout=self.grammar_compile_timeout,
             async_scheduling={"auto": None, "on": True, "off": False}[self.async_scheduling],
             speculative_config=self.speculative_config,
+            lora_modules=self.lora_modules,
             extra={"max_seq_len": self.max_seq_len, "max_dec_len": self.max_dec_len,
                    "block_ratio": self.block_ratio, "enc_dec_block_num": self.enc_dec_block_num,
                    "max_prefill_batch": self.max_prefill_batch},

@@ -35,6 +35,8 @@ class EngineConfig:
     # queue step N+1 before step N's ids reach the host; None: on with CUDA
     async_scheduling: bool | None = None
     warmup: bool | None = False           # USE_WARMUP; None: on with CUDA (where kernels compile), off on CPU
+    # LoRA adapters: "name=path,..." or {name: path} (kiln/layers/lora.py); None: none
+    lora_modules: str | dict[str, str] | None = None
     # speculative decoding: vLLM's JSON or dict (kiln/engine/speculative.py); None: off
     speculative_config: str | dict[str, Any] | None = None
     grammar_compile_timeout: float = 10.0  # s a structured-output request may wait for its grammar to compile

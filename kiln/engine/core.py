@@ -185,6 +185,13 @@ class EngineCore:
         if params.priority and self.scheduler.policy != "priority":
             return reject(f"priority {params.priority} needs the priority scheduling policy: start the server with "
                           f"KILN_SCHEDULING_POLICY=priority (--scheduling-policy priority)", ErrorKind.INVALID)
+        lora_index = 0
+        if params.lora_name is not None:
+            lora = self.runner.lora
+            lora_index = lora.index.get(params.lora_name, 0) if lora is not None else 0
+            if not lora_index:
+                loaded = ", ".join(lora.index) if lora is not None else "none (KILN_LORA_MODULES is unset)"
+                return reject(f"unknown LoRA adapter {params.lora_name!r}; loaded: {loaded}", ErrorKind.INVALID)
         vocab = self.runner.model_config.vocab_size
         for name, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids),
                           ("eos_token_ids", eos_token_ids or []), ("logit_bias", [t for t, _ in params.logit_bias])):
@@ -197,6 +204,7 @@ class EngineCore:
                           prompt_tokens=len(prompt_token_ids), max_model_len=self.max_model_len)
         eos = frozenset(self.eos_token_ids if eos_token_ids is None else set(eos_token_ids) | set(self.eos_token_ids))
         req = Request(request_id, prompt_token_ids, params, eos)
+        req.lora_index = lora_index
         if self.scheduler.max_blocks_needed(req) > self.kv.num_blocks:
             needed = self.scheduler.max_blocks_needed(req)
             return reject(f"{req.num_prompt_tokens} prompt + {params.max_tokens} max new tokens need {needed} KV "

@@ -39,8 +39,8 @@ class KVCacheManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     # -- prefix cache --------------------------------------------------------------------------------
-    def _hashes(self, token_ids: list[int], num_full_blocks: int) -> list[int]:
-        out, parent = [], None
+    def _hashes(self, token_ids: list[int], num_full_blocks: int, salt: object = None) -> list[int]:
+        out, parent = [], salt
         bs = self.block_size
         for i in range(num_full_blocks):
             parent = hash((parent, tuple(token_ids[i * bs:(i + 1) * bs])))
@@ -54,7 +54,7 @@ class KVCacheManager:
             return []
         tokens = req.all_token_ids
         hits = []
-        for h in self._hashes(tokens, (len(tokens) - 1) // self.block_size):
+        for h in self._hashes(tokens, (len(tokens) - 1) // self.block_size, req.cache_salt):
             b = self.hash_to_block.get(h)
             if b is None:
                 break
@@ -108,7 +108,7 @@ class KVCacheManager:
             return
         bs = self.block_size
         tokens = req.all_token_ids
-        parent = hashes[-1] if hashes else None
+        parent = hashes[-1] if hashes else req.cache_salt
         for i in range(len(hashes), n_full):  # incremental: each block is hashed once per request
             parent = hash((parent, tuple(tokens[i * bs:(i + 1) * bs])))
             hashes.append(parent)

@@ -53,6 +53,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # the scheduling policy "priority" (KILN_SCHEDULING_POLICY) serves lower values first, as vLLM's `priority`
     priority: int = 0
+    # the LoRA adapter (KILN_LORA_MODULES' name) that changes the model for this request; None: the base model
+    lora_name: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -94,6 +96,7 @@ class SamplingParams:
         need(self.prompt_logprobs is None or is_int(self.prompt_logprobs, 0, 20),
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         need(is_int(self.priority, INT64_MIN), f"priority must be an int in [-2^63, 2^63), got {self.priority!r}")
+        need(self.lora_name is None or isinstance(self.lora_name, str), "lora_name must be a string or None")
         need(isinstance(self.stop_token_ids, list) and all(is_int(t, 0) for t in self.stop_token_ids),
              "stop_token_ids must be a list of token ids (ints >= 0)")
         need(isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop), "stop must be a list of strings")
@@ -152,6 +155,9 @@ class Request:
         # known token and sampled at each of their positions; the n-gram lookup's copy of the known tokens
         self.draft_token_ids: list[int] = []
         self.draft_limit = 0  # drafts it may carry next (speculative.next_draft_limit; 0: the configured number)
+        # the LoRA adapter's number (kiln/layers/lora.py; 0: the base model), set by the engine at admission; the
+        # prefix cache keeps each adapter's blocks apart (their K/V differ)
+        self.lora_index = 0
         self.history_array = None
         self.history_len = 0
         ids = set(params.stop_token_ids)
@@ -174,6 +180,11 @@ class Request:
     def needs_prompt_logprobs(self) -> bool:
         """Prompt positions still lack their logprobs: the prefill must compute them (no prefix-cache hits)."""
         return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+
+    @property
+    def cache_salt(self) -> object:
+        """Where the prefix cache's hash chain starts: requests share cached blocks only under the same salt."""
+        return ("lora", self.lora_index) if self.lora_index else None
 
     @property
     def num_sample_rows(self) -> int:

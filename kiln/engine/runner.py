@@ -51,6 +51,7 @@ class ModelRunner:
         t0 = time.monotonic()
         self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, cfg.quantization, cfg.seed,
                                 cfg.quantize_lm_head)
+        self.lora = self._load_lora(cfg)
         self.load_seconds = time.monotonic() - t0
         self.startup_seconds: dict[str, float] = {"weights": self.load_seconds}
         self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.model.quantization)
@@ -78,6 +79,21 @@ class ModelRunner:
         self._step_parity = 0
         self.last_sampled_ids: torch.Tensor | None = None  # device ids of the last step: in-flight tokens
         self.tp_group = None  # set by the engine core on rank 0 when MP_NUM > 1
+
+    def _load_lora(self, cfg: EngineConfig):
+        """The LoRA adapters of cfg.lora_modules (kiln/layers/lora.py), bound to the model; None without."""
+        from kiln.layers.lora import attach, parse_lora_modules, read_adapter
+        modules = parse_lora_modules(cfg.lora_modules)
+        if not modules:
+            return None
+        if tpd.tp_size() > 1:
+            raise ValueError("LoRA adapters are not supported with tensor parallelism (MP_NUM > 1) yet")
+        layers = list(self.model.model.layers)
+        adapters = [read_adapter(name, path, layers, self.dtype, self.device) for name, path in modules.items()]
+        state = attach(self.model, adapters)
+        log.info("LoRA adapters: %s", ", ".join(f"{a.name} (rank {a.rank}, {len(a.weights)} projections)"
+                                                for a in adapters))
+        return state
 
     def max_model_len(self) -> int:
         mpe = self.model_config.max_position_embeddings
@@ -197,7 +213,10 @@ class ModelRunner:
         prompt_rows: list[int] = []
         prompt_targets: list[int] = []
         prompt_spans: list[tuple[Request, int, int]] = []
+        token_adapters: list[int] = []  # each input token's LoRA adapter (0: none), with adapters loaded
         for req, n in zip(batch.requests, batch.num_tokens):
+            if self.lora is not None:
+                token_adapters.extend([req.lora_index] * n)  # n: also a speculating row's draft rows
             start = req.num_computed_tokens
             end = start + n
             if req.draft_token_ids:
@@ -242,7 +261,7 @@ class ModelRunner:
                     prompt_spans.append((req, lo, hi - lo))
         top_k = max((r.params.prompt_logprobs for r, _, _ in prompt_spans), default=0)
         return StepInputs(ids, pos, slots, tables, qlens, slens, logits_idx, fix_dst, fix_src, prompt_rows,
-                          prompt_targets, top_k, prompt_spans), sampling
+                          prompt_targets, top_k, prompt_spans, token_adapters), sampling
 
     def step_buffer(self, size: int) -> torch.Tensor:
         """A host int64 buffer for one step's packed inputs: on CUDA one of two pinned buffers used in turn (a
@@ -264,7 +283,7 @@ class ModelRunner:
         n, t = len(s.block_tables), len(s.input_ids)
         nl, nf, npr = len(s.logits_indices), len(s.pending_dst), len(s.prompt_rows)
         width = max(len(b) for b in s.block_tables)
-        p = PackedStep(None, t, n, nl, nf, width, npr, s.prompt_top_k)
+        p = PackedStep(None, t, n, nl, nf, width, npr, s.prompt_top_k, s.token_adapters)
         host = p.host = self.step_buffer(p.size)
         buf = host.numpy()
         buf[0:t] = s.input_ids
@@ -339,8 +358,19 @@ class ModelRunner:
         """Logits of the rows that sample, and only of those: a prefill chunk that samples nothing skips the LM
         head (and its all-gather); and the prompt logprobs the step computes, if any. All ranks run this in
         lockstep under tensor parallelism."""
+        if self.lora is None:
+            return self._forward_packed(p)
+        self.lora.set_step(p.token_adapters or [], self.device)
+        try:
+            return self._forward_packed(p)
+        finally:
+            self.lora.clear()
+
+    def _forward_packed(self, p: "PackedStep") -> tuple[torch.Tensor | None, PendingSample | None]:
         ids, pos, meta, logits_indices, prompt_rows, prompt_targets = self.upload(p)
-        if self.graphs is not None and meta.decode_only and self.graphs.fits(len(ids), meta.block_tables.shape[1]):
+        lora = self.lora is not None and self.lora.active  # adapters' deltas run eagerly, outside the graphs
+        if (self.graphs is not None and meta.decode_only and not lora
+                and self.graphs.fits(len(ids), meta.block_tables.shape[1])):
             all_logits = self.graphs.run(ids, pos, meta)  # every row's
             prompt = self._prompt_logprobs(p, lambda rows: all_logits[rows], prompt_rows, prompt_targets)
             if p.num_logits == len(ids):
@@ -420,6 +450,7 @@ class StepInputs:
     prompt_top_k: int = 0       # top logprobs per prompt row (the most any of the step's requests asks)
     # (request, first prompt position, rows) of each request's prompt rows, in order (host only, not packed)
     prompt_spans: list = field(default_factory=list)
+    token_adapters: list[int] = field(default_factory=list)  # each input token's LoRA adapter (host only)
 
 
 class DeviceStep(NamedTuple):
@@ -453,6 +484,7 @@ class PackedStep:
     width: int          # block-table columns
     num_prompt_rows: int = 0  # np: rows whose prompt logprobs are asked
     prompt_top_k: int = 0
+    token_adapters: list[int] | None = None  # each input token's LoRA adapter (rank 0 only: not in the buffer)
 
     @property
     def size(self) -> int:

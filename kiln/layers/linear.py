@@ -85,6 +85,12 @@ class Linear(nn.Module):
         self.int4 = False  # qweight holds torch's packed CPU int4 layout, scale the per-group (scale, zero)
         self.act_quant = False  # W8A8: activations quantized too (per token, or with the static input_scale)
         self.input_scale: torch.Tensor | None = None
+        self.lora = None  # kiln.layers.lora.LoRABinding where LoRA adapters change this projection
+
+    @property
+    def lora_active(self) -> bool:
+        """Some rows of this step take a LoRA adapter's delta here (only forward() adds it)."""
+        return self.lora is not None and self.lora.state.active
 
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if param.shape != loaded.shape:
@@ -143,6 +149,12 @@ class Linear(nn.Module):
         return qops.input_quant(rows, self.qweight, self.input_scale)
 
     def forward(self, x: torch.Tensor | qops.QuantizedRows) -> torch.Tensor:
+        y = self._project(x)
+        if self.lora_active:
+            self.lora.apply(x, y)
+        return y
+
+    def _project(self, x: torch.Tensor | qops.QuantizedRows) -> torch.Tensor:
         if isinstance(x, qops.QuantizedRows):  # quantized by its producer, as input_quant asked
             return qops.w8a8_gemm(x, self.qweight, self.scale, self.bias)
         if self.qweight is not None:

@@ -68,7 +68,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """x: the normed hidden states, or already quantized for gate_up_proj (its input_quant)."""
-        if isinstance(x, QuantizedRows) or x.is_cuda:  # down_proj's input rows are x's
+        if (isinstance(x, QuantizedRows) or x.is_cuda) and not self.gate_up_proj.lora_active:  # down_proj's rows: x's
             return self.down_proj(self.gate_up_proj.silu_and_mul(x, self.down_proj.input_quant(x)))
         gu = self.gate_up_proj(x)
         return self.down_proj(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])

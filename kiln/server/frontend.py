@@ -19,6 +19,7 @@ from kiln.config import KilnConfig
 from kiln.engine.output_processor import OutputProcessor, TokenEvent
 from kiln.engine.request import SamplingParams
 from kiln.errors import SEED_CODE_TIMEOUT, ErrorKind, RequestError, as_kind, seed_message
+from kiln.layers.lora import parse_lora_modules
 from kiln.server.sampling import Limits
 
 log = logging.getLogger("kiln.frontend")
@@ -170,6 +171,7 @@ class Frontend:
         self.max_dec_len = cfg.max_dec_len
         self.eos_token_ids = list(getattr(tokenizer, "eos_token_ids", []) or [])
         self.model_name = cfg.model_name
+        self.lora_modules = parse_lora_modules(cfg.lora_modules)  # name -> path: an OpenAI `model` picks one
         self.created = int(time.time())
         self.shutting_down = False
         self._bg: set[asyncio.Task] = set()

@@ -225,6 +225,8 @@ def _params(req: _Common, frontend: Frontend, limits: Limits, prompt_len: int, m
         presence_penalty=req.presence_penalty or 0.0, seed=req.seed, stop=[s for s in stop if s],
         stop_token_ids=stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=bias)
     sp.priority = req.priority
+    if req.model in getattr(frontend, "lora_modules", {}):  # a LoRA adapter's name (KILN_LORA_MODULES)
+        sp.lora_name = req.model
     return sp
 
 
@@ -621,17 +623,26 @@ def usage_chunk(job: OpenAIJob, prompt_tokens: int, completion_tokens: int) -> d
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def model_card(frontend: Frontend) -> dict:
-    return {"id": frontend.model_name, "object": "model", "created": frontend.created, "owned_by": "kiln",
-            "root": frontend.model_name, "max_model_len": frontend.max_model_len}
+def model_card(frontend: Frontend, lora: str | None = None) -> dict:
+    """The served model's card, or a LoRA adapter's (vLLM's: its path as root, the model as parent)."""
+    card = {"id": lora or frontend.model_name, "object": "model", "created": frontend.created, "owned_by": "kiln",
+            "root": frontend.lora_modules[lora] if lora else frontend.model_name,
+            "max_model_len": frontend.max_model_len}
+    if lora:
+        card["parent"] = frontend.model_name
+    return card
 
 
 def models_response(frontend: Frontend) -> dict:
-    return {"object": "list", "data": [model_card(frontend)]}
+    return {"object": "list", "data": [model_card(frontend)] + [model_card(frontend, name)
+                                                                   for name in frontend.lora_modules]}
 
 
 def retrieve_model(frontend: Frontend, model: str) -> dict:
-    """GET /v1/models/{model}: the served model's card, 404 for another name (requests may still name any)."""
+    """GET /v1/models/{model}: the served model's or a LoRA adapter's card, 404 for another name (requests may
+    still name any: they get the model)."""
+    if model in frontend.lora_modules:
+        return model_card(frontend, model)
     if model != frontend.model_name:
         raise RequestError(f"The model `{model}` does not exist: this server serves `{frontend.model_name}`",
                            ErrorKind.NOT_FOUND, param="model")

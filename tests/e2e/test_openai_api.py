@@ -549,3 +549,41 @@ def test_priority_needs_the_priority_policy(server, v1):
     assert v1.chat.completions.create(extra_body={"priority": 0}, **kw).choices[0].message.content is not None
     with pytest.raises(openai.BadRequestError, match="priority"):
         v1.completions.create(model="m", prompt="Hi", max_tokens=2, extra_body={"priority": "high"})
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, default_model_dir):
+    """A random PEFT adapter on q_proj and v_proj of the bundled model's first two layers."""
+    import torch
+    from safetensors.torch import save_file
+    cfg = json.loads((default_model_dir / "config.json").read_text())
+    hidden, kv = cfg["hidden_size"], cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"]
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(2):
+        for proj, out in (("q_proj", hidden), ("v_proj", kv)):
+            p = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            tensors[f"{p}.lora_A.weight"] = torch.randn(4, hidden, generator=g)
+            tensors[f"{p}.lora_B.weight"] = torch.randn(out, 4, generator=g)
+    d = tmp_path_factory.mktemp("lora")
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
+    return d
+
+
+def test_a_lora_adapter_is_a_model_of_its_own(kiln_server_factory, server, v1, lora_dir):
+    """KILN_LORA_MODULES: /v1/models lists the adapter (its parent the model); a request that names it gets the
+    adapter's output, whole and streamed, and one that names the model gets the model's, as on a server without."""
+    s = kiln_server_factory(KILN_LORA_MODULES=f"noisy={lora_dir}", BATCH_SIZE="4", MAX_SEQ_LEN="512", MAX_DEC_LEN="64")
+    c = openai.Client(base_url=s.url + "/v1", api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
+    cards = {m.id: m for m in c.models.list().data}
+    assert cards["noisy"].parent == "SmolLM2-135M-Instruct" and cards["noisy"].root == str(lora_dir)
+    assert c.models.retrieve("noisy").id == "noisy"
+    kw = dict(messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0)
+    plain = v1.chat.completions.create(model="m", **kw).choices[0].message.content
+    assert c.chat.completions.create(model="SmolLM2-135M-Instruct", **kw).choices[0].message.content == plain
+    adapted = c.chat.completions.create(model="noisy", **kw)
+    assert adapted.model == "noisy" and adapted.choices[0].message.content != plain
+    streamed = c.chat.completions.create(model="noisy", stream=True, **kw)
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == \
+        adapted.choices[0].message.content

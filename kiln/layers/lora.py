@@ -1,0 +1,180 @@
+"""LoRA adapters (PEFT's format), several served beside the base model, chosen per request.
+
+An adapter adds scale * B(A x) to the output of some of the decoder's projections (q, k, v, o, gate, up, down;
+scale = lora_alpha / r, or / sqrt(r) with rsLoRA). Adapters are loaded at start (KILN_LORA_MODULES name=path,...)
+and numbered from 1 (0: the base model). Each step the runner gives every input token its request's adapter number
+(`LoRAState.set_step`); each projection with adapters adds, for every adapter the step uses, its delta to the rows
+of that adapter's tokens: two small matmuls per adapter over its rows only (plain PyTorch: on a GPU such steps run
+eagerly, outside the decode CUDA graphs, and without the fused 8-bit input paths).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the front ends read the settings without it
+    import torch
+
+# PEFT's module names -> (Kiln's projection, slice of its fused output)
+TARGETS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+           "o_proj": ("o_proj", None), "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+           "down_proj": ("down_proj", None)}
+
+
+@dataclass
+class LoRAAdapter:
+    name: str
+    path: str
+    rank: int
+    scale: float
+    # (layer, Kiln projection, output slice or None) -> (A [r, in], B [out, r]) on the model's device and dtype
+    weights: dict[tuple[int, str, int | None], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def parse_lora_modules(value: str | dict | None) -> dict[str, str]:
+    """"name=path,name2=path2" (or a JSON object {name: path}) -> {name: path}; ValueError naming what to fix."""
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif value.lstrip().startswith("{"):
+        try:
+            pairs = list(json.loads(value).items())
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"LoRA modules: not a JSON object of name: path ({e})") from None
+    else:
+        pairs = []
+        for part in value.replace(" ", ",").split(","):
+            if not part:
+                continue
+            name, sep, path = part.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"LoRA modules: {part!r} is not name=path (e.g. sql=/models/sql-lora)")
+            pairs.append((name, path))
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"LoRA modules: a name appears twice in {names}")
+    return {str(n): str(p) for n, p in pairs}
+
+
+def read_adapter(name: str, path: str, layers: list, dtype: torch.dtype, device: torch.device) -> LoRAAdapter:
+    """One PEFT adapter directory (adapter_config.json, adapter_model.safetensors) checked against the model's
+    projections `layers` (the decoder layers). ValueError says what does not fit."""
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    cfg_path, weights_path = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights_path.is_file():
+        raise ValueError(f"LoRA adapter {name!r}: {d} needs adapter_config.json and adapter_model.safetensors "
+                         f"(PEFT's format)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"LoRA adapter {name!r}: {cfg_path} is not JSON ({e})") from None
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+        raise ValueError(f"LoRA adapter {name!r}: adapter_config.json needs an int r >= 1 and a lora_alpha")
+    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save") or cfg.get("fan_in_fan_out"):
+        raise ValueError(f"LoRA adapter {name!r}: bias, modules_to_save and fan_in_fan_out are not supported")
+    scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+    adapter = LoRAAdapter(name, str(d), rank, float(scale))
+    tensors = load_file(str(weights_path))
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        parts = key.split(".")
+        try:
+            i = parts.index("layers")
+            layer, module, which = int(parts[i + 1]), parts[i + 3], parts[i + 4]
+        except (ValueError, IndexError):
+            raise ValueError(f"LoRA adapter {name!r}: tensor {key} is not a decoder projection's lora_A / lora_B "
+                             f"(supported: {', '.join(TARGETS)})") from None
+        if module not in TARGETS or which not in ("lora_A", "lora_B"):
+            raise ValueError(f"LoRA adapter {name!r}: tensor {key}: only {', '.join(TARGETS)} take LoRA here")
+        pairs.setdefault((layer, module), {})[which] = t
+    for (layer, module), ab in sorted(pairs.items()):
+        if set(ab) != {"lora_A", "lora_B"} or not 0 <= layer < len(layers):
+            raise ValueError(f"LoRA adapter {name!r}: layer {layer} {module}: needs lora_A and lora_B of a layer "
+                             f"in [0, {len(layers)})")
+        proj_name, sl = TARGETS[module]
+        proj = getattr(layers[layer].self_attn if proj_name in ("qkv_proj", "o_proj") else layers[layer].mlp,
+                       proj_name)
+        out = proj.output_sizes[sl] if sl is not None else proj.out_features
+        a, b = ab["lora_A"], ab["lora_B"]
+        if a.shape != (rank, proj.in_features) or b.shape != (out, rank):
+            raise ValueError(f"LoRA adapter {name!r}: layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B "
+                             f"{tuple(b.shape)}, expected ({rank}, {proj.in_features}) / ({out}, {rank})")
+        adapter.weights[(layer, proj_name, sl)] = (a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous())
+    if not adapter.weights:
+        raise ValueError(f"LoRA adapter {name!r}: no lora_A / lora_B tensors in {weights_path}")
+    return adapter
+
+
+class LoRAState:
+    """The adapters, and this step's rows of each (set by the runner before the forward, cleared after)."""
+
+    def __init__(self, adapters: list[LoRAAdapter]):
+        self.adapters = adapters                      # index i + 1 is adapter i
+        self.index = {a.name: i + 1 for i, a in enumerate(adapters)}
+        self.step_rows: list[tuple[LoRAAdapter, torch.Tensor]] = []  # (adapter, its token rows) this step
+
+    @property
+    def active(self) -> bool:
+        return bool(self.step_rows)
+
+    def set_step(self, token_adapters: list[int], device: torch.device) -> None:
+        """token_adapters: each input token's adapter number (0: none)."""
+        self.step_rows = []
+        if not any(token_adapters):
+            return
+        import torch
+        ids = torch.tensor(token_adapters, dtype=torch.long)
+        for n in sorted(set(token_adapters) - {0}):
+            self.step_rows.append((self.adapters[n - 1], torch.nonzero(ids == n)[:, 0].to(device)))
+
+    def clear(self) -> None:
+        self.step_rows = []
+
+    def apply(self, layer: int, proj_name: str, x: torch.Tensor, y: torch.Tensor, slices: list[int] | None) -> None:
+        """y += each active adapter's delta on its rows; slices: the fused output's sub-projection sizes."""
+        for adapter, rows in self.step_rows:
+            xs = None
+            for sl in range(len(slices)) if slices else (None,):
+                ab = adapter.weights.get((layer, proj_name, sl))
+                if ab is None:
+                    continue
+                if xs is None:
+                    xs = x.index_select(0, rows)
+                a, b = ab
+                delta = (xs @ a.t()) @ b.t() * adapter.scale
+                lo = sum(slices[:sl]) if slices else 0
+                y[:, lo:lo + delta.shape[1]].index_add_(0, rows, delta.to(y.dtype))
+
+
+class LoRABinding:
+    """A projection's place among the adapters' weights (Linear.lora)."""
+
+    def __init__(self, state: LoRAState, layer: int, name: str, slices: list[int] | None):
+        self.state, self.layer, self.name, self.slices = state, layer, name, slices
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.state.apply(self.layer, self.name, x, y, self.slices)
+
+
+def attach(model, adapters: list[LoRAAdapter]) -> LoRAState:
+    """Bind every projection that some adapter changes to the adapters' state; returns the state."""
+    state = LoRAState(adapters)
+    used = {(layer, name) for a in adapters for layer, name, _ in a.weights}
+    for i, layer in enumerate(model.model.layers):
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            if (i, name) not in used:
+                continue
+            proj = getattr(layer.self_attn if name in ("qkv_proj", "o_proj") else layer.mlp, name)
+            if proj.act_quant:
+                raise ValueError("LoRA adapters need float or weight-only int8 (w8a16) projections: not with "
+                                 "w8a8 quantization")
+            proj.lora = LoRABinding(state, i, name, getattr(proj, "output_sizes", None)
+                                    if name in ("qkv_proj", "gate_up_proj") else None)
+    return state
