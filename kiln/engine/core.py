@@ -496,6 +496,12 @@ class EngineCore:
             drain()
         add(budget + budget // 2 + 1, 1, temperature=0.0)
         drain()
+        if self.runner.lora is not None:
+            # each LoRA adapter's rows beside the base model's (their steps run eagerly, outside the decode graphs)
+            for name in self.runner.lora.index:
+                add(8, 3, temperature=0.0, lora_name=name)
+            add(8, 3, temperature=0.0)
+            drain()
         if self.speculative:
             # speculating decode rows beside a plain one (a "+spec" step): a prompt of one repeated token that a
             # logit bias makes the model repeat, so the n-gram lookup drafts it and the samples confirm it

@@ -163,3 +163,21 @@ def test_lora_modules_parse_from_flags_and_json():
             parse_lora_modules(bad)
     cfg = KilnConfig.load({"KILN_LORA_MODULES": "sql=/models/sql"})
     assert cfg.to_engine_config().lora_modules == "sql=/models/sql"
+
+
+def test_the_warmup_runs_each_adapter(dirs, monkeypatch):
+    from kiln.layers.lora import LoRAState
+    base, adapters = dirs
+    modules = {name: str(a) for name, (a, _) in adapters.items()}
+    seen = set()
+    set_step = LoRAState.set_step
+
+    def spy(self, token_adapters, device):
+        seen.update(token_adapters)
+        return set_step(self, token_adapters, device)
+    monkeypatch.setattr(LoRAState, "set_step", spy)
+    core = make_core(base, lora_modules=modules, warmup=True, max_num_seqs=4, max_num_batched_tokens=64)
+    assert seen == {0, 1, 2}
+    assert core.num_warmup_steps > 0 and not core.has_unfinished() and core.kv.num_free_blocks == core.kv.num_blocks
+    got = run(core, [("one", PROMPTS[0], params("one"))])
+    assert_same(got["one"], run(make_core(adapters["one"][1]), [("r", PROMPTS[0], params())])["r"])
