@@ -4,11 +4,12 @@
 # equal, float32 tiny model, Triton kernels, eager verification steps beside decode CUDA graphs), then the
 # random Llama-3-8B shape at batch 1 and 8 (128 in / 256 out): without speculation, with it on random tokens
 # (drafts rarely found: the cost of having it on), and with a +100 logit bias on one token (every draft confirmed:
-# the best case), 5 and 3 draft tokens; batch 32 on random tokens (what drafting costs a larger batch).
+# the best case), 5 and 3 draft tokens; batch 32 on random tokens (what drafting costs a larger batch). Also the
+# LoRA tests on CUDA (adapters against merged checkpoints, eager steps beside graph ones).
 source benchmarks/device/common.sh
 BUDGET_S=${BUDGET_S:-540}
 gpu_state; date -u
-timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short -rf tests/unit/test_speculative.py \
+timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short -rf tests/unit/test_speculative.py tests/unit/test_lora.py \
   2>&1 | grep -E "Error|^FAILED|passed|failed" | head
 S5='{"method": "ngram", "num_speculative_tokens": 5}'
 S3='{"method": "ngram", "num_speculative_tokens": 3}'
