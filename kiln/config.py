@@ -203,7 +203,7 @@ class KilnConfig:
     lora_modules: str | None = setting(
         None, "KILN_LORA_MODULES", "LoRA adapters (PEFT's adapter_config.json + adapter_model.safetensors) served "
         "beside the base model: name=path,name2=path2 (or a JSON object). A request picks one by its name as the "
-        "OpenAI `model`; /v1/models lists them. Not with MP_NUM > 1 or w8a8 quantization.", kind="optstr",
+        "OpenAI `model`; /v1/models lists them. Not with w8a8 quantization.", kind="optstr",
         flags=("--lora-modules",), check=_lora_modules, group="model")
     quantize_lm_head: bool = setting(
         False, "KILN_QUANTIZE_LM_HEAD", "Hold the LM head in weight-only int8 (per-row scales) too: at batch 1 an "

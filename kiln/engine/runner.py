@@ -86,8 +86,6 @@ class ModelRunner:
         modules = parse_lora_modules(cfg.lora_modules)
         if not modules:
             return None
-        if tpd.tp_size() > 1:
-            raise ValueError("LoRA adapters are not supported with tensor parallelism (MP_NUM > 1) yet")
         layers = list(self.model.model.layers)
         adapters = [read_adapter(name, path, layers, self.dtype, self.device) for name, path in modules.items()]
         state = attach(self.model, adapters)

@@ -33,9 +33,10 @@ from kiln.models.config import ModelConfig
 log = logging.getLogger("kiln.tp")
 
 GiB = 1 << 30
-# header of a step message: kind, then PackedStep's sizes, then the number of last sampled ids that follow
+# header of a step message: kind, then PackedStep's sizes, the number of last sampled ids that follow, and whether
+# each token's LoRA adapter follows
 STEP, STOP = 1, 2
-HEADER_LEN = 9
+HEADER_LEN = 10
 CANDIDATE_SIZES = range(1, 9)  # MP_NUM values suggested in errors: the GPUs of one host
 
 
@@ -202,11 +203,14 @@ class TPGroup:
         """The step's sizes and packed inputs (host to host), then, if the step reads tokens still in flight,
         the last sampled ids (device to device, queued behind the sampling that makes them)."""
         n_ids = last_sampled_ids.numel() if p.num_pending else 0
+        adapters = any(p.token_adapters or ())  # LoRA rows: each token's adapter follows the packed inputs
         header = torch.tensor([STEP, p.num_tokens, p.num_seqs, p.num_logits, p.num_pending, p.width, n_ids,
-                               p.num_prompt_rows, p.prompt_top_k],
+                               p.num_prompt_rows, p.prompt_top_k, int(adapters)],
                               dtype=torch.int64)
         dist.broadcast(header, 0, group=tpd.host_group())
         dist.broadcast(p.host, 0, group=tpd.host_group())
+        if adapters:
+            dist.broadcast(torch.tensor(p.token_adapters, dtype=torch.int64), 0, group=tpd.host_group())
         if n_ids:
             dist.broadcast(last_sampled_ids, 0)
 
@@ -229,12 +233,16 @@ def receive_step(runner):
     from kiln.engine.runner import PackedStep
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     dist.broadcast(header, 0, group=tpd.host_group())
-    kind, t, n, nl, nf, width, n_ids, npr, top_k = header.tolist()
+    kind, t, n, nl, nf, width, n_ids, npr, top_k, adapters = header.tolist()
     if kind == STOP:
         return None
     p = PackedStep(None, t, n, nl, nf, width, npr, top_k)
     p.host = runner.step_buffer(p.size)
     dist.broadcast(p.host, 0, group=tpd.host_group())
+    if adapters:
+        token_adapters = torch.empty(t, dtype=torch.int64)
+        dist.broadcast(token_adapters, 0, group=tpd.host_group())
+        p.token_adapters = token_adapters.tolist()
     if n_ids:
         ids = torch.empty(n_ids, dtype=torch.int64, device=runner.device)
         dist.broadcast(ids, 0)

@@ -65,6 +65,8 @@ def read_adapter(name: str, path: str, layers: list, dtype: torch.dtype, device:
     projections `layers` (the decoder layers). ValueError says what does not fit."""
     from safetensors.torch import load_file
 
+    from kiln import distributed as tpd
+
     d = Path(path)
     cfg_path, weights_path = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_path.is_file() or not weights_path.is_file():
@@ -101,11 +103,21 @@ def read_adapter(name: str, path: str, layers: list, dtype: torch.dtype, device:
         proj_name, sl = TARGETS[module]
         proj = getattr(layers[layer].self_attn if proj_name in ("qkv_proj", "o_proj") else layers[layer].mlp,
                        proj_name)
-        out = proj.output_sizes[sl] if sl is not None else proj.out_features
         a, b = ab["lora_A"], ab["lora_B"]
-        if a.shape != (rank, proj.in_features) or b.shape != (out, rank):
+        # tensor parallelism: a rank's share as its projection's weight is shared (B by output rows where the
+        # outputs are split, A by input columns where the inputs are: the partial deltas are summed with the
+        # projection's own all-reduce)
+        column = sl is not None
+        full_in = proj.in_features if column else proj.in_features * tpd.tp_size()
+        full_out = proj.full_sizes[sl] if column else proj.out_features
+        if a.shape != (rank, full_in) or b.shape != (full_out, rank):
             raise ValueError(f"LoRA adapter {name!r}: layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B "
-                             f"{tuple(b.shape)}, expected ({rank}, {proj.in_features}) / ({out}, {rank})")
+                             f"{tuple(b.shape)}, expected ({rank}, {full_in}) / ({full_out}, {rank})")
+        if column:
+            size = proj.output_sizes[sl]
+            b = b.narrow(0, tpd.tp_rank() // proj.replicas[sl] * size, size)
+        else:
+            a = a.narrow(1, tpd.tp_rank() * proj.in_features, proj.in_features)
         adapter.weights[(layer, proj_name, sl)] = (a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous())
     if not adapter.weights:
         raise ValueError(f"LoRA adapter {name!r}: no lora_A / lora_B tensors in {weights_path}")

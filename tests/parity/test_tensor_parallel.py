@@ -129,6 +129,38 @@ def test_two_ranks_speculate_as_one_rank_decodes(tmp_path):
         core.close()
 
 
+def test_two_ranks_serve_lora_adapters_as_one_rank(tmp_path):
+    """LoRA: each rank holds its share of every adapter (B's rows of its q/k/v and gate/up outputs, A's columns of
+    its o and down inputs, the partial deltas summed by the projection's all-reduce); each token's adapter follows
+    the packed step. Base and adapter requests together: the tokens of one rank."""
+    from tests.unit.test_lora import ALL, write_adapter
+    d = write_tiny_model("llama", tmp_path / "llama")
+    adapter, _ = write_adapter(tmp_path / "a", d, ALL, rank=4, alpha=8, seed=3)
+    kw = dict(lora_modules={"a": str(adapter)}, max_num_batched_tokens=24)
+
+    def run(core):
+        work = [(f"{lora}{i}", p, lora) for i, p in enumerate(PROMPTS) for lora in ("", "a")]
+        for rid, p, lora in work:
+            assert core.add_request(rid, p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                           lora_name=lora or None)) is None
+        got = {rid: [] for rid, _, _ in work}
+        while core.has_unfinished():
+            for o in core.step():
+                got[o.request_id] += o.new_token_ids
+        return got
+    one = make_core(d, 1, async_scheduling=False, **kw)
+    try:
+        ref = run(one)
+    finally:
+        one.close()
+    core = make_core(d, 2, async_scheduling=True, **kw)
+    try:
+        got = run(core)
+    finally:
+        core.close()
+    assert got == ref and ref["a0"] != ref["0"]
+
+
 def test_two_ranks_score_prompts_as_one_rank(tmp_path):
     """Prompt logprobs: every rank runs the LM head over the scored prompt rows (its all-gather) in lockstep, in
     chunked steps, some of which sample nothing; the logprobs equal one rank's."""
