@@ -19,13 +19,24 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     p.add_argument("--quantization", default=None, choices=[None, "w8a16"])
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='draft tokens from the prompt\'s and output\'s own earlier ones, e.g. '
+                        '\'{"method": "ngram", "num_speculative_tokens": 5}\'')
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kiln import LLM, SamplingParams
 
+    from kiln.engine.speculative import SpeculativeConfig
+    try:
+        spec = SpeculativeConfig.parse(args.speculative_config)
+    except ValueError as e:
+        print(f"kiln generate: --speculative-config: {e}", file=sys.stderr)
+        return 2
+    # one sequence; each draft token takes a batch row of its own
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=args.kv_cache_dtype,
-              quantization=args.quantization, max_num_seqs=1)
+              quantization=args.quantization, max_num_seqs=1 + (spec.num_speculative_tokens if spec else 0),
+              speculative_config=spec)
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, seed=args.seed)
 

@@ -453,3 +453,16 @@ def test_random_engines_speculate_to_the_same_tokens(model_dir, seed):
 
     ref = drive(make_core(model_dir, spec=None, **shape))
     assert_same(drive(make_core(model_dir, spec=spec, **shape)), ref)
+
+
+def test_kiln_generate_speculates_and_names_a_bad_config(default_model_dir):
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "kiln.entrypoints.cli", "generate", "--model", str(default_model_dir), "--prompt",
+           "Repeat this list exactly: Apple, Banana, Cherry, Date.", "--max-tokens", "24"]
+    ok = subprocess.run(cmd + ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}'],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "Banana, Cherry" in ok.stdout, ok.stderr[-2000:]
+    bad = subprocess.run(cmd + ["--speculative-config", '{"method": "eagle"}'], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "method 'eagle' is not supported" in bad.stderr
