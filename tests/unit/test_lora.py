@@ -5,6 +5,7 @@ and unknown names get clear errors."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -181,3 +182,33 @@ def test_the_warmup_runs_each_adapter(dirs, monkeypatch):
     assert core.num_warmup_steps > 0 and not core.has_unfinished() and core.kv.num_free_blocks == core.kv.num_blocks
     got = run(core, [("one", PROMPTS[0], params("one"))])
     assert_same(got["one"], run(make_core(adapters["one"][1]), [("r", PROMPTS[0], params())])["r"])
+
+
+# KILN_FUZZ_SEEDS=40: a longer run by hand
+@pytest.mark.parametrize("seed", range(int(os.environ.get("KILN_FUZZ_SEEDS", 4))))
+def test_random_engines_serve_adapters_as_their_merged_models(dirs, seed):
+    """Random engine shapes (small caches that preempt, chunked steps, prefix caching, speculation on or off) and
+    requests of each adapter and of the model that share prefixes: each request's tokens are those of its merged
+    checkpoint's engine of the same shape; every block comes back."""
+    import random
+    rnd = random.Random(seed)
+    base, adapters = dirs
+    shape = dict(block_size=rnd.choice([4, 16]), num_gpu_blocks=rnd.randrange(24, 64), max_num_seqs=rnd.randrange(2, 9),
+                 max_num_batched_tokens=rnd.randrange(8, 40), enable_prefix_caching=rnd.random() < 0.6,
+                 kv_reserve_ratio=0.0, speculative_config=rnd.choice([None, {"method": "ngram",
+                                                                           "num_speculative_tokens": 3}]))
+    shared = [rnd.randrange(3, 500) for _ in range(rnd.randrange(0, 20))]
+    work = []
+    for i in range(rnd.randrange(3, 8)):
+        prompt = shared + [rnd.randrange(3, 500) for _ in range(rnd.randrange(1, 30))]
+        work.append((f"r{i}", prompt, rnd.choice([None, "one", "two"]), rnd.randrange(1, 16)))
+    core = make_core(base, lora_modules={n: str(a) for n, (a, _) in adapters.items()}, **shape)
+    got = run(core, [(rid, p, params(lora, max_tokens=n)) for rid, p, lora, n in work])
+    core.kv.reset_prefix_cache()
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+    for lora in (None, "one", "two"):
+        mine = [(rid, p, params(max_tokens=n)) for rid, p, la, n in work if la == lora]
+        if mine:
+            ref = run(make_core(base if lora is None else adapters[lora][1], **shape), mine)
+            for rid, _, _ in mine:
+                assert_same(got[rid], ref[rid])
