@@ -230,8 +230,10 @@ class Scheduler:
         reserve = 0  # blocks kept free for the running requests' growth (reserve_ratio)
         if self.reserve_ratio and self.waiting and not batch.preempted:
             reserve = sum(self.blocks_to_come(r) for r in self.running)
-        while (i < len(self.waiting) and prefill_budget > 0 and len(self.running) < self.max_num_seqs
-               and not batch.preempted):
+        # draft tokens hold batch rows too (each is a row that samples): with them the step stays within
+        # max_num_seqs rows of logits, the most the memory sizing allowed for
+        while (i < len(self.waiting) and prefill_budget > 0
+               and len(self.running) + batch.num_draft_tokens < self.max_num_seqs and not batch.preempted):
             req = self.waiting[i]
             # prompt logprobs need the logits of every prompt position: no cached prefix for those
             cached = (self.kv.match_prefix(req) if req.num_computed_tokens == 0 and not req.needs_prompt_logprobs

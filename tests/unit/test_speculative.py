@@ -172,6 +172,20 @@ def test_drafts_stop_at_max_tokens_the_budget_and_free_blocks():
     assert not r.draft_token_ids and batch.num_tokens == [1] and not batch.preempted
 
 
+def test_drafts_and_admissions_share_the_batch_rows():
+    """Each draft is a row that samples: a step with drafts admits only as many new requests as rows are left."""
+    sched = spec_scheduler()
+    sched.max_num_seqs = 4
+    r = decode_ready(sched, [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], max_tokens=20)
+    sched.add(Request("w", [50, 51, 52], SamplingParams(ignore_eos=True, max_tokens=5)))
+    batch = sched.schedule()
+    assert r.draft_token_ids == [3, 4, 1] and [q.request_id for q in batch.requests] == ["r"]
+    sched.resolve(batch, [r], sched.launched(batch, [r]), [[9]])   # no draft confirmed: the limit drops to 1
+    batch = sched.schedule()
+    assert [q.request_id for q in batch.requests] == ["r", "w"]
+    assert len(batch.requests) + batch.num_draft_tokens <= 4
+
+
 def test_a_stop_among_confirmed_drafts_ends_the_request_there():
     sched = spec_scheduler()
     r = decode_ready(sched, [1, 2, 0, 7, 7, 1, 2], max_tokens=20, stop_token_ids=[0])  # + 2 -> drafts 0, 7, 7, 1
