@@ -178,11 +178,12 @@ def request_id_of(req: dict, request: pb.ModelInferRequest) -> str:
 # -- the service ---------------------------------------------------------------------------------------------
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runner: Runner, ready: Callable[[], bool], model_aliases: tuple[str, ...] = (),
-                 version: str = "", engine_stats: Callable[[], Any] = lambda: None):
+                 version: str = "", engine_stats: Callable[[], Any] = lambda: None, adapters: tuple[str, ...] = ()):
         self.runner = runner
         self.ready = ready
         self.engine_stats = engine_stats  # the engine's last EngineStats (None before its first)
-        self.aliases = tuple(a for a in model_aliases if a and a != MODEL_NAME)
+        self.adapters = adapters  # LoRA adapters (KILN_LORA_MODULES): each a model of its own name
+        self.aliases = tuple(a for a in (*model_aliases, *adapters) if a and a != MODEL_NAME)
         self.version = version
         self.stopping = False
         self._stream_queues: set[asyncio.Queue] = set()
@@ -227,7 +228,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request, context):
         ready = bool(self.ready())
-        models = [m for m in repository_index(ready) if ready or not request.ready]
+        models = [m for m in repository_index(ready, self.adapters) if ready or not request.ready]
         return json_format.ParseDict({"models": models}, pb.RepositoryIndexResponse())
 
     async def ModelStatistics(self, request, context):
@@ -235,11 +236,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             await self._check_or_abort(request.name, request.version, context)
         return json_format.ParseDict(model_statistics(self.engine_stats()), pb.ModelStatisticsResponse())
 
+    def _with_adapter(self, req: dict, model_name: str) -> dict:
+        """A request to a LoRA adapter's model runs with that adapter (the seed request's `model`)."""
+        if model_name in self.adapters:
+            req["model"] = model_name
+        return req
+
     # inference
     async def ModelInfer(self, request, context):
         try:
             check_model(request.model_name, request.model_version, self.aliases)
-            req = parse_request(request)
+            req = self._with_adapter(parse_request(request), request.model_name)
         except RequestError as e:
             await context.abort(grpc_status(e.kind), e.message)
         request_id_of(req, request)
@@ -287,7 +294,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def serve_checked(request: pb.ModelInferRequest) -> None:
             try:
                 check_model(request.model_name, request.model_version, self.aliases)
-                req = parse_request(request)
+                req = self._with_adapter(parse_request(request), request.model_name)
             except RequestError as e:
                 if e.kind == ErrorKind.NOT_FOUND:  # as Triton: an error response, not OUT
                     await out.put(pb.ModelStreamInferResponse(error_message=e.message))
@@ -422,7 +429,7 @@ async def _serve(cfg: Any) -> None:
     frontend = await Frontend.start(cfg)
     servicer = KServeServicer(build_runner(frontend), lambda: frontend.readiness()[0],
                               (getattr(cfg, "model_name", None) or "",), getattr(kiln, "__version__", ""),
-                              lambda: getattr(frontend.client, "stats", None))
+                              lambda: getattr(frontend.client, "stats", None), tuple(frontend.lora_modules))
     host = getattr(cfg, "host", None) or "0.0.0.0"
     address = f"[::]:{cfg.grpc_port}" if host in ("0.0.0.0", "::", "") else f"{host}:{cfg.grpc_port}"
     from kiln.server.auth import ApiKeyInterceptor, ApiKeys

@@ -3,7 +3,7 @@ its name and version, its metadata and configuration, which names reach it, and 
 input IN (`json.dumps([request])`, the seed's fields)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from kiln.errors import ErrorKind, RequestError
 
@@ -40,10 +40,11 @@ def model_config() -> dict:
             "instance_group": [{"name": "model_0", "kind": "KIND_MODEL", "count": 1}]}
 
 
-def repository_index(ready: bool) -> list[dict]:
-    """The model repository as Triton indexes it: the one model, READY once the engine is."""
-    return [{"name": MODEL_NAME, "version": MODEL_VERSION, "state": "READY" if ready else "UNAVAILABLE",
-             "reason": "" if ready else "the engine is not ready"}]
+def repository_index(ready: bool, adapters: Iterable[str] = ()) -> list[dict]:
+    """The model repository as Triton indexes it: the model and each LoRA adapter (a model of its own name), READY
+    once the engine is."""
+    return [{"name": name, "version": MODEL_VERSION, "state": "READY" if ready else "UNAVAILABLE",
+             "reason": "" if ready else "the engine is not ready"} for name in (MODEL_NAME, *adapters)]
 
 
 def _duration(count: int, seconds: float) -> dict:

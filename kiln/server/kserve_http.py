@@ -69,7 +69,7 @@ def _check(request: Request, name: str, version: str | None) -> JSONResponse | N
     """None if name/version is the model, else the 404 answer."""
     fe = getattr(request.app.state, "frontend", None)
     try:
-        check_model(name, version, (getattr(fe, "model_name", None) or "",))
+        check_model(name, version, (getattr(fe, "model_name", None) or "", *getattr(fe, "lora_modules", {})))
     except RequestError as e:
         return JSONResponse(_error_body(e), status_code=e.http_status, headers=e.headers)
     return None
@@ -104,7 +104,8 @@ async def get_repository_index(request: Request) -> JSONResponse:
         err = bad('the body must be empty or a JSON object {"ready": true|false}')
         return JSONResponse(_error_body(err), status_code=err.http_status)
     ready = _fe(request).readiness()[0]
-    return JSONResponse([m for m in repository_index(ready) if ready or not body.get("ready", False)])
+    return JSONResponse([m for m in repository_index(ready, _fe(request).lora_modules)
+                         if ready or not body.get("ready", False)])
 
 
 @router.get("/v2/models/{name}")
@@ -180,6 +181,8 @@ async def _start(request: Request, name: str, version: str | None, stream: bool)
     try:
         d = seed_body(await read_json(request))
         rid_hint = d.get("req_id") if isinstance(d, dict) else None
+        if isinstance(d, dict) and name in fe.lora_modules:  # a LoRA adapter's model runs with that adapter
+            d["model"] = name
         fe.check_accepting()
         req = await parse_seed_request(d, fe, api="kserve", arrival_time=arrival)
     except RequestError as e:

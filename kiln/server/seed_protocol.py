@@ -295,6 +295,9 @@ async def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "nativ
     truncate = _flag(d, "enable_text_truncate", False)
     stop_strings, stop_ids = _stop_strings(frontend, d)
     structured = await structured_outputs(d)   # `response_format`, as the OpenAI API's
+    model = d.get("model")  # Kiln's extension, OpenAI's name: a LoRA adapter of KILN_LORA_MODULES picks it
+    if model is not None and not isinstance(model, str):
+        raise _fail("The `model` must be a string (a LoRA adapter's name)", param="model")
     system = d.get("system")
     if system is not None and not isinstance(system, str):
         raise _fail("The `system` must be a string", param="system")
@@ -340,6 +343,8 @@ async def parse_seed_request(body: Any, frontend: Frontend, *, api: str = "nativ
         temperature=temperature, top_p=topp, top_k=top_k, min_p=min_p, repetition_penalty=penalty,
         frequency_penalty=frequency, presence_penalty=presence, seed=d.get("infer_seed"), stop=stop_strings,
         stop_token_ids=stop_ids, structured=structured)
+    if model in getattr(frontend, "lora_modules", {}):
+        params.lora_name = model
 
     eos = list(d.get("eos_token_ids") or [])
     now = time.time()

@@ -573,7 +573,9 @@ def lora_dir(tmp_path_factory, default_model_dir):
 
 def test_a_lora_adapter_is_a_model_of_its_own(kiln_server_factory, server, v1, lora_dir):
     """KILN_LORA_MODULES: /v1/models lists the adapter (its parent the model); a request that names it gets the
-    adapter's output, whole and streamed, and one that names the model gets the model's, as on a server without."""
+    adapter's output, whole and streamed, through the OpenAI API, the native API's `model` and KServe v2 (gRPC and
+    HTTP, where the adapter is a model of its own name); one that names the model gets the model's, as on a server
+    without."""
     s = kiln_server_factory(KILN_LORA_MODULES=f"noisy={lora_dir}", BATCH_SIZE="4", MAX_SEQ_LEN="512", MAX_DEC_LEN="64")
     c = openai.Client(base_url=s.url + "/v1", api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
     cards = {m.id: m for m in c.models.list().data}
@@ -587,3 +589,25 @@ def test_a_lora_adapter_is_a_model_of_its_own(kiln_server_factory, server, v1, l
     streamed = c.chat.completions.create(model="noisy", stream=True, **kw)
     assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == \
         adapted.choices[0].message.content
+    # the seed's native API (Kiln's `model` field) and KServe v2 gRPC (the adapter is a model of its own name)
+    # (`text`: with `messages` alone, a body that names a `model` is an OpenAI request on this path)
+    seed = {"text": kw["messages"][0]["content"], "max_dec_len": 12, "temperature": 0}
+    native = requests.post(s.url + "/v1/chat/completions", json={**seed, "model": "noisy"}, timeout=120).json()
+    assert native["result"] == adapted.choices[0].message.content
+    base = requests.post(s.url + "/v1/chat/completions", json=seed, timeout=120).json()
+    assert base["result"] == plain
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{s.ports['GRPC_PORT']}")
+    try:
+        assert {m.name for m in g.get_model_repository_index().models} == {"model", "noisy"}
+        assert g.is_model_ready("noisy") and not g.is_model_ready("other")
+        inp = grpcclient.InferInput("IN", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([json.dumps([seed])], dtype=np.object_))
+        for name, want in (("noisy", adapted.choices[0].message.content), ("model", plain)):
+            msg = json.loads(g.infer(name, [inp]).as_numpy("OUT")[0])
+            assert (msg[0] if isinstance(msg, list) else msg)["tokens_all"] == want
+    finally:
+        g.close()
+    kserve = requests.post(s.url + "/v2/models/noisy/generate", json=seed, timeout=120)
+    assert kserve.status_code == 200 and kserve.json()["text_output"] == adapted.choices[0].message.content
