@@ -83,11 +83,10 @@ class EngineCore:
     With async scheduling (default on CUDA) a step queues the next batch on the GPU before it
     collects the previous batch's ids, so the host's work (scheduling, inputs, outputs) hides behind the GPU's;
     outputs then come one step later. Steps run synchronously while speculative decoding may draft and while a
-    request with penalties is running
-    (they read the whole output on the host). A step with grammar rows still overlaps: its forward is queued
-    first, then the previous step's ids are collected and accepted into the matchers (their masks are filled
-    while the GPU runs the forward), then it is sampled. Under tensor parallelism rank 0 sends its sampled ids to the other
-    ranks with the step that reads them (kiln/engine/tp.py).
+    request with penalties is running (they read the whole output on the host). A step with grammar rows still
+    overlaps: its forward is queued first, then the previous step's ids are collected and accepted into the
+    matchers (their masks are filled while the GPU runs the forward), then it is sampled. Under tensor parallelism
+    rank 0 sends its sampled ids to the other ranks with the step that reads them (kiln/engine/tp.py).
     """
 
     def __init__(self, cfg: EngineConfig, imports_s: float | None = None):

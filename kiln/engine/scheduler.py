@@ -14,10 +14,11 @@ lets at most `max_overtakes` others pass it, then the queue waits for it, so nob
 out, the newest running request not yet in this step is preempted: its blocks are freed and it is recomputed
 later from its tokens, ahead of the queue. Under the "priority" policy (KILN_SCHEDULING_POLICY) the queue is
 kept in order of (SamplingParams.priority, arrival), lower first, a preempted request goes back to its place in
-that order, and the victim is the running request that comes last in it (vLLM's priority policy). With speculative decoding (kiln/engine/speculative.py) a decode row
-carries its request's draft tokens too, within the step's budget, the batch's free rows (max_num_seqs less the
-running requests: each draft becomes a row), the request's max_tokens and the model length, and only where their
-blocks are free without a preemption. reserve_ratio (KILN_KV_RESERVE_RATIO) makes admission keep free that
+that order, and the victim is the running request that comes last in it (vLLM's priority policy). With
+speculative decoding (kiln/engine/speculative.py) a decode row carries its request's draft tokens too, within
+the step's budget, the batch's free rows (max_num_seqs less the running requests: each draft becomes a row), the
+request's max_tokens and the model length, and only where their blocks are free without a preemption.
+reserve_ratio (KILN_KV_RESERVE_RATIO) makes admission keep free that
 share of the blocks the running requests may still take up to their max_tokens: 1 admits only what can run to
 the end without a preemption, at the price of a smaller batch where requests end early; auto (the default) takes
 the share of max_tokens that finished requests actually used (benchmarks/sched_sim.py: as good as 1 where
