@@ -32,6 +32,9 @@ class LoRAAdapter:
     scale: float
     # (layer, Kiln projection, output slice or None) -> (A [r, in], B [out, r]) on the model's device and dtype
     weights: dict[tuple[int, str, int | None], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # (layer, Kiln projection) -> (A^T [in, R], scale * B^T [R, out]) of all its slices at once (attach() packs
+    # them: the slices' A side by side, their B block-diagonal), so a projection costs two matmuls per adapter
+    packed: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def parse_lora_modules(value: str | dict | None) -> dict[str, str]:
@@ -130,7 +133,8 @@ class LoRAState:
     def __init__(self, adapters: list[LoRAAdapter]):
         self.adapters = adapters                      # index i + 1 is adapter i
         self.index = {a.name: i + 1 for i, a in enumerate(adapters)}
-        self.step_rows: list[tuple[LoRAAdapter, torch.Tensor]] = []  # (adapter, its token rows) this step
+        # (adapter, its token rows, or None where every row of the step is its) this step
+        self.step_rows: list[tuple[LoRAAdapter, torch.Tensor | None]] = []
 
     @property
     def active(self) -> bool:
@@ -141,38 +145,39 @@ class LoRAState:
         self.step_rows = []
         if not any(token_adapters):
             return
+        used = set(token_adapters)
+        if len(used) == 1:  # one adapter for the whole step (batch 1, say): no row selection
+            self.step_rows = [(self.adapters[used.pop() - 1], None)]
+            return
         import torch
         ids = torch.tensor(token_adapters, dtype=torch.long)
-        for n in sorted(set(token_adapters) - {0}):
+        for n in sorted(used - {0}):
             self.step_rows.append((self.adapters[n - 1], torch.nonzero(ids == n)[:, 0].to(device)))
 
     def clear(self) -> None:
         self.step_rows = []
 
-    def apply(self, layer: int, proj_name: str, x: torch.Tensor, y: torch.Tensor, slices: list[int] | None) -> None:
-        """y += each active adapter's delta on its rows; slices: the fused output's sub-projection sizes."""
+    def apply(self, layer: int, proj_name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y += each active adapter's delta on its rows."""
         for adapter, rows in self.step_rows:
-            xs = None
-            for sl in range(len(slices)) if slices else (None,):
-                ab = adapter.weights.get((layer, proj_name, sl))
-                if ab is None:
-                    continue
-                if xs is None:
-                    xs = x.index_select(0, rows)
-                a, b = ab
-                delta = (xs @ a.t()) @ b.t() * adapter.scale
-                lo = sum(slices[:sl]) if slices else 0
-                y[:, lo:lo + delta.shape[1]].index_add_(0, rows, delta.to(y.dtype))
+            ab = adapter.packed.get((layer, proj_name))
+            if ab is None:
+                continue
+            a_t, b_t = ab
+            if rows is None:
+                y += ((x.to(a_t.dtype) @ a_t) @ b_t).to(y.dtype)
+            else:
+                y.index_add_(0, rows, ((x.index_select(0, rows).to(a_t.dtype) @ a_t) @ b_t).to(y.dtype))
 
 
 class LoRABinding:
     """A projection's place among the adapters' weights (Linear.lora)."""
 
-    def __init__(self, state: LoRAState, layer: int, name: str, slices: list[int] | None):
-        self.state, self.layer, self.name, self.slices = state, layer, name, slices
+    def __init__(self, state: LoRAState, layer: int, name: str):
+        self.state, self.layer, self.name = state, layer, name
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.state.apply(self.layer, self.name, x, y, self.slices)
+        self.state.apply(self.layer, self.name, x, y)
 
 
 def attach(model, adapters: list[LoRAAdapter]) -> LoRAState:
@@ -187,6 +192,31 @@ def attach(model, adapters: list[LoRAAdapter]) -> LoRAState:
             if proj.act_quant:
                 raise ValueError("LoRA adapters need float or weight-only int8 (w8a16) projections: not with "
                                  "w8a8 quantization")
-            proj.lora = LoRABinding(state, i, name, getattr(proj, "output_sizes", None)
-                                    if name in ("qkv_proj", "gate_up_proj") else None)
+            proj.lora = LoRABinding(state, i, name)
+            slices = proj.output_sizes if name in ("qkv_proj", "gate_up_proj") else [proj.out_features]
+            for a in adapters:
+                _pack(a, i, name, slices)
     return state
+
+
+def _pack(adapter: LoRAAdapter, layer: int, name: str, slices: list[int]) -> None:
+    """adapter.packed[(layer, name)]: its slices' A stacked and B block-diagonal (zeros for slices it leaves
+    alone), the scale folded into B."""
+    fused = name in ("qkv_proj", "gate_up_proj")
+    parts = [(i, adapter.weights.get((layer, name, i if fused else None))) for i in range(len(slices))]
+    parts = [(i, ab) for i, ab in parts if ab is not None]
+    if not parts:
+        return
+    import torch
+    a0 = parts[0][1][0]
+    # float32 on a CPU: its bf16 matmuls of a few rows by a rank take ~6x the time of float32 ones
+    dtype = a0.dtype if a0.is_cuda else torch.float32
+    a_t = a0.new_zeros(a0.shape[1], sum(ab[0].shape[0] for _, ab in parts), dtype=dtype)
+    b_t = a_t.new_zeros(a_t.shape[1], sum(slices))
+    r = 0
+    for i, (a, b) in parts:
+        lo = sum(slices[:i])
+        a_t[:, r:r + a.shape[0]] = a.t()
+        b_t[r:r + a.shape[0], lo:lo + slices[i]] = b.t() * adapter.scale
+        r += a.shape[0]
+    adapter.packed[(layer, name)] = a_t, b_t
