@@ -57,6 +57,7 @@ class InFlightStep:
     sample: PendingSample | None
     logits: object = None       # torch.Tensor: logits still to sample (grammar rows wait for the previous ids)
     prompt: PromptLogprobs | None = None  # the prompt logprobs the step computes
+    embeddings: object = None   # (embedding requests, their answers [rows, hidden] on the device) or None
 
 
 def process_age_s() -> float | None:
@@ -181,6 +182,8 @@ class EngineCore:
             params.validate()
         except (ValueError, TypeError) as e:
             return reject(f"invalid sampling parameters: {e}", ErrorKind.INVALID)
+        if params.embed and (params.prompt_logprobs is not None or params.structured is not None):
+            return reject("an embedding request takes no prompt_logprobs and no structured output", ErrorKind.INVALID)
         if params.priority and self.scheduler.policy != "priority":
             return reject(f"priority {params.priority} needs the priority scheduling policy: start the server with "
                           f"KILN_SCHEDULING_POLICY=priority (--scheduling-policy priority)", ErrorKind.INVALID)
@@ -316,7 +319,7 @@ class EngineCore:
 
     def _launch(self, batch: ScheduledBatch, outs: list[EngineOutput]) -> InFlightStep | None:
         try:
-            sampling, logits, prompt = self.runner.launch(batch)
+            sampling, logits, prompt, embeddings = self.runner.launch(batch)
             # grammar rows' masks need the ids of the step in flight: sampled after it is collected (_sample)
             deferred = logits is not None and self.inflight is not None and any(r.grammar is not None
                                                                                  for r in sampling)
@@ -329,7 +332,8 @@ class EngineCore:
         # sample is None for a step in which nobody samples (a middle chunk of a prefill: sampling is []) or
         # whose sampling is deferred (logits kept)
         return InFlightStep(batch, sampling, self.scheduler.launched(batch, sampling),
-                            [r.num_sample_rows for r in sampling], sample, logits if deferred else None, prompt)
+                            [r.num_sample_rows for r in sampling], sample, logits if deferred else None, prompt,
+                            embeddings)
 
     def _sample(self, step: InFlightStep, outs: list[EngineOutput]) -> None:
         """Sample a step whose sampling waited for the previous step's ids (now accepted by the matchers)."""
@@ -344,6 +348,7 @@ class EngineCore:
         try:
             res = step.sample.result() if step.sample is not None else None
             unscored = self._take_prompt_logprobs(step.prompt) if step.prompt is not None else []
+            embedded = step.embeddings[1].tolist() if step.embeddings is not None else []
         except Exception as e:  # noqa: BLE001 - e.g. a device error surfacing at the sync
             return self._fail(step.batch.requests, e)
         first_row = list(itertools.accumulate(step.rows, initial=0))  # each request's first sampled row
@@ -384,6 +389,18 @@ class EngineCore:
             if fin:
                 del self.requests[rid]
                 self.totals.record(req, failed=False)
+        # embedding requests end with their prompt's last step, their answer the vector
+        for req, vector in zip(step.embeddings[0] if step.embeddings is not None else (), embedded):
+            if req.status == RequestStatus.FINISHED:  # aborted since the launch
+                continue
+            req.finish_reason = FinishReason.STOP
+            self.scheduler.finish(req)
+            del self.requests[req.request_id]
+            self.totals.record(req, failed=False)
+            queue_time = (req.first_scheduled_time - req.arrival_time if req.first_scheduled_time is not None
+                          else None)
+            outs.append(EngineOutput(req.request_id, [], True, FinishReason.STOP.value, req.num_prompt_tokens,
+                                     queue_time=queue_time, embedding=vector))
         return outs
 
     @staticmethod

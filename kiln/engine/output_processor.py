@@ -27,6 +27,7 @@ class TokenEvent:
     num_output_tokens: int = 0                 # total so far
     stop_reason: str | int | None = None       # the stop string that ended it, or the engine's stop token id
     prompt_logprobs: list | None = None        # on the first event, when asked: per prompt token (the first None)
+    embedding: list[float] | None = None       # an embedding request's answer, on its last (only) event
 
 
 class OutputProcessor:
@@ -64,6 +65,8 @@ class OutputProcessor:
         events = self._events(output)
         if output.prompt_logprobs is not None and events:
             events[0].prompt_logprobs = output.prompt_logprobs
+        if output.embedding is not None and events:
+            events[-1].embedding = output.embedding
         return events
 
     def _events(self, output: EngineOutput) -> list[TokenEvent]:

@@ -55,6 +55,9 @@ class SamplingParams:
     priority: int = 0
     # the LoRA adapter (KILN_LORA_MODULES' name) that changes the model for this request; None: the base model
     lora_name: str | None = None
+    # an embedding request (OpenAI's /v1/embeddings): the prompt's last position's final hidden state, L2-normalized,
+    # comes back as EngineOutput.embedding; no token is generated
+    embed: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -97,6 +100,7 @@ class SamplingParams:
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         need(is_int(self.priority, INT64_MIN), f"priority must be an int in [-2^63, 2^63), got {self.priority!r}")
         need(self.lora_name is None or isinstance(self.lora_name, str), "lora_name must be a string or None")
+        need(isinstance(self.embed, bool), "embed must be a bool")
         need(isinstance(self.stop_token_ids, list) and all(is_int(t, 0) for t in self.stop_token_ids),
              "stop_token_ids must be a list of token ids (ints >= 0)")
         need(isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop), "stop must be a list of strings")
@@ -224,6 +228,7 @@ class EngineOutput:
     error_type: ErrorKind | None = None
     error_args: dict[str, Any] | None = None  # the facts behind the error, for the APIs' own wording
     queue_time: float | None = None        # on the first token: seconds from arrival to first scheduling
+    embedding: list[float] | None = None   # an embedding request's answer (SamplingParams.embed), with its end
 
     def __post_init__(self) -> None:
         if self.error_type is not None:

@@ -212,6 +212,8 @@ class ModelRunner:
         prompt_targets: list[int] = []
         prompt_spans: list[tuple[Request, int, int]] = []
         token_adapters: list[int] = []  # each input token's LoRA adapter (0: none), with adapters loaded
+        embed_rows: list[int] = []      # the last prompt rows of embedding requests ...
+        embed_reqs: list[Request] = []  # ... and those requests
         for req, n in zip(batch.requests, batch.num_tokens):
             if self.lora is not None:
                 token_adapters.extend([req.lora_index] * n)  # n: also a speculating row's draft rows
@@ -246,7 +248,10 @@ class ModelRunner:
             tables.append(blocks)
             qlens.append(n)
             slens.append(end)
-            if end == req.num_tokens:  # caught up with all known tokens: the model's output is a new token
+            if end == req.num_tokens and req.params.embed:  # its answer: the last row's hidden state
+                embed_rows.append(len(ids) - 1)
+                embed_reqs.append(req)
+            elif end == req.num_tokens:  # caught up with all known tokens: the model's output is a new token
                 logits_idx.append(len(ids) - 1)
                 sampling.append(req)
             if req.params.prompt_logprobs is not None:
@@ -259,7 +264,7 @@ class ModelRunner:
                     prompt_spans.append((req, lo, hi - lo))
         top_k = max((r.params.prompt_logprobs for r, _, _ in prompt_spans), default=0)
         return StepInputs(ids, pos, slots, tables, qlens, slens, logits_idx, fix_dst, fix_src, prompt_rows,
-                          prompt_targets, top_k, prompt_spans, token_adapters), sampling
+                          prompt_targets, top_k, prompt_spans, token_adapters, embed_rows, embed_reqs), sampling
 
     def step_buffer(self, size: int) -> torch.Tensor:
         """A host int64 buffer for one step's packed inputs: on CUDA one of two pinned buffers used in turn (a
@@ -281,7 +286,7 @@ class ModelRunner:
         n, t = len(s.block_tables), len(s.input_ids)
         nl, nf, npr = len(s.logits_indices), len(s.pending_dst), len(s.prompt_rows)
         width = max(len(b) for b in s.block_tables)
-        p = PackedStep(None, t, n, nl, nf, width, npr, s.prompt_top_k, s.token_adapters)
+        p = PackedStep(None, t, n, nl, nf, width, npr, s.prompt_top_k, s.token_adapters, len(s.embed_rows))
         host = p.host = self.step_buffer(p.size)
         buf = host.numpy()
         buf[0:t] = s.input_ids
@@ -295,6 +300,8 @@ class ModelRunner:
         buf[o:o + npr] = s.prompt_rows
         buf[o + npr:o + 2 * npr] = s.prompt_targets
         o += 2 * npr
+        buf[o:o + p.num_embed_rows] = s.embed_rows
+        o += p.num_embed_rows
         buf[o:o + n] = s.seq_lens
         buf[o + n] = 0
         np.cumsum(s.query_lens, out=buf[o + n + 1:o + 2 * n + 1])
@@ -328,6 +335,8 @@ class ModelRunner:
         o = 3 * t + nl + 2 * nf
         prompt_rows, prompt_targets = d[o:o + npr], d[o + npr:o + 2 * npr]
         o += 2 * npr
+        embed_rows = d[o:o + p.num_embed_rows]
+        o += p.num_embed_rows
         lens = p.host[o:o + 2 * n + 1].numpy()  # host lists for the attention backends: from the buffer, so
         seq_lens = lens[:n].tolist()            # tensor-parallel ranks, which only receive it, get them too
         query_lens = np.diff(lens[n:]).tolist()
@@ -337,7 +346,7 @@ class ModelRunner:
             query_start_loc=ints[n:2 * n + 1], seq_lens_list=seq_lens, query_lens_list=query_lens,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             num_decode_rows=next((i for i, q in enumerate(query_lens) if q != 1), n))
-        return DeviceStep(ids, d[t:2 * t], meta, d[3 * t:3 * t + nl], prompt_rows, prompt_targets)
+        return DeviceStep(ids, d[t:2 * t], meta, d[3 * t:3 * t + nl], prompt_rows, prompt_targets, embed_rows)
 
     def capture_cuda_graphs(self, max_model_len: int) -> None:
         """Decode graphs need the Triton backend (the torch one loops over Python lists)."""
@@ -352,9 +361,11 @@ class ModelRunner:
         return self.forward_packed(self.pack(s))[0]
 
     @torch.inference_mode()
-    def forward_packed(self, p: "PackedStep") -> tuple[torch.Tensor | None, PendingSample | None]:
+    def forward_packed(self, p: "PackedStep"
+                       ) -> tuple[torch.Tensor | None, PendingSample | None, torch.Tensor | None]:
         """Logits of the rows that sample, and only of those: a prefill chunk that samples nothing skips the LM
-        head (and its all-gather); and the prompt logprobs the step computes, if any. All ranks run this in
+        head (and its all-gather); the prompt logprobs the step computes, if any; and the embedding requests'
+        answers (their last rows' final hidden states, L2-normalized, float32), if any. All ranks run this in
         lockstep under tensor parallelism."""
         if self.lora is None:
             return self._forward_packed(p)
@@ -364,23 +375,26 @@ class ModelRunner:
         finally:
             self.lora.clear()
 
-    def _forward_packed(self, p: "PackedStep") -> tuple[torch.Tensor | None, PendingSample | None]:
-        ids, pos, meta, logits_indices, prompt_rows, prompt_targets = self.upload(p)
+    def _forward_packed(self, p: "PackedStep"
+                        ) -> tuple[torch.Tensor | None, PendingSample | None, torch.Tensor | None]:
+        ids, pos, meta, logits_indices, prompt_rows, prompt_targets, embed_rows = self.upload(p)
         lora = self.lora is not None and self.lora.active  # adapters' deltas run eagerly, outside the graphs
-        if (self.graphs is not None and meta.decode_only and not lora
+        if (self.graphs is not None and meta.decode_only and not lora and not p.num_embed_rows
                 and self.graphs.fits(len(ids), meta.block_tables.shape[1])):
             all_logits = self.graphs.run(ids, pos, meta)  # every row's
             prompt = self._prompt_logprobs(p, lambda rows: all_logits[rows], prompt_rows, prompt_targets)
             if p.num_logits == len(ids):
-                return all_logits, prompt
+                return all_logits, prompt, None
             # a row that does not sample: a one-token prompt chunk (the step's budget had one token left)
-            return (all_logits[logits_indices] if p.num_logits else None), prompt
+            return (all_logits[logits_indices] if p.num_logits else None), prompt, None
         hidden = self.model(ids, pos, self.kv_caches, meta)
         prompt = self._prompt_logprobs(p, lambda rows: self.model.compute_logits(hidden[rows]), prompt_rows,
                                        prompt_targets)
+        embeds = (torch.nn.functional.normalize(hidden[embed_rows].float(), dim=-1)
+                  if p.num_embed_rows and tpd.tp_rank() == 0 else None)
         if not p.num_logits:
-            return None, prompt
-        return self.model.compute_logits(hidden[logits_indices]), prompt
+            return None, prompt, embeds
+        return self.model.compute_logits(hidden[logits_indices]), prompt, embeds
 
     def _prompt_logprobs(self, p: "PackedStep", logits_of, rows: torch.Tensor,
                          targets: torch.Tensor) -> PendingSample | None:
@@ -408,20 +422,21 @@ class ModelRunner:
                              torch.cat(top_vals) if k else None, torch.cat(top_idx) if k else None)
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> tuple[list[Request], torch.Tensor | None, "PromptLogprobs | None"]:
+    def launch(self, batch: ScheduledBatch) -> "Launched":
         """Queue one step's forward without waiting for it: the requests that sample, their logits (None if
-        nobody samples) and the prompt logprobs the step computes (None if none). `sample` must follow before
-        the next launch (its ids are that step's inputs)."""
+        nobody samples), the prompt logprobs the step computes and the embedding requests' answers (None if none).
+        `sample` must follow before the next launch (its ids are that step's inputs)."""
         inputs, sampling = self.prepare(batch)
         packed = self.pack(inputs)
         if self.tp_group is not None:
             self.tp_group.send_step(packed, self.last_sampled_ids)
-        logits, prompt = self.forward_packed(packed)
+        logits, prompt, embeds = self.forward_packed(packed)
+        embeddings = (inputs.embed_reqs, embeds) if inputs.embed_reqs else None
         if prompt is None:
-            return sampling, logits, None
+            return Launched(sampling, logits, None, embeddings)
         # each row keeps as many top logprobs as its request asked (the step computed the most any asked)
         prompt.num_logprobs = [r.params.prompt_logprobs for r, _, rows in inputs.prompt_spans for _ in range(rows)]
-        return sampling, logits, PromptLogprobs(inputs.prompt_spans, prompt)
+        return Launched(sampling, logits, PromptLogprobs(inputs.prompt_spans, prompt), embeddings)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, sampling: list[Request]) -> PendingSample:
@@ -449,6 +464,17 @@ class StepInputs:
     # (request, first prompt position, rows) of each request's prompt rows, in order (host only, not packed)
     prompt_spans: list = field(default_factory=list)
     token_adapters: list[int] = field(default_factory=list)  # each input token's LoRA adapter (host only)
+    embed_rows: list[int] = field(default_factory=list)       # embedding requests' last prompt rows ...
+    embed_reqs: list = field(default_factory=list)            # ... and those requests (host only)
+
+
+class Launched(NamedTuple):
+    """A queued step: the requests that sample and their logits, its prompt logprobs, and its embedding requests
+    with their answers on the device ([requests], [rows, hidden] float32)."""
+    sampling: list[Request]
+    logits: torch.Tensor | None
+    prompt: "PromptLogprobs | None"
+    embeddings: "tuple[list[Request], torch.Tensor] | None"
 
 
 class DeviceStep(NamedTuple):
@@ -459,6 +485,7 @@ class DeviceStep(NamedTuple):
     logits_indices: torch.Tensor  # rows that sample
     prompt_rows: torch.Tensor     # rows whose prompt logprobs are asked ...
     prompt_targets: torch.Tensor  # ... and the prompt token each one predicts
+    embed_rows: torch.Tensor      # rows whose final hidden state is an embedding request's answer
 
 
 @dataclass
@@ -473,7 +500,7 @@ class PromptLogprobs:
 class PackedStep:
     """A step's inputs in one int64 host buffer; the sizes say where each part lies. Layout:
     ids[t] | positions[t] | slots[t] | logits_indices[nl] | pending_dst[nf] | pending_src[nf] | prompt_rows[np] |
-    prompt_targets[np] | seq_lens[n] | query_start_loc[n+1] | block_tables[n*width]"""
+    prompt_targets[np] | embed_rows[ne] | seq_lens[n] | query_start_loc[n+1] | block_tables[n*width]"""
     host: torch.Tensor | None
     num_tokens: int     # t
     num_seqs: int       # n
@@ -483,9 +510,10 @@ class PackedStep:
     num_prompt_rows: int = 0  # np: rows whose prompt logprobs are asked
     prompt_top_k: int = 0
     token_adapters: list[int] | None = None  # each input token's LoRA adapter (rank 0 only: not in the buffer)
+    num_embed_rows: int = 0  # ne: embedding requests' last rows
 
     @property
     def size(self) -> int:
         t, n = self.num_tokens, self.num_seqs
-        return (3 * t + self.num_logits + 2 * self.num_pending + 2 * self.num_prompt_rows + 2 * n + 1
-                + n * self.width)
+        return (3 * t + self.num_logits + 2 * self.num_pending + 2 * self.num_prompt_rows + self.num_embed_rows
+                + 2 * n + 1 + n * self.width)

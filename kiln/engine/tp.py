@@ -33,10 +33,10 @@ from kiln.models.config import ModelConfig
 log = logging.getLogger("kiln.tp")
 
 GiB = 1 << 30
-# header of a step message: kind, then PackedStep's sizes, the number of last sampled ids that follow, and whether
-# each token's LoRA adapter follows
+# header of a step message: kind, then PackedStep's sizes, the number of last sampled ids that follow, whether
+# each token's LoRA adapter follows, and the embedding rows in the packed inputs
 STEP, STOP = 1, 2
-HEADER_LEN = 10
+HEADER_LEN = 11
 CANDIDATE_SIZES = range(1, 9)  # MP_NUM values suggested in errors: the GPUs of one host
 
 
@@ -205,7 +205,7 @@ class TPGroup:
         n_ids = last_sampled_ids.numel() if p.num_pending else 0
         adapters = any(p.token_adapters or ())  # LoRA rows: each token's adapter follows the packed inputs
         header = torch.tensor([STEP, p.num_tokens, p.num_seqs, p.num_logits, p.num_pending, p.width, n_ids,
-                               p.num_prompt_rows, p.prompt_top_k, int(adapters)],
+                               p.num_prompt_rows, p.prompt_top_k, int(adapters), p.num_embed_rows],
                               dtype=torch.int64)
         dist.broadcast(header, 0, group=tpd.host_group())
         dist.broadcast(p.host, 0, group=tpd.host_group())
@@ -233,10 +233,10 @@ def receive_step(runner):
     from kiln.engine.runner import PackedStep
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     dist.broadcast(header, 0, group=tpd.host_group())
-    kind, t, n, nl, nf, width, n_ids, npr, top_k, adapters = header.tolist()
+    kind, t, n, nl, nf, width, n_ids, npr, top_k, adapters, ne = header.tolist()
     if kind == STOP:
         return None
-    p = PackedStep(None, t, n, nl, nf, width, npr, top_k)
+    p = PackedStep(None, t, n, nl, nf, width, npr, top_k, num_embed_rows=ne)
     p.host = runner.step_buffer(p.size)
     dist.broadcast(p.host, 0, group=tpd.host_group())
     if adapters:

@@ -31,6 +31,7 @@ class CompletionOutput:
     logprobs: list | None = None
     # SamplingParams.prompt_logprobs: per prompt token, None for the first, then (logprob, [(id, logprob), ...])
     prompt_logprobs: list | None = None
+    embedding: list[float] | None = None  # SamplingParams.embed (LLM.embed): the prompt's vector
     error: str | None = None
 
     @property
@@ -69,6 +70,16 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         return self._run([self._prompt_ids(p) for p in prompts], params, on_text)
 
+    def embed(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+              lora_name: str | None = None) -> list[list[float]]:
+        """Each prompt's embedding: its last position's final hidden state, L2-normalized (last-token pooling, as
+        Qwen3-Embedding's), in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        sp = SamplingParams(max_tokens=1, embed=True, lora_name=lora_name)
+        outs = self._run([self._prompt_ids(p) for p in prompts], [sp] * len(prompts), None)
+        return [o.embedding for o in outs]
+
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              on_text: Callable[[int, str], None] | None = None, **template_kwargs) -> list[CompletionOutput]:
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -104,6 +115,8 @@ class LLM:
                 out.text, out.token_ids, out.logprobs = proc.text, list(proc.token_ids), proc.logprobs
                 if events[0].prompt_logprobs is not None:
                     out.prompt_logprobs = events[0].prompt_logprobs
+                if events[-1].embedding is not None:
+                    out.embedding = events[-1].embedding
                 out.finish_reason, out.stop_reason, out.error = proc.finish_reason, proc.stop_reason, proc.error
                 delta = "".join(ev.text for ev in events)
                 if on_text and delta:

@@ -7,6 +7,7 @@ Routes
   POST /v1/completions             OpenAI completions (raw prompt; a native body is served natively)
   POST /v1/chat/completions/completions, /v1/chat/completions/chat/completions
                                    the Gen-A OpenAI routes, so base_url=".../v1/chat/completions" works
+  POST /v1/embeddings              OpenAI embeddings (the last position's final hidden state, L2-normalized)
   GET  /v1/models (+ /v1/chat/completions/models)
   GET  /v2/health/live, /v2/health/ready, /health    (this worker's view; the health port is HTTP_PORT)
 """
@@ -422,6 +423,24 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None, warm_up: bool 
         if error is not None:
             return error
         return await serve_openai(request, body, fe_of(request), "chat")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        arrival = time.time()
+        fe = fe_of(request)
+        body, error = await body_or_error(request, "embeddings", _openai_error)
+        if error is not None:
+            return error
+        try:
+            fe.check_accepting()
+            job = await oai.parse_embeddings(body, fe)
+        except RequestError as e:
+            fe.reject(fe.new_record("-", "embeddings", arrival), e)
+            return _openai_error(e)
+        try:  # each input's request records its own end
+            return JSONResponse(await race_disconnect(request, oai.run_embeddings(job, fe, arrival)))
+        except RequestError as e:
+            return _openai_error(e)
 
     async def tokenizer_route(request: Request, work):
         try:

@@ -647,3 +647,90 @@ def retrieve_model(frontend: Frontend, model: str) -> dict:
         raise RequestError(f"The model `{model}` does not exist: this server serves `{frontend.model_name}`",
                            ErrorKind.NOT_FOUND, param="model")
     return model_card(frontend)
+
+
+# -- embeddings --------------------------------------------------------------------------------------------------
+
+class EmbeddingRequest(BaseModel):
+    model_config = _STRICT
+
+    model: Optional[str] = None
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(None, ge=1)
+    user: Optional[str] = None
+    timeout: Optional[float] = Field(None, gt=0)     # Kiln: whole-request timeout (s)
+
+
+@dataclass
+class EmbeddingJob:
+    req: EmbeddingRequest
+    prompts: list[list[int]]
+    params: SamplingParams
+    timeout: float
+
+
+async def parse_embeddings(body: Any, frontend: Frontend) -> EmbeddingJob:
+    """POST /v1/embeddings' body checked and tokenized. Raises RequestError."""
+    req: EmbeddingRequest = _parse(EmbeddingRequest, body)
+    tok = frontend.tokenizer
+    vocab = getattr(tok, "vocab_size", None)
+    p = req.input
+    if isinstance(p, str):
+        p = [p]
+    if not p:
+        raise _bad("`input` is empty: give a string, a list of strings or token ids", "input")
+    if len(p) > 2048:
+        raise _bad("`input` may hold at most 2048 items", "input")
+    if all(isinstance(x, int) for x in p):
+        prompts = [check_token_ids(p, vocab, "input")]
+    elif all(isinstance(x, list) for x in p):
+        prompts = [check_token_ids(x, vocab, "input") for x in p]
+    else:
+        for x in p:
+            check_prompt_chars(len(x), frontend.max_seq_len, "input")
+        prompts = await frontend.run_tokenizer(lambda: [tok.encode(x, add_special_tokens=True) for x in p],
+                                               size=sum(len(x) for x in p))
+    if any(not ids for ids in prompts):
+        raise _bad("an `input` item is empty", "input")
+    limits = await frontend.limits(req.timeout or frontend.cfg.request_timeout)
+    for ids in prompts:
+        if len(ids) > limits.max_seq_len:
+            raise RequestError(f"An input has {len(ids)} tokens, more than the limit MAX_SEQ_LEN "
+                               f"({limits.max_seq_len})", ErrorKind.TOO_LONG, param="input")
+    params = SamplingParams(max_tokens=1, embed=True)
+    if req.model in getattr(frontend, "lora_modules", {}):
+        params.lora_name = req.model
+    return EmbeddingJob(req, prompts, params, req.timeout or frontend.cfg.request_timeout)
+
+
+async def run_embeddings(job: EmbeddingJob, frontend: Frontend, arrival: float) -> dict:
+    """Each input's last position's final hidden state, L2-normalized (the pooling of last-token embedding models
+    such as Qwen3-Embedding; of a chat model, a vector all the same), as OpenAI's embeddings response."""
+    import asyncio
+    import base64
+    import struct
+
+    req, prompts = job.req, job.prompts
+    deadline = time.monotonic() + job.timeout
+
+    async def one(ids: list[int]) -> list[float]:
+        rid = frontend.new_id("embd-")
+        record = frontend.new_record(rid, "embeddings", arrival)
+        async for ev in frontend.stream(rid, ids, job.params, record=record, deadline=deadline, timeout_s=job.timeout):
+            if ev.embedding is not None:
+                return ev.embedding
+        raise RequestError("the engine ended an embedding request without its vector", ErrorKind.INTERNAL)
+
+    vectors = await asyncio.gather(*(one(ids) for ids in prompts))
+    if req.dimensions is not None and req.dimensions != len(vectors[0]):
+        raise _bad(f"dimensions {req.dimensions}: this model's embeddings have {len(vectors[0])} (other sizes are "
+                   f"not supported)", "dimensions")
+    data = []
+    for i, v in enumerate(vectors):
+        emb = (base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if req.encoding_format == "base64"
+               else v)
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    n = sum(len(ids) for ids in prompts)
+    return {"object": "list", "data": data, "model": req.model or frontend.model_name,
+            "usage": {"prompt_tokens": n, "total_tokens": n}}

@@ -611,3 +611,37 @@ def test_a_lora_adapter_is_a_model_of_its_own(kiln_server_factory, server, v1, l
         g.close()
     kserve = requests.post(s.url + "/v2/models/noisy/generate", json=seed, timeout=120)
     assert kserve.status_code == 200 and kserve.json()["text_output"] == adapted.choices[0].message.content
+
+
+def test_embeddings_api(server, v1, default_model_dir):
+    """/v1/embeddings: one L2-normalized vector per input (the last position's final hidden state, as transformers
+    computes it), strings and token ids, float and base64, usage; bad inputs get 400s."""
+    import base64
+    import struct
+
+    import numpy as np
+    import torch
+    import transformers as tf
+    hidden = json.loads((default_model_dir / "config.json").read_text())["hidden_size"]
+    texts = ["The capital of France is Paris.", "Kiln serves language models."]
+    r = v1.embeddings.create(model="m", input=texts)
+    vecs = [np.array(d.embedding) for d in r.data]
+    assert [d.index for d in r.data] == [0, 1] and all(v.shape == (hidden,) for v in vecs)
+    assert all(abs(np.linalg.norm(v) - 1) < 1e-4 for v in vecs) and not np.allclose(vecs[0], vecs[1])
+    tok = tf.AutoTokenizer.from_pretrained(default_model_dir)
+    ids = [tok.encode(t) for t in texts]
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(map(len, ids))
+    again = v1.embeddings.create(model="m", input=ids[0])  # token ids, the same vector
+    assert np.allclose(again.data[0].embedding, vecs[0], atol=2e-3)
+    raw = requests.post(server.url + "/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"},
+                        timeout=60).json()
+    decoded = np.array(struct.unpack(f"<{hidden}f", base64.b64decode(raw["data"][0]["embedding"])))
+    assert np.allclose(decoded, vecs[0], atol=2e-3)
+    model = tf.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model.model(torch.tensor([ids[0]])).last_hidden_state[0, -1], dim=-1)
+    assert float(torch.dot(want, torch.tensor(vecs[0], dtype=torch.float32))) > 0.99  # bf16 or int4 on CPU
+    for body, needle in [({"input": []}, "empty"), ({"input": [""]}, "empty"), ({}, "input"),
+                         ({"input": "x", "dimensions": 7}, "dimensions"), ({"input": [[10 ** 9]]}, "input")]:
+        bad = requests.post(server.url + "/v1/embeddings", json=body, timeout=60)
+        assert bad.status_code == 400 and needle in bad.text, (body, bad.text)
