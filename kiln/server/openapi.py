@@ -55,11 +55,11 @@ def _body(ref: str) -> dict:
 @lru_cache(maxsize=1)
 def _document() -> dict:
     from kiln.server.openai_schema import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                           TokenizeChatRequest, TokenizeCompletionRequest)
+                                           EmbeddingRequest, TokenizeChatRequest, TokenizeCompletionRequest)
 
     schemas: dict[str, Any] = {"NativeRequest": NATIVE_REQUEST, "KServeGenerateRequest": KSERVE_GENERATE}
     for model in (ChatCompletionRequest, CompletionRequest, TokenizeCompletionRequest, TokenizeChatRequest,
-                  DetokenizeRequest):
+                  DetokenizeRequest, EmbeddingRequest):
         s = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(s.pop("$defs", {}))
         schemas[model.__name__] = s
@@ -74,6 +74,7 @@ def _document() -> dict:
         "/v1/completions": {"post": _body("CompletionOrNative")},
         "/v1/chat/completions/chat/completions": {"post": _body("ChatCompletionRequest")},
         "/v1/chat/completions/completions": {"post": _body("CompletionRequest")},
+        "/v1/embeddings": {"post": _body("EmbeddingRequest")},
         "/tokenize": {"post": _body("TokenizeRequest")},
         "/detokenize": {"post": _body("DetokenizeRequest")},
         "/v2/models/model/generate": {"post": _body("KServeGenerateRequest")},

@@ -221,11 +221,12 @@ def test_model_id_is_a_name_not_a_path(server):
 def test_openapi_schema_describes_the_request_bodies(server):
     doc = requests.get(server.url + "/openapi.json", timeout=30).json()
     assert doc["openapi"].startswith("3.")
-    for path in ("/v1/chat/completions", "/v1/completions", "/v2/models/model/generate"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v2/models/model/generate", "/v1/embeddings"):
         assert "requestBody" in doc["paths"][path]["post"]
     props = doc["components"]["schemas"]["CompletionRequest"]["properties"]
     assert "prompt" in props and "max_tokens" in props
     assert "max_dec_len" in doc["components"]["schemas"]["NativeRequest"]["properties"]
+    assert "encoding_format" in doc["components"]["schemas"]["EmbeddingRequest"]["properties"]
 
 
 # -- gRPC ----------------------------------------------------------------------------------------------------
