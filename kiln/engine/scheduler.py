@@ -104,6 +104,7 @@ class Scheduler:
         self.kv = kv
         self.policy = policy
         self.proposer = proposer  # speculative decoding's drafts, None: off
+        self.drafting_paused = False  # set by the engine while steps overlap instead (EngineCore._pace_drafting)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # None: prefills may take the whole step budget
@@ -167,7 +168,8 @@ class Scheduler:
         """Whether the next step may give decode rows draft tokens (speculation on, and not switched off by the
         number of running requests)."""
         p = self.proposer
-        return p is not None and len(self.running) <= (p.cfg.disable_by_batch_size or 1 << 30)
+        return (p is not None and not self.drafting_paused
+                and len(self.running) <= (p.cfg.disable_by_batch_size or 1 << 30))
 
     # -- one step --------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:

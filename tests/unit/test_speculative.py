@@ -293,7 +293,6 @@ def test_greedy_output_and_logprobs_equal_the_output_without_speculation(model_d
     assert s.num_drafts > 5 and 0 < s.num_accepted_tokens < s.num_draft_tokens, vars(s)
     if "num_gpu_blocks" in kw:
         assert core.scheduler.num_preemptions > 0
-    assert core.num_overlapped_steps == 0
 
 
 def test_a_speculating_step_is_a_decode_step_of_a_row_per_token(model_dir):
@@ -327,6 +326,26 @@ def test_steps_overlap_again_above_the_batch_size_that_turns_drafting_off(model_
     core = make_core(model_dir, spec=spec, async_scheduling=True)
     assert_same(run(core, work), ref)
     assert core.num_overlapped_steps > 10 and core.spec_stats.num_accepted_tokens > 0
+
+
+def test_steps_overlap_while_nothing_is_drafted(model_dir):
+    """Async scheduling with speculation on text that seldom repeats: after four synchronous steps that draft
+    nothing, steps overlap again (4, then 8, 16 ... up to 64 steps) between short synchronous tries; the tokens are
+    those of an engine without speculation. On repeating text the same engine drafts."""
+    spec = {**NGRAM5, "prompt_lookup_min": 3}
+    rnd = random.Random(1)
+    work = [(f"u{i}", rnd.sample(range(1, 500), 20), SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=120,
+                                                                   logit_bias=[(t, -100.0) for t in range(1, 400)]))
+            for i in range(2)]
+    ref = run(make_core(model_dir, spec=None, async_scheduling=True), work)
+    core = make_core(model_dir, spec=spec, async_scheduling=True)
+    assert_same(run(core, work), ref)
+    steps = core.num_steps
+    # (the random model's output comes back to itself now and then: a few drafts, each resetting the pauses)
+    assert core.num_overlapped_steps > 0.5 * steps, (core.num_overlapped_steps, steps, vars(core.spec_stats))
+    run(core, [("copy", [5, 6, 7, 8] * 6, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=40,
+                                                           logit_bias=[(5, 50.0)]))])
+    assert core.spec_stats.num_accepted_tokens > 0
 
 
 def test_blocks_written_under_speculation_serve_a_later_prefix_hit(model_dir):
