@@ -42,6 +42,19 @@ def generate(core: EngineCore, prompts, sp=GREEDY, tag: str = "") -> list[list[i
     return [outs[f"{tag}{i}"] for i in range(len(prompts))]
 
 
+def one_rank_then_two(model_dir, run, two: dict | None = None, **kw):
+    """run(core)'s result on one rank (sync) and on two (async, with `two`'s settings too), each engine closed
+    after."""
+    results = []
+    for tp, extra in ((1, dict(async_scheduling=False)), (2, dict(async_scheduling=True, **(two or {})))):
+        core = make_core(model_dir, tp, **extra, **kw)
+        try:
+            results.append(run(core))
+        finally:
+            core.close()
+    return results
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: qkv bias and tied (vocab-split) embeddings
 def test_two_ranks_match_transformers(arch, tmp_path):
     d = write_tiny_model(arch, tmp_path / arch)
@@ -97,17 +110,9 @@ def test_two_ranks_under_preemption(tmp_path):
     sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     kw = dict(num_gpu_blocks=8, max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=False,
               kv_reserve_ratio=0.0)  # greedy admission: preemptions
-    one = make_core(d, 1, async_scheduling=False, **kw)
-    try:
-        ref = generate(one, prompts, sp)
-    finally:
-        one.close()
-    core = make_core(d, 2, async_scheduling=True, **kw)
-    try:
-        assert generate(core, prompts, sp) == ref
-        assert core.scheduler.num_preemptions > 0
-    finally:
-        core.close()
+    (ref, _), (got, preemptions) = one_rank_then_two(
+        d, lambda core: (generate(core, prompts, sp), core.scheduler.num_preemptions), **kw)
+    assert got == ref and preemptions > 0
 
 
 def test_two_ranks_speculate_as_one_rank_decodes(tmp_path):
@@ -116,17 +121,10 @@ def test_two_ranks_speculate_as_one_rank_decodes(tmp_path):
     d = write_tiny_model("llama", tmp_path / "llama")
     prompts = [[5, 6, 7, 8] * 6, [9, 10, 11] * 9 + [12], list(range(100, 140))]
     sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
-    one = make_core(d, 1, async_scheduling=False, num_gpu_blocks=64)
-    try:
-        ref = generate(one, prompts, sp)
-    finally:
-        one.close()
-    core = make_core(d, 2, num_gpu_blocks=64, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
-    try:
-        assert generate(core, prompts, sp) == ref
-        assert core.spec_stats.num_accepted_tokens > 0
-    finally:
-        core.close()
+    (ref, _), (got, confirmed) = one_rank_then_two(
+        d, lambda core: (generate(core, prompts, sp), core.spec_stats.num_accepted_tokens), num_gpu_blocks=64,
+        two=dict(speculative_config={"method": "ngram", "num_speculative_tokens": 4}))
+    assert got == ref and confirmed > 0
 
 
 def test_two_ranks_serve_lora_adapters_as_one_rank(tmp_path):
@@ -148,16 +146,7 @@ def test_two_ranks_serve_lora_adapters_as_one_rank(tmp_path):
             for o in core.step():
                 got[o.request_id] += o.new_token_ids
         return got
-    one = make_core(d, 1, async_scheduling=False, **kw)
-    try:
-        ref = run(one)
-    finally:
-        one.close()
-    core = make_core(d, 2, async_scheduling=True, **kw)
-    try:
-        got = run(core)
-    finally:
-        core.close()
+    ref, got = one_rank_then_two(d, run, **kw)
     assert got == ref and ref["a0"] != ref["0"]
 
 
@@ -179,16 +168,7 @@ def test_two_ranks_score_prompts_as_one_rank(tmp_path):
                 if o.prompt_logprobs is not None:
                     got[o.request_id] = o.prompt_logprobs
         raise AssertionError("the engine did not finish")
-    one = make_core(d, 1, async_scheduling=False, **kw)
-    try:
-        ref = scored(one)
-    finally:
-        one.close()
-    core = make_core(d, 2, async_scheduling=True, **kw)
-    try:
-        got = scored(core)
-    finally:
-        core.close()
+    ref, got = one_rank_then_two(d, scored, **kw)
     assert sorted(got) == sorted(ref) == ["0", "1", "2"]
     for rid, lps in ref.items():
         assert len(got[rid]) == len(lps) == len(PROMPTS[int(rid)]) and got[rid][0] is None
