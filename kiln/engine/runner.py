@@ -220,10 +220,10 @@ class ModelRunner:
             start = req.num_computed_tokens
             end = start + n
             if req.draft_token_ids:
-                # speculative decoding (kiln/engine/speculative.py): the last known token and each draft token a
-                # decode row of its own, on the request's blocks, seeing the positions before it (the step's
-                # cache writes come before its attention), so the step stays a decode step (its CUDA graphs)
-                # the known token at `start` (the last prompt token where the prompt's last chunk was one token)
+                # speculative decoding (kiln/engine/speculative.py): the known token at `start` (a prompt's last
+                # where its last chunk is that one token) and each draft a decode row of its own, on the request's
+                # blocks, seeing the positions before it (the step's cache writes come before its attention), so
+                # the step stays a decode step (its CUDA graphs)
                 known = (req.prompt_token_ids[start] if start < req.num_prompt_tokens
                          else req.output_token_ids[start - req.num_prompt_tokens])
                 for j, tok in enumerate([known, *req.draft_token_ids]):
