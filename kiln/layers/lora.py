@@ -104,6 +104,9 @@ def read_adapter(name: str, path: str, layers: list, dtype: torch.dtype, device:
             raise ValueError(f"LoRA adapter {name!r}: layer {layer} {module}: needs lora_A and lora_B of a layer "
                              f"in [0, {len(layers)})")
         proj_name, sl = TARGETS[module]
+        if proj_name in ("gate_up_proj", "down_proj") and not hasattr(layers[layer].mlp, proj_name):
+            raise ValueError(f"LoRA adapter {name!r}: layer {layer} {module}: that layer's feed-forward is a mixture "
+                             f"of experts, which takes no LoRA here (adapters of the attention projections work)")
         proj = getattr(layers[layer].self_attn if proj_name in ("qkv_proj", "o_proj") else layers[layer].mlp,
                        proj_name)
         a, b = ab["lora_A"], ab["lora_B"]

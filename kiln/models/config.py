@@ -13,6 +13,8 @@ ARCHITECTURES = {
     "MistralForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": (False, True),
+    "Qwen3MoeForCausalLM": (False, True),
+    "MixtralForCausalLM": (False, False),
 }
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -39,6 +41,15 @@ class ModelConfig:
     qk_norm: bool
     torch_dtype: str | None
     eos_token_ids: list[int]
+    # mixture of experts (Qwen3-MoE, Mixtral); num_experts 0: a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    dense_layers: tuple[int, ...] = ()  # layers whose feed-forward is the dense MLP all the same
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
@@ -84,7 +95,22 @@ class ModelConfig:
             qk_norm=qk_norm,
             torch_dtype=c.get("torch_dtype") or c.get("dtype"),
             eos_token_ids=eos,
+            **_moe_fields(arch, c),
         )
+
+
+def _moe_fields(arch: str, c: dict) -> dict:
+    if arch == "MixtralForCausalLM":
+        return dict(num_experts=c["num_local_experts"], num_experts_per_tok=c["num_experts_per_tok"],
+                    moe_intermediate_size=c["intermediate_size"], norm_topk_prob=True)
+    if arch == "Qwen3MoeForCausalLM":
+        experts = c.get("num_experts") or c.get("num_local_experts")
+        step = c.get("decoder_sparse_step") or 1
+        dense = set(c.get("mlp_only_layers") or []) | {i for i in range(c["num_hidden_layers"]) if (i + 1) % step}
+        return dict(num_experts=experts, num_experts_per_tok=c["num_experts_per_tok"],
+                    moe_intermediate_size=c["moe_intermediate_size"],
+                    norm_topk_prob=bool(c.get("norm_topk_prob", False)), dense_layers=tuple(sorted(dense)))
+    return {}
 
 
 def cpu_has_native_bf16() -> bool:

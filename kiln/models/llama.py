@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3): they differ by a few flags of ModelConfig.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, and the mixtures of experts Qwen3-MoE and Mixtral):
+they differ by a few flags of ModelConfig.
 
 The batch is flattened: input_ids/positions are [T] over all sequences of the step; attention metadata says
 where each sequence's tokens start and how long its context is.
@@ -12,6 +13,7 @@ from torch import nn
 from kiln import distributed as tpd
 from kiln.layers.attention import AttentionMetadata, LayerKVCache
 from kiln.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabEmbedding
+from kiln.layers.moe import SparseMoE
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rope import RotaryEmbedding
 from kiln.models.config import ModelConfig
@@ -75,10 +77,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, index: int):
         super().__init__()
         self.self_attn = Attention(cfg, rope)
-        self.mlp = MLP(cfg)
+        self.mlp = (SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                              cfg.norm_topk_prob) if cfg.is_moe_layer(index) else MLP(cfg))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -90,7 +93,8 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual, out_quant=self.self_attn.qkv_proj.input_quant(x))
         x = self.self_attn(positions, x, cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual, out_quant=self.mlp.gate_up_proj.input_quant(x))
+        mlp_quant = None if isinstance(self.mlp, SparseMoE) else self.mlp.gate_up_proj.input_quant(x)
+        x, residual = self.post_attention_layernorm(x, residual, out_quant=mlp_quant)
         return self.mlp(x), residual
 
 
@@ -99,7 +103,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rope) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rope, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, caches: list[LayerKVCache], meta: AttentionMetadata):
@@ -117,6 +121,9 @@ class LlamaForCausalLM(nn.Module):
         ".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
         ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
     }
+    # an expert's projection -> (its stacked parameter, gate | up | down)
+    expert_parts = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None),
+                    "w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", None)}  # Mixtral's names
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -137,6 +144,14 @@ class LlamaForCausalLM(nn.Module):
             return None
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None
+        name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral
+        if ".mlp.experts." in name:  # model.layers.{i}.mlp.experts.{e}.{proj}.weight
+            head, tail = name.split(".mlp.experts.")
+            expert, proj, _ = tail.split(".", 2)
+            if proj not in self.expert_parts:
+                return name, None  # no place in the model: the loader names it
+            param, which = self.expert_parts[proj]
+            return f"{head}.mlp.{param}", (int(expert), which)
         for frag, (ours, shard) in self.fused.items():
             if frag in name:
                 return name.replace(frag, ours), shard

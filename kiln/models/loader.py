@@ -163,8 +163,12 @@ def _copy(param, tensor):
 def _expected_loads(model: LlamaForCausalLM) -> set[tuple[str, int | None]]:
     out = set()
     for name, module in model.named_modules():
+        per_shard = module.checkpoint_shards() if hasattr(module, "checkpoint_shards") else {}
         for pname, _ in module.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
+            if pname in per_shard:
+                out |= {(full, s) for s in per_shard[pname]}
+                continue
             n_shards = len(getattr(module, "output_sizes", [])) if pname == "weight" or pname == "bias" else 0
             if n_shards > 1:
                 out |= {(full, i) for i in range(n_shards)}
@@ -199,6 +203,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     # a float32 checkpoint served in bfloat16 on CPU may be a dequantized Q4 GGUF: read it in float32 so that
     # linear layers whose weights lie on a 4-bit grid can be kept as int4 (bf16 rounding would hide the grid)
     quant = read_quantization(model_dir) if load_format != "dummy" else None
+    if cfg.num_experts and (quant is not None or quantization not in (None, "", "none")):
+        raise ValueError(f"{cfg.architecture} is a mixture of experts: Kiln serves its experts in float only, "
+                         f"not {quant.scheme if quant else quantization} (leave --quantization unset and use a "
+                         f"float checkpoint)")
     if quant is not None and quantization not in (None, "", "none", quant.scheme):
         raise ValueError(f"{model_dir} holds a {quant.scheme} checkpoint; --quantization {quantization} cannot "
                          f"apply to it (leave it unset)")

@@ -26,6 +26,13 @@ def tiny_config(arch: str, vocab_size: int):
     if arch == "qwen3":
         return tf.Qwen3Config(vocab_size=vocab_size, **{**COMMON, "num_attention_heads": 4}, head_dim=32,
                               tie_word_embeddings=False)
+    if arch == "qwen3_moe":  # 8 experts, 3 per token, layer 1 dense (mlp_only_layers), weights renormalized
+        return tf.Qwen3MoeConfig(vocab_size=vocab_size, **COMMON, head_dim=16, num_experts=8, num_experts_per_tok=3,
+                                 moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1],
+                                 tie_word_embeddings=False)
+    if arch == "mixtral":
+        return tf.MixtralConfig(vocab_size=vocab_size, **COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                sliding_window=None)
     raise ValueError(arch)
 
 

@@ -55,14 +55,18 @@ def one_rank_then_two(model_dir, run, two: dict | None = None, **kw):
     return results
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: qkv bias and tied (vocab-split) embeddings
+# qwen2: qkv bias and tied (vocab-split) embeddings; qwen3_moe, mixtral: experts split by intermediate size
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3_moe", "mixtral"])
 def test_two_ranks_match_transformers(arch, tmp_path):
     d = write_tiny_model(arch, tmp_path / arch)
     ref = hf_greedy(d, PROMPTS, 16)
     core = make_core(d, 2)
     try:
         assert generate(core, PROMPTS) == ref
-        assert core.runner.model.model.layers[0].self_attn.num_heads == 2  # really sharded: 4 heads / 2 ranks
+        layer = core.runner.model.model.layers[0]
+        assert layer.self_attn.num_heads == 2  # really sharded: 4 heads / 2 ranks
+        if arch in ("qwen3_moe", "mixtral"):
+            assert layer.mlp.w13.shape[1] == layer.mlp.full_inter  # each rank: gate and up halves of each expert
     finally:
         core.close()
 

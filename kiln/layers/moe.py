@@ -1,0 +1,102 @@
+"""Mixture-of-experts feed-forward (Qwen3-MoE, Mixtral): a router picks each token's top-k of E SwiGLU experts,
+whose outputs are summed with the router's weights.
+
+Tensor parallelism splits every expert's intermediate size over the ranks, as the dense MLP's: each rank holds
+all experts' slices, the router is replicated, and one all-reduce sums the partial outputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln import distributed as tpd
+
+
+class Router(nn.Module):
+    """The gate: logits [tokens, experts] (kept in the model's float dtype, never quantized)."""
+
+    def __init__(self, num_experts: int, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] float32, expert ids [T, k] int64): softmax over all experts in float32, the top k, their
+    weights rescaled to sum to one where the model asks (Mixtral always, Qwen3-MoE by norm_topk_prob)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                      ids: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) in PyTorch: the (token, expert) pairs sorted by expert, one
+    matmul pair per expert that some token chose. The CPU path, and the GPU kernel's reference."""
+    t, k = ids.shape
+    inter = w2.shape[2]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tokens = order // k
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    xs = x[tokens]
+    rows = torch.empty(t * k, w2.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            h = F.linear(xs[start:start + n], w13[e])
+            rows[start:start + n] = F.linear(F.silu(h[:, :inter]) * h[:, inter:], w2[e])
+            start += n
+    rows = rows.float() * weights.reshape(-1)[order, None]
+    out = torch.zeros(t, w2.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tokens, rows)
+    return out.to(x.dtype)
+
+
+class SparseMoE(nn.Module):
+    """The MoE block of one decoder layer. Parameters: the router `gate.weight` [E, hidden]; `w13` [E, 2 * I / tp,
+    hidden], each expert's gate then up projection (this rank's slice); `w2` [E, hidden, I / tp], its down
+    projection. Checkpoint tensors arrive per expert: shard (expert, 0 | 1) for gate | up, (expert, None) for down."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool):
+        super().__init__()
+        tp = tpd.tp_size()
+        if intermediate % tp:
+            raise ValueError(f"expert intermediate size {intermediate} is not divisible by the tensor-parallel "
+                             f"size {tp}")
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.hidden, self.full_inter, self.inter = hidden, intermediate, intermediate // tp
+        self.gate = Router(num_experts, hidden)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.inter), requires_grad=False)
+        self.w13.weight_loader = self.w2.weight_loader = self.load_weight
+
+    def checkpoint_shards(self) -> dict[str, list]:
+        """Every (parameter, shard) the checkpoint must fill: the loader's completeness check."""
+        e = range(self.num_experts)
+        return {"w13": [(i, j) for i in e for j in (0, 1)], "w2": [(i, None) for i in e]}
+
+    def load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
+        expert, which = shard_id
+        rank = tpd.tp_rank()
+        if param is self.w13:
+            if loaded.shape != (self.full_inter, self.hidden):
+                raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected "
+                                 f"({self.full_inter}, {self.hidden})")
+            part = loaded.narrow(0, rank * self.inter, self.inter)
+            param.data[expert].narrow(0, which * self.inter, self.inter).copy_(part)
+        else:
+            if loaded.shape != (self.hidden, self.full_inter):
+                raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected "
+                                 f"({self.hidden}, {self.full_inter})")
+            param.data[expert].copy_(loaded.narrow(1, rank * self.inter, self.inter))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
+        if x.is_cuda:
+            from kiln.kernels import fused_moe
+            out = fused_moe(x, self.w13, self.w2, weights, ids)
+        else:
+            out = experts_reference(x, self.w13, self.w2, weights, ids)
+        return tpd.all_reduce(out)

@@ -1,0 +1,104 @@
+"""Mixtures of experts (Qwen3-MoE, Mixtral): the routing and expert math against plain per-token PyTorch, and what
+a checkpoint or setting that Kiln cannot serve gets told. Parity with transformers: tests/parity/test_models.py."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from kiln.engine.config import EngineConfig
+from kiln.engine.core import EngineCore
+from kiln.layers.moe import experts_reference, route
+from kiln.models.loader import load_model
+from tests.helpers.tiny_models import write_tiny_model
+from tests.unit.test_lora import assert_same, make_core, params, run, write_adapter
+
+
+def per_token(x, w13, w2, weights, ids):
+    inter = w2.shape[2]
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t].tolist(), ids[t].tolist()):
+            h = w13[e].double() @ x[t].double()
+            out[t] += w * (w2[e].double() @ (F.silu(h[:inter]) * h[inter:]))
+    return out
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_takes_the_top_k_of_the_softmax(renormalize):
+    logits = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))
+    weights, ids = route(logits, 2, renormalize)
+    probs = torch.softmax(logits.double(), -1)
+    for t in range(9):
+        best = sorted(range(6), key=lambda e: -probs[t, e].item())[:2]
+        assert ids[t].tolist() == best
+        want = probs[t, best] / (probs[t, best].sum() if renormalize else 1)
+        assert torch.allclose(weights[t].double(), want, atol=1e-6)
+
+
+def test_experts_equal_each_tokens_own_sum():
+    """Some experts chosen by many tokens, one by none; one token."""
+    g = torch.Generator().manual_seed(1)
+    e, h, inter, k = 5, 16, 12, 2
+    w13, w2 = torch.randn(e, 2 * inter, h, generator=g), torch.randn(e, h, inter, generator=g)
+    for t in (1, 7):
+        x = torch.randn(t, h, generator=g)
+        ids = torch.randint(0, e - 1, (t, k), generator=g)  # expert e-1 never chosen
+        ids[:, 1] = (ids[:, 0] + 1) % (e - 1)  # distinct per token, as top-k gives
+        weights = torch.rand(t, k, generator=g)
+        got = experts_reference(x, w13, w2, weights, ids)
+        assert torch.allclose(got.double(), per_token(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return write_tiny_model("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe"))
+
+
+def test_a_checkpoint_without_an_expert_is_named(moe_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((moe_dir / "config.json").read_text())
+    tensors = load_file(str(moe_dir / "model.safetensors"))
+    del tensors["model.layers.0.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"lacks 1 tensors.*model\.layers\.0\.mlp\.w13\[\(5, 1\)\]"):
+        load_model(bad, torch.float32, torch.device("cpu"))
+
+
+def test_the_dense_layers_of_a_moe_checkpoint_stay_dense(moe_dir):
+    model = load_model(moe_dir, torch.float32, torch.device("cpu"))
+    assert type(model.model.layers[0].mlp).__name__ == "SparseMoE"
+    assert type(model.model.layers[1].mlp).__name__ == "MLP"  # mlp_only_layers: [1]
+    assert model.model.layers[0].mlp.w13.shape == (8, 96, 64)
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a8-fp8"])
+def test_quantizing_experts_is_refused_with_what_works(moe_dir, scheme):
+    with pytest.raises(ValueError, match=f"mixture of experts.*not {scheme}.*leave --quantization unset"):
+        load_model(moe_dir, torch.float32, torch.device("cpu"), quantization=scheme)
+
+
+def test_lora_on_attention_serves_a_moe_model_as_its_merged_checkpoint(moe_dir, tmp_path):
+    adapter, merged = write_adapter(tmp_path / "a", moe_dir, ["q_proj", "v_proj", "o_proj"], rank=4, alpha=8, seed=3)
+    prompts = [list(range(5, 40)), [9, 8, 7] * 5]
+    got = run(make_core(moe_dir, lora_modules=f"a={adapter}"),
+              [(f"a-{i}", p, params("a")) for i, p in enumerate(prompts)])
+    ref = run(make_core(merged), [(f"a-{i}", p, params()) for i, p in enumerate(prompts)])
+    for i in range(len(prompts)):
+        assert_same(got[f"a-{i}"], ref[f"a-{i}"])
+
+
+def test_lora_on_the_experts_is_refused_by_layer(moe_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    prefix = "base_model.model.model.layers.0.mlp.gate_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.zeros(4, 64), f"{prefix}.lora_B.weight": torch.zeros(48, 4)},
+              str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    with pytest.raises(ValueError, match="layer 0 gate_proj: that layer's feed-forward is a mixture of experts"):
+        EngineCore(EngineConfig(model=str(moe_dir), dtype="float32", block_size=16, num_gpu_blocks=32,
+                                lora_modules=f"a={adapter}"))
