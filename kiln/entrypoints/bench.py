@@ -35,6 +35,18 @@ PRESETS = {
                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
                        bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False, torch_dtype="bfloat16"),
+    # mixtures of experts: Qwen3-30B-A3B (128 experts, 8 a token, ~3.3B active) and Mixtral 8x7B (2 of 8)
+    "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
+                          hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                          bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False, torch_dtype="bfloat16"),
+    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
+                         intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                         rms_norm_eps=1e-5, rope_theta=1000000.0, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False, torch_dtype="bfloat16"),
     "tiny": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=1024, hidden_size=64,
                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1,
@@ -120,7 +132,7 @@ def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int =
     if not weights:
         return out_dir
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = h // cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
     bias = cfg["model_type"] == "qwen2"
     g = torch.Generator().manual_seed(seed)
@@ -136,9 +148,26 @@ def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int =
         p = f"model.layers.{i}."
         t = {p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
              p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
-             p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
-             p + "mlp.down_proj.weight": rnd(h, inter), p + "input_layernorm.weight": torch.ones(h, dtype=dt),
+             p + "input_layernorm.weight": torch.ones(h, dtype=dt),
              p + "post_attention_layernorm.weight": torch.ones(h, dtype=dt)}
+        if cfg["model_type"] in ("qwen3", "qwen3_moe"):  # per-head q/k norms
+            t.update({p + "self_attn.q_norm.weight": torch.ones(hd, dtype=dt),
+                      p + "self_attn.k_norm.weight": torch.ones(hd, dtype=dt)})
+        if cfg["model_type"] == "mixtral":
+            t[p + "block_sparse_moe.gate.weight"] = rnd(cfg["num_local_experts"], h)
+            for e in range(cfg["num_local_experts"]):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                t.update({x + "w1.weight": rnd(inter, h), x + "w3.weight": rnd(inter, h), x + "w2.weight": rnd(h, inter)})
+        elif cfg["model_type"] == "qwen3_moe":
+            t[p + "mlp.gate.weight"] = rnd(cfg["num_experts"], h)
+            mi = cfg["moe_intermediate_size"]
+            for e in range(cfg["num_experts"]):
+                x = f"{p}mlp.experts.{e}."
+                t.update({x + "gate_proj.weight": rnd(mi, h), x + "up_proj.weight": rnd(mi, h),
+                          x + "down_proj.weight": rnd(h, mi)})
+        else:
+            t.update({p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
+                      p + "mlp.down_proj.weight": rnd(h, inter)})
         if bias:
             t.update({p + "self_attn.q_proj.bias": rnd(q), p + "self_attn.k_proj.bias": rnd(kv),
                       p + "self_attn.v_proj.bias": rnd(kv)})

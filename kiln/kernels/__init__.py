@@ -5,7 +5,8 @@ Kernels (each in its own module, each a Python function on torch tensors):
     rmsnorm, fused_add_rmsnorm (and rmsnorm_quant: the output as a W8A8 layer's 8-bit input), rotary_embedding,
     silu_and_mul (and silu_and_mul_quant), w8a16_matmul (and w8a16_silu_and_mul, the
     two at once), skinny_matmul,
-    quantize_activation and scale_int32 (W8A8), top_p_threshold (the sampler's nucleus cut).
+    quantize_activation and scale_int32 (W8A8), top_p_threshold (the sampler's nucleus cut), fused_moe (a
+    mixture of experts' feed-forward).
 
 `kiln.kernels.reference` holds float32 PyTorch versions of all of them and needs no
 Triton. When Triton is not installed, HAS_TRITON is False and the kernel names here are
@@ -32,6 +33,7 @@ if HAS_TRITON:
     from .activation import silu_and_mul, silu_and_mul_quant
     from .cache import reshape_and_cache, rope_and_cache
     from .decode_attention import paged_decode_attention
+    from .moe import fused_moe
     from .prefill_attention import paged_prefill_attention
     from .quant import quantize_activation, scale_int32
     from .rmsnorm import fused_add_rmsnorm, rmsnorm, rmsnorm_quant
@@ -56,6 +58,10 @@ else:  # pragma: no cover
 
     def use_skinny(x, w):
         return False
+
+    def fused_moe(x, w13, w2, weights, ids, config=None):
+        from kiln.layers.moe import experts_reference
+        return experts_reference(x, w13, w2, weights, ids)
 
     def w8a16_silu_and_mul(x, w_int8, w_scale, bias=None, config=None):
         return silu_and_mul(w8a16_matmul(x, w_int8, w_scale, bias))

@@ -100,6 +100,14 @@ class ModelConfig:
 
 
 def _moe_fields(arch: str, c: dict) -> dict:
+    fields = _moe_config(arch, c)
+    if fields and not 0 < fields["num_experts_per_tok"] <= fields["num_experts"]:
+        raise ValueError(f"config.json: num_experts_per_tok {fields['num_experts_per_tok']} must be 1 to the "
+                         f"number of experts ({fields['num_experts']})")
+    return fields
+
+
+def _moe_config(arch: str, c: dict) -> dict:
     if arch == "MixtralForCausalLM":
         return dict(num_experts=c["num_local_experts"], num_experts_per_tok=c["num_experts_per_tok"],
                     moe_intermediate_size=c["intermediate_size"], norm_topk_prob=True)

@@ -215,3 +215,22 @@ def test_profile_gpu_time_counts_each_kernel_once(tmp_path):
     _write_profile(prof, 2, str(tmp_path / "p.txt"), "head: ")
     assert (tmp_path / "p.txt").read_text().startswith("head: GPU kernels 0.60 ms/step")
     assert written["trace"].endswith("p.trace.json")
+
+
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_moe_presets_write_checkpoints_that_kiln_and_transformers_read_alike(preset, tmp_path, monkeypatch):
+    """The preset's config keys and the writer's expert tensor names, at a small size: Kiln's greedy tokens equal
+    transformers' on the written checkpoint."""
+    from kiln import LLM, SamplingParams
+    from tests.helpers.tiny_models import hf_greedy
+    small = {**PRESETS[preset], "vocab_size": 320, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "torch_dtype": "float32", "bos_token_id": 1,
+             "eos_token_id": 2, "num_experts_per_tok": 2}
+    small.update({"num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16} if "num_experts" in small
+                 else {"num_local_experts": 4})
+    monkeypatch.setitem(PRESETS, "small-moe", small)
+    d = write_checkpoint("small-moe", str(tmp_path / "m"), dtype="float32")
+    llm = LLM(str(d), dtype="float32", device="cpu")
+    assert type(llm.engine.runner.model.model.layers[0].mlp).__name__ == "SparseMoE"
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(d, [[5, 6, 7, 8]], 8)[0]

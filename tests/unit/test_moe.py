@@ -102,3 +102,10 @@ def test_lora_on_the_experts_is_refused_by_layer(moe_dir, tmp_path):
     with pytest.raises(ValueError, match="layer 0 gate_proj: that layer's feed-forward is a mixture of experts"):
         EngineCore(EngineConfig(model=str(moe_dir), dtype="float32", block_size=16, num_gpu_blocks=32,
                                 lora_modules=f"a={adapter}"))
+
+
+def test_more_experts_a_token_than_experts_is_named(moe_dir):
+    from kiln.models.config import ModelConfig
+    cfg = json.loads((moe_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"num_experts_per_tok 9 must be 1 to the number of experts \(8\)"):
+        ModelConfig.from_dict({**cfg, "num_experts_per_tok": 9})

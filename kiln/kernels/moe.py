@@ -1,0 +1,112 @@
+"""fused_moe: a mixture-of-experts feed-forward on the GPU, every expert of a step in two grouped GEMMs.
+
+The step's (token, expert) pairs are sorted by expert and each expert's run padded to BLOCK_M rows (`align_pairs`,
+torch ops of static shapes: no host sync, so decode steps stay inside CUDA graphs). A program of the GEMM takes one
+block of rows, all of one expert, and multiplies them by that expert's weight: an expert's bytes are read once per
+block of its tokens, the rows gathered from the activations by index on the way in (no permuted copy). First GEMM:
+x rows by w13 (gate and up) into [pairs, 2I]; then silu_and_mul; second GEMM: by w2, each row scaled by its router
+weight, into [pairs, hidden] float32; the k rows of each token summed.
+
+Blocks past the last expert's run load nothing (their K loop has no iterations).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import interpreting, launch
+from .activation import silu_and_mul
+
+
+def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pairs [P] int32, block_expert [P / block_m] int32) for expert ids [T, k]: pairs lists the flat pair indices
+    (t * k + j) grouped by expert, each group padded with the sentinel T * k to a multiple of block_m; block_expert
+    says each block's expert (num_experts: past the end). P is static in T: at most T * k pairs, and at most
+    min(E, T * k) groups each padded by under block_m."""
+    flat = ids.reshape(-1)
+    n = flat.numel()
+    groups = min(num_experts, n)
+    p = triton.cdiv(n + groups * (block_m - 1), block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)
+    expert_of = flat[order]
+    rank_in_expert = torch.arange(n, device=ids.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
+    pairs = torch.full((p,), n, dtype=torch.int32, device=ids.device)
+    pairs[(ends - padded)[expert_of] + rank_in_expert] = order.to(torch.int32)
+    starts = torch.arange(0, p, block_m, device=ids.device)
+    block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)
+    return pairs, block_expert
+
+
+# the pairs' count changes with traffic: not specialized on, so no variant compiles after warm-up (docs/kernels.md)
+@triton.jit(do_not_specialize=["num_pairs"])
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, pairs_ptr, block_expert_ptr, weight_ptr, num_pairs, N, K, E,
+                     stride_am, stride_be, stride_bn, stride_cm, ROWS_PER_A: tl.constexpr, SCALE_ROWS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # c[pair] = a[pair // ROWS_PER_A] @ b[expert].T (* weight[pair]) for the pairs of this block; b [E, N, K]
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    live = pair < num_pairs
+    a_row = tl.where(live, pair // ROWS_PER_A, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + tl.minimum(expert, E - 1).to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    steps = tl.where(expert < E, tl.cdiv(K, BLOCK_K), 0)
+    for i in range(0, steps):
+        k_left = K - i * BLOCK_K
+        a = tl.load(a_ptrs, mask=live[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        acc += tl.dot(a, b, input_precision="ieee")
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if SCALE_ROWS:
+        acc *= tl.load(weight_ptr + pair, mask=live, other=0.0)[:, None]
+    c_ptrs = c_ptr + tl.where(live, pair, 0).to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=live[:, None] & (offs_n[None, :] < N))
+
+
+def moe_config(pairs: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 16-row blocks while most experts get a few rows (decode),
+    64 once a step's pairs are many per expert."""
+    if interpreting():
+        return 16, 32, 32, 4, 1
+    bm = 16 if pairs <= 1024 else 64
+    return bm, 64 if bm == 16 else 128, 64, 4, 3
+
+
+def moe_gemm(a: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor, block_expert: torch.Tensor, num_pairs: int,
+             out: torch.Tensor, rows_per_a: int, weights: torch.Tensor | None, config: tuple) -> torch.Tensor:
+    bm, bn, bk, warps, stages = config
+    e, n, k = w.shape
+    assert w.stride(2) == 1 and a.stride(1) == 1 and out.stride(1) == 1
+    grid = (block_expert.numel(), triton.cdiv(n, bn))
+    launch(_moe_gemm_kernel, grid, a, w, out, pairs, block_expert, weights if weights is not None else out,
+           num_pairs, n, k, e, a.stride(0), w.stride(0), w.stride(1), out.stride(0), ROWS_PER_A=rows_per_a,
+           SCALE_ROWS=weights is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return out
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+              config: tuple | None = None) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) -> [T, hidden] in x's dtype. x [T, hidden]; w13 [E, 2I,
+    hidden] (gate rows, then up rows); w2 [E, hidden, I]; weights [T, k] float32; ids [T, k]."""
+    t, k = ids.shape
+    e, two_i, hidden = w13.shape
+    n = t * k
+    if n == 0:
+        return x.new_zeros(t, hidden)
+    cfg = config or moe_config(n, two_i, hidden)
+    pairs, block_expert = align_pairs(ids, e, cfg[0])
+    gate_up = moe_gemm(x, w13, pairs, block_expert, n, x.new_empty(n, two_i), k, None, cfg)
+    act = silu_and_mul(gate_up)
+    rows = moe_gemm(act, w2, pairs, block_expert, n, torch.empty(n, hidden, dtype=torch.float32, device=x.device), 1,
+                    weights.reshape(-1).float().contiguous(), cfg)
+    return rows.view(t, k, hidden).sum(1).to(x.dtype)

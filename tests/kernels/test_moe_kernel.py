@@ -1,0 +1,58 @@
+"""fused_moe (kiln/kernels/moe.py) against the PyTorch experts (kiln.layers.moe.experts_reference), and its pairs'
+alignment. On a GPU, also Qwen3-30B-A3B's and Mixtral's shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.kernel_env import DEVICE, DOT_DTYPES, gpu_only  # skips where no kernels run
+
+from kiln.kernels.moe import align_pairs, fused_moe  # noqa: E402
+from kiln.layers.moe import experts_reference, route  # noqa: E402
+
+
+@pytest.mark.parametrize("t,k,e,block", [(1, 2, 8, 16), (5, 3, 8, 16), (40, 2, 4, 16), (3, 8, 128, 16),
+                                         (300, 8, 16, 64)])
+def test_pairs_are_grouped_by_expert_in_whole_blocks(t, k, e, block):
+    g = torch.Generator().manual_seed(t)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEVICE)
+    pairs, block_expert = align_pairs(ids, e, block)
+    n = t * k
+    assert pairs.numel() == block_expert.numel() * block
+    real = pairs[pairs < n]
+    assert sorted(real.tolist()) == list(range(n))  # every pair once, the rest sentinels
+    flat = ids.reshape(-1)
+    for b, expert in enumerate(block_expert.tolist()):
+        rows = pairs[b * block:(b + 1) * block]
+        rows = rows[rows < n]
+        if expert == e:
+            assert rows.numel() == 0  # past the last run
+        else:
+            assert rows.numel() > 0 and (flat[rows.long()] == expert).all()
+    assert block_expert.tolist() == sorted(block_expert.tolist())
+
+
+CASES = [  # T, hidden, I, experts, k
+    (1, 64, 48, 8, 2),
+    (7, 96, 40, 8, 3),       # ragged N and K
+    (33, 64, 32, 4, 2),      # experts with many rows
+    pytest.param(1, 2048, 768, 128, 8, marks=gpu_only),     # Qwen3-30B-A3B, decode batch 1
+    pytest.param(64, 2048, 768, 128, 8, marks=gpu_only),
+    pytest.param(700, 2048, 768, 128, 8, marks=gpu_only),   # a prefill chunk: 64-row blocks
+    pytest.param(16, 4096, 14336, 8, 2, marks=gpu_only),    # Mixtral 8x7B
+]
+
+
+@pytest.mark.parametrize("t,h,inter,e,k", CASES)
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+def test_fused_moe_equals_the_pytorch_experts(t, h, inter, e, k, dtype):
+    g = torch.Generator().manual_seed(t * 31 + h)
+    x = torch.randn(t, h, generator=g).to(DEVICE, dtype)
+    w13 = (torch.randn(e, 2 * inter, h, generator=g) * h ** -0.5).to(DEVICE, dtype)
+    w2 = (torch.randn(e, h, inter, generator=g) * inter ** -0.5).to(DEVICE, dtype)
+    weights, ids = route(torch.randn(t, e, generator=g).to(DEVICE), k, renormalize=True)
+    got = fused_moe(x, w13, w2, weights, ids)
+    ref = experts_reference(x.float(), w13.float(), w2.float(), weights, ids)
+    assert got.dtype == dtype and got.shape == (t, h)
+    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}[dtype], err
