@@ -3,7 +3,7 @@
 # experts on a GPU. The MoE tests on CUDA (fused_moe against the PyTorch experts at real shapes, the tiny Qwen3-MoE
 # and Mixtral against transformers, LoRA on a MoE model), the kernel against its floor at Qwen3-30B-A3B's shape
 # with a tile sweep, then the engine on the random Qwen3-30B-A3B shape: batch 1, 8 and 64 (128 in / 128 out), and
-# 256 prompts offline.
+# 256 prompts offline; batch 1 with int8 experts (w8a16).
 source benchmarks/device/common.sh
 BUDGET_S=${BUDGET_S:-560}
 gpu_state; date -u
@@ -22,6 +22,7 @@ moe_b() {  # moe_b NAME BATCH [ARGS]
 moe_b b1 1
 moe_b b8 8
 moe_b b64 64
+moe_b b1_w8a16 1 --quantization w8a16
 if [ $(left) -gt 80 ]; then
   timeout $(( $(left) - 15 )) $B throughput --preset qwen3-30b-a3b --num-prompts 256 --input-len 512 --output-len 256 \
     --output-json $R/moe_thr.json > $R/moe_thr.log 2>&1

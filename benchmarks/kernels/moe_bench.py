@@ -1,6 +1,7 @@
 """fused_moe on the GPU at Qwen3-30B-A3B's (or Mixtral 8x7B's) layer shape: time per call against the floor (the
 bytes of the experts a step touches, and x/out, over the copy rate; FLOPs over the bf16 matmul rate), and against
-the PyTorch experts loop (kiln.layers.moe.experts_reference). Also checks the two agree.
+the PyTorch experts loop (kiln.layers.moe.experts_reference). Also checks the two agree. Then the same with int8
+experts (w8a16: half the bytes).
 
     PYTHONPATH=. python3 benchmarks/kernels/moe_bench.py [--shape qwen3-30b-a3b|mixtral-8x7b] [--configs]
 
@@ -36,7 +37,12 @@ def main() -> None:
     w2 = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16, generator=g) * inter ** -0.5
     per_expert = (w13[0].numel() + w2[0].numel()) * 2
     print(f"{name}: {args.shape}, hidden {h}, I {inter}, {e} experts, top {k}; {per_expert / 1e6:.1f} MB an expert")
-    print(f"{'T':>6} {'experts':>7} {'floor us':>9} {'fused us':>9} {'of floor':>8} {'torch us':>9} {'rel err':>8}")
+    from kiln.quantization import ops as qops
+    (c13, s13), (c2, s2) = (qops.quantize_weight(w13.flatten(0, 1), torch.int8),
+                            qops.quantize_weight(w2.flatten(0, 1), torch.int8))
+    int8 = (c13.view_as(w13), c2.view_as(w2), (s13.view(e, -1), s2.view(e, -1)))
+    print(f"{'T':>6} {'experts':>7} {'floor us':>9} {'fused us':>9} {'of floor':>8} {'torch us':>9} {'rel err':>8} "
+          f"{'int8 floor':>10} {'int8 us':>8} {'of floor':>8}")
     for t in map(int, args.tokens.split(",")):
         x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=g)
         weights, ids = route(torch.randn(t, e, device="cuda", generator=g), k, True)
@@ -48,7 +54,11 @@ def main() -> None:
         ref = triton.testing.do_bench(ref_fn, warmup=5, rep=50) * 1e3
         got, want = fused_moe(x, w13, w2, weights, ids).float(), ref_fn().float()
         err = ((got - want).norm() / want.norm()).item()
-        print(f"{t:>6} {touched:>7} {floor:>9.1f} {fused:>9.1f} {floor / fused:>8.0%} {ref:>9.1f} {err:>8.1e}")
+        floor8 = max(touched * per_expert / 2 / (COPY_TB_S[gpu] * 1e12), flops / (MATMUL_TFLOP_S[gpu] * 1e12)) * 1e6
+        q = triton.testing.do_bench(lambda: fused_moe(x, int8[0], int8[1], weights, ids, scales=int8[2]), warmup=20,
+                                    rep=100) * 1e3
+        print(f"{t:>6} {touched:>7} {floor:>9.1f} {fused:>9.1f} {floor / fused:>8.0%} {ref:>9.1f} {err:>8.1e} "
+              f"{floor8:>10.1f} {q:>8.1f} {floor8 / q:>8.0%}")
         if args.configs:
             best = []
             for bm, bn, bk, w, s in itertools.product((16, 32, 64), (32, 64, 128), (64, 128), (4, 8), (2, 3, 4)):

@@ -21,6 +21,7 @@ from kiln.engine.request import PENDING_TOKEN, Request
 from kiln.engine.sampler import PendingSample, Sampler, token_logprobs
 from kiln.engine.scheduler import ScheduledBatch
 from kiln.layers.attention import AttentionMetadata, LayerKVCache, make_attention_backend
+from kiln.layers.moe import SparseMoE
 from kiln.models.config import ModelConfig, resolve_dtype
 from kiln.models.loader import load_model
 from kiln.quantization.checkpoint import rank_kv_scales, resolve_kv_cache_dtype
@@ -56,9 +57,10 @@ class ModelRunner:
         self.startup_seconds: dict[str, float] = {"weights": self.load_seconds}
         self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.model.quantization)
         # parameters, and the quantized weights that layers hold as plain tensors beside them
-        quantized = [getattr(m, a) for m in self.model.modules()
-                     for a in ("qweight", "scale", "head_qweight", "head_scale")
-                     if isinstance(getattr(m, a, None), torch.Tensor)]
+        quantized = [t for m in self.model.modules() for a in ("qweight", "scale", "head_qweight", "head_scale", "w13",
+                                                              "w2")
+                     if isinstance(t := getattr(m, a, None), torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
+        quantized += [t for m in self.model.modules() if isinstance(m, SparseMoE) for t in (m.scales or ())]
         self.weight_bytes = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *quantized])
         self.backend = make_attention_backend(cfg.attention_backend, self.device)
         if (self.kv_cache_dtype == "fp8" and self.backend.name == "triton" and self.device.type == "cuda"

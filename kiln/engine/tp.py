@@ -66,6 +66,8 @@ def head_split_problem(mc: ModelConfig, tp: int) -> str | None:
         return f"{mc.num_kv_heads} KV heads (neither divides the other)"
     if mc.intermediate_size % tp:
         return f"intermediate size {mc.intermediate_size}"
+    if mc.num_experts and mc.moe_intermediate_size % tp:
+        return f"expert intermediate size {mc.moe_intermediate_size}"
     return None
 
 
@@ -75,12 +77,19 @@ def weight_bytes_per_rank(mc: ModelConfig, tp: int, dtype: torch.dtype, quantiza
     d, h = mc.head_dim, mc.hidden_size
     q, kv = mc.num_heads // tp * d, max(1, mc.num_kv_heads // tp) * d
     inter = mc.intermediate_size // tp
-    linear_out_in = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)]  # qkv, o, gate_up, down
+    attention = [(q + 2 * kv, h), (h, q)]  # qkv, o
+    mlp = [(2 * inter, h), (h, inter)]  # gate_up, down
+    experts = [(2 * mc.moe_intermediate_size // tp, h), (h, mc.moe_intermediate_size // tp)] * mc.num_experts
     int8 = quantization == "w8a16"
-    linear = sum(o * i * (1 if int8 else el) + (4 * o if int8 else 0) for o, i in linear_out_in)
+
+    def linear(out_in: list[tuple[int, int]]) -> int:
+        return sum(o * i * (1 if int8 else el) + (4 * o if int8 else 0) for o, i in out_in)
+
     other = (2 * h + (2 * d if mc.qk_norm else 0) + ((q + 2 * kv) if mc.qkv_bias else 0)) * el
+    layers = sum(linear(attention) + other + (linear(experts) + mc.num_experts * h * el if mc.is_moe_layer(i)
+                                              else linear(mlp)) for i in range(mc.num_layers))
     vocab = -(-mc.vocab_size // tp) * h * el * (1 if mc.tie_word_embeddings else 2)
-    return mc.num_layers * (linear + other) + vocab + h * el
+    return layers + vocab + h * el
 
 
 def check_fit(mc: ModelConfig, tp: int, dtype: torch.dtype, quantization: str | None,

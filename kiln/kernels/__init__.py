@@ -59,9 +59,9 @@ else:  # pragma: no cover
     def use_skinny(x, w):
         return False
 
-    def fused_moe(x, w13, w2, weights, ids, config=None):
+    def fused_moe(x, w13, w2, weights, ids, config=None, scales=None):
         from kiln.layers.moe import experts_reference
-        return experts_reference(x, w13, w2, weights, ids)
+        return experts_reference(x, w13, w2, weights, ids, scales)
 
     def w8a16_silu_and_mul(x, w_int8, w_scale, bias=None, config=None):
         return silu_and_mul(w8a16_matmul(x, w_int8, w_scale, bias))

@@ -44,10 +44,11 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
 
 # the pairs' count changes with traffic: not specialized on, so no variant compiles after warm-up (docs/kernels.md)
 @triton.jit(do_not_specialize=["num_pairs"])
-def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, pairs_ptr, block_expert_ptr, weight_ptr, num_pairs, N, K, E,
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, pairs_ptr, block_expert_ptr, weight_ptr, scale_ptr, num_pairs, N, K, E,
                      stride_am, stride_be, stride_bn, stride_cm, ROWS_PER_A: tl.constexpr, SCALE_ROWS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # c[pair] = a[pair // ROWS_PER_A] @ b[expert].T (* weight[pair]) for the pairs of this block; b [E, N, K]
+                     INT8_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # c[pair] = a[pair // ROWS_PER_A] @ b[expert].T (* weight[pair]) for the pairs of this block; b [E, N, K];
+    # INT8_B: b holds int8 codes, widened to a's dtype in registers, scale [E, N] applied after the K loop
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -64,9 +65,13 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, pairs_ptr, block_expert_ptr, weight_pt
         k_left = K - i * BLOCK_K
         a = tl.load(a_ptrs, mask=live[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        if INT8_B:
+            b = b.to(a_ptr.dtype.element_ty)
         acc += tl.dot(a, b, input_precision="ieee")
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if INT8_B:
+        acc *= tl.load(scale_ptr + tl.minimum(expert, E - 1) * N + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if SCALE_ROWS:
         acc *= tl.load(weight_ptr + pair, mask=live, other=0.0)[:, None]
     c_ptrs = c_ptr + tl.where(live, pair, 0).to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
@@ -83,21 +88,26 @@ def moe_config(pairs: int, n: int, k: int) -> tuple[int, int, int, int, int]:
 
 
 def moe_gemm(a: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor, block_expert: torch.Tensor, num_pairs: int,
-             out: torch.Tensor, rows_per_a: int, weights: torch.Tensor | None, config: tuple) -> torch.Tensor:
+             out: torch.Tensor, rows_per_a: int, weights: torch.Tensor | None, config: tuple,
+             scale: torch.Tensor | None = None) -> torch.Tensor:
     bm, bn, bk, warps, stages = config
     e, n, k = w.shape
     assert w.stride(2) == 1 and a.stride(1) == 1 and out.stride(1) == 1
+    assert (scale is not None) == (w.dtype == torch.int8)
     grid = (block_expert.numel(), triton.cdiv(n, bn))
     launch(_moe_gemm_kernel, grid, a, w, out, pairs, block_expert, weights if weights is not None else out,
-           num_pairs, n, k, e, a.stride(0), w.stride(0), w.stride(1), out.stride(0), ROWS_PER_A=rows_per_a,
-           SCALE_ROWS=weights is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+           scale if scale is not None else out, num_pairs, n, k, e, a.stride(0), w.stride(0), w.stride(1),
+           out.stride(0), ROWS_PER_A=rows_per_a, SCALE_ROWS=weights is not None, INT8_B=scale is not None,
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-              config: tuple | None = None) -> torch.Tensor:
+              config: tuple | None = None, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) -> [T, hidden] in x's dtype. x [T, hidden]; w13 [E, 2I,
-    hidden] (gate rows, then up rows); w2 [E, hidden, I]; weights [T, k] float32; ids [T, k]."""
+    hidden] (gate rows, then up rows); w2 [E, hidden, I]; weights [T, k] float32; ids [T, k]. scales: int8
+    weights' per-channel scales ([E, 2I], [E, hidden] float32)."""
+    s13, s2 = scales if scales is not None else (None, None)
     t, k = ids.shape
     e, two_i, hidden = w13.shape
     n = t * k
@@ -105,8 +115,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         return x.new_zeros(t, hidden)
     cfg = config or moe_config(n, two_i, hidden)
     pairs, block_expert = align_pairs(ids, e, cfg[0])
-    gate_up = moe_gemm(x, w13, pairs, block_expert, n, x.new_empty(n, two_i), k, None, cfg)
+    gate_up = moe_gemm(x, w13, pairs, block_expert, n, x.new_empty(n, two_i), k, None, cfg, s13)
     act = silu_and_mul(gate_up)
     rows = moe_gemm(act, w2, pairs, block_expert, n, torch.empty(n, hidden, dtype=torch.float32, device=x.device), 1,
-                    weights.reshape(-1).float().contiguous(), cfg)
+                    weights.reshape(-1).float().contiguous(), cfg, s2)
     return rows.view(t, k, hidden).sum(1).to(x.dtype)

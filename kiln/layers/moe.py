@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln import distributed as tpd
+from kiln.quantization import ops as qops
 
 
 class Router(nn.Module):
@@ -32,9 +33,10 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
 
 
 def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                      ids: torch.Tensor) -> torch.Tensor:
+                      ids: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) in PyTorch: the (token, expert) pairs sorted by expert, one
-    matmul pair per expert that some token chose. The CPU path, and the GPU kernel's reference."""
+    matmul pair per expert that some token chose. The CPU path, and the GPU kernel's reference. scales: int8
+    weights' per-channel scales ([E, 2I], [E, hidden]), each chosen expert dequantized as it is used."""
     t, k = ids.shape
     inter = w2.shape[2]
     flat = ids.reshape(-1)
@@ -46,8 +48,10 @@ def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weig
     start = 0
     for e, n in enumerate(counts):
         if n:
-            h = F.linear(xs[start:start + n], w13[e])
-            rows[start:start + n] = F.linear(F.silu(h[:, :inter]) * h[:, inter:], w2[e])
+            a, b = (w13[e], w2[e]) if scales is None else (w13[e].to(x.dtype) * scales[0][e, :, None].to(x.dtype),
+                                                          w2[e].to(x.dtype) * scales[1][e, :, None].to(x.dtype))
+            h = F.linear(xs[start:start + n], a)
+            rows[start:start + n] = F.linear(F.silu(h[:, :inter]) * h[:, inter:], b)
             start += n
     rows = rows.float() * weights.reshape(-1)[order, None]
     out = torch.zeros(t, w2.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tokens, rows)
@@ -71,6 +75,21 @@ class SparseMoE(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.inter), requires_grad=False)
         self.w13.weight_loader = self.w2.weight_loader = self.load_weight
+        self.scales: tuple[torch.Tensor, torch.Tensor] | None = None  # w8a16: w13's and w2's per-channel scales
+
+    def quantize_weights(self, scheme: str) -> None:
+        """Weight-only int8 experts (w8a16): per output channel of each expert, as the dense layers' (w2's over the
+        whole row under tensor parallelism, as a row-parallel layer's). Half the bytes a decode step reads."""
+        if scheme != qops.W8A16:
+            raise ValueError(f"mixture-of-experts layers take w8a16 quantization only, not {scheme}")
+        w13, w2 = self.w13.data.float(), self.w2.data.float()
+        s13 = qops.channel_scales(w13.flatten(0, 1), torch.int8).view(self.num_experts, -1)
+        s2 = qops.channel_scales(w2.flatten(0, 1), torch.int8,
+                                 tpd.all_reduce_max(w2.abs().amax(dim=2)).flatten()).view(self.num_experts, -1)
+        del self.w13, self.w2  # parameters become plain int8 tensors (a later .to(dtype) must not touch them)
+        self.w13 = qops.to_codes(w13, s13[:, :, None], torch.int8)
+        self.w2 = qops.to_codes(w2, s2[:, :, None], torch.int8)
+        self.scales = (s13, s2)
 
     def checkpoint_shards(self) -> dict[str, list]:
         """Every (parameter, shard) the checkpoint must fill: the loader's completeness check."""
@@ -96,7 +115,7 @@ class SparseMoE(nn.Module):
         weights, ids = route(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
         if x.is_cuda:
             from kiln.kernels import fused_moe
-            out = fused_moe(x, self.w13, self.w2, weights, ids)
+            out = fused_moe(x, self.w13, self.w2, weights, ids, scales=self.scales)
         else:
-            out = experts_reference(x, self.w13, self.w2, weights, ids)
+            out = experts_reference(x, self.w13, self.w2, weights, ids, self.scales)
         return tpd.all_reduce(out)

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from kiln.layers.linear import Linear
+from kiln.layers.moe import SparseMoE
 from kiln.models.config import ModelConfig
 from kiln.models.llama import LlamaForCausalLM
 from kiln.quantization import ops as qops
@@ -203,10 +204,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     # a float32 checkpoint served in bfloat16 on CPU may be a dequantized Q4 GGUF: read it in float32 so that
     # linear layers whose weights lie on a 4-bit grid can be kept as int4 (bf16 rounding would hide the grid)
     quant = read_quantization(model_dir) if load_format != "dummy" else None
-    if cfg.num_experts and (quant is not None or quantization not in (None, "", "none")):
-        raise ValueError(f"{cfg.architecture} is a mixture of experts: Kiln serves its experts in float only, "
-                         f"not {quant.scheme if quant else quantization} (leave --quantization unset and use a "
-                         f"float checkpoint)")
+    if cfg.num_experts and (quant is not None or quantization not in (None, "", "none", qops.W8A16)):
+        raise ValueError(f"{cfg.architecture} is a mixture of experts: Kiln serves its experts in float or as "
+                         f"--quantization w8a16 (from a float checkpoint), not "
+                         f"{quant.scheme + ' checkpoints' if quant else quantization}")
     if quant is not None and quantization not in (None, "", "none", quant.scheme):
         raise ValueError(f"{model_dir} holds a {quant.scheme} checkpoint; --quantization {quantization} cannot "
                          f"apply to it (leave it unset)")
@@ -235,7 +236,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
         model.to(dtype)
     if quantization in qops.SCHEMES and quant is None:  # quantize at load: per-channel weights, dynamic activations
         for m in model.modules():
-            if isinstance(m, Linear):
+            if isinstance(m, (Linear, SparseMoE)):
                 m.quantize_weights(quantization)
     elif quantization not in (None, "", "none") and quantization not in qops.SCHEMES:
         raise ValueError(f"unknown quantization {quantization!r} ({' | '.join(qops.SCHEMES)})")

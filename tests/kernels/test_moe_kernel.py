@@ -56,3 +56,22 @@ def test_fused_moe_equals_the_pytorch_experts(t, h, inter, e, k, dtype):
     assert got.dtype == dtype and got.shape == (t, h)
     err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err < {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}[dtype], err
+
+
+@pytest.mark.parametrize("t,h,inter,e,k", CASES)
+def test_fused_moe_with_int8_experts_equals_the_dequantized_experts(t, h, inter, e, k):
+    """w8a16: int8 codes widened in the kernel, each expert's channel scales applied after its K loop."""
+    from kiln.quantization import ops as qops
+    dtype = torch.float16
+    g = torch.Generator().manual_seed(t * 7 + h)
+    x = torch.randn(t, h, generator=g).to(DEVICE, dtype)
+    w13 = torch.randn(e * 2 * inter, h, generator=g) * h ** -0.5
+    w2 = torch.randn(e * h, inter, generator=g) * inter ** -0.5
+    (c13, s13), (c2, s2) = qops.quantize_weight(w13, torch.int8), qops.quantize_weight(w2, torch.int8)
+    c13, c2 = c13.view(e, 2 * inter, h).to(DEVICE), c2.view(e, h, inter).to(DEVICE)
+    scales = (s13.view(e, -1).to(DEVICE), s2.view(e, -1).to(DEVICE))
+    weights, ids = route(torch.randn(t, e, generator=g).to(DEVICE), k, renormalize=False)
+    got = fused_moe(x, c13, c2, weights, ids, scales=scales)
+    ref = experts_reference(x.float(), c13, c2, weights, ids, scales)
+    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < 4e-3, err

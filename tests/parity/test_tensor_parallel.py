@@ -199,19 +199,25 @@ def test_four_ranks_replicate_two_kv_heads(tmp_path):
         core.close()
 
 
-def test_two_ranks_int8_weights_equal_one_rank(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe"])
+def test_two_ranks_int8_weights_equal_one_rank(arch, tmp_path):
     """w8a16: column shards keep their rows' scales; row-parallel shards take the whole row's scale (a MAX
-    all-reduce), so the int8 weights are the ones a single rank holds."""
-    d = write_tiny_model("qwen2", tmp_path / "qwen2")
+    all-reduce), so the int8 weights are the ones a single rank holds (the experts' down projections too)."""
+    d = write_tiny_model(arch, tmp_path / arch)
+
+    def down_scale(core):
+        mlp = core.runner.model.model.layers[0].mlp
+        return mlp.scales[1] if arch == "qwen3_moe" else mlp.down_proj.scale
+
     one = make_core(d, 1, quantization="w8a16", async_scheduling=False)
     try:
         ref = generate(one, PROMPTS)
-        ref_scale = one.runner.model.model.layers[0].mlp.down_proj.scale.clone()
+        ref_scale = down_scale(one).clone()
     finally:
         one.close()
     core = make_core(d, 2, quantization="w8a16", async_scheduling=True)
     try:
-        assert torch.equal(core.runner.model.model.layers[0].mlp.down_proj.scale, ref_scale)
+        assert torch.equal(down_scale(core), ref_scale)
         assert core.runner.model.model.layers[0].self_attn.qkv_proj.qweight is not None
         assert core.runner.weight_bytes == weight_bytes_per_rank(core.runner.model_config, 2, torch.float32, "w8a16")
         assert generate(core, PROMPTS) == ref
