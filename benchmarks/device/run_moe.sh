@@ -19,7 +19,8 @@ moe_b() {  # moe_b NAME BATCH [ARGS]
     > $R/moe_$1.log 2>&1
   echo "$1: $(j $R/moe_$1.json output_tok_s decode_ms_per_step prefill_s) $(grep -m1 -E 'Error' $R/moe_$1.log | cut -c1-200)"
 }
-moe_b b1 1
+moe_b b1 1 --profile $R/moe_b1_profile.txt
+head -30 $R/moe_b1_profile.txt 2>/dev/null | cut -c1-160
 moe_b b8 8
 moe_b b64 64
 moe_b b1_w8a16 1 --quantization w8a16
