@@ -5,8 +5,8 @@ Kernels (each in its own module, each a Python function on torch tensors):
     rmsnorm, fused_add_rmsnorm (and rmsnorm_quant: the output as a W8A8 layer's 8-bit input), rotary_embedding,
     silu_and_mul (and silu_and_mul_quant), w8a16_matmul (and w8a16_silu_and_mul, the
     two at once), skinny_matmul,
-    quantize_activation and scale_int32 (W8A8), top_p_threshold (the sampler's nucleus cut), fused_moe (a
-    mixture of experts' feed-forward).
+    quantize_activation and scale_int32 (W8A8), top_p_threshold (the sampler's nucleus cut), fused_moe and moe_route (a
+    mixture of experts' feed-forward and its router's top k).
 
 `kiln.kernels.reference` holds float32 PyTorch versions of all of them and needs no
 Triton. When Triton is not installed, HAS_TRITON is False and the kernel names here are
@@ -33,7 +33,7 @@ if HAS_TRITON:
     from .activation import silu_and_mul, silu_and_mul_quant
     from .cache import reshape_and_cache, rope_and_cache
     from .decode_attention import paged_decode_attention
-    from .moe import fused_moe
+    from .moe import fused_moe, moe_route
     from .prefill_attention import paged_prefill_attention
     from .quant import quantize_activation, scale_int32
     from .rmsnorm import fused_add_rmsnorm, rmsnorm, rmsnorm_quant
@@ -58,6 +58,10 @@ else:  # pragma: no cover
 
     def use_skinny(x, w):
         return False
+
+    def moe_route(logits, top_k, renormalize):
+        from kiln.layers.moe import route
+        return route(logits, top_k, renormalize)
 
     def fused_moe(x, w13, w2, weights, ids, config=None, scales=None):
         from kiln.layers.moe import experts_reference

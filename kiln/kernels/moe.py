@@ -12,23 +12,66 @@ Blocks past the last expert's run load nothing (their K loop has no iterations).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, launch
+from ._utils import interpreting, launch, next_pow2
 from .activation import silu_and_mul
 
 
-def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+@triton.jit(do_not_specialize=["T"])
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, TOP_K: tl.constexpr, K_P2: tl.constexpr,
+                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+    # one token: softmax over its experts' logits in float32, then the top k one at a time (the lowest index
+    # among equal probabilities), their weights rescaled to sum to one where asked
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = tl.where(offs < E, p / tl.sum(p, 0), -1.0)
+    slots = tl.arange(0, K_P2)
+    top_w = tl.zeros((K_P2,), dtype=tl.float32)
+    top_i = tl.zeros((K_P2,), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, offs, BLOCK_E), 0)
+        top_w = tl.where(slots == j, best, top_w)
+        top_i = tl.where(slots == j, idx, top_i)
+        p = tl.where(offs == idx, -1.0, p)
+    if RENORMALIZE:
+        top_w = top_w / tl.sum(top_w, 0)
+    tl.store(weights_ptr + row * TOP_K + slots, top_w, mask=slots < TOP_K)
+    tl.store(ids_ptr + row * TOP_K + slots, top_i, mask=slots < TOP_K)
+
+
+def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """kiln.layers.moe.route in one kernel: (weights [T, k] float32, expert ids [T, k] int32)."""
+    t, e = logits.shape
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
+    if t:
+        launch(_route_kernel, (t,), logits, weights, ids, t, e, logits.stride(0), TOP_K=top_k,
+               K_P2=next_pow2(top_k), RENORMALIZE=renormalize, BLOCK_E=next_pow2(e), num_warps=4)
+    return weights, ids
+
+
+def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int, use_kernel: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pairs [P] int32, block_expert [P / block_m] int32) for expert ids [T, k]: pairs lists the flat pair indices
     (t * k + j) grouped by expert, each group padded with the sentinel T * k to a multiple of block_m; block_expert
     says each block's expert (num_experts: past the end). P is static in T: at most T * k pairs, and at most
-    min(E, T * k) groups each padded by under block_m."""
+    min(E, T * k) groups each padded by under block_m. On a GPU, up to ALIGN_KERNEL_MAX_PAIRS pairs, one Triton
+    program computes the same (use_kernel: that program on any device, for the tests)."""
     flat = ids.reshape(-1)
     n = flat.numel()
     groups = min(num_experts, n)
     p = triton.cdiv(n + groups * (block_m - 1), block_m) * block_m
+    if n <= ALIGN_KERNEL_MAX_PAIRS and ids.device.type != "cpu" or use_kernel:
+        return _align_pairs_kernel(ids, num_experts, block_m, p)
+    flat = flat.long()  # moe_route's ids are int32; scatter_add_ indexes with int64
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
@@ -39,6 +82,55 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     pairs[(ends - padded)[expert_of] + rank_in_expert] = order.to(torch.int32)
     starts = torch.arange(0, p, block_m, device=ids.device)
     block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)
+    return pairs, block_expert
+
+
+# up to this many pairs a step (decode, short prefills) the pairs are aligned by one Triton program instead of ~15
+# torch ops: a CUDA graph's node costs ~1.5-2 us however small its kernel, and a MoE layer would otherwise spend
+# more on those nodes than on reading its experts at batch 1 (KILN_MOE_ALIGN=torch keeps the torch ops everywhere)
+ALIGN_KERNEL_MAX_PAIRS = 4096 if os.environ.get("KILN_MOE_ALIGN", "triton") == "triton" else 0
+ALIGN_CHUNK = 64
+
+
+@triton.jit(do_not_specialize=["n"])
+def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, n, P, E, BLOCK_M: tl.constexpr, BINS: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    # one program: align_pairs' result for n pairs. BINS > E: masked lanes count in bin E, which is never used.
+    bins = tl.arange(0, BINS)
+    lanes = tl.arange(0, CHUNK)
+    counts = tl.zeros((BINS,), dtype=tl.int32)
+    for c in range(0, n, CHUNK):
+        e = tl.load(ids_ptr + c + lanes, mask=c + lanes < n, other=E).to(tl.int32)
+        counts += tl.histogram(e, BINS)
+    counts = tl.where(bins < E, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    for b in range(0, P // BLOCK_M, CHUNK):  # a block's expert: how many experts' runs end at or before it
+        first = (b + lanes) * BLOCK_M
+        expert = tl.sum(((ends[None, :] <= first[:, None]) & (bins[None, :] < E)).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b + lanes, expert, mask=b + lanes < P // BLOCK_M)
+    for c in range(0, P, CHUNK):
+        tl.store(pairs_ptr + c + lanes, tl.full((CHUNK,), 0, tl.int32) + n, mask=c + lanes < P)
+    tl.debug_barrier()  # the sentinels land before the pairs that overwrite some of them
+    seen = tl.zeros((BINS,), dtype=tl.int32)  # pairs of each expert placed so far
+    earlier = lanes[:, None] > lanes[None, :]
+    for c in range(0, n, CHUNK):
+        live = c + lanes < n
+        e = tl.load(ids_ptr + c + lanes, mask=live, other=E).to(tl.int32)
+        same = e[:, None] == bins[None, :]
+        base = tl.sum(tl.where(same, (starts + seen)[None, :], 0), axis=1)
+        before = tl.sum(((e[:, None] == e[None, :]) & earlier).to(tl.int32), axis=1)
+        tl.store(pairs_ptr + base + before, c + lanes, mask=live)
+        seen += tl.histogram(e, BINS)
+
+
+def _align_pairs_kernel(ids: torch.Tensor, num_experts: int, block_m: int, p: int):
+    n = ids.numel()
+    pairs = torch.empty(p, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(p // block_m, dtype=torch.int32, device=ids.device)
+    launch(_align_kernel, (1,), ids.reshape(-1), pairs, block_expert, n, p, num_experts, BLOCK_M=block_m,
+           BINS=next_pow2(num_experts + 1), CHUNK=ALIGN_CHUNK, num_warps=4)
     return pairs, block_expert
 
 

@@ -112,10 +112,12 @@ class SparseMoE(nn.Module):
             param.data[expert].copy_(loaded.narrow(1, rank * self.inter, self.inter))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(F.linear(x, self.gate.weight), self.top_k, self.renormalize)
+        logits = F.linear(x, self.gate.weight)
         if x.is_cuda:
-            from kiln.kernels import fused_moe
+            from kiln.kernels import fused_moe, moe_route
+            weights, ids = moe_route(logits, self.top_k, self.renormalize)
             out = fused_moe(x, self.w13, self.w2, weights, ids, scales=self.scales)
         else:
+            weights, ids = route(logits, self.top_k, self.renormalize)
             out = experts_reference(x, self.w13, self.w2, weights, ids, self.scales)
         return tpd.all_reduce(out)

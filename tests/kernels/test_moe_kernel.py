@@ -13,10 +13,15 @@ from kiln.layers.moe import experts_reference, route  # noqa: E402
 
 @pytest.mark.parametrize("t,k,e,block", [(1, 2, 8, 16), (5, 3, 8, 16), (40, 2, 4, 16), (3, 8, 128, 16),
                                          (300, 8, 16, 64)])
-def test_pairs_are_grouped_by_expert_in_whole_blocks(t, k, e, block):
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_pairs_are_grouped_by_expert_in_whole_blocks(t, k, e, block, use_kernel):
+    """The torch ops and the one-program kernel (decode steps on a GPU) give the same arrangement."""
     g = torch.Generator().manual_seed(t)
-    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEVICE)
-    pairs, block_expert = align_pairs(ids, e, block)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEVICE, torch.int32)  # moe_route's
+    pairs, block_expert = align_pairs(ids, e, block, use_kernel=use_kernel)
+    if use_kernel:
+        want = align_pairs(ids.cpu(), e, block)
+        assert pairs.cpu().tolist() == want[0].tolist() and block_expert.cpu().tolist() == want[1].tolist()
     n = t * k
     assert pairs.numel() == block_expert.numel() * block
     real = pairs[pairs < n]
@@ -75,3 +80,14 @@ def test_fused_moe_with_int8_experts_equals_the_dequantized_experts(t, h, inter,
     ref = experts_reference(x.float(), c13, c2, weights, ids, scales)
     err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err < 4e-3, err
+
+
+@pytest.mark.parametrize("t,e,k,renormalize", [(1, 8, 2, True), (5, 128, 8, True), (9, 60, 3, False),
+                                              (4, 4, 4, False)])
+def test_route_kernel_takes_the_top_k_of_the_softmax(t, e, k, renormalize):
+    from kiln.kernels.moe import moe_route
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(e)).to(DEVICE)
+    weights, ids = moe_route(logits, k, renormalize)
+    want_w, want_i = route(logits, k, renormalize)
+    assert ids.tolist() == want_i.tolist()
+    assert torch.allclose(weights, want_w, atol=1e-6)
