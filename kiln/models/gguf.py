@@ -2,7 +2,9 @@
 
 Supported: Llama-family dense decoders -- GGUF architecture ``llama`` (also Mistral / SmolLM / Llama 2/3 files,
 which llama.cpp stores as ``llama``), plus ``qwen2`` and ``qwen3`` (written as Qwen2/Qwen3ForCausalLM configs,
-which use the same tensor names; Qwen2 adds q/k/v biases, Qwen3 adds q/k RMS norms).
+which use the same tensor names; Qwen2 adds q/k/v biases, Qwen3 adds q/k RMS norms), and the mixtures of experts
+``qwen3moe`` and ``llama`` with an expert count (Mixtral): llama.cpp's stacked expert tensors are written one per
+expert, under the names of the models' own checkpoints.
 
 The output directory holds::
 
@@ -49,6 +51,18 @@ _ARCH_CONFIG = {
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe", False),
+}
+# llama.cpp stacks each layer's experts in one tensor [experts, out, in]: written out per expert, under the names of
+# the model's own checkpoints (Mixtral: GGUF arch "llama" with an expert count)
+_EXPERT_TENSORS = {
+    "qwen3moe": {"ffn_gate_exps.weight": "mlp.experts.{}.gate_proj.weight",
+                 "ffn_up_exps.weight": "mlp.experts.{}.up_proj.weight",
+                 "ffn_down_exps.weight": "mlp.experts.{}.down_proj.weight", "ffn_gate_inp.weight": "mlp.gate.weight"},
+    "llama": {"ffn_gate_exps.weight": "block_sparse_moe.experts.{}.w1.weight",
+              "ffn_up_exps.weight": "block_sparse_moe.experts.{}.w3.weight",
+              "ffn_down_exps.weight": "block_sparse_moe.experts.{}.w2.weight",
+              "ffn_gate_inp.weight": "block_sparse_moe.gate.weight"},
 }
 
 # llama.cpp pre-tokenizer names that split every digit on its own (llama-vocab.cpp: "\p{N}" before the GPT-2
@@ -220,8 +234,9 @@ def _convert(gguf_path: Path, dst: Path, progress: _Progress) -> None:
         raise ValueError(
             f"Unsupported GGUF architecture {arch!r} in {gguf_path.name}; supported: {sorted(_ARCH_CONFIG)}"
         )
-    if meta.get(f"{arch}.expert_count"):
-        raise ValueError(f"{gguf_path.name}: mixture-of-experts GGUF models are not supported")
+    if meta.get(f"{arch}.expert_count") and arch not in _EXPERT_TENSORS:
+        raise ValueError(f"{gguf_path.name}: mixture-of-experts GGUF models of architecture {arch!r} are not "
+                         f"supported (Qwen3-MoE and Mixtral are)")
 
     tensors = {t.name: t for t in reader.tensors}
     config = _build_config(meta, arch, tensors, gguf_path)
@@ -287,11 +302,15 @@ def _build_config(meta: _Meta, arch: str, tensors: dict, gguf_path: Path) -> dic
     rope_theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
     max_pos = int(meta.get(f"{arch}.context_length", 2048))
 
+    experts = int(meta.get(f"{arch}.expert_count") or 0)
+    if experts and arch == "llama":
+        hf_arch, model_type = "MixtralForCausalLM", "mixtral"
+    ffn = meta.get(f"{arch}.feed_forward_length") if experts else req("feed_forward_length")
     config: dict[str, Any] = {
         "architectures": [hf_arch],
         "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(req("feed_forward_length")),
+        "intermediate_size": int(ffn or req("expert_feed_forward_length")),
         "num_hidden_layers": int(req("block_count")),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
@@ -315,9 +334,17 @@ def _build_config(meta: _Meta, arch: str, tensors: dict, gguf_path: Path) -> dic
         config["pretraining_tp"] = 1
     elif arch == "qwen2":
         config["use_sliding_window"] = False
-    elif arch == "qwen3":
+    elif arch in ("qwen3", "qwen3moe"):
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
         config["use_sliding_window"] = False
+    if experts:  # llama.cpp renormalizes the top-k weights of both
+        config["num_experts_per_tok"] = int(req("expert_used_count"))
+        if arch == "llama":
+            config.update(num_local_experts=experts, sliding_window=None)
+        else:
+            dense = [i for i in range(config["num_hidden_layers"]) if f"blk.{i}.ffn_gate_exps.weight" not in tensors]
+            config.update(num_experts=experts, moe_intermediate_size=int(req("expert_feed_forward_length")),
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=dense)
 
     rope_scaling = _rope_scaling(meta, arch, tensors, head_dim, rope_theta, max_pos, gguf_path)
     rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
@@ -378,7 +405,12 @@ def _llama3_divisors(head_dim, theta, factor, low_freq_factor, high_freq_factor,
     return np.array(out)
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str = "", experts: int = 0) -> str | list[str] | None:
+    """The HF name of a GGUF tensor; for a stacked experts tensor, the names of its experts in order."""
+    parts = gguf_name.split(".", 2)
+    if experts and len(parts) == 3 and parts[0] == "blk" and parts[2] in _EXPERT_TENSORS[arch]:
+        name = f"model.layers.{parts[1]}.{_EXPERT_TENSORS[arch][parts[2]]}"
+        return [name.format(e) for e in range(experts)] if "{}" in name else name
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     if gguf_name == "rope_freqs.weight":
@@ -413,12 +445,13 @@ def _write_weights(tensors: dict, config: dict, arch: str, dst: Path, gguf_path:
     from safetensors.numpy import save_file
 
     permute = _ARCH_CONFIG[arch][2]
-    plan = []  # (hf_name, gguf tensor)
+    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    plan = []  # (hf_name, or the names of a stacked tensor's experts, gguf tensor)
     for name, t in tensors.items():
-        hf = _hf_name(name)
+        hf = _hf_name(name, arch, experts)
         if hf is not None:
             plan.append((hf, t))
-    plan.sort(key=lambda x: _sort_key(x[0]))
+    plan.sort(key=lambda x: _sort_key(x[0] if isinstance(x[0], str) else x[0][0]))
 
     # Validate quant types up front (before spending time on dequantization).
     import gguf
@@ -456,6 +489,15 @@ def _write_weights(tensors: dict, config: dict, arch: str, dst: Path, gguf_path:
             progress.phase = f"dequantizing ({done}/{len(plan)} tensors)"
             done += 1
             w = _dequantize(t)
+            if isinstance(hf, list):  # [experts, out, in]: one tensor each
+                if w.shape[0] != len(hf):
+                    raise ValueError(f"{gguf_path.name}: {t.name} holds {w.shape[0]} experts, the metadata says "
+                                     f"{len(hf)}")
+                for e, name in enumerate(hf):
+                    out[name] = np.ascontiguousarray(w[e])
+                    weight_map[name] = fname
+                total += w.nbytes
+                continue
             if permute and (".q_proj." in hf or ".k_proj." in hf):
                 w = _unpermute(w, n_heads if ".q_proj." in hf else n_kv)
             out[hf] = w

@@ -423,3 +423,84 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
     make_tiny_gguf(bad, rope_freqs=freqs * 1.5, rope_theta=500000.0)
     with pytest.raises(ValueError, match="rope_freqs"):
         gguf_to_hf_dir(bad, tmp_path / "out2")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_gguf_converts_to_the_checkpoint_it_came_from(tmp_path, arch):
+    """A tiny Qwen3-MoE / Mixtral checkpoint written as llama.cpp would (stacked [experts, out, in] tensors, Mixtral
+    as arch llama with its q/k rows permuted) converts back to the same weights; Kiln's greedy tokens from the
+    GGUF equal transformers' on the source checkpoint."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from kiln import LLM, SamplingParams
+    from tests.helpers.tiny_models import hf_greedy, write_tiny_model
+
+    src = write_tiny_model(arch, tmp_path / "hf", vocab_size=300)
+    cfg = json.loads((src / "config.json").read_text())
+    hf = {k: v.numpy() for k, v in load_file(str(src / "model.safetensors")).items()}
+    moe = arch == "qwen3_moe"
+    garch = "qwen3moe" if moe else "llama"
+    experts = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 5 writes the latter for both
+    heads, kv, layers = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), garch)
+    w.add_block_count(layers)
+    w.add_context_length(512)
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_expert_count(experts)
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if moe:
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + list(bytes_to_unicode().values())
+    tokens += ["he"] + [f"<t{i}>" for i in range(299 - len(tokens))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(["h e"])
+    w.add_eos_token_id(2)
+    stacks = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+              "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+    for i in range(layers):
+        for proj in (("gate_proj", "up_proj", "down_proj") if moe else ("w1", "w3", "w2")):
+            part = "mlp" if moe else "block_sparse_moe"
+            stacked = [f"model.layers.{i}.{part}.experts.{e}.{proj}.weight" for e in range(experts)]
+            if stacked[0] not in hf:  # a dense layer (Qwen3-MoE's mlp_only_layers): not stacked
+                continue
+            w.add_tensor(f"blk.{i}.{stacks[proj]}.weight", np.stack([hf[n] for n in stacked]))
+    for name, t in hf.items():
+        if ".experts." in name:
+            continue
+        if name in _GGUF_NAMES:
+            gname = _GGUF_NAMES[name]
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            router = rest in ("mlp.gate.weight", "block_sparse_moe.gate.weight")
+            gname = f"blk.{layer}." + ("ffn_gate_inp.weight" if router else _GGUF_BLOCK[rest])
+        if not moe and (".q_proj." in name or ".k_proj." in name):
+            t = _llamacpp_permute(t, heads if ".q_proj." in name else kv)
+        w.add_tensor(gname, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    out = gguf_to_hf_dir(tmp_path / "m.gguf", tmp_path / "out")
+    got = load_file(str(out / "model.safetensors"))
+    assert set(got) == set(hf)
+    for name, t in hf.items():
+        assert np.array_equal(got[name].numpy(), t), name
+    conv = json.loads((out / "config.json").read_text())
+    assert conv["architectures"] == cfg["architectures"]
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 40))]
+    llm = LLM(str(tmp_path / "m.gguf"), dtype="float32", device="cpu")
+    outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == hf_greedy(src, prompts, 10)
