@@ -227,7 +227,7 @@ _GGUF_BLOCK = {v: k for k, v in kgguf._BLOCK_TENSORS.items()}
 
 def make_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, q8: bool = False, f64: bool = False,
                    heads: int = 4, kv: int = 2, hidden: int = 64, n_layers: int = 2, ffn: int = 96,
-                   rope_freqs: np.ndarray | None = None, rope_theta: float = 10000.0):
+                   rope_freqs: np.ndarray | None = None, rope_theta: float = 10000.0, expert_count: int = 0):
     """Write a tiny random GGUF the way llama.cpp's converter would; return the HF-layout weights it holds."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -265,6 +265,8 @@ def make_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, q8: bool 
     w.add_rope_freq_base(rope_theta)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_dimension_count(hd)
+    if expert_count:
+        w.add_expert_count(expert_count)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -504,3 +506,10 @@ def test_moe_gguf_converts_to_the_checkpoint_it_came_from(tmp_path, arch):
     llm = LLM(str(tmp_path / "m.gguf"), dtype="float32", device="cpu")
     outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == hf_greedy(src, prompts, 10)
+
+
+def test_moe_gguf_of_another_architecture_is_refused_by_name(tmp_path):
+    make_tiny_gguf(tmp_path / "q.gguf", arch="qwen2", expert_count=4)
+    with pytest.raises(ValueError, match="mixture-of-experts GGUF models of architecture 'qwen2' are not supported"):
+        gguf_to_hf_dir(tmp_path / "q.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
