@@ -54,7 +54,9 @@ def check_options(model_dir: Path, output: Path, o: QuantizeOptions) -> None:
         raise ValueError(f"output directory {output} already exists; choose a new path")
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"model {model_dir}: no config.json (expected a Hugging Face model directory)")
-    ModelConfig.from_dir(model_dir)  # an unsupported architecture says so here
+    if ModelConfig.from_dir(model_dir).num_experts:  # (an unsupported architecture says so here)
+        raise ValueError(f"model {model_dir} is a mixture of experts: kiln quantize does not write those; serve it "
+                         f"with --quantization w8a16 instead")
     safetensors_files(model_dir)
     if read_quantization(model_dir) is not None:
         raise ValueError(f"model {model_dir} is already quantized; start from an unquantized checkpoint")

@@ -144,3 +144,11 @@ def test_more_experts_a_token_than_experts_is_named(moe_dir):
     cfg = json.loads((moe_dir / "config.json").read_text())
     with pytest.raises(ValueError, match=r"num_experts_per_tok 9 must be 1 to the number of experts \(8\)"):
         ModelConfig.from_dict({**cfg, "num_experts_per_tok": 9})
+
+
+def test_kiln_quantize_refuses_a_moe_model_in_one_line(moe_dir, tmp_path, capsys):
+    from kiln.entrypoints.cli import main
+    assert main(["quantize", "--model", str(moe_dir), "--scheme", "w8a8-int8", "--output", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a mixture of experts: kiln quantize does not write those" in err and "\n" not in err
+    assert not (tmp_path / "q").exists()
