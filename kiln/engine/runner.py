@@ -96,8 +96,15 @@ class ModelRunner:
         return state
 
     def max_model_len(self) -> int:
-        mpe = self.model_config.max_position_embeddings
-        return min(self.cfg.max_model_len or mpe, mpe)
+        """The configured length within the model's positions; with a sliding window, within the window: Kiln
+        attends to the whole context, which is the window's attention only while the context fits in it."""
+        mc = self.model_config
+        limit = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
+        if mc.sliding_window and (self.cfg.max_model_len or mc.max_position_embeddings) > mc.sliding_window:
+            log.warning("the model attends to a sliding window of %d tokens, which Kiln does not implement: the "
+                        "model length is capped at %d tokens, where whole-context attention is the same",
+                        mc.sliding_window, limit)
+        return min(self.cfg.max_model_len or limit, limit)
 
     # -- KV cache ----------------------------------------------------------------------------------
     @property

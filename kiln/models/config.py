@@ -47,6 +47,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     dense_layers: tuple[int, ...] = ()  # layers whose feed-forward is the dense MLP all the same
+    sliding_window: int | None = None  # attention to the last N positions only (Mistral v0.1): see max_model_len
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
@@ -95,8 +96,16 @@ class ModelConfig:
             qk_norm=qk_norm,
             torch_dtype=c.get("torch_dtype") or c.get("dtype"),
             eos_token_ids=eos,
+            sliding_window=_sliding_window(arch, c),
             **_moe_fields(arch, c),
         )
+
+
+def _sliding_window(arch: str, c: dict) -> int | None:
+    window = c.get("sliding_window")
+    if arch.startswith("Qwen") and not c.get("use_sliding_window"):
+        return None  # Qwen configs name a window that their layers do not use unless asked
+    return int(window) if window else None
 
 
 def _moe_fields(arch: str, c: dict) -> dict:

@@ -77,3 +77,20 @@ def test_llm_generate_batches_token_prompts_in_order(default_model_dir, tmp_path
     assert [o.token_ids for o in outs] == ref
     assert all(o.finish_reason == "length" for o in outs)
     assert outs[1].text == llm.tokenizer.decode(ref[1])
+
+
+def test_a_sliding_window_caps_the_model_length_where_attention_is_the_same(tmp_path, caplog):
+    """Mistral v0.1's 4096-token window (here 40): Kiln attends to whole contexts, so it serves up to the window,
+    with transformers' tokens there, says so at start, and refuses longer prompts by the length."""
+    import json
+    import logging
+    d = write_tiny_model("mistral", tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "sliding_window": 40}))
+    with caplog.at_level(logging.WARNING, logger="kiln.runner"):
+        core = EngineCore(EngineConfig(model=str(d), dtype="float32", block_size=16, num_gpu_blocks=32))
+    assert core.max_model_len == 40
+    assert any("sliding window of 40 tokens" in r.getMessage() for r in caplog.records)
+    prompts = [list(range(10, 30))]
+    assert _run(core, prompts, SamplingParams(max_tokens=19, temperature=0, ignore_eos=True)) == hf_greedy(d, prompts, 19)
+    assert "the model length is 40" in core.add_request("long", list(range(10, 55)), SamplingParams()).error
