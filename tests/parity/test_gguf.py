@@ -225,6 +225,15 @@ _GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.wei
 _GGUF_BLOCK = {v: k for k, v in kgguf._BLOCK_TENSORS.items()}
 
 
+def _add_tiny_tokenizer(w, tokens: list[str]) -> None:
+    """A GPT-2 style vocabulary: three specials first, then byte tokens, one merge (h e)."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(["h e"])
+
+
 def make_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, q8: bool = False, f64: bool = False,
                    heads: int = 4, kv: int = 2, hidden: int = 64, n_layers: int = 2, ffn: int = 96,
                    rope_freqs: np.ndarray | None = None, rope_theta: float = 10000.0, expert_count: int = 0):
@@ -267,11 +276,7 @@ def make_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, q8: bool 
     w.add_rope_dimension_count(hd)
     if expert_count:
         w.add_expert_count(expert_count)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    w.add_token_merges(["h e"])
+    _add_tiny_tokenizer(w, tokens)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_eot_token_id(0)
@@ -463,11 +468,7 @@ def test_moe_gguf_converts_to_the_checkpoint_it_came_from(tmp_path, arch):
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + list(bytes_to_unicode().values())
     tokens += ["he"] + [f"<t{i}>" for i in range(299 - len(tokens))]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    w.add_token_merges(["h e"])
+    _add_tiny_tokenizer(w, tokens)
     w.add_eos_token_id(2)
     stacks = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
               "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
