@@ -461,7 +461,8 @@ class EngineCore:
                            self.num_refused, self.scheduler.prefill_tokens_per_step.cumulative(),
                            self.scheduler.prefill_tokens_per_step.sum, self.num_warmup_steps,
                            dict(vars(self.totals)),  # every step: a shallow copy, not asdict
-                           dict(vars(self.spec_stats)) if self.speculative else {})
+                           dict(vars(self.spec_stats)) if self.speculative else {},
+                           self.runner.model_config.hidden_size)
 
     # one request per sampler path (Sampler.paths), and one scoring its prompt (the runner's prompt logprobs):
     # each path's ops run once before ready

@@ -285,6 +285,7 @@ class EngineStats:
     num_warmup_steps: int = 0          # of num_steps_total, those the warm-up ran before ready
     requests: dict[str, float] = field(default_factory=dict)  # RequestTotals' fields since ready
     spec_decode: dict[str, int] = field(default_factory=dict)  # SpecDecodeStats since ready ({}: speculation off)
+    embedding_size: int = 0            # an embedding's length (the model's hidden size; 0 while loading)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -297,7 +297,7 @@ class Frontend:
         settings) and the engine's max_model_len, waiting up to `timeout` s for an engine that is loading."""
         deadline = None if timeout is None else time.monotonic() + timeout
         stats = await self._wait_engine_ready(deadline)
-        return Limits(self.max_seq_len, self.max_dec_len, stats.max_model_len)
+        return Limits(self.max_seq_len, self.max_dec_len, stats.max_model_len, stats.embedding_size)
 
     # -- the stream ------------------------------------------------------------------------------------
     async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,

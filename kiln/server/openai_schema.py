@@ -694,6 +694,9 @@ async def parse_embeddings(body: Any, frontend: Frontend) -> EmbeddingJob:
     if any(not ids for ids in prompts):
         raise _bad("an `input` item is empty", "input")
     limits = await frontend.limits(req.timeout or frontend.cfg.request_timeout)
+    if req.dimensions is not None and req.dimensions != limits.embedding_size:
+        raise _bad(f"dimensions {req.dimensions}: this model's embeddings have {limits.embedding_size} (other sizes "
+                   f"are not supported)", "dimensions")
     for ids in prompts:
         if len(ids) > limits.max_seq_len:
             raise RequestError(f"An input has {len(ids)} tokens, more than the limit MAX_SEQ_LEN "
@@ -723,9 +726,6 @@ async def run_embeddings(job: EmbeddingJob, frontend: Frontend, arrival: float) 
         raise RequestError("the engine ended an embedding request without its vector", ErrorKind.INTERNAL)
 
     vectors = await asyncio.gather(*(one(ids) for ids in prompts))
-    if req.dimensions is not None and req.dimensions != len(vectors[0]):
-        raise _bad(f"dimensions {req.dimensions}: this model's embeddings have {len(vectors[0])} (other sizes are "
-                   f"not supported)", "dimensions")
     data = []
     for i, v in enumerate(vectors):
         emb = (base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if req.encoding_format == "base64"

@@ -20,6 +20,7 @@ class Limits:
     max_seq_len: int     # MAX_SEQ_LEN: prompt tokens
     max_dec_len: int     # MAX_DEC_LEN: new tokens
     max_model_len: int   # prompt + new tokens (the engine's)
+    embedding_size: int = 0  # an embedding's length (the engine's model)
 
 
 # (message, error kind, the field at fault); the message's str.format fields: n (prompt tokens), max_seq,

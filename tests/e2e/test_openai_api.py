@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import httpx
 import openai
@@ -645,3 +646,15 @@ def test_embeddings_api(server, v1, default_model_dir):
                          ({"input": "x", "dimensions": 7}, "dimensions"), ({"input": [[10 ** 9]]}, "input")]:
         bad = requests.post(server.url + "/v1/embeddings", json=body, timeout=60)
         assert bad.status_code == 400 and needle in bad.text, (body, bad.text)
+    # `dimensions` is checked before anything runs: 2,000 inputs of the wrong size end no engine request
+    server.wait_idle()
+    before = server.stats()["requests"]["succeeded"]
+    bad = requests.post(server.url + "/v1/embeddings", json={"input": ["word"] * 2000, "dimensions": hidden + 1},
+                        timeout=60)
+    assert bad.status_code == 400 and f"have {hidden}" in bad.text
+    assert len(v1.embeddings.create(model="m", input="x", dimensions=hidden).data[0].embedding) == hidden
+    deadline = time.monotonic() + 10
+    while server.stats()["requests"]["succeeded"] < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)  # a late stats snapshot would show the 2,000 too
+    assert server.stats()["requests"]["succeeded"] == before + 1
