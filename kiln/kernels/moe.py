@@ -7,6 +7,9 @@ block of its tokens, the rows gathered from the activations by index on the way 
 x rows by w13 (gate and up) into [pairs, 2I]; then silu_and_mul; second GEMM: by w2, each row scaled by its router
 weight, into [pairs, hidden] float32; the k rows of each token summed.
 
+A CUDA graph's padded rows (slot -1) route to no expert (id E, weight 0): they read no expert's weights and sum to
+zero.
+
 Blocks past the last expert's run load nothing (their K loop has no iterations).
 """
 
@@ -23,10 +26,11 @@ from .activation import silu_and_mul
 
 
 @triton.jit(do_not_specialize=["T"])
-def _route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, TOP_K: tl.constexpr, K_P2: tl.constexpr,
-                  RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, slots_ptr, T, E, stride_l, TOP_K: tl.constexpr,
+                  K_P2: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK_E: tl.constexpr):
     # one token: softmax over its experts' logits in float32, then the top k one at a time (the lowest index
-    # among equal probabilities), their weights rescaled to sum to one where asked
+    # among equal probabilities), their weights rescaled to sum to one where asked; a padded row (slot < 0): no
+    # expert (id E, weight 0)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
@@ -43,18 +47,25 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_l, TOP_K: tl.co
         p = tl.where(offs == idx, -1.0, p)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, 0)
+    if HAS_SLOTS:
+        padded = tl.load(slots_ptr + row) < 0
+        top_w = tl.where(padded, 0.0, top_w)
+        top_i = tl.where(padded, E, top_i)
     tl.store(weights_ptr + row * TOP_K + slots, top_w, mask=slots < TOP_K)
     tl.store(ids_ptr + row * TOP_K + slots, top_i, mask=slots < TOP_K)
 
 
-def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """kiln.layers.moe.route in one kernel: (weights [T, k] float32, expert ids [T, k] int32)."""
+def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool, slot_mapping: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """kiln.layers.moe.route in one kernel: (weights [T, k] float32, expert ids [T, k] int32). slot_mapping [T]
+    (the step's KV slots): rows whose slot is < 0, a CUDA graph's padding, get expert id E and weight 0."""
     t, e = logits.shape
     weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
     if t:
-        launch(_route_kernel, (t,), logits, weights, ids, t, e, logits.stride(0), TOP_K=top_k,
-               K_P2=next_pow2(top_k), RENORMALIZE=renormalize, BLOCK_E=next_pow2(e), num_warps=4)
+        launch(_route_kernel, (t,), logits, weights, ids, slot_mapping if slot_mapping is not None else ids, t, e,
+               logits.stride(0), TOP_K=top_k, K_P2=next_pow2(top_k), RENORMALIZE=renormalize,
+               HAS_SLOTS=slot_mapping is not None, BLOCK_E=next_pow2(e), num_warps=4)
     return weights, ids
 
 
@@ -62,7 +73,7 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int, use_kernel: b
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pairs [P] int32, block_expert [P / block_m] int32) for expert ids [T, k]: pairs lists the flat pair indices
     (t * k + j) grouped by expert, each group padded with the sentinel T * k to a multiple of block_m; block_expert
-    says each block's expert (num_experts: past the end). P is static in T: at most T * k pairs, and at most
+    says each block's expert (num_experts: past the end). Pairs of id num_experts (padded rows) are left out. P is static in T: at most T * k pairs, and at most
     min(E, T * k) groups each padded by under block_m. On a GPU, up to ALIGN_KERNEL_MAX_PAIRS pairs, one Triton
     program computes the same (use_kernel: that program on any device, for the tests)."""
     flat = ids.reshape(-1)
@@ -72,14 +83,19 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int, use_kernel: b
     if n <= ALIGN_KERNEL_MAX_PAIRS and ids.device.type != "cpu" or use_kernel:
         return _align_pairs_kernel(ids, num_experts, block_m, p)
     flat = flat.long()  # moe_route's ids are int32; scatter_add_ indexes with int64
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, flat,
+                                                                                            torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
+    padded[num_experts] = 0  # the padded rows' bin holds no run
     ends = torch.cumsum(padded, 0)
     order = torch.argsort(flat, stable=True)
     expert_of = flat[order]
     rank_in_expert = torch.arange(n, device=ids.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
-    pairs = torch.full((p,), n, dtype=torch.int32, device=ids.device)
-    pairs[(ends - padded)[expert_of] + rank_in_expert] = order.to(torch.int32)
+    dest = torch.where(expert_of < num_experts, (ends - padded)[expert_of] + rank_in_expert, p)
+    pairs = torch.full((p + 1,), n, dtype=torch.int32, device=ids.device)  # [p]: where the padded rows' pairs go
+    pairs[dest] = order.to(torch.int32)
+    pairs = pairs[:p]
+    ends = ends[:num_experts]
     starts = torch.arange(0, p, block_m, device=ids.device)
     block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)
     return pairs, block_expert
@@ -95,7 +111,8 @@ ALIGN_CHUNK = 64
 @triton.jit(do_not_specialize=["n"])
 def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, n, P, E, BLOCK_M: tl.constexpr, BINS: tl.constexpr,
                   CHUNK: tl.constexpr):
-    # one program: align_pairs' result for n pairs. BINS > E: masked lanes count in bin E, which is never used.
+    # one program: align_pairs' result for n pairs. BINS > E: masked lanes and padded rows' pairs (id E) count in
+    # bin E, which is never used.
     bins = tl.arange(0, BINS)
     lanes = tl.arange(0, CHUNK)
     counts = tl.zeros((BINS,), dtype=tl.int32)
@@ -116,8 +133,8 @@ def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, n, P, E, BLOCK_M: tl.con
     seen = tl.zeros((BINS,), dtype=tl.int32)  # pairs of each expert placed so far
     earlier = lanes[:, None] > lanes[None, :]
     for c in range(0, n, CHUNK):
-        live = c + lanes < n
-        e = tl.load(ids_ptr + c + lanes, mask=live, other=E).to(tl.int32)
+        e = tl.load(ids_ptr + c + lanes, mask=c + lanes < n, other=E).to(tl.int32)
+        live = e < E
         same = e[:, None] == bins[None, :]
         base = tl.sum(tl.where(same, (starts + seen)[None, :], 0), axis=1)
         before = tl.sum(((e[:, None] == e[None, :]) & earlier).to(tl.int32), axis=1)
@@ -194,11 +211,24 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor, block_expert
     return out
 
 
+@triton.jit
+def _moe_sum_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    # out[t] = sum_j rows[t * k + j] over the pairs routed to an expert (a padded row's: none, so zero), in out's
+    # dtype: the pairs a GEMM never wrote are never read
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + t * TOP_K + j)
+        acc += tl.load(rows_ptr + (t * TOP_K + j) * H + offs, mask=(offs < H) & (offs * 0 + expert < E), other=0.0)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < H)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
               config: tuple | None = None, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) -> [T, hidden] in x's dtype. x [T, hidden]; w13 [E, 2I,
-    hidden] (gate rows, then up rows); w2 [E, hidden, I]; weights [T, k] float32; ids [T, k]. scales: int8
-    weights' per-channel scales ([E, 2I], [E, hidden] float32)."""
+    hidden] (gate rows, then up rows); w2 [E, hidden, I]; weights [T, k] float32; ids [T, k] (E: no expert, a
+    padded row's). scales: int8 weights' per-channel scales ([E, 2I], [E, hidden] float32)."""
     s13, s2 = scales if scales is not None else (None, None)
     t, k = ids.shape
     e, two_i, hidden = w13.shape
@@ -211,4 +241,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     act = silu_and_mul(gate_up)
     rows = moe_gemm(act, w2, pairs, block_expert, n, torch.empty(n, hidden, dtype=torch.float32, device=x.device), 1,
                     weights.reshape(-1).float().contiguous(), cfg, s2)
-    return rows.view(t, k, hidden).sum(1).to(x.dtype)
+    out = x.new_empty(t, hidden)
+    block_h = min(1024, next_pow2(hidden))
+    launch(_moe_sum_kernel, (t, triton.cdiv(hidden, block_h)), rows, ids.contiguous(), out, hidden, e, TOP_K=k,
+           BLOCK_H=block_h, num_warps=4)
+    return out

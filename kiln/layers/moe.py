@@ -22,13 +22,19 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)
 
 
-def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, top_k: int, renormalize: bool, slot_mapping: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k] float32, expert ids [T, k] int64): softmax over all experts in float32, the top k, their
-    weights rescaled to sum to one where the model asks (Mixtral always, Qwen3-MoE by norm_topk_prob)."""
+    weights rescaled to sum to one where the model asks (Mixtral always, Qwen3-MoE by norm_topk_prob). Rows whose
+    slot_mapping is < 0 (a CUDA graph's padding) route to no expert: id E, weight 0."""
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if slot_mapping is not None:
+        padded = (slot_mapping < 0)[:, None]
+        weights = weights.masked_fill(padded, 0.0)
+        ids = ids.masked_fill(padded, logits.shape[-1])
     return weights, ids
 
 
@@ -36,15 +42,16 @@ def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weig
                       ids: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) in PyTorch: the (token, expert) pairs sorted by expert, one
     matmul pair per expert that some token chose. The CPU path, and the GPU kernel's reference. scales: int8
-    weights' per-channel scales ([E, 2I], [E, hidden]), each chosen expert dequantized as it is used."""
+    weights' per-channel scales ([E, 2I], [E, hidden]), each chosen expert dequantized as it is used. Pairs of id
+    E (padded rows) count for nothing."""
     t, k = ids.shape
-    inter = w2.shape[2]
+    num_experts, inter = w13.shape[0], w2.shape[2]
     flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts + 1).tolist()[:num_experts]
+    order = torch.argsort(flat, stable=True)[:sum(counts)]  # id E sorts last
     tokens = order // k
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
     xs = x[tokens]
-    rows = torch.empty(t * k, w2.shape[1], dtype=x.dtype, device=x.device)
+    rows = torch.empty(order.numel(), w2.shape[1], dtype=x.dtype, device=x.device)
     start = 0
     for e, n in enumerate(counts):
         if n:
@@ -111,13 +118,14 @@ class SparseMoE(nn.Module):
                                  f"({self.hidden}, {self.full_inter})")
             param.data[expert].copy_(loaded.narrow(1, rank * self.inter, self.inter))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+        """slot_mapping: the step's KV slots; rows of slot < 0 (a CUDA graph's padding) read no expert."""
         logits = F.linear(x, self.gate.weight)
         if x.is_cuda:
             from kiln.kernels import fused_moe, moe_route
-            weights, ids = moe_route(logits, self.top_k, self.renormalize)
+            weights, ids = moe_route(logits, self.top_k, self.renormalize, slot_mapping)
             out = fused_moe(x, self.w13, self.w2, weights, ids, scales=self.scales)
         else:
-            weights, ids = route(logits, self.top_k, self.renormalize)
+            weights, ids = route(logits, self.top_k, self.renormalize, slot_mapping)
             out = experts_reference(x, self.w13, self.w2, weights, ids, self.scales)
         return tpd.all_reduce(out)

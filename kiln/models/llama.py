@@ -93,8 +93,10 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual, out_quant=self.self_attn.qkv_proj.input_quant(x))
         x = self.self_attn(positions, x, cache, meta)
-        mlp_quant = None if isinstance(self.mlp, SparseMoE) else self.mlp.gate_up_proj.input_quant(x)
-        x, residual = self.post_attention_layernorm(x, residual, out_quant=mlp_quant)
+        if isinstance(self.mlp, SparseMoE):
+            x, residual = self.post_attention_layernorm(x, residual)
+            return self.mlp(x, meta.slot_mapping), residual
+        x, residual = self.post_attention_layernorm(x, residual, out_quant=self.mlp.gate_up_proj.input_quant(x))
         return self.mlp(x), residual
 
 

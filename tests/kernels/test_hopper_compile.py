@@ -53,6 +53,17 @@ def _launch_every_kernel():
         K.skinny_matmul(rand(2, 256, dtype=dt), rand(96, 256, dtype=dt))
         # the swapped tile (KILN_SKINNY_SWAP=1) at a GPU-sized config: W x^T, 64 weight rows a program
         K.skinny_matmul(rand(2, 256, dtype=dt), rand(96, 256, dtype=dt), config=(16, 64, 128, 1, 4, 4, True))
+    # mixtures of experts: routing (with a padded row), the alignment program, both GEMM tiles, float and int8
+    from kiln.kernels.moe import align_pairs, fused_moe, moe_route
+    for dt in (torch.bfloat16, torch.float16):
+        moe_route(rand(5, 8, dtype=dt), 2, False)
+        weights, ids = moe_route(rand(5, 8, dtype=dt), 2, True, torch.tensor([0, 1, 2, 3, -1]))
+        align_pairs(ids, 8, 16, use_kernel=True)
+        x, w13, w2 = rand(5, 64, dtype=dt), rand(8, 96, 64, dtype=dt), rand(8, 64, 48, dtype=dt)
+        c13, c2 = w13.clamp(-1, 1).mul(100).to(torch.int8), w2.clamp(-1, 1).mul(100).to(torch.int8)
+        for tile in ((16, 64, 64, 4, 3), (64, 128, 64, 4, 3)):  # moe_config's on a GPU
+            fused_moe(x, w13, w2, weights, ids, config=tile)
+            fused_moe(x, c13, c2, weights, ids, config=tile, scales=(torch.rand(8, 96), torch.rand(8, 64)))
     blocks, bs, hkv, d, hq = 6, 16, 2, 64, 4
     for kv in (torch.bfloat16, torch.int8, FP8):
         kc = torch.zeros(blocks, bs, hkv, d).to(kv)
@@ -159,7 +170,8 @@ def test_every_kernel_variant_compiles_for_hopper(tmp_path):
     names = {k[0] for k in v.keys}
     assert {"_quant_rows_kernel", "_scale_int32_kernel", "_w8a16_kernel", "_decode_kernel",
             "_prefill_kernel", "_reshape_and_cache_kernel", "_rope_and_cache_kernel", "_rmsnorm_kernel",
-            "_rope_kernel", "_top_p_threshold_kernel"} <= names, names
+            "_rope_kernel", "_top_p_threshold_kernel", "_route_kernel", "_align_kernel", "_moe_gemm_kernel",
+            "_moe_sum_kernel"} <= names, names
     # and one variant of each kernel as a GPU launches it: programmatic dependent launch (KILN_PDL=1: USE_GDC,
     # launch_pdl), and the GEMV's inline PTX (MAGIC; plain operations under the interpreter)
     on_gpu = {"USE_GDC": True, "MAGIC": True}

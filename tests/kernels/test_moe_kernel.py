@@ -91,3 +91,54 @@ def test_route_kernel_takes_the_top_k_of_the_softmax(t, e, k, renormalize):
     want_w, want_i = route(logits, k, renormalize)
     assert ids.tolist() == want_i.tolist()
     assert torch.allclose(weights, want_w, atol=1e-6)
+
+
+PADDED_CASES = [(4, 2, 8, 16, [3]), (8, 8, 128, 16, [5, 6, 7]), (600, 8, 16, 64, list(range(550, 600)))]
+
+
+@pytest.mark.parametrize("t,k,e,block,padded", PADDED_CASES)
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_padded_rows_pairs_are_left_out(t, k, e, block, padded, use_kernel):
+    """A CUDA graph's padded rows (expert id E): none of their pairs is placed, the others as without them."""
+    g = torch.Generator().manual_seed(t)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(torch.int32)
+    ids[padded] = e
+    pairs, block_expert = align_pairs(ids.to(DEVICE), e, block, use_kernel=use_kernel)
+    n = t * k
+    dead = {r * k + j for r in padded for j in range(k)}
+    assert sorted(pairs[pairs < n].tolist()) == sorted(set(range(n)) - dead)
+    flat = ids.reshape(-1)
+    for b, expert in enumerate(block_expert.tolist()):
+        rows = pairs[b * block:(b + 1) * block].cpu()
+        rows = rows[rows < n]
+        assert (flat[rows.long()] == expert).all() and (expert < e or rows.numel() == 0)
+    if use_kernel:
+        want = align_pairs(ids, e, block)
+        assert pairs.cpu().tolist() == want[0].tolist() and block_expert.cpu().tolist() == want[1].tolist()
+
+
+@pytest.mark.parametrize("t,e,k,padded", [(4, 8, 2, [3]), (16, 128, 8, [9, 10, 15])])
+def test_padded_rows_route_to_no_expert_and_sum_to_zero(t, e, k, padded):
+    """Rows of slot -1 get id E and weight 0 from both routers, and fused_moe neither reads them (NaN there stays
+    out) nor writes them anything but zeros; the other rows are what they are without the padding."""
+    from kiln.kernels.moe import moe_route
+    g = torch.Generator().manual_seed(t)
+    h, inter = 64, 32
+    slots = torch.arange(t)
+    slots[padded] = -1
+    logits = torch.randn(t, e, generator=g).to(DEVICE)
+    weights, ids = moe_route(logits, k, True, slots.to(DEVICE))
+    want_w, want_i = route(logits, k, True, slots.to(DEVICE))
+    assert ids.tolist() == want_i.tolist() and torch.allclose(weights, want_w, atol=1e-6)
+    assert (ids[padded] == e).all() and (weights[padded] == 0).all()
+    live = [i for i in range(t) if i not in padded]
+    assert ids[live].tolist() == route(logits, k, True)[1][live].tolist()
+    x = torch.randn(t, h, generator=g).to(DEVICE)
+    x[padded] = float("nan")
+    w13 = (torch.randn(e, 2 * inter, h, generator=g) * h ** -0.5).to(DEVICE)
+    w2 = (torch.randn(e, h, inter, generator=g) * inter ** -0.5).to(DEVICE)
+    got = fused_moe(x, w13, w2, weights, ids)
+    ref = experts_reference(x, w13, w2, weights, ids)
+    assert (got[padded] == 0).all() and (ref[padded] == 0).all()
+    alone = experts_reference(x[live], w13, w2, weights[live], ids[live])
+    assert torch.allclose(got[live], alone, atol=1e-5) and torch.allclose(ref[live], alone, atol=1e-5)

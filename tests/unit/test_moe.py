@@ -54,6 +54,26 @@ def test_experts_equal_each_tokens_own_sum():
         assert torch.allclose(got.double(), per_token(x, w13, w2, weights, ids), atol=1e-4, rtol=1e-4)
 
 
+def test_padded_rows_read_no_expert_and_the_layers_get_the_steps_slots(moe_dir):
+    """A CUDA graph's padded rows (slot -1) come out of a MoE layer as zeros, whatever they hold, and the other
+    rows as without them; the decoder layers hand each MoE layer its step's slot mapping."""
+    core = make_core(moe_dir)
+    model = core.runner.model
+    moe = model.model.layers[0].mlp
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    x[3] = float("nan")
+    out = moe(x, torch.tensor([7, 8, 9, -1, 10]))
+    assert (out[3] == 0).all()
+    assert torch.allclose(out[[0, 1, 2, 4]], moe(x[[0, 1, 2, 4]]), atol=1e-6)
+    seen = []
+    moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)]
+    for m in moes:
+        m.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    core.run_to_completion([list(range(5, 16))], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    assert moes and len(seen) == 2 * len(moes)  # a prefill and a decode step
+    assert [s.numel() for s in seen[::len(moes)]] == [11, 1] and all((s >= 0).all() for s in seen)
+
+
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
     return write_tiny_model("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe"))
