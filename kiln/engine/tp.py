@@ -68,6 +68,8 @@ def head_split_problem(mc: ModelConfig, tp: int) -> str | None:
         return f"intermediate size {mc.intermediate_size}"
     if mc.num_experts and mc.moe_intermediate_size % tp:
         return f"expert intermediate size {mc.moe_intermediate_size}"
+    if mc.shared_expert_intermediate_size % tp:
+        return f"shared expert intermediate size {mc.shared_expert_intermediate_size}"
     return None
 
 
@@ -80,13 +82,17 @@ def weight_bytes_per_rank(mc: ModelConfig, tp: int, dtype: torch.dtype, quantiza
     attention = [(q + 2 * kv, h), (h, q)]  # qkv, o
     mlp = [(2 * inter, h), (h, inter)]  # gate_up, down
     experts = [(2 * mc.moe_intermediate_size // tp, h), (h, mc.moe_intermediate_size // tp)] * mc.num_experts
+    shared = mc.shared_expert_intermediate_size // tp
+    experts_other = (mc.num_experts + (1 if shared else 0)) * h * el  # the router's rows and the shared gate's
+    if shared:
+        experts += [(2 * shared, h), (h, shared)]
     int8 = quantization == "w8a16"
 
     def linear(out_in: list[tuple[int, int]]) -> int:
         return sum(o * i * (1 if int8 else el) + (4 * o if int8 else 0) for o, i in out_in)
 
     other = (2 * h + (2 * d if mc.qk_norm else 0) + ((q + 2 * kv) if mc.qkv_bias else 0)) * el
-    layers = sum(linear(attention) + other + (linear(experts) + mc.num_experts * h * el if mc.is_moe_layer(i)
+    layers = sum(linear(attention) + other + (linear(experts) + experts_other if mc.is_moe_layer(i)
                                               else linear(mlp)) for i in range(mc.num_layers))
     vocab = -(-mc.vocab_size // tp) * h * el * (1 if mc.tie_word_embeddings else 2)
     return layers + vocab + h * el

@@ -226,13 +226,15 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(Linear):
-    """Input features split across ranks; partial outputs summed with an all-reduce."""
+    """Input features split across ranks; partial outputs summed with an all-reduce (reduce=False: left to the
+    caller, which sums them with other partials first)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce: bool = True):
         tp = tpd.tp_size()
         if in_features % tp:
             raise ValueError(f"input size {in_features} is not divisible by the tensor-parallel size {tp}")
         super().__init__(in_features // tp, out_features, bias)
+        self.reduce = reduce
 
     def load_weight(self, param, loaded, shard_id=None):
         if param.dim() == 1:  # bias: added once, on rank 0
@@ -249,7 +251,8 @@ class RowParallelLinear(Linear):
         return tpd.all_reduce_max(super()._channel_absmax(w))
 
     def forward(self, x):
-        return tpd.all_reduce(super().forward(x))
+        y = super().forward(x)
+        return tpd.all_reduce(y) if self.reduce else y
 
 
 class VocabEmbedding(nn.Module):

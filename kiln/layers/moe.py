@@ -1,8 +1,10 @@
-"""Mixture-of-experts feed-forward (Qwen3-MoE, Mixtral): a router picks each token's top-k of E SwiGLU experts,
-whose outputs are summed with the router's weights.
+"""Mixture-of-experts feed-forward (Qwen2-MoE, Qwen3-MoE, Mixtral): a router picks each token's top-k of E SwiGLU
+experts, whose outputs are summed with the router's weights; Qwen2-MoE adds a shared expert that every token takes,
+scaled by sigmoid(shared_expert_gate(x)).
 
 Tensor parallelism splits every expert's intermediate size over the ranks, as the dense MLP's: each rank holds
-all experts' slices, the router is replicated, and one all-reduce sums the partial outputs.
+all experts' slices, the router is replicated, and one all-reduce sums the partial outputs (the shared expert's
+with them).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln import distributed as tpd
+from kiln.layers.mlp import MLP
 from kiln.quantization import ops as qops
 
 
@@ -68,9 +71,12 @@ def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weig
 class SparseMoE(nn.Module):
     """The MoE block of one decoder layer. Parameters: the router `gate.weight` [E, hidden]; `w13` [E, 2 * I / tp,
     hidden], each expert's gate then up projection (this rank's slice); `w2` [E, hidden, I / tp], its down
-    projection. Checkpoint tensors arrive per expert: shard (expert, 0 | 1) for gate | up, (expert, None) for down."""
+    projection. Checkpoint tensors arrive per expert: shard (expert, 0 | 1) for gate | up, (expert, None) for down.
+    shared_intermediate > 0 (Qwen2-MoE): `shared_expert`, a dense MLP, and its gate `shared_expert_gate.weight`
+    [1, hidden]."""
 
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool,
+                 shared_intermediate: int = 0):
         super().__init__()
         tp = tpd.tp_size()
         if intermediate % tp:
@@ -83,6 +89,8 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.inter), requires_grad=False)
         self.w13.weight_loader = self.w2.weight_loader = self.load_weight
         self.scales: tuple[torch.Tensor, torch.Tensor] | None = None  # w8a16: w13's and w2's per-channel scales
+        self.shared_expert = MLP(hidden, shared_intermediate, reduce=False) if shared_intermediate else None
+        self.shared_expert_gate = Router(1, hidden) if shared_intermediate else None
 
     def quantize_weights(self, scheme: str) -> None:
         """Weight-only int8 experts (w8a16): per output channel of each expert, as the dense layers' (w2's over the
@@ -128,4 +136,6 @@ class SparseMoE(nn.Module):
         else:
             weights, ids = route(logits, self.top_k, self.renormalize, slot_mapping)
             out = experts_reference(x, self.w13, self.w2, weights, ids, self.scales)
+        if self.shared_expert is not None:  # the gate is per token, so it scales each rank's partial alike
+            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
         return tpd.all_reduce(out)

@@ -13,6 +13,7 @@ ARCHITECTURES = {
     "MistralForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": (False, True),
+    "Qwen2MoeForCausalLM": (True, False),
     "Qwen3MoeForCausalLM": (False, True),
     "MixtralForCausalLM": (False, False),
 }
@@ -41,12 +42,13 @@ class ModelConfig:
     qk_norm: bool
     torch_dtype: str | None
     eos_token_ids: list[int]
-    # mixture of experts (Qwen3-MoE, Mixtral); num_experts 0: a dense model
+    # mixture of experts (Qwen2-MoE, Qwen3-MoE, Mixtral); num_experts 0: a dense model
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     dense_layers: tuple[int, ...] = ()  # layers whose feed-forward is the dense MLP all the same
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token takes, behind a sigmoid gate
     sliding_window: int | None = None  # attention to the last N positions only (Mistral v0.1): see max_model_len
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -92,7 +94,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=c.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=bool(c.get("attention_bias", bias_default)),
+            qkv_bias=bool(c.get("attention_bias", c.get("qkv_bias", bias_default))),
             qk_norm=qk_norm,
             torch_dtype=c.get("torch_dtype") or c.get("dtype"),
             eos_token_ids=eos,
@@ -120,13 +122,15 @@ def _moe_config(arch: str, c: dict) -> dict:
     if arch == "MixtralForCausalLM":
         return dict(num_experts=c["num_local_experts"], num_experts_per_tok=c["num_experts_per_tok"],
                     moe_intermediate_size=c["intermediate_size"], norm_topk_prob=True)
-    if arch == "Qwen3MoeForCausalLM":
+    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         experts = c.get("num_experts") or c.get("num_local_experts")
         step = c.get("decoder_sparse_step") or 1
         dense = set(c.get("mlp_only_layers") or []) | {i for i in range(c["num_hidden_layers"]) if (i + 1) % step}
+        shared = (c.get("shared_expert_intermediate_size") or 0) if arch == "Qwen2MoeForCausalLM" else 0
         return dict(num_experts=experts, num_experts_per_tok=c["num_experts_per_tok"],
                     moe_intermediate_size=c["moe_intermediate_size"],
-                    norm_topk_prob=bool(c.get("norm_topk_prob", False)), dense_layers=tuple(sorted(dense)))
+                    norm_topk_prob=bool(c.get("norm_topk_prob", False)), dense_layers=tuple(sorted(dense)),
+                    shared_expert_intermediate_size=shared)
     return {}
 
 

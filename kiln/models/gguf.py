@@ -3,8 +3,8 @@
 Supported: Llama-family dense decoders -- GGUF architecture ``llama`` (also Mistral / SmolLM / Llama 2/3 files,
 which llama.cpp stores as ``llama``), plus ``qwen2`` and ``qwen3`` (written as Qwen2/Qwen3ForCausalLM configs,
 which use the same tensor names; Qwen2 adds q/k/v biases, Qwen3 adds q/k RMS norms), and the mixtures of experts
-``qwen3moe`` and ``llama`` with an expert count (Mixtral): llama.cpp's stacked expert tensors are written one per
-expert, under the names of the models' own checkpoints.
+``qwen2moe`` (its shared expert too), ``qwen3moe`` and ``llama`` with an expert count (Mixtral): llama.cpp's stacked
+expert tensors are written one per expert, under the names of the models' own checkpoints.
 
 The output directory holds::
 
@@ -51,14 +51,20 @@ _ARCH_CONFIG = {
     "llama": ("LlamaForCausalLM", "llama", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe", False),
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe", False),
 }
 # llama.cpp stacks each layer's experts in one tensor [experts, out, in]: written out per expert, under the names of
 # the model's own checkpoints (Mixtral: GGUF arch "llama" with an expert count)
-_EXPERT_TENSORS = {
-    "qwen3moe": {"ffn_gate_exps.weight": "mlp.experts.{}.gate_proj.weight",
+_QWEN_EXPERTS = {"ffn_gate_exps.weight": "mlp.experts.{}.gate_proj.weight",
                  "ffn_up_exps.weight": "mlp.experts.{}.up_proj.weight",
-                 "ffn_down_exps.weight": "mlp.experts.{}.down_proj.weight", "ffn_gate_inp.weight": "mlp.gate.weight"},
+                 "ffn_down_exps.weight": "mlp.experts.{}.down_proj.weight", "ffn_gate_inp.weight": "mlp.gate.weight"}
+_EXPERT_TENSORS = {
+    "qwen2moe": {**_QWEN_EXPERTS, "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+                 "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+                 "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+                 "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight"},
+    "qwen3moe": _QWEN_EXPERTS,
     "llama": {"ffn_gate_exps.weight": "block_sparse_moe.experts.{}.w1.weight",
               "ffn_up_exps.weight": "block_sparse_moe.experts.{}.w3.weight",
               "ffn_down_exps.weight": "block_sparse_moe.experts.{}.w2.weight",
@@ -236,7 +242,7 @@ def _convert(gguf_path: Path, dst: Path, progress: _Progress) -> None:
         )
     if meta.get(f"{arch}.expert_count") and arch not in _EXPERT_TENSORS:
         raise ValueError(f"{gguf_path.name}: mixture-of-experts GGUF models of architecture {arch!r} are not "
-                         f"supported (Qwen3-MoE and Mixtral are)")
+                         f"supported (Qwen2-MoE, Qwen3-MoE and Mixtral are)")
 
     tensors = {t.name: t for t in reader.tensors}
     config = _build_config(meta, arch, tensors, gguf_path)
@@ -332,19 +338,21 @@ def _build_config(meta: _Meta, arch: str, tensors: dict, gguf_path: Path) -> dic
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
         config["mlp_bias"] = False
         config["pretraining_tp"] = 1
-    elif arch == "qwen2":
+    elif arch in ("qwen2", "qwen2moe"):
         config["use_sliding_window"] = False
     elif arch in ("qwen3", "qwen3moe"):
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
         config["use_sliding_window"] = False
-    if experts:  # llama.cpp renormalizes the top-k weights of both
+    if experts:  # llama.cpp renormalizes the top-k weights of Mixtral and Qwen3-MoE, not Qwen2-MoE's
         config["num_experts_per_tok"] = int(req("expert_used_count"))
         if arch == "llama":
             config.update(num_local_experts=experts, sliding_window=None)
         else:
             dense = [i for i in range(config["num_hidden_layers"]) if f"blk.{i}.ffn_gate_exps.weight" not in tensors]
             config.update(num_experts=experts, moe_intermediate_size=int(req("expert_feed_forward_length")),
-                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=dense)
+                          norm_topk_prob=arch == "qwen3moe", decoder_sparse_step=1, mlp_only_layers=dense)
+        if arch == "qwen2moe":
+            config["shared_expert_intermediate_size"] = int(req("expert_shared_feed_forward_length"))
 
     rope_scaling = _rope_scaling(meta, arch, tensors, head_dim, rope_theta, max_pos, gguf_path)
     rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
@@ -500,6 +508,8 @@ def _write_weights(tensors: dict, config: dict, arch: str, dst: Path, gguf_path:
                 continue
             if permute and (".q_proj." in hf or ".k_proj." in hf):
                 w = _unpermute(w, n_heads if ".q_proj." in hf else n_kv)
+            if hf.endswith(".shared_expert_gate.weight"):
+                w = w.reshape(1, -1)  # llama.cpp keeps the shared expert's gate as a vector
             out[hf] = w
             weight_map[hf] = fname
             total += w.nbytes

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, and the mixtures of experts Qwen3-MoE and Mixtral):
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, and the mixtures of experts Qwen2-MoE, Qwen3-MoE and
+Mixtral):
 they differ by a few flags of ModelConfig.
 
 The batch is flattened: input_ids/positions are [T] over all sequences of the step; attention metadata says
@@ -7,12 +8,12 @@ where each sequence's tokens start and how long its context is.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kiln import distributed as tpd
 from kiln.layers.attention import AttentionMetadata, LayerKVCache
-from kiln.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabEmbedding
+from kiln.layers.linear import QKVParallelLinear, RowParallelLinear, VocabEmbedding
+from kiln.layers.mlp import MLP
 from kiln.layers.moe import SparseMoE
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rope import RotaryEmbedding
@@ -61,27 +62,13 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(t, nq))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
-        self.inter = cfg.intermediate_size // tpd.tp_size()
-
-    def forward(self, x):
-        """x: the normed hidden states, or already quantized for gate_up_proj (its input_quant)."""
-        if (isinstance(x, QuantizedRows) or x.is_cuda) and not self.gate_up_proj.lora_active:  # down_proj's rows: x's
-            return self.down_proj(self.gate_up_proj.silu_and_mul(x, self.down_proj.input_quant(x)))
-        gu = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, index: int):
         super().__init__()
         self.self_attn = Attention(cfg, rope)
         self.mlp = (SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                              cfg.norm_topk_prob) if cfg.is_moe_layer(index) else MLP(cfg))
+                              cfg.norm_topk_prob, cfg.shared_expert_intermediate_size) if cfg.is_moe_layer(index)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

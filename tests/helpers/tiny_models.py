@@ -30,6 +30,10 @@ def tiny_config(arch: str, vocab_size: int):
         return tf.Qwen3MoeConfig(vocab_size=vocab_size, **COMMON, head_dim=16, num_experts=8, num_experts_per_tok=3,
                                  moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1],
                                  tie_word_embeddings=False)
+    if arch == "qwen2_moe":  # 8 experts, 2 per token, a shared expert, top-k weights as the softmax gives them
+        return tf.Qwen2MoeConfig(vocab_size=vocab_size, **COMMON, num_experts=8, num_experts_per_tok=2,
+                                 moe_intermediate_size=48, shared_expert_intermediate_size=80, norm_topk_prob=False,
+                                 tie_word_embeddings=False)
     if arch == "mixtral":
         return tf.MixtralConfig(vocab_size=vocab_size, **COMMON, num_local_experts=4, num_experts_per_tok=2,
                                 sliding_window=None)

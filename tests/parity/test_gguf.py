@@ -432,11 +432,11 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
         gguf_to_hf_dir(bad, tmp_path / "out2")
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "mixtral"])
 def test_moe_gguf_converts_to_the_checkpoint_it_came_from(tmp_path, arch):
-    """A tiny Qwen3-MoE / Mixtral checkpoint written as llama.cpp would (stacked [experts, out, in] tensors, Mixtral
-    as arch llama with its q/k rows permuted) converts back to the same weights; Kiln's greedy tokens from the
-    GGUF equal transformers' on the source checkpoint."""
+    """A tiny Qwen2-MoE / Qwen3-MoE / Mixtral checkpoint written as llama.cpp would (stacked [experts, out, in]
+    tensors, Qwen2-MoE's shared expert gate a vector, Mixtral as arch llama with its q/k rows permuted) converts
+    back to the same weights; Kiln's greedy tokens from the GGUF equal transformers' on the source checkpoint."""
     import gguf
     from safetensors.torch import load_file
 
@@ -446,8 +446,8 @@ def test_moe_gguf_converts_to_the_checkpoint_it_came_from(tmp_path, arch):
     src = write_tiny_model(arch, tmp_path / "hf", vocab_size=300)
     cfg = json.loads((src / "config.json").read_text())
     hf = {k: v.numpy() for k, v in load_file(str(src / "model.safetensors")).items()}
-    moe = arch == "qwen3_moe"
-    garch = "qwen3moe" if moe else "llama"
+    moe = arch != "mixtral"  # Qwen's expert names
+    garch = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}.get(arch, "llama")
     experts = cfg.get("num_experts") or cfg["num_local_experts"]  # transformers 5 writes the latter for both
     heads, kv, layers = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), garch)
@@ -462,9 +462,12 @@ def test_moe_gguf_converts_to_the_checkpoint_it_came_from(tmp_path, arch):
     w.add_expert_count(experts)
     w.add_expert_used_count(cfg["num_experts_per_tok"])
     if moe:
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if arch == "qwen3_moe":
         w.add_key_length(cfg["head_dim"])
         w.add_value_length(cfg["head_dim"])
-        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if arch == "qwen2_moe":
+        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + list(bytes_to_unicode().values())
     tokens += ["he"] + [f"<t{i}>" for i in range(299 - len(tokens))]
@@ -487,7 +490,13 @@ def test_moe_gguf_converts_to_the_checkpoint_it_came_from(tmp_path, arch):
         else:
             _, _, layer, rest = name.split(".", 3)
             router = rest in ("mlp.gate.weight", "block_sparse_moe.gate.weight")
-            gname = f"blk.{layer}." + ("ffn_gate_inp.weight" if router else _GGUF_BLOCK[rest])
+            shared = {"mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+                      "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+                      "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+                      "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight"}
+            gname = f"blk.{layer}." + ("ffn_gate_inp.weight" if router else shared.get(rest) or _GGUF_BLOCK[rest])
+            if rest == "mlp.shared_expert_gate.weight":
+                t = t.reshape(-1)  # llama.cpp's shape: [hidden]
         if not moe and (".q_proj." in name or ".k_proj." in name):
             t = _llamacpp_permute(t, heads if ".q_proj." in name else kv)
         w.add_tensor(gname, t)

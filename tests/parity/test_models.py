@@ -13,7 +13,7 @@ from kiln.engine.runner import ModelRunner
 from kiln.engine.scheduler import ScheduledBatch
 from tests.helpers.tiny_models import hf_greedy, write_tiny_model
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral"]
 PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 47)), [100, 3, 100], list(range(200, 290)), [7]]
 
 

@@ -55,8 +55,9 @@ def one_rank_then_two(model_dir, run, two: dict | None = None, **kw):
     return results
 
 
-# qwen2: qkv bias and tied (vocab-split) embeddings; qwen3_moe, mixtral: experts split by intermediate size
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3_moe", "mixtral"])
+# qwen2: qkv bias and tied (vocab-split) embeddings; qwen3_moe, mixtral: experts split by intermediate size;
+# qwen2_moe: the shared expert's partial sum joins the experts' in one all-reduce
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2_moe", "qwen3_moe", "mixtral"])
 def test_two_ranks_match_transformers(arch, tmp_path):
     d = write_tiny_model(arch, tmp_path / arch)
     ref = hf_greedy(d, PROMPTS, 16)
@@ -65,8 +66,11 @@ def test_two_ranks_match_transformers(arch, tmp_path):
         assert generate(core, PROMPTS) == ref
         layer = core.runner.model.model.layers[0]
         assert layer.self_attn.num_heads == 2  # really sharded: 4 heads / 2 ranks
-        if arch in ("qwen3_moe", "mixtral"):
+        if arch in ("qwen2_moe", "qwen3_moe", "mixtral"):
             assert layer.mlp.w13.shape[1] == layer.mlp.full_inter  # each rank: gate and up halves of each expert
+        if arch == "qwen2_moe":
+            assert layer.mlp.shared_expert.gate_up_proj.weight.shape[0] == 80  # half of 2 x 80 on each rank
+        assert core.runner.weight_bytes == weight_bytes_per_rank(core.runner.model_config, 2, torch.float32, None)
     finally:
         core.close()
 
@@ -199,7 +203,7 @@ def test_four_ranks_replicate_two_kv_heads(tmp_path):
         core.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2_moe", "qwen3_moe"])
 def test_two_ranks_int8_weights_equal_one_rank(arch, tmp_path):
     """w8a16: column shards keep their rows' scales; row-parallel shards take the whole row's scale (a MAX
     all-reduce), so the int8 weights are the ones a single rank holds (the experts' down projections too)."""
@@ -207,6 +211,8 @@ def test_two_ranks_int8_weights_equal_one_rank(arch, tmp_path):
 
     def down_scale(core):
         mlp = core.runner.model.model.layers[0].mlp
+        if arch == "qwen2_moe":  # the experts' and the shared expert's
+            return torch.cat([mlp.scales[1].flatten(), mlp.shared_expert.down_proj.scale])
         return mlp.scales[1] if arch == "qwen3_moe" else mlp.down_proj.scale
 
     one = make_core(d, 1, quantization="w8a16", async_scheduling=False)
