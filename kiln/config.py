@@ -205,6 +205,11 @@ class KilnConfig:
         "beside the base model: name=path,name2=path2 (or a JSON object). A request picks one by its name as the "
         "OpenAI `model`; /v1/models lists them. Not with w8a8 quantization.", kind="optstr",
         flags=("--lora-modules",), check=_lora_modules, group="model")
+    allow_runtime_lora_updating: bool = setting(
+        False, "KILN_ALLOW_RUNTIME_LORA_UPDATING", "Let clients load and unload LoRA adapters while the server runs "
+        "(POST /v1/load_lora_adapter {lora_name, lora_path}, /v1/unload_lora_adapter {lora_name}, as vLLM's "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING): a path on the server's disk is read, so only where the API's clients "
+        "are trusted (KILN_API_KEY).", kind="bool", flags=("--allow-runtime-lora-updating",), group="model")
     quantize_lm_head: bool = setting(
         False, "KILN_QUANTIZE_LM_HEAD", "Hold the LM head in weight-only int8 (per-row scales) too: at batch 1 an "
         "8B model's step reads ~0.5 GB less. Off: the head stays in the model's dtype, as vLLM keeps it.",

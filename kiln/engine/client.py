@@ -21,7 +21,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from kiln.engine.request import EngineOutput, EngineStats, SamplingParams
-from kiln.engine.wire import Abort, AddRequest, Fatal, Hello, Message, Outputs, Stats, decode, encode
+from kiln.engine.wire import Abort, AddRequest, Fatal, Hello, LoRAUpdate, Message, Outputs, Stats, decode, encode
 from kiln.errors import ErrorKind
 
 log = logging.getLogger("kiln.client")
@@ -201,6 +201,21 @@ class AsyncEngineClient:
                     await self._send(Abort([request_id]))
                 except Exception:  # noqa: BLE001 - socket closing during shutdown
                     pass
+
+    async def update_lora(self, request_id: str, name: str, load: bool, path: str = "",
+                          timeout: float = 300.0) -> EngineOutput:
+        """Load (or unload) a LoRA adapter in the engine: its answer, an EngineOutput whose error is set where it
+        could not."""
+        if self.down or self.fatal:
+            return EngineOutput(request_id, [], True, "error", 0, error=f"{ENGINE_DOWN}: {self.down or self.fatal}",
+                                error_type=ErrorKind.NOT_READY)
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues[request_id] = q
+        try:
+            await self._send(LoRAUpdate(request_id, name, load, path))
+            return await asyncio.wait_for(q.get(), timeout)
+        finally:
+            self.queues.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
         await self._send(Abort([request_id]))

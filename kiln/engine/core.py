@@ -37,7 +37,8 @@ from kiln.engine.scheduler import ScheduledBatch, Scheduler
 from kiln.engine.speculative import NgramProposer, SpecDecodeStats, SpeculativeConfig, confirmed
 from kiln.engine.structured import GrammarCompiler, PendingGrammars
 from kiln.engine.variants import CompileWatch, VariantLog, compiled_triton_kernels
-from kiln.engine.wire import Abort, AddRequest, Fatal, Hello, Message, Outputs, Stats, WireError, decode, encode
+from kiln.engine.wire import (Abort, AddRequest, Fatal, Hello, LoRAUpdate, Message, Outputs, Stats, WireError, decode,
+                              encode)
 from kiln.errors import ErrorKind
 from kiln.threads import follow_free_cores
 
@@ -195,7 +196,8 @@ class EngineCore:
             lora = self.runner.lora
             lora_index = lora.index.get(params.lora_name, 0) if lora is not None else 0
             if not lora_index:
-                loaded = ", ".join(lora.index) if lora is not None else "none (KILN_LORA_MODULES is unset)"
+                loaded = ", ".join(lora.index) if lora and lora.index else \
+                    "none (KILN_LORA_MODULES, or POST /v1/load_lora_adapter, loads them)"
                 return reject(f"unknown LoRA adapter {params.lora_name!r}; loaded: {loaded}", ErrorKind.INVALID)
         vocab = self.runner.model_config.vocab_size
         for name, ids in (("prompt", prompt_token_ids), ("stop_token_ids", params.stop_token_ids),
@@ -447,6 +449,32 @@ class EngineCore:
             row += count
         return broken
 
+    def update_lora(self, load: bool, name: str, path: str = "") -> tuple[ErrorKind, str] | None:
+        """Load (or unload) a LoRA adapter while serving, on every tensor-parallel rank: None when done, else
+        (kind, what went wrong). An adapter that a request is using stays until no request uses it."""
+        lora = self.runner.lora
+        loaded = ", ".join(lora.index) if lora and lora.index else "none"
+        if load:
+            if lora is not None and name in lora.index:
+                return ErrorKind.INVALID, f"LoRA adapter {name!r} is already loaded (unload it first to replace it)"
+            try:
+                number = self.runner.load_lora(name, path)
+            except (ValueError, OSError) as e:
+                return ErrorKind.INVALID, str(e)
+            if self.tp is not None:
+                self.tp.send_lora(number, name, path)
+            return None
+        if lora is None or name not in lora.index:
+            return ErrorKind.NOT_FOUND, f"LoRA adapter {name!r} is not loaded; loaded: {loaded}"
+        users = sum(r.lora_index == lora.index[name] for r in self.requests.values())
+        if users:
+            return ErrorKind.INVALID, (f"LoRA adapter {name!r} is in use by {users} request(s): unload it when they "
+                                       f"have ended")
+        self.runner.unload_lora(name)
+        if self.tp is not None:
+            self.tp.send_lora(0, name, "")
+        return None
+
     def close(self) -> None:
         self.grammars.compiler.shutdown()
         if self.tp is not None:
@@ -462,7 +490,8 @@ class EngineCore:
                            self.scheduler.prefill_tokens_per_step.sum, self.num_warmup_steps,
                            dict(vars(self.totals)),  # every step: a shallow copy, not asdict
                            dict(vars(self.spec_stats)) if self.speculative else {},
-                           self.runner.model_config.hidden_size)
+                           self.runner.model_config.hidden_size,
+                           {a.name: a.path for a in self.runner.lora.adapters.values()} if self.runner.lora else {})
 
     # one request per sampler path (Sampler.paths), and one scoring its prompt (the runner's prompt logprobs):
     # each path's ops run once before ready
@@ -723,7 +752,7 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
             return
         if poller.poll(100):
             for ident, msg in receive():
-                if isinstance(msg, AddRequest):
+                if isinstance(msg, (AddRequest, LoRAUpdate)):
                     send(ident, Outputs([EngineOutput(msg.request_id, [], True, "error", 0, error="the engine is "
                                                       "still loading the model, try again shortly",
                                                       error_type=ErrorKind.NOT_READY)]))
@@ -764,6 +793,16 @@ def run_engine_core(cfg: EngineConfig, address: str, secret: str, log_level: str
                     for out in core.abort(ids):
                         owner.pop(out.request_id, None)
                         send(ident, Outputs([out]))
+                elif isinstance(msg, LoRAUpdate):
+                    try:
+                        err = core.update_lora(msg.load, msg.name, msg.path)
+                    except Exception as e:  # noqa: BLE001 - the answer, not a dead engine loop
+                        log.error("LoRA update failed: %s\n%s", e, traceback.format_exc())
+                        err = ErrorKind.INTERNAL, f"internal error loading the LoRA adapter: {e}"
+                    broadcast_stats(core.stats())  # every front end learns the adapters before this answer
+                    send(ident, Outputs([EngineOutput(msg.request_id, [], True, "error" if err else "stop", 0,
+                                                      error=err[1] if err else None,
+                                                      error_type=err[0] if err else None)]))
         if core.has_unfinished():
             try:
                 outs = core.step()

@@ -286,6 +286,7 @@ class EngineStats:
     requests: dict[str, float] = field(default_factory=dict)  # RequestTotals' fields since ready
     spec_decode: dict[str, int] = field(default_factory=dict)  # SpecDecodeStats since ready ({}: speculation off)
     embedding_size: int = 0            # an embedding's length (the model's hidden size; 0 while loading)
+    lora_adapters: dict[str, str] = field(default_factory=dict)  # the LoRA adapters loaded: name -> path
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -95,6 +95,21 @@ class ModelRunner:
                                                 for a in adapters))
         return state
 
+    def load_lora(self, name: str, path: str, number: int | None = None) -> int:
+        """Load a LoRA adapter while serving; returns its number (`number`: the one rank 0 gave it)."""
+        from kiln.layers.lora import LoRAState, read_adapter
+        adapter = read_adapter(name, path, list(self.model.model.layers), self.dtype, self.device)
+        if self.lora is None:
+            self.lora = LoRAState(self.model)
+        number = self.lora.add(adapter, number)
+        log.info("LoRA adapter loaded: %s (rank %d, %d projections) from %s", name, adapter.rank,
+                 len(adapter.weights), path)
+        return number
+
+    def unload_lora(self, name: str) -> None:
+        self.lora.remove(name)
+        log.info("LoRA adapter unloaded: %s", name)
+
     def max_model_len(self) -> int:
         """The configured length within the model's positions; with a sliding window, within the window: Kiln
         attends to the whole context, which is the window's attention only while the context fits in it."""

@@ -17,6 +17,7 @@ than a GPU fail at once with one line that names the numbers and the MP_NUM valu
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import socket
@@ -34,8 +35,10 @@ log = logging.getLogger("kiln.tp")
 
 GiB = 1 << 30
 # header of a step message: kind, then PackedStep's sizes, the number of last sampled ids that follow, whether
-# each token's LoRA adapter follows, and the embedding rows in the packed inputs
-STEP, STOP = 1, 2
+# each token's LoRA adapter follows, and the embedding rows in the packed inputs. LORA: an adapter loaded or
+# unloaded while serving (the header's second field: its number, 0 to unload; third: the bytes of its JSON that
+# follow)
+STEP, STOP, LORA = 1, 2, 3
 HEADER_LEN = 11
 CANDIDATE_SIZES = range(1, 9)  # MP_NUM values suggested in errors: the GPUs of one host
 
@@ -229,6 +232,13 @@ class TPGroup:
         if n_ids:
             dist.broadcast(last_sampled_ids, 0)
 
+    def send_lora(self, number: int, name: str, path: str) -> None:
+        """Every rank loads adapter `name` from `path` as number `number` (0: every rank forgets `name`)."""
+        payload = torch.frombuffer(bytearray(json.dumps({"name": name, "path": path}).encode()), dtype=torch.uint8)
+        header = torch.tensor([LORA, number, payload.numel()] + [0] * (HEADER_LEN - 3), dtype=torch.int64)
+        dist.broadcast(header, 0, group=tpd.host_group())
+        dist.broadcast(payload, 0, group=tpd.host_group())
+
     def shutdown(self) -> None:
         try:
             dist.broadcast(torch.tensor([STOP] + [0] * (HEADER_LEN - 1), dtype=torch.int64), 0,
@@ -249,6 +259,16 @@ def receive_step(runner):
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     dist.broadcast(header, 0, group=tpd.host_group())
     kind, t, n, nl, nf, width, n_ids, npr, top_k, adapters, ne = header.tolist()
+    while kind == LORA:  # rank 0 loaded its adapter first: the files are good
+        payload = torch.empty(n, dtype=torch.uint8)
+        dist.broadcast(payload, 0, group=tpd.host_group())
+        lora = json.loads(bytes(payload.tolist()).decode())
+        if t:
+            runner.load_lora(lora["name"], lora["path"], number=t)
+        else:
+            runner.unload_lora(lora["name"])
+        dist.broadcast(header, 0, group=tpd.host_group())
+        kind, t, n, nl, nf, width, n_ids, npr, top_k, adapters, ne = header.tolist()
     if kind == STOP:
         return None
     p = PackedStep(None, t, n, nl, nf, width, npr, top_k, num_embed_rows=ne)

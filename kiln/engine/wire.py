@@ -5,7 +5,7 @@ per ZMQ frame. `encode()` and `decode()` are the only (de)serialization of the e
 raises WireError on anything that is not one of these messages (a foreign client's bytes included).
 
   front end -> engine: Hello (the per-start secret and the front end's pid; nothing is served before it),
-                       AddRequest, Abort
+                       AddRequest, Abort, LoRAUpdate (answered by an Outputs of its request_id)
   engine -> front end: Outputs (EngineOutputs of one or more requests), Stats (at least every heartbeat),
                        Fatal (the engine could not start)
 """
@@ -57,6 +57,22 @@ class Abort:
 
 
 @dataclass
+class LoRAUpdate:
+    """Load (or unload) a LoRA adapter while serving; the engine answers with one finished EngineOutput of
+    request_id, its error set where it could not."""
+    kind: ClassVar[str] = "lora"
+    request_id: str
+    name: str
+    load: bool
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.request_id, str) and isinstance(self.name, str) and isinstance(self.load, bool)
+                and isinstance(self.path, str)):
+            raise TypeError("lora: request_id, name and path str, load bool")
+
+
+@dataclass
 class Outputs:
     kind: ClassVar[str] = "out"
     outputs: list[EngineOutput]
@@ -74,8 +90,8 @@ class Fatal:
     message: str
 
 
-Message = Union[Hello, AddRequest, Abort, Outputs, Stats, Fatal]
-_KINDS: dict[str, type] = {c.kind: c for c in (Hello, AddRequest, Abort, Outputs, Stats, Fatal)}
+Message = Union[Hello, AddRequest, Abort, LoRAUpdate, Outputs, Stats, Fatal]
+_KINDS: dict[str, type] = {c.kind: c for c in (Hello, AddRequest, Abort, LoRAUpdate, Outputs, Stats, Fatal)}
 
 
 def _fields(obj: Any) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """LoRA adapters (PEFT's format), several served beside the base model, chosen per request.
 
 An adapter adds scale * B(A x) to the output of some of the decoder's projections (q, k, v, o, gate, up, down;
-scale = lora_alpha / r, or / sqrt(r) with rsLoRA). Adapters are loaded at start (KILN_LORA_MODULES name=path,...)
-and numbered from 1 (0: the base model). Each step the runner gives every input token its request's adapter number
+scale = lora_alpha / r, or / sqrt(r) with rsLoRA). Adapters are loaded at start (KILN_LORA_MODULES name=path,...),
+or while serving (POST /v1/load_lora_adapter, where KILN_ALLOW_RUNTIME_LORA_UPDATING allows it), and numbered from 1
+(0: the base model; a number is never reused, since prefix-cache keys hold it). Each step the runner gives every input token its request's adapter number
 (`LoRAState.set_step`); each projection with adapters adds, for every adapter the step uses, its delta to the rows
 of that adapter's tokens: two small matmuls per adapter over its rows only (plain PyTorch: on a GPU such steps run
 eagerly, outside the decode CUDA graphs, and without the fused 8-bit input paths).
@@ -131,13 +132,45 @@ def read_adapter(name: str, path: str, layers: list, dtype: torch.dtype, device:
 
 
 class LoRAState:
-    """The adapters, and this step's rows of each (set by the runner before the forward, cleared after)."""
+    """The adapters of a model, and this step's rows of each (set by the runner before the forward, cleared
+    after)."""
 
-    def __init__(self, adapters: list[LoRAAdapter]):
-        self.adapters = adapters                      # index i + 1 is adapter i
-        self.index = {a.name: i + 1 for i, a in enumerate(adapters)}
+    def __init__(self, model):
+        self.model = model
+        self.adapters: dict[int, LoRAAdapter] = {}   # number -> adapter
+        self.index: dict[str, int] = {}              # name -> number
+        self.next_number = 1
         # (adapter, its token rows, or None where every row of the step is its) this step
         self.step_rows: list[tuple[LoRAAdapter, torch.Tensor | None]] = []
+
+    def add(self, adapter: LoRAAdapter, number: int | None = None) -> int:
+        """Bind the projections the adapter changes and pack its weights; returns its number (`number`: the one
+        rank 0 gave it, under tensor parallelism)."""
+        if adapter.name in self.index:
+            raise ValueError(f"LoRA adapter {adapter.name!r} is already loaded")
+        used = sorted({(layer, name) for layer, name, _ in adapter.weights})
+        projs = []
+        for i, name in used:
+            layer = self.model.model.layers[i]
+            proj = getattr(layer.self_attn if name in ("qkv_proj", "o_proj") else layer.mlp, name)
+            if proj.act_quant:
+                raise ValueError("LoRA adapters need float or weight-only int8 (w8a16) projections: not with "
+                                 "w8a8 quantization")
+            projs.append((i, name, proj))
+        for i, name, proj in projs:
+            if proj.lora is None:
+                proj.lora = LoRABinding(self, i, name)
+            _pack(adapter, i, name, proj.output_sizes if name in ("qkv_proj", "gate_up_proj")
+                  else [proj.out_features])
+        number = number or self.next_number
+        self.next_number = max(self.next_number, number + 1)
+        self.adapters[number] = adapter
+        self.index[adapter.name] = number
+        return number
+
+    def remove(self, name: str) -> None:
+        """Forget an adapter (no request may be using it). Its projections stay bound: with no rows, a no-op."""
+        del self.adapters[self.index.pop(name)]
 
     @property
     def active(self) -> bool:
@@ -150,12 +183,12 @@ class LoRAState:
             return
         used = set(token_adapters)
         if len(used) == 1:  # one adapter for the whole step (batch 1, say): no row selection
-            self.step_rows = [(self.adapters[used.pop() - 1], None)]
+            self.step_rows = [(self.adapters[used.pop()], None)]
             return
         import torch
         ids = torch.tensor(token_adapters, dtype=torch.long)
         for n in sorted(used - {0}):
-            self.step_rows.append((self.adapters[n - 1], torch.nonzero(ids == n)[:, 0].to(device)))
+            self.step_rows.append((self.adapters[n], torch.nonzero(ids == n)[:, 0].to(device)))
 
     def clear(self) -> None:
         self.step_rows = []
@@ -184,21 +217,10 @@ class LoRABinding:
 
 
 def attach(model, adapters: list[LoRAAdapter]) -> LoRAState:
-    """Bind every projection that some adapter changes to the adapters' state; returns the state."""
-    state = LoRAState(adapters)
-    used = {(layer, name) for a in adapters for layer, name, _ in a.weights}
-    for i, layer in enumerate(model.model.layers):
-        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-            if (i, name) not in used:
-                continue
-            proj = getattr(layer.self_attn if name in ("qkv_proj", "o_proj") else layer.mlp, name)
-            if proj.act_quant:
-                raise ValueError("LoRA adapters need float or weight-only int8 (w8a16) projections: not with "
-                                 "w8a8 quantization")
-            proj.lora = LoRABinding(state, i, name)
-            slices = proj.output_sizes if name in ("qkv_proj", "gate_up_proj") else [proj.out_features]
-            for a in adapters:
-                _pack(a, i, name, slices)
+    """The model's adapters' state, with these adapters numbered 1, 2, ... in order."""
+    state = LoRAState(model)
+    for a in adapters:
+        state.add(a)
     return state
 
 

@@ -171,7 +171,7 @@ class Frontend:
         self.max_dec_len = cfg.max_dec_len
         self.eos_token_ids = list(getattr(tokenizer, "eos_token_ids", []) or [])
         self.model_name = cfg.model_name
-        self.lora_modules = parse_lora_modules(cfg.lora_modules)  # name -> path: an OpenAI `model` picks one
+        self._configured_lora = parse_lora_modules(cfg.lora_modules)
         self.created = int(time.time())
         self.shutting_down = False
         self._bg: set[asyncio.Task] = set()
@@ -210,6 +210,20 @@ class Frontend:
         if time.time() - stats.timestamp > self.cfg.check_health_interval:
             return False, 3, "infer engine hangs"
         return True, 0, ""
+
+    @property
+    def lora_modules(self) -> dict[str, str]:
+        """The LoRA adapters served, name -> path (an OpenAI `model` picks one): the engine's list once it is
+        ready, which adapters loaded while serving join; KILN_LORA_MODULES' before."""
+        stats = getattr(self.client, "stats", None)
+        adapters = getattr(stats, "lora_adapters", None)
+        return adapters if adapters is not None and stats.ready else self._configured_lora
+
+    async def update_lora(self, name: str, load: bool, path: str = "") -> None:
+        """Load (or unload) a LoRA adapter while serving; RequestError says why it could not."""
+        out = await self.client.update_lora(self.new_id("lora-"), name, load, path)
+        if out.error is not None:
+            raise RequestError(out.error, out.error_type or ErrorKind.INTERNAL)
 
     def check_accepting(self) -> None:
         """Every API refuses new requests the same way once the server is shutting down."""

@@ -30,7 +30,7 @@ import logging
 import signal
 import struct
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import grpc
 from google.protobuf import json_format
@@ -178,15 +178,25 @@ def request_id_of(req: dict, request: pb.ModelInferRequest) -> str:
 # -- the service ---------------------------------------------------------------------------------------------
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runner: Runner, ready: Callable[[], bool], model_aliases: tuple[str, ...] = (),
-                 version: str = "", engine_stats: Callable[[], Any] = lambda: None, adapters: tuple[str, ...] = ()):
+                 version: str = "", engine_stats: Callable[[], Any] = lambda: None,
+                 adapters: Callable[[], Iterable[str]] | tuple[str, ...] = ()):
         self.runner = runner
         self.ready = ready
         self.engine_stats = engine_stats  # the engine's last EngineStats (None before its first)
-        self.adapters = adapters  # LoRA adapters (KILN_LORA_MODULES): each a model of its own name
-        self.aliases = tuple(a for a in (*model_aliases, *adapters) if a and a != MODEL_NAME)
+        # LoRA adapters (KILN_LORA_MODULES, and those loaded while serving): each a model of its own name
+        self._adapters = adapters if callable(adapters) else (lambda: adapters)
+        self.model_aliases = model_aliases
         self.version = version
         self.stopping = False
         self._stream_queues: set[asyncio.Queue] = set()
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self._adapters())
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return tuple(a for a in (*self.model_aliases, *self.adapters) if a and a != MODEL_NAME)
 
     def begin_shutdown(self) -> None:
         """Streams with nothing running end now; the others end once their requests finish (the server's
@@ -429,7 +439,7 @@ async def _serve(cfg: Any) -> None:
     frontend = await Frontend.start(cfg)
     servicer = KServeServicer(build_runner(frontend), lambda: frontend.readiness()[0],
                               (getattr(cfg, "model_name", None) or "",), getattr(kiln, "__version__", ""),
-                              lambda: getattr(frontend.client, "stats", None), tuple(frontend.lora_modules))
+                              lambda: getattr(frontend.client, "stats", None), lambda: frontend.lora_modules)
     host = getattr(cfg, "host", None) or "0.0.0.0"
     address = f"[::]:{cfg.grpc_port}" if host in ("0.0.0.0", "::", "") else f"{host}:{cfg.grpc_port}"
     from kiln.server.auth import ApiKeyInterceptor, ApiKeys

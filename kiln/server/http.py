@@ -24,7 +24,7 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from kiln.config import KilnConfig, setup_logging
 from kiln.errors import ErrorKind, RequestError, openai_error_body, seed_error_body
@@ -456,6 +456,21 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None, warm_up: bool 
     @app.post("/detokenize")
     async def detokenize(request: Request):
         return await tokenizer_route(request, oai.detokenize)
+
+    async def lora_route(request: Request, load: bool):
+        try:
+            body = await read_json(request)
+            return PlainTextResponse(await oai.update_lora_adapter(body, fe_of(request), load))
+        except RequestError as e:
+            return _openai_error(e)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        return await lora_route(request, True)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        return await lora_route(request, False)
 
     @app.get("/v1/models")
     @app.get("/v1/chat/completions/models")

@@ -649,6 +649,33 @@ def retrieve_model(frontend: Frontend, model: str) -> dict:
     return model_card(frontend)
 
 
+# -- LoRA adapters loaded while serving (vLLM's routes) ------------------------------------------------------------
+
+async def update_lora_adapter(body: Any, frontend: Frontend, load: bool) -> str:
+    """POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name}: vLLM's answer
+    text; RequestError naming what to fix."""
+    route = "/v1/load_lora_adapter" if load else "/v1/unload_lora_adapter"
+    if not frontend.cfg.allow_runtime_lora_updating:
+        raise RequestError(f"{route} is off: start the server with KILN_ALLOW_RUNTIME_LORA_UPDATING=1 "
+                           f"(--allow-runtime-lora-updating) to load and unload LoRA adapters while it runs",
+                           ErrorKind.NOT_FOUND)
+    if not isinstance(body, dict):
+        raise _bad("the body must be a JSON object", None)
+    name, path = body.get("lora_name"), body.get("lora_path")
+    if not isinstance(name, str) or not name.strip():
+        raise _bad("`lora_name` must be a non-empty string: the name requests will give as `model`", "lora_name")
+    if load and (not isinstance(path, str) or not path.strip()):
+        raise _bad("`lora_path` must be a non-empty string: the adapter's directory on the server (PEFT's "
+                   "adapter_config.json and adapter_model.safetensors)", "lora_path")
+    if name == frontend.model_name:
+        raise _bad(f"`lora_name` {name!r} is the served model's name: give the adapter a name of its own",
+                   "lora_name")
+    frontend.check_accepting()
+    await frontend.update_lora(name, load, path if load else "")
+    return (f"Success: LoRA adapter '{name}' added successfully." if load
+            else f"Success: LoRA adapter '{name}' removed successfully.")
+
+
 # -- embeddings --------------------------------------------------------------------------------------------------
 
 class EmbeddingRequest(BaseModel):

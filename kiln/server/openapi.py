@@ -58,6 +58,10 @@ def _document() -> dict:
                                            EmbeddingRequest, TokenizeChatRequest, TokenizeCompletionRequest)
 
     schemas: dict[str, Any] = {"NativeRequest": NATIVE_REQUEST, "KServeGenerateRequest": KSERVE_GENERATE}
+    schemas["LoadLoRAAdapterRequest"] = {"type": "object", "required": ["lora_name", "lora_path"],
+                                         "properties": {"lora_name": _STR, "lora_path": _STR}}
+    schemas["UnloadLoRAAdapterRequest"] = {"type": "object", "required": ["lora_name"],
+                                           "properties": {"lora_name": _STR}}
     for model in (ChatCompletionRequest, CompletionRequest, TokenizeCompletionRequest, TokenizeChatRequest,
                   DetokenizeRequest, EmbeddingRequest):
         s = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -77,6 +81,8 @@ def _document() -> dict:
         "/v1/embeddings": {"post": _body("EmbeddingRequest")},
         "/tokenize": {"post": _body("TokenizeRequest")},
         "/detokenize": {"post": _body("DetokenizeRequest")},
+        "/v1/load_lora_adapter": {"post": _body("LoadLoRAAdapterRequest")},  # KILN_ALLOW_RUNTIME_LORA_UPDATING
+        "/v1/unload_lora_adapter": {"post": _body("UnloadLoRAAdapterRequest")},
         "/v2/models/model/generate": {"post": _body("KServeGenerateRequest")},
         "/v2/models/model/generate_stream": {"post": _body("KServeGenerateRequest")},
     }

@@ -614,6 +614,54 @@ def test_a_lora_adapter_is_a_model_of_its_own(kiln_server_factory, server, v1, l
     assert kserve.status_code == 200 and kserve.json()["text_output"] == adapted.choices[0].message.content
 
 
+def test_lora_adapters_load_and_unload_while_serving(kiln_server_factory, server, lora_dir, tmp_path):
+    """KILN_ALLOW_RUNTIME_LORA_UPDATING: POST /v1/load_lora_adapter makes the adapter a model of every HTTP worker
+    (/v1/models) and of gRPC, serving what KILN_LORA_MODULES would; /v1/unload_lora_adapter removes it. Without the
+    setting both routes are 404s that name it; bad bodies and adapters get 400s, an unknown name a 404."""
+    off = requests.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "n", "lora_path": str(lora_dir)},
+                        timeout=30)
+    assert off.status_code == 404 and "KILN_ALLOW_RUNTIME_LORA_UPDATING=1" in off.text
+    s = kiln_server_factory(KILN_ALLOW_RUNTIME_LORA_UPDATING="1", PUSH_MODE_HTTP_WORKERS="2", BATCH_SIZE="4",
+                            MAX_SEQ_LEN="512", MAX_DEC_LEN="64")
+    c = openai.Client(base_url=s.url + "/v1", api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
+    kw = dict(messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0)
+    plain = c.chat.completions.create(model="noisy", **kw).choices[0].message.content  # no adapter yet: the model
+    ok = requests.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "noisy", "lora_path": str(lora_dir)},
+                       timeout=60)
+    assert ok.status_code == 200 and ok.text == "Success: LoRA adapter 'noisy' added successfully."
+    for _ in range(8):  # each a new connection: both workers know it
+        assert "noisy" in {m.id for m in c.models.list().data}
+    adapted = c.chat.completions.create(model="noisy", **kw).choices[0].message.content
+    assert adapted != plain
+    fixed = kiln_server_factory(KILN_LORA_MODULES=f"noisy={lora_dir}", BATCH_SIZE="4", MAX_SEQ_LEN="512",
+                                MAX_DEC_LEN="64")
+    same = openai.Client(base_url=fixed.url + "/v1", api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
+    assert same.chat.completions.create(model="noisy", **kw).choices[0].message.content == adapted
+    import tritonclient.grpc as grpcclient
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{s.ports['GRPC_PORT']}")
+    try:
+        assert {m.name for m in g.get_model_repository_index().models} == {"model", "noisy"}
+    finally:
+        g.close()
+    bad_dir = tmp_path / "empty"
+    bad_dir.mkdir()
+    for body, status, needle in [({"lora_name": "noisy", "lora_path": str(lora_dir)}, 400, "already loaded"),
+                                 ({"lora_name": "x", "lora_path": str(bad_dir)}, 400, "adapter_config.json"),
+                                 ({"lora_name": "x"}, 400, "lora_path"), ({"lora_path": str(lora_dir)}, 400,
+                                                                          "lora_name"),
+                                 ({"lora_name": "SmolLM2-135M-Instruct", "lora_path": str(lora_dir)}, 400,
+                                  "served model's name")]:
+        r = requests.post(s.url + "/v1/load_lora_adapter", json=body, timeout=60)
+        assert r.status_code == status and needle in r.text, (body, r.text)
+    gone = requests.post(s.url + "/v1/unload_lora_adapter", json={"lora_name": "noisy"}, timeout=60)
+    assert gone.status_code == 200 and gone.text == "Success: LoRA adapter 'noisy' removed successfully."
+    for _ in range(8):
+        assert "noisy" not in {m.id for m in c.models.list().data}
+    assert c.chat.completions.create(model="noisy", **kw).choices[0].message.content == plain
+    again = requests.post(s.url + "/v1/unload_lora_adapter", json={"lora_name": "noisy"}, timeout=60)
+    assert again.status_code == 404 and "not loaded" in again.text
+
+
 def test_embeddings_api(server, v1, default_model_dir):
     """/v1/embeddings: one L2-normalized vector per input (the last position's final hidden state, as transformers
     computes it), strings and token ids, float and base64, usage; bad inputs get 400s."""

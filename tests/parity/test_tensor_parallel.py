@@ -157,6 +157,16 @@ def test_two_ranks_serve_lora_adapters_as_one_rank(tmp_path):
     ref, got = one_rank_then_two(d, run, **kw)
     assert got == ref and ref["a0"] != ref["0"]
 
+    # loaded while serving (two adapters, the first unloaded between): every rank loads each under rank 0's number
+    other, _ = write_adapter(tmp_path / "b", d, ["q_proj", "down_proj"], rank=2, alpha=4, seed=4)
+
+    def run_loaded(core):
+        assert core.update_lora(True, "b", str(other)) is None and core.update_lora(False, "b") is None
+        assert core.update_lora(True, "a", str(adapter)) is None
+        return run(core)
+    ref_loaded, got_loaded = one_rank_then_two(d, run_loaded, max_num_batched_tokens=24)
+    assert got_loaded == ref_loaded == ref
+
 
 def test_two_ranks_score_prompts_as_one_rank(tmp_path):
     """Prompt logprobs: every rank runs the LM head over the scored prompt rows (its all-gather) in lockstep, in

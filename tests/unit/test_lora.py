@@ -155,6 +155,40 @@ def test_unknown_adapters_and_bad_adapter_directories_are_named(dirs, tmp_path):
         make_core(base, lora_modules={"one": str(adapters["one"][0])}, quantization="w8a8-int8")
 
 
+def test_adapters_load_and_unload_while_serving(dirs, tmp_path):
+    """update_lora on an engine started without adapters: a loaded adapter serves as its merged checkpoint and
+    shows in the stats; one in use stays until its requests end; a name loaded twice, an unknown name and a bad
+    directory get their errors; a name unloaded and loaded again with other weights never meets the old adapter's
+    prefix-cache blocks (adapter numbers are not reused)."""
+    base, adapters = dirs
+    core = make_core(base)
+    prompt = list(range(10, 60))
+    assert core.update_lora(True, "x", str(adapters["one"][0])) is None
+    assert core.stats().lora_adapters == {"x": str(adapters["one"][0])}
+    assert_same(run(core, [("a", prompt, params("x"))])["a"],
+                run(make_core(adapters["one"][1]), [("r", prompt, params())])["r"])
+    kind, msg = core.update_lora(True, "x", str(adapters["two"][0]))
+    assert kind is ErrorKind.INVALID and "already loaded" in msg
+    assert core.add_request("busy", prompt, params("x")) is None
+    kind, msg = core.update_lora(False, "x")
+    assert kind is ErrorKind.INVALID and "in use by 1 request" in msg
+    while core.has_unfinished():
+        core.step()
+    assert core.update_lora(False, "x") is None and core.stats().lora_adapters == {}
+    err = core.add_request("gone", prompt, params("x"))
+    assert err is not None and "unknown LoRA adapter 'x'" in err.error
+    kind, msg = core.update_lora(False, "x")
+    assert kind is ErrorKind.NOT_FOUND and "not loaded" in msg
+    kind, msg = core.update_lora(True, "y", str(tmp_path / "missing"))
+    assert kind is ErrorKind.INVALID and "adapter_config.json" in msg and core.stats().lora_adapters == {}
+    # the same name, other weights, the same prompt: adapter two's tokens, not blocks cached under adapter one
+    hits = core.kv.num_cached_hits
+    assert core.update_lora(True, "x", str(adapters["two"][0])) is None
+    got = run(core, [("b", prompt, params("x"))])["b"]
+    assert core.kv.num_cached_hits == hits
+    assert_same(got, run(make_core(adapters["two"][1]), [("r", prompt, params())])["r"])
+
+
 def test_lora_modules_parse_from_flags_and_json():
     assert parse_lora_modules("a=/x, b=/y") == {"a": "/x", "b": "/y"}
     assert parse_lora_modules('{"a": "/x"}') == {"a": "/x"}
