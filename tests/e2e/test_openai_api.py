@@ -403,10 +403,11 @@ def test_echo_with_logprobs_scores_the_prompt(server, v1):
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(x <= 0 for x in lp.token_logprobs[1:])
     assert lp.text_offset == sorted(lp.text_offset)
-    # the generated tokens, scored as prompt tokens: the same logprobs (bf16 on this CPU: a prefill's and the
-    # decode steps' sums differ in the last bits; tests/unit/test_prompt_logprobs.py holds float32 to 1e-4)
+    # the generated tokens, scored as prompt tokens: the same logprobs (bf16 where the CPU has it natively: a
+    # prefill's and the decode steps' sums differ in the last bits, up to 0.06 seen on AVX512-BF16; a token scored
+    # at the wrong position is off by nats; tests/unit/test_prompt_logprobs.py holds float32 to 1e-4)
     assert lp.tokens[len(ctx_ids):] == gen.choices[0].logprobs.tokens
-    assert lp.token_logprobs[len(ctx_ids):] == pytest.approx(gen.choices[0].logprobs.token_logprobs, abs=0.05)
+    assert lp.token_logprobs[len(ctx_ids):] == pytest.approx(gen.choices[0].logprobs.token_logprobs, abs=0.1)
     for tok, l, top in zip(lp.tokens[len(ctx_ids):], lp.token_logprobs[len(ctx_ids):], lp.top_logprobs[len(ctx_ids):]):
         assert tok in top and max(top.values()) == pytest.approx(l, abs=1e-4)
     # streamed: the same text and the same logprobs
