@@ -15,8 +15,10 @@ tokenization, engine, detokenization) and each packet comes back as one response
   gRPC status codes (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ALREADY_EXISTS, DEADLINE_EXCEEDED, INTERNAL,
   NOT_FOUND for an unknown model) whose message is the packet's error_msg.
 * ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig, RepositoryIndex and
-  ModelStatistics (server-wide request counts and times since ready: kserve.model_statistics). Other RPCs
-  (model load / unload, shared memory, trace and log settings) answer UNIMPLEMENTED.
+  ModelStatistics (server-wide request counts and times since ready: kserve.model_statistics).
+* RepositoryModelLoad / RepositoryModelUnload: LoRA adapters as models, where KILN_ALLOW_RUNTIME_LORA_UPDATING
+  allows it (kserve.repository_update); else UNIMPLEMENTED, as the other RPCs (shared memory, trace and log
+  settings).
 
 gRPC does not need the HTTP API: it talks to the engine core directly (unlike the seed, whose gRPC breaks when
 PUSH_MODE_HTTP_PORT is off). The supervisor runs `run(cfg)` in its own process.
@@ -25,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
 import struct
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 from google.protobuf import json_format
@@ -48,12 +51,14 @@ from kiln.server.kserve import (
     MODEL_NAME,
     MODEL_VERSION,
     OUTPUT_NAME,
+    REPOSITORY_OFF,
     SERVER_NAME,
     bad,
     check_model,
     model_metadata,
     model_statistics,
     repository_index,
+    repository_update,
     request_in,
 )
 from kiln.server.kserve import model_config as model_config_dict
@@ -179,13 +184,15 @@ def request_id_of(req: dict, request: pb.ModelInferRequest) -> str:
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runner: Runner, ready: Callable[[], bool], model_aliases: tuple[str, ...] = (),
                  version: str = "", engine_stats: Callable[[], Any] = lambda: None,
-                 adapters: Callable[[], Iterable[str]] | tuple[str, ...] = ()):
+                 adapters: Callable[[], Iterable[str]] | tuple[str, ...] = (),
+                 repository: Callable[[str, bool, dict], Awaitable[None]] | None = None):
         self.runner = runner
         self.ready = ready
         self.engine_stats = engine_stats  # the engine's last EngineStats (None before its first)
         # LoRA adapters (KILN_LORA_MODULES, and those loaded while serving): each a model of its own name
         self._adapters = adapters if callable(adapters) else (lambda: adapters)
         self.model_aliases = model_aliases
+        self.repository = repository  # kserve.repository_update bound to the front end; None: load / unload off
         self.version = version
         self.stopping = False
         self._stream_queues: set[asyncio.Queue] = set()
@@ -245,6 +252,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name or request.version:  # no name: every model's (the one)
             await self._check_or_abort(request.name, request.version, context)
         return json_format.ParseDict(model_statistics(self.engine_stats()), pb.ModelStatisticsResponse())
+
+    async def _repository(self, request, context, load: bool) -> None:
+        if self.repository is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, REPOSITORY_OFF)
+        params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in request.parameters.items()
+                  if v.WhichOneof("parameter_choice")}
+        try:
+            await self.repository(request.model_name, load, params)
+        except RequestError as e:
+            await context.abort(grpc_status(e.kind), e.message)
+
+    async def RepositoryModelLoad(self, request, context):
+        await self._repository(request, context, True)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._repository(request, context, False)
+        return pb.RepositoryModelUnloadResponse()
 
     def _with_adapter(self, req: dict, model_name: str) -> dict:
         """A request to a LoRA adapter's model runs with that adapter (the seed request's `model`)."""
@@ -439,7 +464,9 @@ async def _serve(cfg: Any) -> None:
     frontend = await Frontend.start(cfg)
     servicer = KServeServicer(build_runner(frontend), lambda: frontend.readiness()[0],
                               (getattr(cfg, "model_name", None) or "",), getattr(kiln, "__version__", ""),
-                              lambda: getattr(frontend.client, "stats", None), lambda: frontend.lora_modules)
+                              lambda: getattr(frontend.client, "stats", None), lambda: frontend.lora_modules,
+                              functools.partial(repository_update, frontend)
+                              if cfg.allow_runtime_lora_updating else None)
     host = getattr(cfg, "host", None) or "0.0.0.0"
     address = f"[::]:{cfg.grpc_port}" if host in ("0.0.0.0", "::", "") else f"{host}:{cfg.grpc_port}"
     from kiln.server.auth import ApiKeyInterceptor, ApiKeys

@@ -1,8 +1,9 @@
 """The KServe v2 / Triton model Kiln serves, shared by gRPC (grpc_server.py) and KServe HTTP (kserve_http.py):
-its name and version, its metadata and configuration, which names reach it, and the request held in its
-input IN (`json.dumps([request])`, the seed's fields)."""
+its name and version, its metadata and configuration, which names reach it, the request held in its
+input IN (`json.dumps([request])`, the seed's fields), and the repository's load / unload (LoRA adapters)."""
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
 
 from kiln.errors import ErrorKind, RequestError
@@ -45,6 +46,36 @@ def repository_index(ready: bool, adapters: Iterable[str] = ()) -> list[dict]:
     once the engine is."""
     return [{"name": name, "version": MODEL_VERSION, "state": "READY" if ready else "UNAVAILABLE",
              "reason": "" if ready else "the engine is not ready"} for name in (MODEL_NAME, *adapters)]
+
+
+REPOSITORY_OFF = ("model load / unload is off: start the server with KILN_ALLOW_RUNTIME_LORA_UPDATING=1 to load LoRA "
+                  "adapters as models (load_model(name, config='{\"lora_path\": \"/dir\"}'))")
+
+
+async def repository_update(frontend: Any, name: str, load: bool, parameters: dict[str, Any]) -> None:
+    """Triton's repository load / unload of model `name`, where KILN_ALLOW_RUNTIME_LORA_UPDATING allows it: a LoRA
+    adapter, whose directory is the parameter `lora_path` or the `lora_path` of the JSON `config` (tritonclient's
+    load_model(name, config=...)). Loading the served model is a no-op (it is loaded); unloading it is refused.
+    RequestError says what to fix."""
+    if not frontend.cfg.allow_runtime_lora_updating:
+        raise RequestError(REPOSITORY_OFF, ErrorKind.NOT_FOUND)
+    if name in (MODEL_NAME, frontend.model_name):
+        if load:
+            return
+        raise RequestError(f"'{name}' is the served model: it stays loaded (LoRA adapters unload)", ErrorKind.INVALID)
+    if not name:
+        raise RequestError("give the adapter's model name", ErrorKind.INVALID)
+    path = parameters.get("lora_path")
+    config = parameters.get("config")
+    if path is None and config is not None:
+        try:
+            path = json.loads(config).get("lora_path") if isinstance(config, (str, bytes)) else None
+        except (ValueError, AttributeError):
+            path = None
+    if load and (not isinstance(path, str) or not path):
+        raise RequestError("a LoRA adapter's load needs its directory: the parameter lora_path, or config "
+                           "'{\"lora_path\": \"/dir\"}'", ErrorKind.INVALID)
+    await frontend.update_lora(name, load, path if load else "")
 
 
 def _duration(count: int, seconds: float) -> dict:

@@ -5,7 +5,8 @@
     GET  /v2/models/model[/versions/1]/ready   200 when ready, 400 when not (KServe v2: a 4xx means false)
     GET  /v2/models/model[/versions/1]/config  the model configuration (Triton's JSON form)
     GET  /v2/models[/model[/versions/1]]/stats  Triton's model statistics (kserve.model_statistics)
-    POST /v2/repository/index                  the model repository's index (the one model and its state)
+    POST /v2/repository/index                  the model repository's index (the model, its LoRA adapters, state)
+    POST /v2/repository/models/{name}/load | unload   LoRA adapters as models (kserve.repository_update)
     POST /v2/models/model[/versions/1]/generate          Triton's generate extension: one JSON answer
     POST /v2/models/model[/versions/1]/generate_stream   the same as server-sent events, one per token
 
@@ -54,6 +55,7 @@ from kiln.server.kserve import (
     model_metadata,
     model_statistics,
     repository_index,
+    repository_update,
     request_in,
     server_version,
 )
@@ -106,6 +108,33 @@ async def get_repository_index(request: Request) -> JSONResponse:
     ready = _fe(request).readiness()[0]
     return JSONResponse([m for m in repository_index(ready, _fe(request).lora_modules)
                          if ready or not body.get("ready", False)])
+
+
+async def _repository(request: Request, name: str, load: bool) -> Response:
+    """Triton's POST /v2/repository/models/{name}/load | unload, body {"parameters": {...}} (optional)."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        body = None
+    params = body.get("parameters", {}) if isinstance(body, dict) else None
+    try:
+        if not isinstance(params, dict):
+            raise bad('the body must be empty or a JSON object {"parameters": {...}}')
+        await repository_update(_fe(request), name, load, params)
+    except RequestError as e:
+        return JSONResponse(_error_body(e), status_code=e.http_status)
+    return Response(status_code=200)
+
+
+@router.post("/v2/repository/models/{name}/load")
+async def load_model(request: Request, name: str) -> Response:
+    return await _repository(request, name, True)
+
+
+@router.post("/v2/repository/models/{name}/unload")
+async def unload_model(request: Request, name: str) -> Response:
+    return await _repository(request, name, False)
 
 
 @router.get("/v2/models/{name}")

@@ -617,11 +617,24 @@ def test_a_lora_adapter_is_a_model_of_its_own(kiln_server_factory, server, v1, l
 
 def test_lora_adapters_load_and_unload_while_serving(kiln_server_factory, server, lora_dir, tmp_path):
     """KILN_ALLOW_RUNTIME_LORA_UPDATING: POST /v1/load_lora_adapter makes the adapter a model of every HTTP worker
-    (/v1/models) and of gRPC, serving what KILN_LORA_MODULES would; /v1/unload_lora_adapter removes it. Without the
-    setting both routes are 404s that name it; bad bodies and adapters get 400s, an unknown name a 404."""
+    (/v1/models) and of gRPC, serving what KILN_LORA_MODULES would; /v1/unload_lora_adapter removes it; so do
+    Triton's repository load / unload over gRPC and KServe HTTP. Without the setting the routes are 404s (gRPC:
+    UNIMPLEMENTED) that name it; bad bodies and adapters get 400s, an unknown name a 404."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
     off = requests.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "n", "lora_path": str(lora_dir)},
                         timeout=30)
     assert off.status_code == 404 and "KILN_ALLOW_RUNTIME_LORA_UPDATING=1" in off.text
+    off = requests.post(server.url + "/v2/repository/models/n/load", json={"parameters": {"lora_path": "/x"}},
+                        timeout=30)
+    assert off.status_code == 404 and "KILN_ALLOW_RUNTIME_LORA_UPDATING=1" in off.text
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports['GRPC_PORT']}")
+    try:
+        with pytest.raises(InferenceServerException, match="KILN_ALLOW_RUNTIME_LORA_UPDATING=1") as e:
+            g.load_model("n", config=json.dumps({"lora_path": str(lora_dir)}))
+        assert e.value.status() == "StatusCode.UNIMPLEMENTED"
+    finally:
+        g.close()
     s = kiln_server_factory(KILN_ALLOW_RUNTIME_LORA_UPDATING="1", PUSH_MODE_HTTP_WORKERS="2", BATCH_SIZE="4",
                             MAX_SEQ_LEN="512", MAX_DEC_LEN="64")
     c = openai.Client(base_url=s.url + "/v1", api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
@@ -638,10 +651,31 @@ def test_lora_adapters_load_and_unload_while_serving(kiln_server_factory, server
                                 MAX_DEC_LEN="64")
     same = openai.Client(base_url=fixed.url + "/v1", api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
     assert same.chat.completions.create(model="noisy", **kw).choices[0].message.content == adapted
-    import tritonclient.grpc as grpcclient
     g = grpcclient.InferenceServerClient(f"127.0.0.1:{s.ports['GRPC_PORT']}")
     try:
         assert {m.name for m in g.get_model_repository_index().models} == {"model", "noisy"}
+        # Triton's repository RPCs: an adapter as a model of its own name, by tritonclient's load_model(config=)
+        g.load_model("grpc-noisy", config=json.dumps({"lora_path": str(lora_dir)}))
+        assert {m.name for m in g.get_model_repository_index().models} == {"model", "noisy", "grpc-noisy"}
+        assert g.is_model_ready("grpc-noisy")
+        assert c.chat.completions.create(model="grpc-noisy", **kw).choices[0].message.content == adapted
+        g.load_model("model")  # the served model: loaded already
+        for call, needle, code in [(lambda: g.unload_model("model"), "stays loaded", "INVALID_ARGUMENT"),
+                                   (lambda: g.load_model("x"), "lora_path", "INVALID_ARGUMENT"),
+                                   (lambda: g.unload_model("nope"), "not loaded", "NOT_FOUND")]:
+            with pytest.raises(InferenceServerException, match=needle) as e:
+                call()
+            assert e.value.status() == f"StatusCode.{code}"
+        g.unload_model("grpc-noisy")
+        assert not g.is_model_ready("grpc-noisy")
+        # and over KServe HTTP
+        r = requests.post(s.url + "/v2/repository/models/http-noisy/load",
+                          json={"parameters": {"config": json.dumps({"lora_path": str(lora_dir)})}}, timeout=60)
+        assert r.status_code == 200 and g.is_model_ready("http-noisy")
+        r = requests.post(s.url + "/v2/repository/models/http-noisy/unload", timeout=60)
+        assert r.status_code == 200 and not g.is_model_ready("http-noisy")
+        r = requests.post(s.url + "/v2/repository/models/http-noisy/load", json={"parameters": []}, timeout=60)
+        assert r.status_code == 400 and "parameters" in r.text
     finally:
         g.close()
     bad_dir = tmp_path / "empty"
