@@ -125,3 +125,16 @@ class LLM:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    # -- LoRA adapters ---------------------------------------------------------------------------------
+    def load_lora(self, name: str, path: str) -> None:
+        """Load a PEFT LoRA adapter; requests then pick it by SamplingParams(lora_name=name). ValueError says
+        what is wrong with it."""
+        err = self.engine.update_lora(True, name, path)
+        if err is not None:
+            raise ValueError(err[1])
+
+    def unload_lora(self, name: str) -> None:
+        err = self.engine.update_lora(False, name)
+        if err is not None:
+            raise ValueError(err[1])

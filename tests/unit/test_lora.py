@@ -189,6 +189,30 @@ def test_adapters_load_and_unload_while_serving(dirs, tmp_path):
     assert_same(got, run(make_core(adapters["two"][1]), [("r", prompt, params())])["r"])
 
 
+def test_the_offline_llm_loads_and_unloads_adapters(dirs, default_model_dir, tmp_path):
+    from kiln import LLM
+    from tests.helpers.tiny_models import TOKENIZER_FILES
+    base, adapters = dirs
+    with_tok = []
+    for d in (base, adapters["one"][1]):  # the LLM wants a tokenizer (the prompts here are ids below 512)
+        shutil.copytree(d, tmp_path / d.parent.name / d.name)
+        for f in TOKENIZER_FILES:
+            if (default_model_dir / f).exists():
+                shutil.copy(default_model_dir / f, tmp_path / d.parent.name / d.name / f)
+        with_tok.append(tmp_path / d.parent.name / d.name)
+    llm = LLM(str(with_tok[0]), dtype="float32", device="cpu")
+    prompt = list(range(10, 30))
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, lora_name="one")
+    llm.load_lora("one", str(adapters["one"][0]))
+    want = LLM(str(with_tok[1]), dtype="float32", device="cpu").generate([prompt], params(max_tokens=8))
+    assert llm.generate([prompt], sp)[0].token_ids == want[0].token_ids
+    with pytest.raises(ValueError, match="already loaded"):
+        llm.load_lora("one", str(adapters["two"][0]))
+    llm.unload_lora("one")
+    with pytest.raises(ValueError, match="not loaded"):
+        llm.unload_lora("one")
+
+
 def test_lora_modules_parse_from_flags_and_json():
     assert parse_lora_modules("a=/x, b=/y") == {"a": "/x", "b": "/y"}
     assert parse_lora_modules('{"a": "/x"}') == {"a": "/x"}
