@@ -30,6 +30,7 @@ from kiln.config import KilnConfig, setup_logging
 from kiln.errors import ErrorKind, RequestError, openai_error_body, seed_error_body
 from kiln.server import kserve_http
 from kiln.server import openai_schema as oai
+from kiln.server import responses_api as rapi
 from kiln.server.auth import ApiKeyMiddleware, ApiKeys
 from kiln.server.frontend import Frontend, GenerationState, merge_streams
 from kiln.server.http_common import (
@@ -353,6 +354,77 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
     return ClosingStreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+async def serve_responses(request: Request, body: Any, fe: Frontend) -> Response:
+    """OpenAI's Responses API: the request runs as the chat request it means (kiln.server.responses_api)."""
+    arrival = time.time()
+    try:
+        fe.check_accepting()
+        chat = rapi.to_chat_body(body)
+        job = await oai.parse_chat({**chat, "stream": False, "n": 1}, fe)
+    except RequestError as e:
+        e = rapi.in_responses_terms(e)
+        fe.reject(fe.new_record("-", "responses", arrival), e)
+        return _openai_error(e)
+    writer = rapi.ResponseWriter(body, job.model)
+    prompt_tokens = len(job.prompts[0])
+    if not body.get("stream"):
+        try:
+            answer = await race_disconnect(request, _collect_openai(job, fe))
+        except RequestError as e:
+            return _openai_error(e)
+        except ClientGone:
+            return Response(status_code=499)
+        choice = answer["choices"][0]
+        return JSONResponse(writer.response(writer.items(choice["message"]), usage=(
+            prompt_tokens, answer["usage"]["completion_tokens"]), finish_reason=choice["finish_reason"]))
+
+    streams, states, _records = _streams(job, fe)
+    merged = merge_streams(streams)
+    try:
+        first = await first_item(request, merged)
+    except RequestError as e:
+        await merged.aclose()
+        return _openai_error(e)
+    except ClientGone:
+        return Response(status_code=499)
+    except StopAsyncIteration:
+        first = None
+    events = rapi.ResponseEvents(writer)
+    choice = oai.ChatChoiceStream(job)
+
+    def sse(evs: list[dict]) -> str:
+        return "".join(f"event: {ev['type']}\ndata: {dumps(ev)}\n\n" for ev in evs)
+
+    async def stream() -> AsyncIterator[str]:
+        finish = None
+        try:
+            yield sse(events.start())
+            pending = [first] if first is not None else []
+            async for item in _chain(pending, merged):
+                _, ev = item
+                deltas, finish_reason = choice.deltas(ev.text, ev.finished, ev.finish_reason)
+                out = [e for d in deltas for e in events.delta(d)]
+                if ev.finished:
+                    finish = ev.finish_reason
+                if out:
+                    yield sse(out)
+            message, finish = oai.chat_message(job, states[0].text, finish)
+            yield sse(events.finish(message, (prompt_tokens, len(states[0].token_ids)), finish))
+        except RequestError as e:
+            yield sse([events.error(e)])
+        finally:
+            await merged.aclose()
+
+    return ClosingStreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _chain(first: list, rest) -> AsyncIterator:
+    for x in first:
+        yield x
+    async for x in rest:
+        yield x
+
+
 # ----------------------------------------------------------------------------------------------------
 # the app
 # ----------------------------------------------------------------------------------------------------
@@ -423,6 +495,13 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None, warm_up: bool 
         if error is not None:
             return error
         return await serve_openai(request, body, fe_of(request), "chat")
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        body, error = await body_or_error(request, "responses", _openai_error)
+        if error is not None:
+            return error
+        return await serve_responses(request, body, fe_of(request))
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

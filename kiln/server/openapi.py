@@ -58,6 +58,8 @@ def _document() -> dict:
                                            EmbeddingRequest, TokenizeChatRequest, TokenizeCompletionRequest)
 
     schemas: dict[str, Any] = {"NativeRequest": NATIVE_REQUEST, "KServeGenerateRequest": KSERVE_GENERATE}
+    from kiln.server.responses_api import OPENAPI_SCHEMA as responses_request
+    schemas["ResponsesRequest"] = responses_request
     schemas["LoadLoRAAdapterRequest"] = {"type": "object", "required": ["lora_name", "lora_path"],
                                          "properties": {"lora_name": _STR, "lora_path": _STR}}
     schemas["UnloadLoRAAdapterRequest"] = {"type": "object", "required": ["lora_name"],
@@ -79,6 +81,7 @@ def _document() -> dict:
         "/v1/chat/completions/chat/completions": {"post": _body("ChatCompletionRequest")},
         "/v1/chat/completions/completions": {"post": _body("CompletionRequest")},
         "/v1/embeddings": {"post": _body("EmbeddingRequest")},
+        "/v1/responses": {"post": _body("ResponsesRequest")},
         "/tokenize": {"post": _body("TokenizeRequest")},
         "/detokenize": {"post": _body("DetokenizeRequest")},
         "/v1/load_lora_adapter": {"post": _body("LoadLoRAAdapterRequest")},  # KILN_ALLOW_RUNTIME_LORA_UPDATING

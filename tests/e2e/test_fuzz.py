@@ -65,7 +65,7 @@ def body_strategy(schema: dict, path: str):
 
 
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/chat/completions/chat/completions",
-          "/v1/chat/completions/completions", "/v2/models/model/generate", "/tokenize", "/detokenize"]
+          "/v1/chat/completions/completions", "/v2/models/model/generate", "/tokenize", "/detokenize", "/v1/responses"]
 
 
 def test_fuzz_no_5xx_no_hang(server, schema):
