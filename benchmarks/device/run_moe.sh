@@ -24,6 +24,10 @@ head -30 $R/moe_b1_profile.txt 2>/dev/null | cut -c1-160
 moe_b b8 8
 moe_b b64 64
 moe_b b1_w8a16 1 --quantization w8a16
+M="$B latency --preset qwen1.5-moe-a2.7b"  # a shared expert beside 4 of 60 routed ones (nineteenth session)
+moe_b q2_b1 1
+moe_b q2_b8 8
+M="$B latency --preset qwen3-30b-a3b"
 if [ $(left) -gt 80 ]; then
   timeout $(( $(left) - 15 )) $B throughput --preset qwen3-30b-a3b --num-prompts 256 --input-len 512 --output-len 256 \
     --output-json $R/moe_thr.json > $R/moe_thr.log 2>&1

@@ -35,13 +35,21 @@ PRESETS = {
                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
                        bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False, torch_dtype="bfloat16"),
-    # mixtures of experts: Qwen3-30B-A3B (128 experts, 8 a token, ~3.3B active) and Mixtral 8x7B (2 of 8)
+    # mixtures of experts: Qwen3-30B-A3B (128 experts, 8 a token, ~3.3B active), Qwen1.5-MoE-A2.7B (4 of 60 and a
+    # shared expert) and Mixtral 8x7B (2 of 8)
     "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
                           hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
                           num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                           num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                           max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
                           bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False, torch_dtype="bfloat16"),
+    "qwen1.5-moe-a2.7b": dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", vocab_size=151936,
+                              hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408, num_experts=60,
+                              num_experts_per_tok=4, shared_expert_intermediate_size=5632, norm_topk_prob=False,
+                              decoder_sparse_step=1, mlp_only_layers=[], num_hidden_layers=24, num_attention_heads=16,
+                              num_key_value_heads=16, max_position_embeddings=8192, rms_norm_eps=1e-6,
+                              rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645,
+                              tie_word_embeddings=False, torch_dtype="bfloat16"),
     "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
                          intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
@@ -134,7 +142,7 @@ def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int =
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    bias = cfg["model_type"] == "qwen2"
+    bias = cfg["model_type"] in ("qwen2", "qwen2_moe")
     g = torch.Generator().manual_seed(seed)
     dt = DTYPES[dtype]
 
@@ -158,13 +166,18 @@ def write_checkpoint(preset: str, out: str, dtype: str = "bfloat16", seed: int =
             for e in range(cfg["num_local_experts"]):
                 x = f"{p}block_sparse_moe.experts.{e}."
                 t.update({x + "w1.weight": rnd(inter, h), x + "w3.weight": rnd(inter, h), x + "w2.weight": rnd(h, inter)})
-        elif cfg["model_type"] == "qwen3_moe":
+        elif cfg["model_type"] in ("qwen2_moe", "qwen3_moe"):
             t[p + "mlp.gate.weight"] = rnd(cfg["num_experts"], h)
             mi = cfg["moe_intermediate_size"]
             for e in range(cfg["num_experts"]):
                 x = f"{p}mlp.experts.{e}."
                 t.update({x + "gate_proj.weight": rnd(mi, h), x + "up_proj.weight": rnd(mi, h),
                           x + "down_proj.weight": rnd(h, mi)})
+            si = cfg.get("shared_expert_intermediate_size")
+            if si:
+                x = f"{p}mlp.shared_expert."
+                t.update({x + "gate_proj.weight": rnd(si, h), x + "up_proj.weight": rnd(si, h),
+                          x + "down_proj.weight": rnd(h, si), p + "mlp.shared_expert_gate.weight": rnd(1, h)})
         else:
             t.update({p + "mlp.gate_proj.weight": rnd(inter, h), p + "mlp.up_proj.weight": rnd(inter, h),
                       p + "mlp.down_proj.weight": rnd(h, inter)})

@@ -217,7 +217,7 @@ def test_profile_gpu_time_counts_each_kernel_once(tmp_path):
     assert written["trace"].endswith("p.trace.json")
 
 
-@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "mixtral-8x7b"])
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "mixtral-8x7b"])
 def test_moe_presets_write_checkpoints_that_kiln_and_transformers_read_alike(preset, tmp_path, monkeypatch):
     """The preset's config keys and the writer's expert tensor names, at a small size: Kiln's greedy tokens equal
     transformers' on the written checkpoint."""
@@ -228,6 +228,8 @@ def test_moe_presets_write_checkpoints_that_kiln_and_transformers_read_alike(pre
              "eos_token_id": 2, "num_experts_per_tok": 2}
     small.update({"num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16} if "num_experts" in small
                  else {"num_local_experts": 4})
+    if "shared_expert_intermediate_size" in small:
+        small["shared_expert_intermediate_size"] = 48
     monkeypatch.setitem(PRESETS, "small-moe", small)
     d = write_checkpoint("small-moe", str(tmp_path / "m"), dtype="float32")
     llm = LLM(str(d), dtype="float32", device="cpu")
