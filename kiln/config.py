@@ -223,6 +223,11 @@ class KilnConfig:
         1, "MP_NUM", "Tensor-parallel degree (GPUs per model); CUDA_VISIBLE_DEVICES must list at least this many.",
         kind="int", flags=("--mp-num", "--tensor-parallel-size"), check=_range(1, 64), group="model",
         seed_default="8 (start script: 1)")
+    enable_expert_parallel: bool = setting(
+        False, "KILN_ENABLE_EXPERT_PARALLEL", "Mixture-of-experts models under MP_NUM > 1: each rank holds whole "
+        "experts (E / MP_NUM of them) instead of a slice of every expert, as vLLM's --enable-expert-parallel: "
+        "larger expert GEMMs where experts are small; the experts must divide by MP_NUM.", kind="bool",
+        flags=("--enable-expert-parallel",), group="model")
     device: str = setting(
         "auto", "KILN_DEVICE", "auto (cuda when available), cuda or cpu.", kind="str", flags=("--device",),
         check=_choice("auto", "cuda", "cpu"), group="model")
@@ -580,6 +585,7 @@ class KilnConfig:
             quantization=None if self.quantization in (None, "none") else self.quantization,
             quantize_lm_head=self.quantize_lm_head,
             tensor_parallel_size=self.mp_num,
+            enable_expert_parallel=self.enable_expert_parallel,
             enable_prefix_caching=self.enable_prefix_caching,
             warmup=self.use_warmup,
             grammar_compile_timeout=self.grammar_compile_timeout,

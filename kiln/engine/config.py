@@ -29,6 +29,7 @@ class EngineConfig:
     quantization: str | None = None       # None | "w8a16" (weight-only int8) | "w8a8-int8" | "w8a8-fp8"
     quantize_lm_head: bool = False        # the LM head in weight-only int8 too
     tensor_parallel_size: int = 1         # MP_NUM
+    enable_expert_parallel: bool = False  # MoE under TP: whole experts per rank (kiln/layers/moe.py)
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"       # auto | torch | triton
     use_cuda_graph: bool = True

@@ -47,11 +47,15 @@ class ModelRunner:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.model_config = ModelConfig.from_dir(model_dir)
+        if cfg.enable_expert_parallel and not self.model_config.num_experts:
+            raise ValueError(f"expert parallelism (KILN_ENABLE_EXPERT_PARALLEL) needs a mixture-of-experts model; "
+                             f"{self.model_config.architecture} has no experts")
+        self.model_config.expert_parallel = cfg.enable_expert_parallel
         self.dtype = resolve_dtype(cfg.dtype, self.device, self.model_config)
         torch.manual_seed(cfg.seed)
         t0 = time.monotonic()
         self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, cfg.quantization, cfg.seed,
-                                cfg.quantize_lm_head)
+                                cfg.quantize_lm_head, expert_parallel=cfg.enable_expert_parallel)
         self.lora = self._load_lora(cfg)
         self.load_seconds = time.monotonic() - t0
         self.startup_seconds: dict[str, float] = {"weights": self.load_seconds}

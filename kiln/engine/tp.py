@@ -69,7 +69,9 @@ def head_split_problem(mc: ModelConfig, tp: int) -> str | None:
         return f"{mc.num_kv_heads} KV heads (neither divides the other)"
     if mc.intermediate_size % tp:
         return f"intermediate size {mc.intermediate_size}"
-    if mc.num_experts and mc.moe_intermediate_size % tp:
+    if mc.num_experts and mc.expert_parallel and mc.num_experts % tp:
+        return f"{mc.num_experts} experts (expert parallelism deals whole experts to the ranks)"
+    if mc.num_experts and not mc.expert_parallel and mc.moe_intermediate_size % tp:
         return f"expert intermediate size {mc.moe_intermediate_size}"
     if mc.shared_expert_intermediate_size % tp:
         return f"shared expert intermediate size {mc.shared_expert_intermediate_size}"
@@ -84,7 +86,10 @@ def weight_bytes_per_rank(mc: ModelConfig, tp: int, dtype: torch.dtype, quantiza
     inter = mc.intermediate_size // tp
     attention = [(q + 2 * kv, h), (h, q)]  # qkv, o
     mlp = [(2 * inter, h), (h, inter)]  # gate_up, down
-    experts = [(2 * mc.moe_intermediate_size // tp, h), (h, mc.moe_intermediate_size // tp)] * mc.num_experts
+    if mc.expert_parallel:  # whole experts, E / tp of them
+        experts = [(2 * mc.moe_intermediate_size, h), (h, mc.moe_intermediate_size)] * (mc.num_experts // tp)
+    else:
+        experts = [(2 * mc.moe_intermediate_size // tp, h), (h, mc.moe_intermediate_size // tp)] * mc.num_experts
     shared = mc.shared_expert_intermediate_size // tp
     experts_other = (mc.num_experts + (1 if shared else 0)) * h * el  # the router's rows and the shared gate's
     if shared:
@@ -140,6 +145,7 @@ def check_config_fits(cfg: EngineConfig, model_dir: str) -> None:
     from kiln.models.config import resolve_dtype
 
     mc = ModelConfig.from_dir(model_dir)
+    mc.expert_parallel = cfg.enable_expert_parallel
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, mc)
     visible = gpu_bytes = None

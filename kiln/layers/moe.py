@@ -4,7 +4,9 @@ scaled by sigmoid(shared_expert_gate(x)).
 
 Tensor parallelism splits every expert's intermediate size over the ranks, as the dense MLP's: each rank holds
 all experts' slices, the router is replicated, and one all-reduce sums the partial outputs (the shared expert's
-with them).
+with them). With expert parallelism (KILN_ENABLE_EXPERT_PARALLEL) a rank holds E / tp whole experts instead: the
+pairs routed to other ranks' experts become "no expert" here (as a CUDA graph's padded rows), and the same one
+all-reduce sums each token's experts from the ranks that hold them.
 """
 from __future__ import annotations
 
@@ -73,20 +75,26 @@ class SparseMoE(nn.Module):
     hidden], each expert's gate then up projection (this rank's slice); `w2` [E, hidden, I / tp], its down
     projection. Checkpoint tensors arrive per expert: shard (expert, 0 | 1) for gate | up, (expert, None) for down.
     shared_intermediate > 0 (Qwen2-MoE): `shared_expert`, a dense MLP, and its gate `shared_expert_gate.weight`
-    [1, hidden]."""
+    [1, hidden]. expert_parallel: w13 / w2 hold this rank's E / tp experts whole (experts first..first + E / tp)."""
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool,
-                 shared_intermediate: int = 0):
+                 shared_intermediate: int = 0, expert_parallel: bool = False):
         super().__init__()
         tp = tpd.tp_size()
-        if intermediate % tp:
+        self.expert_parallel = expert_parallel and tp > 1
+        if self.expert_parallel and num_experts % tp:
+            raise ValueError(f"{num_experts} experts cannot be dealt whole to {tp} tensor-parallel ranks")
+        if not self.expert_parallel and intermediate % tp:
             raise ValueError(f"expert intermediate size {intermediate} is not divisible by the tensor-parallel "
                              f"size {tp}")
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
-        self.hidden, self.full_inter, self.inter = hidden, intermediate, intermediate // tp
+        self.local_experts = num_experts // tp if self.expert_parallel else num_experts
+        self.first_expert = tpd.tp_rank() * self.local_experts if self.expert_parallel else 0
+        self.hidden, self.full_inter = hidden, intermediate
+        self.inter = intermediate if self.expert_parallel else intermediate // tp
         self.gate = Router(num_experts, hidden)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.inter), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(self.local_experts, 2 * self.inter, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(self.local_experts, hidden, self.inter), requires_grad=False)
         self.w13.weight_loader = self.w2.weight_loader = self.load_weight
         self.scales: tuple[torch.Tensor, torch.Tensor] | None = None  # w8a16: w13's and w2's per-channel scales
         self.shared_expert = MLP(hidden, shared_intermediate, reduce=False) if shared_intermediate else None
@@ -98,9 +106,10 @@ class SparseMoE(nn.Module):
         if scheme != qops.W8A16:
             raise ValueError(f"mixture-of-experts layers take w8a16 quantization only, not {scheme}")
         w13, w2 = self.w13.data.float(), self.w2.data.float()
-        s13 = qops.channel_scales(w13.flatten(0, 1), torch.int8).view(self.num_experts, -1)
-        s2 = qops.channel_scales(w2.flatten(0, 1), torch.int8,
-                                 tpd.all_reduce_max(w2.abs().amax(dim=2)).flatten()).view(self.num_experts, -1)
+        s13 = qops.channel_scales(w13.flatten(0, 1), torch.int8).view(self.local_experts, -1)
+        # w2's rows are whole on a rank under expert parallelism; split over the ranks otherwise
+        absmax = w2.abs().amax(dim=2) if self.expert_parallel else tpd.all_reduce_max(w2.abs().amax(dim=2))
+        s2 = qops.channel_scales(w2.flatten(0, 1), torch.int8, absmax.flatten()).view(self.local_experts, -1)
         del self.w13, self.w2  # parameters become plain int8 tensors (a later .to(dtype) must not touch them)
         self.w13 = qops.to_codes(w13, s13[:, :, None], torch.int8)
         self.w2 = qops.to_codes(w2, s2[:, :, None], torch.int8)
@@ -114,6 +123,18 @@ class SparseMoE(nn.Module):
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
         expert, which = shard_id
         rank = tpd.tp_rank()
+        if self.expert_parallel:  # whole experts, this rank's only
+            expert -= self.first_expert
+            want = (self.full_inter, self.hidden) if param is self.w13 else (self.hidden, self.full_inter)
+            if loaded.shape != want:
+                raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected {want}")
+            if not 0 <= expert < self.local_experts:
+                return
+            if param is self.w13:
+                param.data[expert].narrow(0, which * self.inter, self.inter).copy_(loaded)
+            else:
+                param.data[expert].copy_(loaded)
+            return
         if param is self.w13:
             if loaded.shape != (self.full_inter, self.hidden):
                 raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected "
@@ -126,15 +147,25 @@ class SparseMoE(nn.Module):
                                  f"({self.hidden}, {self.full_inter})")
             param.data[expert].copy_(loaded.narrow(1, rank * self.inter, self.inter))
 
+    def _local_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism: the global expert ids as this rank's (another rank's expert, or none: the "no
+        expert" id local_experts)."""
+        local = ids - self.first_expert
+        return torch.where((local >= 0) & (local < self.local_experts), local, self.local_experts)
+
     def forward(self, x: torch.Tensor, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
         """slot_mapping: the step's KV slots; rows of slot < 0 (a CUDA graph's padding) read no expert."""
         logits = F.linear(x, self.gate.weight)
         if x.is_cuda:
             from kiln.kernels import fused_moe, moe_route
             weights, ids = moe_route(logits, self.top_k, self.renormalize, slot_mapping)
+            if self.expert_parallel:
+                ids = self._local_ids(ids)
             out = fused_moe(x, self.w13, self.w2, weights, ids, scales=self.scales)
         else:
             weights, ids = route(logits, self.top_k, self.renormalize, slot_mapping)
+            if self.expert_parallel:
+                ids = self._local_ids(ids)
             out = experts_reference(x, self.w13, self.w2, weights, ids, self.scales)
         if self.shared_expert is not None:  # the gate is per token, so it scales each rank's partial alike
             out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)

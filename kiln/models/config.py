@@ -49,6 +49,9 @@ class ModelConfig:
     norm_topk_prob: bool = True
     dense_layers: tuple[int, ...] = ()  # layers whose feed-forward is the dense MLP all the same
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token takes, behind a sigmoid gate
+    # how the experts split over tensor-parallel ranks, a serving choice (not config.json's): whole experts per rank
+    # (True: KILN_ENABLE_EXPERT_PARALLEL) or a slice of each expert's intermediate size (False)
+    expert_parallel: bool = False
     sliding_window: int | None = None  # attention to the last N positions only (Mistral v0.1): see max_model_len
 
     def is_moe_layer(self, layer: int) -> bool:

@@ -67,7 +67,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg, rope)
         self.mlp = (SparseMoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
-                              cfg.norm_topk_prob, cfg.shared_expert_intermediate_size) if cfg.is_moe_layer(index)
+                              cfg.norm_topk_prob, cfg.shared_expert_intermediate_size, cfg.expert_parallel)
+                    if cfg.is_moe_layer(index)
                     else MLP(cfg.hidden_size, cfg.intermediate_size))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -198,9 +198,11 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, load_format: str = "auto",
-               quantization: str | None = None, seed: int = 0, quantize_lm_head: bool = False) -> LlamaForCausalLM:
+               quantization: str | None = None, seed: int = 0, quantize_lm_head: bool = False,
+               expert_parallel: bool = False) -> LlamaForCausalLM:
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
+    cfg.expert_parallel = expert_parallel
     # a float32 checkpoint served in bfloat16 on CPU may be a dequantized Q4 GGUF: read it in float32 so that
     # linear layers whose weights lie on a 4-bit grid can be kept as int4 (bf16 rounding would hide the grid)
     quant = read_quantization(model_dir) if load_format != "dummy" else None

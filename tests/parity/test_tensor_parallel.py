@@ -75,6 +75,46 @@ def test_two_ranks_match_transformers(arch, tmp_path):
         core.close()
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "mixtral"])
+def test_expert_parallel_ranks_match_transformers(arch, tmp_path):
+    """KILN_ENABLE_EXPERT_PARALLEL: each of two ranks holds half the experts whole (and the shared expert's slice);
+    the pairs routed to the other rank's experts count for nothing here, and the one all-reduce sums them: the
+    greedy tokens of transformers, float and int8 (w8a16: per-expert scales, whole rows, as on one rank)."""
+    d = write_tiny_model(arch, tmp_path / arch)
+    ref = hf_greedy(d, PROMPTS, 16)
+    core = make_core(d, 2, enable_expert_parallel=True)
+    try:
+        assert generate(core, PROMPTS) == ref
+        moe = core.runner.model.model.layers[0].mlp
+        assert moe.local_experts == moe.num_experts // 2 and moe.w13.shape[0] == moe.local_experts
+        assert moe.w13.shape[1] == 2 * moe.full_inter  # whole experts
+        mc = core.runner.model_config
+        assert core.runner.weight_bytes == weight_bytes_per_rank(mc, 2, torch.float32, None)
+        assert weight_bytes_per_rank(mc, 2, torch.float32, None) < weight_bytes_per_rank(mc, 1, torch.float32, None)
+    finally:
+        core.close()
+    one = make_core(d, 1, quantization="w8a16", async_scheduling=False)
+    try:
+        ref8 = generate(one, PROMPTS)
+    finally:
+        one.close()
+    core = make_core(d, 2, enable_expert_parallel=True, quantization="w8a16")
+    try:
+        assert generate(core, PROMPTS) == ref8
+        assert core.runner.weight_bytes == weight_bytes_per_rank(core.runner.model_config, 2, torch.float32, "w8a16")
+    finally:
+        core.close()
+
+
+def test_expert_parallelism_says_what_does_not_fit(tmp_path):
+    cfg = ModelConfig.from_dir(write_tiny_model("qwen3_moe", tmp_path / "m"))
+    cfg.expert_parallel = True
+    with pytest.raises(ValueError, match=r"MP_NUM=4 does not fit the model: 6 experts .* cannot be split over 4 .* MP_NUM=1 or 2 would work"):
+        check_fit(ModelConfig(**{**vars(cfg), "num_experts": 6, "num_heads": 4}), 4, torch.float32, None)
+    with pytest.raises(ValueError, match="expert parallelism .* needs a mixture-of-experts model"):
+        make_core(write_tiny_model("llama", tmp_path / "l"), 1, enable_expert_parallel=True)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_two_ranks_equal_one_rank_async_and_sync(arch, tmp_path, monkeypatch, caplog):
     """Chunked prefill (24 tokens a step) so that some steps sample nothing and some read in-flight tokens."""
