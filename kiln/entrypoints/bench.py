@@ -210,6 +210,7 @@ def _engine(args):
                        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
                        use_cuda_graph=not args.enforce_eager, attention_backend=args.attention_backend,
                        device=args.device, max_waiting=1 << 30, tensor_parallel_size=args.tensor_parallel_size,
+                       enable_expert_parallel=args.enable_expert_parallel,
                        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
                        speculative_config=args.speculative_config,
                        # the server's warm-up (on with CUDA): without it, runs K-M's offline benches compiled
@@ -862,6 +863,8 @@ def _engine_args(p):
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--tensor-parallel-size", "--mp-num", type=int, default=1, help="GPUs per model (MP_NUM)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE models under MP_NUM > 1: whole experts per GPU (KILN_ENABLE_EXPERT_PARALLEL)")
     p.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"],
                    help="queue step N+1 before step N's ids reach the host (auto: on with CUDA)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
