@@ -59,9 +59,9 @@ else:  # pragma: no cover
     def use_skinny(x, w):
         return False
 
-    def moe_route(logits, top_k, renormalize, slot_mapping=None):
+    def moe_route(logits, top_k, renormalize, slot_mapping=None, experts=None):
         from kiln.layers.moe import route
-        return route(logits, top_k, renormalize, slot_mapping)
+        return route(logits, top_k, renormalize, slot_mapping, experts)
 
     def fused_moe(x, w13, w2, weights, ids, config=None, scales=None):
         from kiln.layers.moe import experts_reference

@@ -26,11 +26,11 @@ from .activation import silu_and_mul
 
 
 @triton.jit(do_not_specialize=["T"])
-def _route_kernel(logits_ptr, weights_ptr, ids_ptr, slots_ptr, T, E, stride_l, TOP_K: tl.constexpr,
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, slots_ptr, T, E, FIRST, LOCAL, stride_l, TOP_K: tl.constexpr,
                   K_P2: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK_E: tl.constexpr):
     # one token: softmax over its experts' logits in float32, then the top k one at a time (the lowest index
     # among equal probabilities), their weights rescaled to sum to one where asked; a padded row (slot < 0): no
-    # expert (id E, weight 0)
+    # expert. Ids are written as this rank's (experts FIRST..FIRST + LOCAL; another rank's or none: LOCAL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
@@ -51,20 +51,25 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, slots_ptr, T, E, stride_l, T
         padded = tl.load(slots_ptr + row) < 0
         top_w = tl.where(padded, 0.0, top_w)
         top_i = tl.where(padded, E, top_i)
+    top_i = top_i - FIRST
+    top_i = tl.where((top_i >= 0) & (top_i < LOCAL), top_i, LOCAL)
     tl.store(weights_ptr + row * TOP_K + slots, top_w, mask=slots < TOP_K)
     tl.store(ids_ptr + row * TOP_K + slots, top_i, mask=slots < TOP_K)
 
 
-def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool, slot_mapping: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_route(logits: torch.Tensor, top_k: int, renormalize: bool, slot_mapping: torch.Tensor | None = None,
+              experts: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """kiln.layers.moe.route in one kernel: (weights [T, k] float32, expert ids [T, k] int32). slot_mapping [T]
-    (the step's KV slots): rows whose slot is < 0, a CUDA graph's padding, get expert id E and weight 0."""
+    (the step's KV slots): rows whose slot is < 0, a CUDA graph's padding, get no expert and weight 0. experts
+    (first, count): expert parallelism's local range; ids come as local ones, count for another rank's or none
+    (without: all E experts, E for none)."""
     t, e = logits.shape
+    first, local = experts if experts is not None else (0, e)
     weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
     if t:
         launch(_route_kernel, (t,), logits, weights, ids, slot_mapping if slot_mapping is not None else ids, t, e,
-               logits.stride(0), TOP_K=top_k, K_P2=next_pow2(top_k), RENORMALIZE=renormalize,
+               first, local, logits.stride(0), TOP_K=top_k, K_P2=next_pow2(top_k), RENORMALIZE=renormalize,
                HAS_SLOTS=slot_mapping is not None, BLOCK_E=next_pow2(e), num_warps=4)
     return weights, ids
 

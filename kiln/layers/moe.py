@@ -27,11 +27,12 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)
 
 
-def route(logits: torch.Tensor, top_k: int, renormalize: bool, slot_mapping: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, top_k: int, renormalize: bool, slot_mapping: torch.Tensor | None = None,
+          experts: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, k] float32, expert ids [T, k] int64): softmax over all experts in float32, the top k, their
     weights rescaled to sum to one where the model asks (Mixtral always, Qwen3-MoE by norm_topk_prob). Rows whose
-    slot_mapping is < 0 (a CUDA graph's padding) route to no expert: id E, weight 0."""
+    slot_mapping is < 0 (a CUDA graph's padding) route to no expert: id E, weight 0. experts (first, count):
+    expert parallelism's local range; the ids come as local ones, `count` for another rank's expert or none."""
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -40,6 +41,10 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool, slot_mapping: tor
         padded = (slot_mapping < 0)[:, None]
         weights = weights.masked_fill(padded, 0.0)
         ids = ids.masked_fill(padded, logits.shape[-1])
+    if experts is not None:
+        first, count = experts
+        ids = ids - first
+        ids = torch.where((ids >= 0) & (ids < count), ids, count)
     return weights, ids
 
 
@@ -90,6 +95,8 @@ class SparseMoE(nn.Module):
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.local_experts = num_experts // tp if self.expert_parallel else num_experts
         self.first_expert = tpd.tp_rank() * self.local_experts if self.expert_parallel else 0
+        # expert parallelism: (first, count) of this rank's experts, the router's ids mapped to them as it routes
+        self.local_range = (self.first_expert, self.local_experts) if self.expert_parallel else None
         self.hidden, self.full_inter = hidden, intermediate
         self.inter = intermediate if self.expert_parallel else intermediate // tp
         self.gate = Router(num_experts, hidden)
@@ -147,25 +154,15 @@ class SparseMoE(nn.Module):
                                  f"({self.hidden}, {self.full_inter})")
             param.data[expert].copy_(loaded.narrow(1, rank * self.inter, self.inter))
 
-    def _local_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Expert parallelism: the global expert ids as this rank's (another rank's expert, or none: the "no
-        expert" id local_experts)."""
-        local = ids - self.first_expert
-        return torch.where((local >= 0) & (local < self.local_experts), local, self.local_experts)
-
     def forward(self, x: torch.Tensor, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
         """slot_mapping: the step's KV slots; rows of slot < 0 (a CUDA graph's padding) read no expert."""
         logits = F.linear(x, self.gate.weight)
         if x.is_cuda:
             from kiln.kernels import fused_moe, moe_route
-            weights, ids = moe_route(logits, self.top_k, self.renormalize, slot_mapping)
-            if self.expert_parallel:
-                ids = self._local_ids(ids)
+            weights, ids = moe_route(logits, self.top_k, self.renormalize, slot_mapping, self.local_range)
             out = fused_moe(x, self.w13, self.w2, weights, ids, scales=self.scales)
         else:
-            weights, ids = route(logits, self.top_k, self.renormalize, slot_mapping)
-            if self.expert_parallel:
-                ids = self._local_ids(ids)
+            weights, ids = route(logits, self.top_k, self.renormalize, slot_mapping, self.local_range)
             out = experts_reference(x, self.w13, self.w2, weights, ids, self.scales)
         if self.shared_expert is not None:  # the gate is per token, so it scales each rank's partial alike
             out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)

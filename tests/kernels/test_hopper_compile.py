@@ -58,6 +58,7 @@ def _launch_every_kernel():
     for dt in (torch.bfloat16, torch.float16):
         moe_route(rand(5, 8, dtype=dt), 2, False)
         weights, ids = moe_route(rand(5, 8, dtype=dt), 2, True, torch.tensor([0, 1, 2, 3, -1]))
+        moe_route(rand(5, 8, dtype=dt), 2, True, torch.tensor([0, 1, 2, 3, -1]), (4, 4))  # an expert-parallel rank
         align_pairs(ids, 8, 16, use_kernel=True)
         x, w13, w2 = rand(5, 64, dtype=dt), rand(8, 96, 64, dtype=dt), rand(8, 64, 48, dtype=dt)
         c13, c2 = w13.clamp(-1, 1).mul(100).to(torch.int8), w2.clamp(-1, 1).mul(100).to(torch.int8)

@@ -133,6 +133,13 @@ def test_padded_rows_route_to_no_expert_and_sum_to_zero(t, e, k, padded):
     assert (ids[padded] == e).all() and (weights[padded] == 0).all()
     live = [i for i in range(t) if i not in padded]
     assert ids[live].tolist() == route(logits, k, True)[1][live].tolist()
+    # expert parallelism: the second half of the experts is this rank's; the rest (and the padded rows) map to none
+    half = (e // 2, e // 2)
+    w_ep, ids_ep = moe_route(logits, k, True, slots.to(DEVICE), half)
+    want_ep = route(logits, k, True, slots.to(DEVICE), half)[1]
+    glob = want_i.cpu()
+    assert ids_ep.tolist() == want_ep.tolist() and torch.equal(w_ep, weights)
+    assert ids_ep.cpu().tolist() == torch.where((glob >= e // 2) & (glob < e), glob - e // 2, e // 2).tolist()
     x = torch.randn(t, h, generator=g).to(DEVICE)
     x[padded] = float("nan")
     w13 = (torch.randn(e, 2 * inter, h, generator=g) * h ** -0.5).to(DEVICE)
