@@ -63,9 +63,10 @@ else:  # pragma: no cover
         from kiln.layers.moe import route
         return route(logits, top_k, renormalize, slot_mapping, experts)
 
-    def fused_moe(x, w13, w2, weights, ids, config=None, scales=None):
+    def fused_moe(x, w13, w2, weights, ids, config=None, scales=None, shared=None):
         from kiln.layers.moe import experts_reference
-        return experts_reference(x, w13, w2, weights, ids, scales)
+        out = experts_reference(x, w13, w2, weights, ids, scales)
+        return out if shared is None else out + shared[1].sigmoid() * shared[0]
 
     def w8a16_silu_and_mul(x, w_int8, w_scale, bias=None, config=None):
         return silu_and_mul(w8a16_matmul(x, w_int8, w_scale, bias))

@@ -217,12 +217,16 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, pairs: torch.Tensor, block_expert
 
 
 @triton.jit
-def _moe_sum_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _moe_sum_kernel(rows_ptr, ids_ptr, out_ptr, shared_ptr, shared_gate_ptr, H, E, TOP_K: tl.constexpr,
+                    HAS_SHARED: tl.constexpr, BLOCK_H: tl.constexpr):
     # out[t] = sum_j rows[t * k + j] over the pairs routed to an expert (a padded row's: none, so zero), in out's
-    # dtype: the pairs a GEMM never wrote are never read
+    # dtype: the pairs a GEMM never wrote are never read. HAS_SHARED (Qwen2-MoE): + sigmoid(gate[t]) * shared[t]
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    if HAS_SHARED:
+        g = tl.sigmoid(tl.load(shared_gate_ptr + t).to(tl.float32))
+        acc += g * tl.load(shared_ptr + t * H + offs, mask=offs < H, other=0.0).to(tl.float32)
     for j in tl.static_range(TOP_K):
         expert = tl.load(ids_ptr + t * TOP_K + j)
         acc += tl.load(rows_ptr + (t * TOP_K + j) * H + offs, mask=(offs < H) & (offs * 0 + expert < E), other=0.0)
@@ -230,16 +234,20 @@ def _moe_sum_kernel(rows_ptr, ids_ptr, out_ptr, H, E, TOP_K: tl.constexpr, BLOCK
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-              config: tuple | None = None, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              config: tuple | None = None, scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+              shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) -> [T, hidden] in x's dtype. x [T, hidden]; w13 [E, 2I,
     hidden] (gate rows, then up rows); w2 [E, hidden, I]; weights [T, k] float32; ids [T, k] (E: no expert, a
-    padded row's). scales: int8 weights' per-channel scales ([E, 2I], [E, hidden] float32)."""
+    padded row's). scales: int8 weights' per-channel scales ([E, 2I], [E, hidden] float32). shared: a shared
+    expert's output [T, hidden] and its gate's logits [T, 1], added as sigmoid(gate) * output in the final sum."""
     s13, s2 = scales if scales is not None else (None, None)
     t, k = ids.shape
     e, two_i, hidden = w13.shape
     n = t * k
     if n == 0:
         return x.new_zeros(t, hidden)
+    if shared is not None:
+        assert shared[0].is_contiguous() and shared[1].numel() == t
     cfg = config or moe_config(n, two_i, hidden)
     pairs, block_expert = align_pairs(ids, e, cfg[0])
     gate_up = moe_gemm(x, w13, pairs, block_expert, n, x.new_empty(n, two_i), k, None, cfg, s13)
@@ -248,6 +256,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
                     weights.reshape(-1).float().contiguous(), cfg, s2)
     out = x.new_empty(t, hidden)
     block_h = min(1024, next_pow2(hidden))
-    launch(_moe_sum_kernel, (t, triton.cdiv(hidden, block_h)), rows, ids.contiguous(), out, hidden, e, TOP_K=k,
-           BLOCK_H=block_h, num_warps=4)
+    launch(_moe_sum_kernel, (t, triton.cdiv(hidden, block_h)), rows, ids.contiguous(), out,
+           shared[0] if shared is not None else out, shared[1].contiguous() if shared is not None else out, hidden, e,
+           TOP_K=k, HAS_SHARED=shared is not None, BLOCK_H=block_h, num_warps=4)
     return out

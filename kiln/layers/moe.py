@@ -157,13 +157,16 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
         """slot_mapping: the step's KV slots; rows of slot < 0 (a CUDA graph's padding) read no expert."""
         logits = F.linear(x, self.gate.weight)
+        # the shared expert (Qwen2-MoE): the gate is per token, so it scales each rank's partial sum alike
+        shared = None if self.shared_expert is None else (self.shared_expert(x),
+                                                          F.linear(x, self.shared_expert_gate.weight))
         if x.is_cuda:
             from kiln.kernels import fused_moe, moe_route
             weights, ids = moe_route(logits, self.top_k, self.renormalize, slot_mapping, self.local_range)
-            out = fused_moe(x, self.w13, self.w2, weights, ids, scales=self.scales)
+            out = fused_moe(x, self.w13, self.w2, weights, ids, scales=self.scales, shared=shared)
         else:
             weights, ids = route(logits, self.top_k, self.renormalize, slot_mapping, self.local_range)
             out = experts_reference(x, self.w13, self.w2, weights, ids, self.scales)
-        if self.shared_expert is not None:  # the gate is per token, so it scales each rank's partial alike
-            out = out + torch.sigmoid(F.linear(x, self.shared_expert_gate.weight)) * self.shared_expert(x)
+            if shared is not None:
+                out = out + torch.sigmoid(shared[1]) * shared[0]
         return tpd.all_reduce(out)

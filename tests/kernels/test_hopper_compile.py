@@ -64,6 +64,7 @@ def _launch_every_kernel():
         c13, c2 = w13.clamp(-1, 1).mul(100).to(torch.int8), w2.clamp(-1, 1).mul(100).to(torch.int8)
         for tile in ((16, 64, 64, 4, 3), (64, 128, 64, 4, 3)):  # moe_config's on a GPU
             fused_moe(x, w13, w2, weights, ids, config=tile)
+            fused_moe(x, w13, w2, weights, ids, config=tile, shared=(rand(5, 64, dtype=dt), rand(5, 1, dtype=dt)))
             fused_moe(x, c13, c2, weights, ids, config=tile, scales=(torch.rand(8, 96), torch.rand(8, 64)))
     blocks, bs, hkv, d, hq = 6, 16, 2, 64, 4
     for kv in (torch.bfloat16, torch.int8, FP8):

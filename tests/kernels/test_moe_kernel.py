@@ -149,3 +149,7 @@ def test_padded_rows_route_to_no_expert_and_sum_to_zero(t, e, k, padded):
     assert (got[padded] == 0).all() and (ref[padded] == 0).all()
     alone = experts_reference(x[live], w13, w2, weights[live], ids[live])
     assert torch.allclose(got[live], alone, atol=1e-5) and torch.allclose(ref[live], alone, atol=1e-5)
+    # a shared expert's output and gate (Qwen2-MoE) join in the final sum: + sigmoid(gate) * output
+    shared_out, shared_gate = torch.randn(t, h, generator=g).to(DEVICE), torch.randn(t, 1, generator=g).to(DEVICE)
+    with_shared = fused_moe(x, w13, w2, weights, ids, shared=(shared_out, shared_gate))
+    assert torch.allclose(with_shared, got + torch.sigmoid(shared_gate) * shared_out, atol=1e-5)
