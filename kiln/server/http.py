@@ -482,26 +482,22 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None, warm_up: bool 
     async def completions(request: Request):
         return await native_or_openai(request, _is_native_completion, "completions")
 
+    async def openai_only(request: Request, kind: str, serve):
+        """A route of the OpenAI API alone: its body, or its error, then serve(request, body, frontend)."""
+        body, error = await body_or_error(request, kind, _openai_error)
+        return error if error is not None else await serve(request, body, fe_of(request))
+
     @app.post("/v1/chat/completions/completions")
     async def genA_completions(request: Request):
-        body, error = await body_or_error(request, "completions", _openai_error)
-        if error is not None:
-            return error
-        return await serve_openai(request, body, fe_of(request), "completions")
+        return await openai_only(request, "completions", lambda r, b, fe: serve_openai(r, b, fe, "completions"))
 
     @app.post("/v1/chat/completions/chat/completions")
     async def genA_chat(request: Request):
-        body, error = await body_or_error(request, "chat", _openai_error)
-        if error is not None:
-            return error
-        return await serve_openai(request, body, fe_of(request), "chat")
+        return await openai_only(request, "chat", lambda r, b, fe: serve_openai(r, b, fe, "chat"))
 
     @app.post("/v1/responses")
     async def responses(request: Request):
-        body, error = await body_or_error(request, "responses", _openai_error)
-        if error is not None:
-            return error
-        return await serve_responses(request, body, fe_of(request))
+        return await openai_only(request, "responses", serve_responses)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

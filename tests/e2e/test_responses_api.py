@@ -9,20 +9,10 @@ import jsonschema
 import openai
 import pytest
 
-from tests.e2e.test_tool_calling import SCHEMAS, WEATHER
+from tests.e2e.test_tool_calling import SCHEMAS, WEATHER, client, server  # noqa: F401 - the same fixtures
 
 QUESTION = "What is the capital of France?"
 TOOL = {"type": "function", "name": "get_weather", "description": "Current weather in a city", "parameters": WEATHER}
-
-
-@pytest.fixture(scope="module")
-def server(default_server):
-    return default_server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.Client(base_url=server.url + "/v1", api_key="EMPTY_API_KEY", timeout=180, max_retries=0)
 
 
 def chat_text(client, messages, **kw) -> tuple[str, str]:
