@@ -9,7 +9,8 @@ expert tensors are written one per expert, under the names of the models' own ch
 The output directory holds::
 
     config.json              LlamaForCausalLM (or Qwen2/Qwen3) config, torch_dtype float32
-    model.safetensors        weights dequantized to float32 with HF tensor names
+    model.safetensors        weights with HF tensor names: F16 tensors as they are (float16), the others dequantized
+                             to float32 (exact for every GGUF type; float32 keeps Q4 grids visible, see loader)
                              (model-0000i-of-0000n.safetensors + index when larger than the shard limit)
     tokenizer.json           built by transformers' GGUF tokenizer converter
     tokenizer_config.json    with the GGUF chat_template and bos/eos/unk/pad tokens
@@ -43,7 +44,7 @@ import numpy as np
 
 CONVERTER_VERSION = 1
 MARKER_FILE = "kiln_conversion.json"
-# Shard limit for the float32 safetensors output (bytes).
+# Shard limit for the safetensors output (bytes).
 SHARD_BYTES = 4 * 1024**3
 
 _ARCH_CONFIG = {
@@ -446,7 +447,14 @@ def _dequantize(t) -> np.ndarray:
         raise ValueError(f"Unsupported GGUF quantization type {t.tensor_type.name} (tensor {t.name})") from e
     # GGUF lists dims fastest first; numpy/HF order is the reverse.
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
+    # float16 stays float16 (exact, half float32's disk and reading time); every other type is exact in float32
+    return np.ascontiguousarray(arr.reshape(shape), dtype=np.float16 if _is_f16(t) else np.float32)
+
+
+def _is_f16(t) -> bool:
+    import gguf
+
+    return t.tensor_type == gguf.GGMLQuantizationType.F16
 
 
 def _write_weights(tensors: dict, config: dict, arch: str, dst: Path, gguf_path: Path, progress: _Progress) -> list[str]:
@@ -474,7 +482,7 @@ def _write_weights(tensors: dict, config: dict, arch: str, dst: Path, gguf_path:
     shards: list[list] = [[]]
     size = 0
     for hf, t in plan:
-        nbytes = int(np.prod(t.shape.tolist())) * 4
+        nbytes = int(np.prod(t.shape.tolist())) * (2 if _is_f16(t) else 4)
         if shards[-1] and size + nbytes > SHARD_BYTES:
             shards.append([])
             size = 0
@@ -490,7 +498,7 @@ def _write_weights(tensors: dict, config: dict, arch: str, dst: Path, gguf_path:
     weight_map = {}
     total = 0
     done = 0
-    progress.say(f"dequantizing {len(plan)} tensors to float32", "dequantizing")
+    progress.say(f"dequantizing {len(plan)} tensors (float16 ones stay float16, the rest to float32)", "dequantizing")
     for fname, shard in zip(names, shards):
         out = {}
         for hf, t in shard:

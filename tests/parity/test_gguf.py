@@ -235,6 +235,7 @@ def _add_tiny_tokenizer(w, tokens: list[str]) -> None:
 
 
 def make_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, q8: bool = False, f64: bool = False,
+                   f16: bool = False,
                    heads: int = 4, kv: int = 2, hidden: int = 64, n_layers: int = 2, ffn: int = 96,
                    rope_freqs: np.ndarray | None = None, rope_theta: float = 10000.0, expert_count: int = 0):
     """Write a tiny random GGUF the way llama.cpp's converter would; return the HF-layout weights it holds."""
@@ -296,6 +297,10 @@ def make_tiny_gguf(path: Path, arch: str = "llama", tied: bool = True, q8: bool 
             hf[name] = _llamacpp_permute_inverse(deq, heads) if arch == "llama" else deq
         elif f64 and name.endswith("v_proj.weight"):
             w.add_tensor(gname, t.astype(np.float64))
+        elif f16 and (name.endswith("up_proj.weight") or name.endswith("k_proj.weight")):
+            w.add_tensor(gname, t.astype(np.float16))
+            hf[name] = (_llamacpp_permute_inverse(t, kv) if arch == "llama" and ".k_proj." in name
+                        else t).astype(np.float16)
         else:
             w.add_tensor(gname, t)
     if rope_freqs is not None:
@@ -317,13 +322,14 @@ def test_tiny_gguf_roundtrip(tmp_path, arch, hf_arch):
     from safetensors.numpy import load_file
 
     src = tmp_path / f"tiny-{arch}.gguf"
-    hf = make_tiny_gguf(src, arch=arch, tied=(arch != "qwen3"), q8=True)
+    hf = make_tiny_gguf(src, arch=arch, tied=(arch != "qwen3"), q8=True, f16=True)
     out = gguf_to_hf_dir(src, tmp_path / "out")
     assert out == tmp_path / "out"
     weights = load_file(str(out / "model.safetensors"))
     assert set(weights) == set(hf)
-    for name, w in hf.items():
-        assert weights[name].dtype == np.float32
+    for name, w in hf.items():  # F16 tensors stay float16 (half the disk), the rest float32
+        assert weights[name].dtype == (np.float16 if name.endswith(("up_proj.weight", "k_proj.weight"))
+                                       else np.float32), name
         assert np.array_equal(weights[name], w), name  # exact, so the q/k un-permutation is exact
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == [hf_arch]
@@ -336,6 +342,12 @@ def test_tiny_gguf_roundtrip(tmp_path, arch, hf_arch):
     model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert type(model).__name__ == hf_arch
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    # and Kiln serves the mixed float16 / float32 checkpoint as transformers does
+    from kiln import LLM, SamplingParams
+    from tests.helpers.tiny_models import hf_greedy
+    got = LLM(str(out), dtype="float32", device="cpu").generate([[5, 6, 7, 8]], SamplingParams(
+        max_tokens=6, temperature=0, ignore_eos=True))[0].token_ids
+    assert got == hf_greedy(out, [[5, 6, 7, 8]], 6)[0]
 
 
 def test_kiln_cache_dir_and_no_leftovers(tmp_path, monkeypatch):
