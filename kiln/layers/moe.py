@@ -129,30 +129,17 @@ class SparseMoE(nn.Module):
 
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
         expert, which = shard_id
-        rank = tpd.tp_rank()
-        if self.expert_parallel:  # whole experts, this rank's only
-            expert -= self.first_expert
-            want = (self.full_inter, self.hidden) if param is self.w13 else (self.hidden, self.full_inter)
-            if loaded.shape != want:
-                raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected {want}")
-            if not 0 <= expert < self.local_experts:
-                return
-            if param is self.w13:
-                param.data[expert].narrow(0, which * self.inter, self.inter).copy_(loaded)
-            else:
-                param.data[expert].copy_(loaded)
-            return
+        want = (self.full_inter, self.hidden) if param is self.w13 else (self.hidden, self.full_inter)
+        if loaded.shape != want:
+            raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected {want}")
+        expert -= self.first_expert
+        if not 0 <= expert < self.local_experts:
+            return  # another rank's expert (expert parallelism)
+        start = 0 if self.expert_parallel else tpd.tp_rank() * self.inter  # whole experts, or this rank's slice
         if param is self.w13:
-            if loaded.shape != (self.full_inter, self.hidden):
-                raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected "
-                                 f"({self.full_inter}, {self.hidden})")
-            part = loaded.narrow(0, rank * self.inter, self.inter)
-            param.data[expert].narrow(0, which * self.inter, self.inter).copy_(part)
+            param.data[expert].narrow(0, which * self.inter, self.inter).copy_(loaded.narrow(0, start, self.inter))
         else:
-            if loaded.shape != (self.hidden, self.full_inter):
-                raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected "
-                                 f"({self.hidden}, {self.full_inter})")
-            param.data[expert].copy_(loaded.narrow(1, rank * self.inter, self.inter))
+            param.data[expert].copy_(loaded.narrow(1, start, self.inter))
 
     def forward(self, x: torch.Tensor, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
         """slot_mapping: the step's KV slots; rows of slot < 0 (a CUDA graph's padding) read no expert."""
