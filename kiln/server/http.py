@@ -250,6 +250,22 @@ async def _collect_openai(job: oai.OpenAIJob, fe: Frontend) -> dict:
     return oai.completion_response(job, choices, prompt_tokens, completion_tokens)
 
 
+async def _start_streams(request: Request, job: oai.OpenAIJob, fe: Frontend):
+    """(states, the merged streams, their first item or None, None), or (..., the error response) when the first
+    output is an error: a streamed answer's status comes from its first output."""
+    streams, states, _records = _streams(job, fe)
+    merged = merge_streams(streams)
+    try:
+        return states, merged, await first_item(request, merged), None
+    except RequestError as e:
+        await merged.aclose()
+        return states, merged, None, _openai_error(e)
+    except ClientGone:
+        return states, merged, None, Response(status_code=499)
+    except StopAsyncIteration:
+        return states, merged, None, None
+
+
 async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> Response:
     arrival = time.time()
     try:
@@ -267,22 +283,14 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
         except ClientGone:
             return Response(status_code=499)
 
-    streams, states, _records = _streams(job, fe)
-    merged = merge_streams(streams)
-    try:
-        first = await first_item(request, merged)
-    except RequestError as e:
-        await merged.aclose()
-        return _openai_error(e)
-    except ClientGone:
-        return Response(status_code=499)
-    except StopAsyncIteration:
-        first = None
+    states, merged, first, error = await _start_streams(request, job, fe)
+    if error is not None:
+        return error
 
-    builders = [oai.LogprobsBuilder(job, fe) for _ in streams]
-    choice_streams = [oai.ChatChoiceStream(job) for _ in streams]
-    text_events = [oai.TextDeltaEvent(job, idx, dumps) for idx in range(len(streams))]
-    thought_events = ([oai.TextDeltaEvent(job, idx, dumps, "reasoning_content") for idx in range(len(streams))]
+    builders = [oai.LogprobsBuilder(job, fe) for _ in states]
+    choice_streams = [oai.ChatChoiceStream(job) for _ in states]
+    text_events = [oai.TextDeltaEvent(job, idx, dumps) for idx in range(len(states))]
+    thought_events = ([oai.TextDeltaEvent(job, idx, dumps, "reasoning_content") for idx in range(len(states))]
                       if job.reasoning is not None else None)
     plain = not (job.include_usage and job.continuous_usage)  # events that carry only the text
     prompt_tokens = sum(len(x) for x in job.prompts)
@@ -292,7 +300,7 @@ async def serve_openai(request: Request, body: Any, fe: Frontend, kind: str) -> 
 
     async def events() -> AsyncIterator[str]:
         started: set[int] = set()
-        out_tokens = [0] * len(streams)
+        out_tokens = [0] * len(states)
 
         def chunks(idx: int, ev) -> list[str]:
             out = []
@@ -378,17 +386,9 @@ async def serve_responses(request: Request, body: Any, fe: Frontend) -> Response
         return JSONResponse(writer.response(writer.items(choice["message"]), usage=(
             prompt_tokens, answer["usage"]["completion_tokens"]), finish_reason=choice["finish_reason"]))
 
-    streams, states, _records = _streams(job, fe)
-    merged = merge_streams(streams)
-    try:
-        first = await first_item(request, merged)
-    except RequestError as e:
-        await merged.aclose()
-        return _openai_error(e)
-    except ClientGone:
-        return Response(status_code=499)
-    except StopAsyncIteration:
-        first = None
+    states, merged, first, error = await _start_streams(request, job, fe)
+    if error is not None:
+        return error
     events = rapi.ResponseEvents(writer)
     choice = oai.ChatChoiceStream(job)
 
