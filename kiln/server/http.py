@@ -496,6 +496,7 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None, warm_up: bool 
         return await openai_only(request, "chat", lambda r, b, fe: serve_openai(r, b, fe, "chat"))
 
     @app.post("/v1/responses")
+    @app.post("/v1/chat/completions/responses")  # the Gen-A base URL's, as its other OpenAI routes
     async def responses(request: Request):
         return await openai_only(request, "responses", serve_responses)
 

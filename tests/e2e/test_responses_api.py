@@ -41,6 +41,13 @@ def test_a_response_is_the_chat_answer_whole_and_streamed(client):
     assert final.output_text == want and final.usage.output_tokens == r.usage.output_tokens
 
 
+def test_the_guides_base_url_reaches_it_too(server):
+    """openai.Client(base_url=".../v1/chat/completions"), as the seed's guide writes it: responses.create works."""
+    guide = openai.Client(base_url=server.url + "/v1/chat/completions", api_key="x", timeout=120, max_retries=0)
+    r = guide.responses.create(model="m", input=QUESTION, max_output_tokens=8, temperature=0)
+    assert r.object == "response" and r.output_text
+
+
 def test_max_output_tokens_makes_an_incomplete_response(client):
     r = client.responses.create(model="m", input=QUESTION, max_output_tokens=2, temperature=0)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
