@@ -461,6 +461,12 @@ class EngineCore:
                 number = self.runner.load_lora(name, path)
             except (ValueError, OSError) as e:
                 return ErrorKind.INVALID, str(e)
+            except RuntimeError as e:  # torch.OutOfMemoryError: the KV cache holds the rest of the GPU
+                if "out of memory" not in str(e).lower():
+                    raise
+                return ErrorKind.INVALID, (f"LoRA adapter {name!r}: not enough GPU memory left beside the KV cache "
+                                           f"({len(lora.index) if lora else 0} adapters loaded); unload one, or "
+                                           f"start with a smaller KV cache (GPU_MEMORY_UTILIZATION)")
             if self.tp is not None:
                 self.tp.send_lora(number, name, path)
             return None

@@ -189,6 +189,20 @@ def test_adapters_load_and_unload_while_serving(dirs, tmp_path):
     assert_same(got, run(make_core(adapters["two"][1]), [("r", prompt, params())])["r"])
 
 
+def test_an_adapter_that_finds_no_gpu_memory_is_refused_and_the_engine_serves_on(dirs, monkeypatch):
+    base, adapters = dirs
+    core = make_core(base)
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+    monkeypatch.setattr(core.runner, "load_lora", oom)
+    kind, msg = core.update_lora(True, "x", str(adapters["one"][0]))
+    assert kind is ErrorKind.INVALID and "not enough GPU memory" in msg and "GPU_MEMORY_UTILIZATION" in msg
+    monkeypatch.undo()
+    assert core.update_lora(True, "x", str(adapters["one"][0])) is None
+    assert run(core, [("a", [5, 6, 7], params("x"))])["a"][0]
+
+
 def test_the_offline_llm_loads_and_unloads_adapters(dirs, default_model_dir, tmp_path):
     from kiln import LLM
     from tests.helpers.tiny_models import TOKENIZER_FILES
