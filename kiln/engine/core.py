@@ -467,8 +467,10 @@ class EngineCore:
                 return ErrorKind.INVALID, (f"LoRA adapter {name!r}: not enough GPU memory left beside the KV cache "
                                            f"({len(lora.index) if lora else 0} adapters loaded); unload one, or "
                                            f"start with a smaller KV cache (GPU_MEMORY_UTILIZATION)")
-            if self.tp is not None:
-                self.tp.send_lora(number, name, path)
+            if self.tp is not None and not self.tp.send_lora(number, name, path):
+                self.runner.unload_lora(name)
+                return ErrorKind.INVALID, (f"LoRA adapter {name!r}: a tensor-parallel rank could not load it (its log "
+                                           f"says why); no rank holds it")
             return None
         if lora is None or name not in lora.index:
             return ErrorKind.NOT_FOUND, f"LoRA adapter {name!r} is not loaded; loaded: {loaded}"

@@ -238,12 +238,16 @@ class TPGroup:
         if n_ids:
             dist.broadcast(last_sampled_ids, 0)
 
-    def send_lora(self, number: int, name: str, path: str) -> None:
-        """Every rank loads adapter `name` from `path` as number `number` (0: every rank forgets `name`)."""
+    def send_lora(self, number: int, name: str, path: str) -> bool:
+        """Every rank loads adapter `name` from `path` as number `number` (0: every rank forgets `name`); False when
+        a rank could not (then none keeps it: the caller forgets it on rank 0)."""
         payload = torch.frombuffer(bytearray(json.dumps({"name": name, "path": path}).encode()), dtype=torch.uint8)
         header = torch.tensor([LORA, number, payload.numel()] + [0] * (HEADER_LEN - 3), dtype=torch.int64)
         dist.broadcast(header, 0, group=tpd.host_group())
         dist.broadcast(payload, 0, group=tpd.host_group())
+        failed = torch.zeros(1, dtype=torch.int64)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=tpd.host_group())
+        return not failed.item()
 
     def shutdown(self) -> None:
         try:
@@ -269,9 +273,18 @@ def receive_step(runner):
         payload = torch.empty(n, dtype=torch.uint8)
         dist.broadcast(payload, 0, group=tpd.host_group())
         lora = json.loads(bytes(payload.tolist()).decode())
-        if t:
-            runner.load_lora(lora["name"], lora["path"], number=t)
-        else:
+        failed = torch.zeros(1, dtype=torch.int64)
+        try:
+            if t:
+                runner.load_lora(lora["name"], lora["path"], number=t)
+            else:
+                runner.unload_lora(lora["name"])
+        except Exception as e:  # noqa: BLE001 - told to every rank; this one serves on
+            log.error("rank %d: LoRA adapter %r: %s", tpd.tp_rank(), lora["name"], e)
+            failed[0] = 1
+        ok = not failed.item()
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=tpd.host_group())
+        if t and ok and failed.item():  # another rank could not load it: no rank keeps it
             runner.unload_lora(lora["name"])
         dist.broadcast(header, 0, group=tpd.host_group())
         kind, t, n, nl, nf, width, n_ids, npr, top_k, adapters, ne = header.tolist()

@@ -4,6 +4,7 @@ every architecture, with async scheduling on and off, under preemption, with rep
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -206,6 +207,26 @@ def test_two_ranks_serve_lora_adapters_as_one_rank(tmp_path):
         return run(core)
     ref_loaded, got_loaded = one_rank_then_two(d, run_loaded, max_num_batched_tokens=24)
     assert got_loaded == ref_loaded == ref
+
+    # a rank that cannot load it (its copy gone after rank 0 read it): refused, no rank keeps it, serving goes on
+    core = make_core(d, 2)
+    try:
+        gone = tmp_path / "gone"
+        shutil.copytree(adapter, gone)
+        load = core.runner.load_lora
+
+        def load_then_delete(*a, **k):
+            number = load(*a, **k)
+            shutil.rmtree(gone)
+            return number
+        core.runner.load_lora = load_then_delete
+        kind, msg = core.update_lora(True, "g", str(gone))
+        assert "a tensor-parallel rank could not load it" in msg and core.stats().lora_adapters == {}
+        core.runner.load_lora = load
+        assert core.update_lora(True, "a", str(adapter)) is None
+        assert run(core) == got
+    finally:
+        core.close()
 
 
 def test_two_ranks_score_prompts_as_one_rank(tmp_path):
