@@ -504,6 +504,23 @@ def test_reasoning_parser_puts_the_reasoning_apart(r1_server, v1):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_responses_put_the_reasoning_in_a_reasoning_item(r1_server, v1):
+    """/v1/responses under a reasoning parser: a reasoning item (streamed as reasoning_text deltas) before the
+    message, as the chat answer's reasoning_content."""
+    r1 = openai.Client(base_url=r1_server.url + "/v1", api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
+    kw = dict(model="m", input="What is the capital of France?", max_output_tokens=12, temperature=0)
+    plain = v1.chat.completions.create(model="m", messages=[{"role": "user", "content": kw["input"]}], max_tokens=12,
+                                       temperature=0).choices[0].message.content
+    r = r1.responses.create(**kw)
+    assert [o.type for o in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == plain and r.output_text == ""
+    with r1.responses.stream(**kw) as s:
+        events = list(s)
+        final = s.get_final_response()
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == plain
+    assert [o.type for o in final.output] == ["reasoning", "message"] and final.output[0].content[0].text == plain
+
+
 def test_retrieve_model_and_version(server, v1):
     card = v1.models.retrieve("SmolLM2-135M-Instruct")
     assert card.id == "SmolLM2-135M-Instruct" and card.object == "model"
