@@ -500,6 +500,14 @@ def create_app(cfg: KilnConfig, frontend: Frontend | None = None, warm_up: bool 
     async def responses(request: Request):
         return await openai_only(request, "responses", serve_responses)
 
+    @app.get("/v1/responses/{response_id}")
+    @app.delete("/v1/responses/{response_id}")
+    @app.post("/v1/responses/{response_id}/cancel")
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def stored_response(response_id: str):
+        return _openai_error(RequestError(f"No response with id {response_id!r}: this server keeps no responses "
+                                          f"(send the whole conversation in `input`)", ErrorKind.NOT_FOUND))
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         arrival = time.time()

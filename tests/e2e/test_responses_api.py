@@ -48,6 +48,14 @@ def test_the_guides_base_url_reaches_it_too(server):
     assert r.object == "response" and r.output_text
 
 
+def test_a_stored_response_is_a_404_that_says_none_are_kept(client):
+    r = client.responses.create(model="m", input=QUESTION, max_output_tokens=2, temperature=0, store=True)
+    with pytest.raises(openai.NotFoundError, match="keeps no responses"):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError, match="keeps no responses"):
+        client.responses.delete(r.id)
+
+
 def test_max_output_tokens_makes_an_incomplete_response(client):
     r = client.responses.create(model="m", input=QUESTION, max_output_tokens=2, temperature=0)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
