@@ -209,6 +209,22 @@ OPENAI_LENGTH_WORDING = LengthWording(
 )
 
 
+def lora_of(model: str | None, frontend: Frontend) -> str | None:
+    """The LoRA adapter an OpenAI request's `model` names, or None for the served model. Where adapters are served
+    (KILN_LORA_MODULES, or loadable while serving) a name that is neither is a 404, as vLLM answers it: a mistyped
+    adapter must not quietly get the model. Without adapters any name reaches the model (clients that send a fixed
+    name keep working)."""
+    adapters = getattr(frontend, "lora_modules", {})
+    if model in adapters:
+        return model
+    cfg = getattr(frontend, "cfg", None)
+    if model and model != frontend.model_name and (adapters or getattr(cfg, "allow_runtime_lora_updating", False)):
+        raise RequestError(f"The model `{model}` does not exist: this server serves `{frontend.model_name}` and the "
+                           f"LoRA adapters {', '.join(f'`{a}`' for a in adapters) or '(none loaded now)'}",
+                           ErrorKind.NOT_FOUND, param="model")
+    return None
+
+
 def _params(req: _Common, frontend: Frontend, limits: Limits, prompt_len: int, max_tokens: int | None,
             default_max: int | None, logprobs: int | None) -> SamplingParams:
     if prompt_len == 0:
@@ -225,8 +241,7 @@ def _params(req: _Common, frontend: Frontend, limits: Limits, prompt_len: int, m
         presence_penalty=req.presence_penalty or 0.0, seed=req.seed, stop=[s for s in stop if s],
         stop_token_ids=stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs, logit_bias=bias)
     sp.priority = req.priority
-    if req.model in getattr(frontend, "lora_modules", {}):  # a LoRA adapter's name (KILN_LORA_MODULES)
-        sp.lora_name = req.model
+    sp.lora_name = lora_of(req.model, frontend)
     return sp
 
 
@@ -246,6 +261,7 @@ def _logit_bias(bias: dict[str, float], vocab: int | None) -> list[tuple[int, fl
 
 async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
     req: CompletionRequest = _parse(CompletionRequest, body)
+    lora_of(req.model, frontend)  # an unknown model's 404 before any tokenizing
     if req.suffix:
         raise _bad("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -299,6 +315,7 @@ async def parse_completion(body: Any, frontend: Frontend) -> OpenAIJob:
 
 async def parse_chat(body: Any, frontend: Frontend) -> OpenAIJob:
     req: ChatCompletionRequest = _parse(ChatCompletionRequest, body)
+    lora_of(req.model, frontend)  # an unknown model's 404 before any tokenizing
     structured = await structured_outputs(body)
     if req.top_logprobs is not None and not req.logprobs:
         raise _bad("top_logprobs needs logprobs=true", "top_logprobs")
@@ -640,7 +657,7 @@ def models_response(frontend: Frontend) -> dict:
 
 def retrieve_model(frontend: Frontend, model: str) -> dict:
     """GET /v1/models/{model}: the served model's or a LoRA adapter's card, 404 for another name (requests may
-    still name any: they get the model)."""
+    name any where no adapters are served: lora_of)."""
     if model in frontend.lora_modules:
         return model_card(frontend, model)
     if model != frontend.model_name:
@@ -700,6 +717,7 @@ class EmbeddingJob:
 async def parse_embeddings(body: Any, frontend: Frontend) -> EmbeddingJob:
     """POST /v1/embeddings' body checked and tokenized. Raises RequestError."""
     req: EmbeddingRequest = _parse(EmbeddingRequest, body)
+    lora = lora_of(req.model, frontend)
     tok = frontend.tokenizer
     vocab = getattr(tok, "vocab_size", None)
     p = req.input
@@ -728,9 +746,7 @@ async def parse_embeddings(body: Any, frontend: Frontend) -> EmbeddingJob:
         if len(ids) > limits.max_seq_len:
             raise RequestError(f"An input has {len(ids)} tokens, more than the limit MAX_SEQ_LEN "
                                f"({limits.max_seq_len})", ErrorKind.TOO_LONG, param="input")
-    params = SamplingParams(max_tokens=1, embed=True)
-    if req.model in getattr(frontend, "lora_modules", {}):
-        params.lora_name = req.model
+    params = SamplingParams(max_tokens=1, embed=True, lora_name=lora)
     return EmbeddingJob(req, prompts, params, req.timeout or frontend.cfg.request_timeout)
 
 

@@ -603,6 +603,8 @@ def test_a_lora_adapter_is_a_model_of_its_own(kiln_server_factory, server, v1, l
     kw = dict(messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0)
     plain = v1.chat.completions.create(model="m", **kw).choices[0].message.content
     assert c.chat.completions.create(model="SmolLM2-135M-Instruct", **kw).choices[0].message.content == plain
+    with pytest.raises(openai.NotFoundError, match="`nosiy` does not exist.*`noisy`"):  # a typo: not the model
+        c.chat.completions.create(model="nosiy", **kw)
     adapted = c.chat.completions.create(model="noisy", **kw)
     assert adapted.model == "noisy" and adapted.choices[0].message.content != plain
     streamed = c.chat.completions.create(model="noisy", stream=True, **kw)
@@ -656,7 +658,10 @@ def test_lora_adapters_load_and_unload_while_serving(kiln_server_factory, server
                             MAX_SEQ_LEN="512", MAX_DEC_LEN="64")
     c = openai.Client(base_url=s.url + "/v1", api_key="EMPTY_API_KEY", timeout=120, max_retries=0)
     kw = dict(messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0)
-    plain = c.chat.completions.create(model="noisy", **kw).choices[0].message.content  # no adapter yet: the model
+    plain = c.chat.completions.create(model="SmolLM2-135M-Instruct", **kw).choices[0].message.content
+    # where adapters may be loaded, a name that is neither the model's nor an adapter's is a 404 (as vLLM's)
+    with pytest.raises(openai.NotFoundError, match="`noisy` does not exist"):
+        c.chat.completions.create(model="noisy", **kw)
     ok = requests.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "noisy", "lora_path": str(lora_dir)},
                        timeout=60)
     assert ok.status_code == 200 and ok.text == "Success: LoRA adapter 'noisy' added successfully."
@@ -709,7 +714,8 @@ def test_lora_adapters_load_and_unload_while_serving(kiln_server_factory, server
     assert gone.status_code == 200 and gone.text == "Success: LoRA adapter 'noisy' removed successfully."
     for _ in range(8):
         assert "noisy" not in {m.id for m in c.models.list().data}
-    assert c.chat.completions.create(model="noisy", **kw).choices[0].message.content == plain
+    with pytest.raises(openai.NotFoundError, match="`noisy` does not exist"):
+        c.chat.completions.create(model="noisy", **kw)
     again = requests.post(s.url + "/v1/unload_lora_adapter", json={"lora_name": "noisy"}, timeout=60)
     assert again.status_code == 404 and "not loaded" in again.text
 
