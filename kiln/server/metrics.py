@@ -31,6 +31,7 @@ Families (all under the `kiln:` prefix unless noted)
     kiln:num_preemptions_total             counter    preemptions (running request evicted, recomputed later)
     kiln:num_requests_refused_total        counter    requests refused with a full queue (MAX_CACHED_TASK_NUM: 429)
     kiln:prefill_tokens_per_step           histogram  prefill tokens per engine step (KILN_MAX_PREFILL_TOKENS_PER_STEP)
+    kiln:lora_adapter_loaded{adapter}      gauge      1 per LoRA adapter held (configured or loaded while serving)
     kiln:spec_decode_num_drafts_total      counter    speculative decoding (KILN_SPECULATIVE_CONFIG set): decode
     kiln:spec_decode_num_draft_tokens_total           rows with drafts, draft tokens, drafts confirmed
     kiln:spec_decode_num_accepted_tokens_total
@@ -268,6 +269,11 @@ class EngineStatsCollector:
                 c = CounterMetricFamily(f"kiln:spec_decode_{key}", doc)
                 c.add_metric([], s.spec_decode[key])
                 yield c
+        g = GaugeMetricFamily("kiln:lora_adapter_loaded", "1 per LoRA adapter the engine holds (KILN_LORA_MODULES "
+                              "and those loaded while serving).", labels=["adapter"])
+        for name in sorted(s.lora_adapters):
+            g.add_metric([name], 1)
+        yield g
         # The seed's family: one series per label, the label's value being its own name (as the seed's
         # Triton Python backend exposes it), e.g. inference_server_metrics{batch_size="batch_size"} 3
         m = Metric(SEED_FAMILY, "Inference server status (the seed's family): running batch, free and total "

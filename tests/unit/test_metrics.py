@@ -142,6 +142,11 @@ def test_engine_collector_families():
                     "available_resource": pytest.approx(0.75)}
     # each seed series carries one label whose value is its own name, as the seed exposes it
     assert all(k[1] == ((k[1][0][0], k[1][0][0]),) for k in s if k[0] == "inference_server_metrics")
+    assert not [k for k in s if k[0] == "kiln:lora_adapter_loaded"]
+    s = samples(generate_latest(M.build_registry(lambda: stats(lora_adapters={"sql": "/a", "chat": "/b"}),
+                                                 max_age_s=10)).decode())
+    assert {k[1]: v for k, v in s.items() if k[0] == "kiln:lora_adapter_loaded"} == {
+        (("adapter", "chat"),): 1, (("adapter", "sql"),): 1}
 
 
 def test_engine_collector_stale_or_missing_stats():
