@@ -122,12 +122,51 @@ class SparseMoE(nn.Module):
         self.w2 = qops.to_codes(w2, s2[:, :, None], torch.int8)
         self.scales = (s13, s2)
 
+    def prepare_quantized(self, scheme: str) -> None:
+        """A w8a16 (compressed-tensors) checkpoint: int8 codes and per-channel scales are loaded as they are
+        (load_quantized) instead of float weights quantized here."""
+        if scheme != qops.W8A16:
+            raise ValueError(f"mixture-of-experts layers take w8a16 checkpoints only, not {scheme}")
+        (e, two_i, h), dev = self.w13.shape, self.w13.device
+        del self.w13, self.w2  # plain int8 tensors, as quantize_weights leaves them
+        self.w13 = torch.zeros(e, two_i, h, dtype=torch.int8, device=dev)
+        self.w2 = torch.zeros(e, h, self.inter, dtype=torch.int8, device=dev)
+        self.scales = (torch.zeros(e, two_i, device=dev), torch.zeros(e, h, device=dev))
+
+    def quantized_shards(self) -> set[tuple[str, tuple]]:
+        """Every (tensor, shard) a w8a16 checkpoint must fill: codes and scales of each expert."""
+        return {(f"{kind}.{leaf}", shard) for kind, shards in self.checkpoint_shards().items() for shard in shards
+                for leaf in ("codes", "scale")}
+
+    def load_quantized(self, kind: str, leaf: str, loaded: torch.Tensor, shard_id) -> None:
+        """One expert's int8 codes ([N, K] as the checkpoint has them) or per-channel scales ([N]) of w13 (gate or
+        up) or w2, into this rank's part."""
+        if leaf == "codes":
+            return self.load_weight(self.w13 if kind == "w13" else self.w2, loaded, shard_id)
+        expert, which = shard_id
+        expert -= self.first_expert
+        if not 0 <= expert < self.local_experts:
+            return
+        scale = self.scales[0 if kind == "w13" else 1]
+        want = self.full_inter if kind == "w13" else self.hidden
+        if loaded.numel() == 1:  # per-tensor: the same scale for every channel
+            loaded = loaded.reshape(1).expand(want)
+        if loaded.numel() != want:
+            raise ValueError(f"shape mismatch: checkpoint scales {tuple(loaded.shape)}, expected ({want},)")
+        loaded = loaded.reshape(-1).float()
+        if kind == "w13":  # this rank's output channels of gate or up
+            start = 0 if self.expert_parallel else tpd.tp_rank() * self.inter
+            scale[expert].narrow(0, which * self.inter, self.inter).copy_(loaded.narrow(0, start, self.inter))
+        else:  # w2's rows are whole (row-parallel: the scale of the whole row)
+            scale[expert].copy_(loaded)
+
     def checkpoint_shards(self) -> dict[str, list]:
         """Every (parameter, shard) the checkpoint must fill: the loader's completeness check."""
         e = range(self.num_experts)
         return {"w13": [(i, j) for i in e for j in (0, 1)], "w2": [(i, None) for i in e]}
 
-    def load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
+    def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard_id) -> None:
+        """One expert's gate, up (w13) or down (w2) projection, float or int8 codes, into this rank's part."""
         expert, which = shard_id
         want = (self.full_inter, self.hidden) if param is self.w13 else (self.hidden, self.full_inter)
         if loaded.shape != want:

@@ -109,9 +109,25 @@ def _load_quantized(model: LlamaForCausalLM, name: str, get, loaded: set) -> boo
         loaded.add((f"kv_cache_scales.{layer}", which))
         return True
     if leaf not in _QUANT_LEAVES or base.rsplit(".", 1)[-1] not in ("q_proj", "k_proj", "v_proj", "o_proj",
-                                                                    "gate_proj", "up_proj", "down_proj"):
+                                                                    "gate_proj", "up_proj", "down_proj",
+                                                                    "w1", "w2", "w3"):  # Mixtral's experts
         return False
     pname, shard = model.map_checkpoint_name(base + ".weight")
+    if pname.endswith((".w13", ".w2")):  # an expert's: its layer's stacked codes and scales
+        mpath, kind = pname.rsplit(".", 1)
+        if leaf == "weight_shape":  # pack-quantized's record of the unpacked shape: the codes say it
+            return True
+        if leaf not in ("weight", "weight_packed", "weight_scale"):
+            raise ValueError(f"{name}: mixture-of-experts checkpoints take w8a16 codes and scales only")
+        t = get()
+        ours = "scale" if leaf == "weight_scale" else "codes"
+        try:
+            model.get_submodule(mpath).load_quantized(kind, ours, unpack_int8(t) if leaf == "weight_packed" else t,
+                                                      shard)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        loaded.add((f"{mpath}.{kind}.{ours}", shard))
+        return True
     mpath = pname[: -len(".weight")]
     m = model.get_submodule(mpath)
     t = get()
@@ -146,6 +162,8 @@ def _load_quantized(model: LlamaForCausalLM, name: str, get, loaded: set) -> boo
 def _expected_quantized(model: LlamaForCausalLM, quant: CheckpointQuant) -> set[tuple[str, int | None]]:
     out = set()
     for name, m in model.named_modules():
+        if isinstance(m, SparseMoE):
+            out |= {(f"{name}.{what}", shard) for what, shard in m.quantized_shards()}
         if isinstance(m, Linear) and m.qweight is not None:
             shards = range(len(m.output_sizes)) if hasattr(m, "output_sizes") else [None]
             leaves = ("qweight", "scale", "input_scale") if quant.static_activations else ("qweight", "scale")
@@ -206,9 +224,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     # a float32 checkpoint served in bfloat16 on CPU may be a dequantized Q4 GGUF: read it in float32 so that
     # linear layers whose weights lie on a 4-bit grid can be kept as int4 (bf16 rounding would hide the grid)
     quant = read_quantization(model_dir) if load_format != "dummy" else None
-    if cfg.num_experts and (quant is not None or quantization not in (None, "", "none", qops.W8A16)):
-        raise ValueError(f"{cfg.architecture} is a mixture of experts: Kiln serves its experts in float or as "
-                         f"--quantization w8a16 (from a float checkpoint), not "
+    if cfg.num_experts and (quant is not None and quant.scheme != qops.W8A16
+                            or quant is None and quantization not in (None, "", "none", qops.W8A16)):
+        raise ValueError(f"{cfg.architecture} is a mixture of experts: Kiln serves its experts in float, as "
+                         f"--quantization w8a16, or from w8a16 checkpoints, not "
                          f"{quant.scheme + ' checkpoints' if quant else quantization}")
     if quant is not None and quantization not in (None, "", "none", quant.scheme):
         raise ValueError(f"{model_dir} holds a {quant.scheme} checkpoint; --quantization {quantization} cannot "
@@ -220,7 +239,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, 
     model.kv_cache_scales = [[None, None] for _ in range(cfg.num_layers)]  # static K/V scales [kv heads], if any
     if quant is not None:
         for m in model.modules():
-            if isinstance(m, Linear):
+            if isinstance(m, (Linear, SparseMoE)):
                 m.prepare_quantized(quant.scheme)
         log.info("quantized checkpoint: %s (%s), KV cache scales: %s", quant.scheme, quant.description,
                  quant.kv_cache or "none")

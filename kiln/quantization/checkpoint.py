@@ -12,6 +12,7 @@ tensors are packed and named by its compressors:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ _PRESET = {qops.W8A8_INT8: "W8A8", qops.W8A8_FP8: "FP8_DYNAMIC", qops.W8A16: "W8
 KV_SCHEMES = ("int8", "fp8")
 # the checkpoint's Linear projections, by their Hugging Face names (lm_head and embeddings stay unquantized)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")  # Qwen's and Mixtral's names
+# a mixture of experts' routers stay in float (Linear modules in transformers: named so the others skip them)
+MOE_IGNORE = ["re:.*mlp.gate$", "re:.*block_sparse_moe.gate$", "re:.*shared_expert_gate$"]
 
 
 class QuantizationConfigError(ValueError):
@@ -51,12 +55,20 @@ def kv_cache_args(kind: str):
                             symmetric=True, dynamic=False)
 
 
-def quantization_config(scheme: str, kv_cache: str | None) -> dict:
-    """config.json's `quantization_config` of a checkpoint written by `kiln quantize`."""
+def _is_router(ignored: str) -> bool:
+    """An `ignore` entry naming a mixture of experts' router (`mlp.gate`, `block_sparse_moe.gate`,
+    `shared_expert_gate`, as a name or a re: pattern), which Kiln keeps in float in any case."""
+    last = re.split(r"[.*]", ignored.removeprefix("re:").rstrip("$"))[-1]
+    return last in ("gate", "shared_expert_gate")
+
+
+def quantization_config(scheme: str, kv_cache: str | None, moe: bool = False) -> dict:
+    """config.json's `quantization_config` of a checkpoint written by `kiln quantize` (moe: the routers ignored)."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
     qc = QuantizationConfig(config_groups={"group_0": _scheme(scheme)}, format=_FORMAT[scheme],
                             kv_cache_scheme=kv_cache_args(kv_cache) if kv_cache else None,
-                            quantization_status=QuantizationStatus.COMPRESSED, ignore=["lm_head"])
+                            quantization_status=QuantizationStatus.COMPRESSED,
+                            ignore=["lm_head"] + (MOE_IGNORE if moe else []))
     return json.loads(qc.model_dump_json(exclude_none=False))
 
 
@@ -121,7 +133,7 @@ def read_quantization(model_dir: str | Path) -> CheckpointQuant | None:
     if len(found) != 1:
         raise QuantizationConfigError(f"{where}: {len(found)} different schemes in config_groups; Kiln supports "
                                       f"one scheme for all linear layers: {SUPPORTED}")
-    partial = [i for i in (qc.ignore or []) if "lm_head" not in i]
+    partial = [i for i in (qc.ignore or []) if "lm_head" not in i and not _is_router(i)]
     if partial:
         raise QuantizationConfigError(f"{where}: layers left unquantized ({', '.join(partial[:3])}) are not "
                                       f"supported; Kiln quantizes every decoder linear layer")

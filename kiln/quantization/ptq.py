@@ -22,8 +22,8 @@ from kiln.models.config import ModelConfig
 from kiln.models.loader import load_model, safetensors_files
 from kiln.quantization import ops as qops
 from kiln.quantization.calibration import calibration_samples, collect_statistics, read_calibration_texts
-from kiln.quantization.checkpoint import (KV_SCHEMES, PROJECTIONS, compress_weight, quantization_config,
-                                          read_quantization)
+from kiln.quantization.checkpoint import (EXPERT_PROJECTIONS, KV_SCHEMES, PROJECTIONS, compress_weight,
+                                          quantization_config, read_quantization)
 
 
 @dataclass
@@ -54,9 +54,9 @@ def check_options(model_dir: Path, output: Path, o: QuantizeOptions) -> None:
         raise ValueError(f"output directory {output} already exists; choose a new path")
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"model {model_dir}: no config.json (expected a Hugging Face model directory)")
-    if ModelConfig.from_dir(model_dir).num_experts:  # (an unsupported architecture says so here)
-        raise ValueError(f"model {model_dir} is a mixture of experts: kiln quantize does not write those; serve it "
-                         f"with --quantization w8a16 instead")
+    if ModelConfig.from_dir(model_dir).num_experts and o.scheme != qops.W8A16:  # (unsupported archs say so here)
+        raise ValueError(f"model {model_dir} is a mixture of experts: kiln quantize writes those as w8a16 only, "
+                         f"not {o.scheme}")
     safetensors_files(model_dir)
     if read_quantization(model_dir) is not None:
         raise ValueError(f"model {model_dir} is already quantized; start from an unquantized checkpoint")
@@ -109,10 +109,12 @@ def quantize_checkpoint(model_dir: str | Path, output: str | Path, o: QuantizeOp
                     [tensors[n] for n in names], tensors[f"{pre}{norm}.weight"], act[pre + fused],
                     o.smoothquant_alpha)
                 tensors.update(zip(names, smoothed))
+        done = 0
         for proj in PROJECTIONS:
             for part in ("self_attn", "mlp"):
                 name = f"{pre}{part}.{proj}.weight"
                 if name in tensors:
+                    done += 1
                     w = tensors.pop(name).float()
                     packed = compress_weight(w, qops.channel_scales(w, dtype), o.scheme)
                     out.update({f"{pre}{part}.{proj}.{k}": v for k, v in packed.items()})
@@ -120,7 +122,15 @@ def quantize_checkpoint(model_dir: str | Path, output: str | Path, o: QuantizeOp
             top = qops.qmax(qops.code_dtype("w8a8-fp8" if o.kv_cache_scheme == "fp8" else "w8a8-int8"))
             out[f"{pre}self_attn.k_scale"] = (kv[i][0].clamp(min=1e-8) / top).float().cpu()
             out[f"{pre}self_attn.v_scale"] = (kv[i][1].clamp(min=1e-8) / top).float().cpu()
-        progress(f"layer {i + 1}/{mc.num_layers}: {len(PROJECTIONS)} projections -> {o.scheme}"
+        # a mixture of experts' projections (each expert's, a shared expert's): per output channel, as any
+        experts = [n for n in tensors if n.startswith(pre) and (".experts." in n or ".shared_expert." in n)
+                   and n.endswith(tuple(f".{p}.weight" for p in EXPERT_PROJECTIONS))]
+        for name in experts:
+            w = tensors.pop(name).float()
+            packed = compress_weight(w, qops.channel_scales(w, dtype), o.scheme)
+            out.update({f"{name[:-len('.weight')]}.{k}": v for k, v in packed.items()})
+        progress(f"layer {i + 1}/{mc.num_layers}: {done} projections"
+                 + (f" and {len(experts)} expert projections" if experts else "") + f" -> {o.scheme}"
                  + (f", SmoothQuant alpha {o.smoothquant_alpha}" if o.smoothquant_alpha is not None else "")
                  + (f", {o.kv_cache_scheme} K/V scales" if o.kv_cache_scheme else ""))
     out.update({k: v.contiguous() for k, v in tensors.items()})  # embeddings, norms, lm_head: as they were
@@ -134,7 +144,7 @@ def quantize_checkpoint(model_dir: str | Path, output: str | Path, o: QuantizeOp
                                                                               "model.safetensors.index.json"):
                 shutil.copy2(f, tmp / f.name)
         cfg = json.loads((model_dir / "config.json").read_text())
-        cfg["quantization_config"] = quantization_config(o.scheme, o.kv_cache_scheme)
+        cfg["quantization_config"] = quantization_config(o.scheme, o.kv_cache_scheme, moe=bool(mc.num_experts))
         cfg["kiln_quantization"] = {  # what `kiln quantize` did (vLLM and transformers ignore this key)
             "source": str(model_dir.resolve()), "scheme": o.scheme, "kv_cache_scheme": o.kv_cache_scheme,
             "smoothquant_alpha": o.smoothquant_alpha,

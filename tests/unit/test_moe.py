@@ -166,9 +166,49 @@ def test_more_experts_a_token_than_experts_is_named(moe_dir):
         ModelConfig.from_dict({**cfg, "num_experts_per_tok": 9})
 
 
-def test_kiln_quantize_refuses_a_moe_model_in_one_line(moe_dir, tmp_path, capsys):
+def test_kiln_quantize_refuses_w8a8_for_a_moe_model_in_one_line(moe_dir, tmp_path, capsys):
     from kiln.entrypoints.cli import main
     assert main(["quantize", "--model", str(moe_dir), "--scheme", "w8a8-int8", "--output", str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "is a mixture of experts: kiln quantize does not write those" in err and "\n" not in err
-    assert not (tmp_path / "q").exists()
+    assert "is a mixture of experts: kiln quantize writes those as w8a16 only, not w8a8-int8" in err
+    assert "\n" not in err and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_a_w8a16_moe_checkpoint_serves_as_quantizing_at_load(arch, tmp_path, capsys):
+    """kiln quantize --scheme w8a16 writes every expert's (and a shared expert's) projections as compressed-tensors
+    int8 codes and per-channel scales, the routers left in float and named in `ignore`; Kiln loads the codes as
+    they are: the same codes and scales as --quantization w8a16 on the float checkpoint, so the same tokens, also
+    on two tensor-parallel ranks with and without expert parallelism."""
+    from kiln.entrypoints.cli import main
+    from kiln.quantization.checkpoint import read_quantization
+    from tests.parity.test_tensor_parallel import make_core as tp_core
+    src = write_tiny_model(arch, tmp_path / "src")
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(src), "--scheme", "w8a16", "--output", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "layer 1/2: 4 projections and " in said.out + said.err  # q, k, v, o; then each expert's three
+    written = load_file(str(out / "model.safetensors"))
+    router = "block_sparse_moe.gate" if arch == "mixtral" else "mlp.gate"
+    assert written[f"model.layers.0.{router}.weight"].dtype == torch.float32  # the router stays float
+    assert any(".experts.3." in k and k.endswith("weight_packed") for k in written)
+    cfg = json.loads((out / "config.json").read_text())
+    assert any("gate$" in x for x in cfg["quantization_config"]["ignore"])
+    assert read_quantization(out).scheme == "w8a16"
+    prompts = [list(range(5, 40)), [9, 8, 7] * 5]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    kw = dict(dtype="float32", block_size=16, num_gpu_blocks=32)
+    at_load = EngineCore(EngineConfig(model=str(src), quantization="w8a16", **kw))
+    from_ckpt = EngineCore(EngineConfig(model=str(out), **kw))
+    moe = from_ckpt.runner.model.model.layers[0].mlp
+    assert moe.w13.dtype == torch.int8 and torch.equal(moe.w13, at_load.runner.model.model.layers[0].mlp.w13)
+    assert torch.equal(moe.scales[1], at_load.runner.model.model.layers[0].mlp.scales[1])
+    want = at_load.run_to_completion(prompts, sp)
+    assert from_ckpt.run_to_completion(prompts, sp) == want
+    assert from_ckpt.runner.weight_bytes == at_load.runner.weight_bytes
+    for ep in (False, True):
+        core = tp_core(out, 2, enable_expert_parallel=ep)
+        try:
+            assert core.run_to_completion(prompts, sp) == want
+        finally:
+            core.close()
