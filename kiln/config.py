@@ -196,7 +196,8 @@ class KilnConfig:
     quantization: str | None = setting(
         None, "KILN_QUANTIZATION", "Quantize a float checkpoint while loading: none, w8a16 (weight-only int8), "
         "w8a8-int8 or w8a8-fp8 (per-channel weights, per-token activations). A quantized (compressed-tensors) "
-        "checkpoint needs no setting.", kind="optstr", flags=("--quantization",),
+        "checkpoint needs no setting. Mixture-of-experts models (Qwen2-MoE, Qwen3-MoE, Mixtral) take w8a16 only "
+        "(their experts too), at load or from a w8a16 checkpoint.", kind="optstr", flags=("--quantization",),
         check=lambda v: None if v in (None, "none", "w8a16", "w8a8-int8", "w8a8-fp8")
         else "must be none, w8a16, w8a8-int8 or w8a8-fp8",
         group="model")
