@@ -143,9 +143,8 @@ class SparseMoE(nn.Module):
         up) or w2, into this rank's part."""
         if leaf == "codes":
             return self.load_weight(self.w13 if kind == "w13" else self.w2, loaded, shard_id)
-        expert, which = shard_id
-        expert -= self.first_expert
-        if not 0 <= expert < self.local_experts:
+        (expert, start), which = self._local(shard_id[0]), shard_id[1]
+        if expert is None:
             return
         scale = self.scales[0 if kind == "w13" else 1]
         want = self.full_inter if kind == "w13" else self.hidden
@@ -155,10 +154,16 @@ class SparseMoE(nn.Module):
             raise ValueError(f"shape mismatch: checkpoint scales {tuple(loaded.shape)}, expected ({want},)")
         loaded = loaded.reshape(-1).float()
         if kind == "w13":  # this rank's output channels of gate or up
-            start = 0 if self.expert_parallel else tpd.tp_rank() * self.inter
             scale[expert].narrow(0, which * self.inter, self.inter).copy_(loaded.narrow(0, start, self.inter))
         else:  # w2's rows are whole (row-parallel: the scale of the whole row)
             scale[expert].copy_(loaded)
+
+    def _local(self, expert: int) -> tuple[int | None, int]:
+        """(this rank's index of checkpoint expert `expert`, None where another rank holds it under expert
+        parallelism; where this rank's part of the intermediate size starts: 0 for whole experts)."""
+        local = expert - self.first_expert
+        start = 0 if self.expert_parallel else tpd.tp_rank() * self.inter
+        return (local if 0 <= local < self.local_experts else None), start
 
     def checkpoint_shards(self) -> dict[str, list]:
         """Every (parameter, shard) the checkpoint must fill: the loader's completeness check."""
@@ -167,14 +172,12 @@ class SparseMoE(nn.Module):
 
     def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard_id) -> None:
         """One expert's gate, up (w13) or down (w2) projection, float or int8 codes, into this rank's part."""
-        expert, which = shard_id
         want = (self.full_inter, self.hidden) if param is self.w13 else (self.hidden, self.full_inter)
         if loaded.shape != want:
             raise ValueError(f"shape mismatch: checkpoint {tuple(loaded.shape)}, expected {want}")
-        expert -= self.first_expert
-        if not 0 <= expert < self.local_experts:
-            return  # another rank's expert (expert parallelism)
-        start = 0 if self.expert_parallel else tpd.tp_rank() * self.inter  # whole experts, or this rank's slice
+        (expert, start), which = self._local(shard_id[0]), shard_id[1]
+        if expert is None:
+            return
         if param is self.w13:
             param.data[expert].narrow(0, which * self.inter, self.inter).copy_(loaded.narrow(0, start, self.inter))
         else:
