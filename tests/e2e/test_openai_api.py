@@ -681,6 +681,13 @@ def test_lora_adapters_load_and_unload_while_serving(kiln_server_factory, server
         assert {m.name for m in g.get_model_repository_index().models} == {"model", "noisy", "grpc-noisy"}
         assert g.is_model_ready("grpc-noisy")
         assert c.chat.completions.create(model="grpc-noisy", **kw).choices[0].message.content == adapted
+        # ModelInfer under the adapter's name runs with it (the seed request, as KILN_LORA_MODULES' adapters)
+        import numpy as np
+        inp = grpcclient.InferInput("IN", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([json.dumps([{"text": kw["messages"][0]["content"], "max_dec_len": 12,
+                                                        "temperature": 0}])], dtype=np.object_))
+        msg = json.loads(g.infer("grpc-noisy", [inp]).as_numpy("OUT")[0])
+        assert (msg[0] if isinstance(msg, list) else msg)["tokens_all"] == adapted
         g.load_model("model")  # the served model: loaded already
         for call, needle, code in [(lambda: g.unload_model("model"), "stays loaded", "INVALID_ARGUMENT"),
                                    (lambda: g.load_model("x"), "lora_path", "INVALID_ARGUMENT"),
