@@ -21,6 +21,7 @@ from kiln.engine.request import PENDING_TOKEN, Request
 from kiln.engine.sampler import PendingSample, Sampler, token_logprobs
 from kiln.engine.scheduler import ScheduledBatch
 from kiln.layers.attention import AttentionMetadata, LayerKVCache, make_attention_backend
+from kiln.layers.lora import parse_lora_modules
 from kiln.layers.moe import SparseMoE
 from kiln.models.config import ModelConfig, resolve_dtype
 from kiln.models.loader import load_model
@@ -56,7 +57,9 @@ class ModelRunner:
         t0 = time.monotonic()
         self.model = load_model(model_dir, self.dtype, self.device, cfg.load_format, cfg.quantization, cfg.seed,
                                 cfg.quantize_lm_head, expert_parallel=cfg.enable_expert_parallel)
-        self.lora = self._load_lora(cfg)
+        self.lora = None  # kiln.layers.lora.LoRAState once an adapter is loaded
+        for name, path in parse_lora_modules(cfg.lora_modules).items():  # KILN_LORA_MODULES: as if loaded now
+            self.load_lora(name, path)
         self.load_seconds = time.monotonic() - t0
         self.startup_seconds: dict[str, float] = {"weights": self.load_seconds}
         self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.model.quantization)
@@ -86,21 +89,9 @@ class ModelRunner:
         self.last_sampled_ids: torch.Tensor | None = None  # device ids of the last step: in-flight tokens
         self.tp_group = None  # set by the engine core on rank 0 when MP_NUM > 1
 
-    def _load_lora(self, cfg: EngineConfig):
-        """The LoRA adapters of cfg.lora_modules (kiln/layers/lora.py), bound to the model; None without."""
-        from kiln.layers.lora import attach, parse_lora_modules, read_adapter
-        modules = parse_lora_modules(cfg.lora_modules)
-        if not modules:
-            return None
-        layers = list(self.model.model.layers)
-        adapters = [read_adapter(name, path, layers, self.dtype, self.device) for name, path in modules.items()]
-        state = attach(self.model, adapters)
-        log.info("LoRA adapters: %s", ", ".join(f"{a.name} (rank {a.rank}, {len(a.weights)} projections)"
-                                                for a in adapters))
-        return state
-
     def load_lora(self, name: str, path: str, number: int | None = None) -> int:
-        """Load a LoRA adapter while serving; returns its number (`number`: the one rank 0 gave it)."""
+        """Load a LoRA adapter (at start, or while serving); returns its number (`number`: the one rank 0 gave
+        it)."""
         from kiln.layers.lora import LoRAState, read_adapter
         adapter = read_adapter(name, path, list(self.model.model.layers), self.dtype, self.device)
         if self.lora is None:

@@ -2,11 +2,12 @@
 
 An adapter adds scale * B(A x) to the output of some of the decoder's projections (q, k, v, o, gate, up, down;
 scale = lora_alpha / r, or / sqrt(r) with rsLoRA). Adapters are loaded at start (KILN_LORA_MODULES name=path,...),
-or while serving (POST /v1/load_lora_adapter, where KILN_ALLOW_RUNTIME_LORA_UPDATING allows it), and numbered from 1
-(0: the base model; a number is never reused, since prefix-cache keys hold it). Each step the runner gives every input token its request's adapter number
-(`LoRAState.set_step`); each projection with adapters adds, for every adapter the step uses, its delta to the rows
-of that adapter's tokens: two small matmuls per adapter over its rows only (plain PyTorch: on a GPU such steps run
-eagerly, outside the decode CUDA graphs, and without the fused 8-bit input paths).
+or while serving (POST /v1/load_lora_adapter, where KILN_ALLOW_RUNTIME_LORA_UPDATING allows it), and numbered from
+1 (0: the base model; a number is never reused, since prefix-cache keys hold it). Each step the runner gives every
+input token its request's adapter number (`LoRAState.set_step`); each projection with adapters adds, for every
+adapter the step uses, its delta to the rows of that adapter's tokens: two small matmuls per adapter over its rows
+only (plain PyTorch: on a GPU such steps run eagerly, outside the decode CUDA graphs, and without the fused 8-bit
+input paths).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class LoRAAdapter:
     scale: float
     # (layer, Kiln projection, output slice or None) -> (A [r, in], B [out, r]) on the model's device and dtype
     weights: dict[tuple[int, str, int | None], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # (layer, Kiln projection) -> (A^T [in, R], scale * B^T [R, out]) of all its slices at once (attach() packs
+    # (layer, Kiln projection) -> (A^T [in, R], scale * B^T [R, out]) of all its slices at once (LoRAState.add packs
     # them: the slices' A side by side, their B block-diagonal), so a projection costs two matmuls per adapter
     packed: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -214,14 +215,6 @@ class LoRABinding:
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.state.apply(self.layer, self.name, x, y)
-
-
-def attach(model, adapters: list[LoRAAdapter]) -> LoRAState:
-    """The model's adapters' state, with these adapters numbered 1, 2, ... in order."""
-    state = LoRAState(model)
-    for a in adapters:
-        state.add(a)
-    return state
 
 
 def _pack(adapter: LoRAAdapter, layer: int, name: str, slices: list[int]) -> None:
